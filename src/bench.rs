@@ -1,0 +1,128 @@
+//! Benchmarks run by `qlora-studio bench ...`. Figures come from one process, and every
+//! comparison is a ratio from the same run, because shared machines are noisy.
+
+use std::time::Instant;
+
+use candle_core::{Device, Tensor, Var};
+use serde::Serialize;
+
+use crate::quant::{self, FloatType, FrozenLinear, FrozenWeight};
+use crate::Result;
+
+/// One weight shape's NF4 figures.
+#[derive(Debug, Serialize)]
+pub struct Nf4BenchRow {
+    pub out_features: usize,
+    pub in_features: usize,
+    pub tokens: usize,
+    /// Millions of weights per second.
+    pub quantize_mweights_s: f64,
+    pub quantize_double_mweights_s: f64,
+    pub dequantize_f32_mweights_s: f64,
+    /// Frozen-linear forward + backward (input gradient), median seconds.
+    pub dense_f32_fwd_bwd_s: f64,
+    pub nf4_fwd_bwd_s: f64,
+    /// nf4 / dense: below 1.3 is the target on the CPU.
+    pub nf4_over_dense: f64,
+}
+
+/// Median wall time of `iters` runs of `f`, after one warm-up run.
+fn median_secs(iters: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    f()?;
+    let mut times = Vec::with_capacity(iters);
+    for _ in 0..iters {
+        let start = Instant::now();
+        f()?;
+        times.push(start.elapsed().as_secs_f64());
+    }
+    times.sort_by(|a, b| a.total_cmp(b));
+    Ok(times[times.len() / 2])
+}
+
+/// A deterministic pseudo-random normal-ish weight (no RNG dependency, same every run).
+fn weights(n: usize, seed: u64) -> Vec<f32> {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            // sum of four uniforms: roughly normal, like trained weights
+            let mut s = 0f32;
+            for _ in 0..4 {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                s += (state >> 40) as f32 / (1u64 << 24) as f32 - 0.5;
+            }
+            s * 0.05
+        })
+        .collect()
+}
+
+/// Quantize/dequantize throughput and frozen-linear forward+backward, NF4 against dense f32,
+/// for a weight of [out, in] and `tokens` input rows.
+pub fn nf4_row(out_features: usize, in_features: usize, tokens: usize, iters: usize) -> Result<Nf4BenchRow> {
+    let n = out_features * in_features;
+    let shape = [out_features, in_features];
+    let w = weights(n, 1);
+    let mweights = n as f64 / 1e6;
+
+    let t_quant = median_secs(iters, || quant::quantize(&w, &shape, FloatType::F32, 64, false).map(drop))?;
+    let t_quant_dq = median_secs(iters, || quant::quantize(&w, &shape, FloatType::F32, 64, true).map(drop))?;
+    let q = quant::quantize(&w, &shape, FloatType::F32, 64, true)?;
+    let t_dequant = median_secs(iters, || {
+        std::hint::black_box(q.dequantize_f32());
+        Ok(())
+    })?;
+
+    let device = Device::Cpu;
+    let x = Var::from_tensor(&Tensor::from_vec(weights(tokens * in_features, 2), (tokens, in_features), &device)?)?;
+    let dense =
+        FrozenLinear::new(FrozenWeight::Dense(Tensor::from_vec(w, (out_features, in_features), &device)?), None)?;
+    let nf4 = FrozenLinear::new(FrozenWeight::Nf4(std::sync::Arc::new(q)), None)?;
+    let fwd_bwd = |lin: &FrozenLinear| -> Result<()> {
+        let y = lin.forward(x.as_tensor())?;
+        let grads = y.sum_all()?.backward()?;
+        std::hint::black_box(grads.get(x.as_tensor()));
+        Ok(())
+    };
+    let t_dense = median_secs(iters, || fwd_bwd(&dense))?;
+    let t_nf4 = median_secs(iters, || fwd_bwd(&nf4))?;
+
+    Ok(Nf4BenchRow {
+        out_features,
+        in_features,
+        tokens,
+        quantize_mweights_s: mweights / t_quant,
+        quantize_double_mweights_s: mweights / t_quant_dq,
+        dequantize_f32_mweights_s: mweights / t_dequant,
+        dense_f32_fwd_bwd_s: t_dense,
+        nf4_fwd_bwd_s: t_nf4,
+        nf4_over_dense: t_nf4 / t_dense,
+    })
+}
+
+/// The shapes of the NF4 benchmark: SmolLM2-135M's MLP and LLaMA-7B's down projection.
+pub const NF4_SHAPES: [(usize, usize); 2] = [(576, 1536), (4096, 11008)];
+
+pub fn print_nf4_table(rows: &[Nf4BenchRow]) {
+    println!(
+        "{:>12} {:>6} | {:>10} {:>10} {:>10} | {:>10} {:>10} {:>8}",
+        "weight", "tokens", "quant", "quant+dq", "dequant", "dense f32", "nf4", "nf4/dense"
+    );
+    println!(
+        "{:>12} {:>6} | {:>32} | {:>10} {:>10} {:>8}",
+        "[out×in]", "", "(million weights / s)", "fwd+bwd s", "fwd+bwd s", ""
+    );
+    for r in rows {
+        println!(
+            "{:>12} {:>6} | {:>10.0} {:>10.0} {:>10.0} | {:>10.4} {:>10.4} {:>8.2}",
+            format!("{}×{}", r.out_features, r.in_features),
+            r.tokens,
+            r.quantize_mweights_s,
+            r.quantize_double_mweights_s,
+            r.dequantize_f32_mweights_s,
+            r.dense_f32_fwd_bwd_s,
+            r.nf4_fwd_bwd_s,
+            r.nf4_over_dense
+        );
+    }
+}

@@ -1,0 +1,14 @@
+//! qlora-studio: point-and-click LoRA and QLoRA fine-tuning of decoder-only LLMs.
+//!
+//! The module map and the path of a run are described in DESIGN.md of the shared folder;
+//! in short: `arch` knows the families, `quant` the frozen weights, and the binary's command
+//! line and GUI drive them.
+
+pub mod arch;
+pub mod bench;
+pub mod error;
+pub mod gui;
+pub mod quant;
+pub mod weights;
+
+pub use error::{Error, Result};

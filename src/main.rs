@@ -1,0 +1,108 @@
+//! qlora-studio's command line. Without arguments it opens the GUI; subcommands run the same
+//! jobs headless. No logic of its own: each command calls the library.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+
+use qlora_studio::{arch, bench, gui};
+
+#[derive(Parser)]
+#[command(name = "qlora-studio", version, about = "LoRA and QLoRA fine-tuning of decoder-only LLMs")]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Open the desktop application (the default).
+    Gui,
+    /// Model families: list the table, or recognise a model's config.json.
+    Arch {
+        #[command(subcommand)]
+        command: ArchCommand,
+    },
+    /// Benchmarks, with ratios against a baseline from the same run.
+    Bench {
+        #[command(subcommand)]
+        command: BenchCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum ArchCommand {
+    /// Every family with its sizes and default LoRA targets.
+    List,
+    /// Which family a model is: give its config.json or its folder.
+    Detect { path: PathBuf },
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// NF4 quantize/dequantize throughput and frozen-linear forward+backward, NF4 vs dense f32.
+    Nf4 {
+        /// Timed repetitions per figure (the median is reported).
+        #[arg(long, default_value_t = 5)]
+        iters: usize,
+        /// Input rows (tokens) for the forward+backward figure.
+        #[arg(long, default_value_t = 256)]
+        tokens: usize,
+        /// Print JSON lines instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() -> std::process::ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    // The table is validated at start: a broken row is reported before anything else runs.
+    let table = arch::table()?;
+    match cli.command.unwrap_or(Command::Gui) {
+        Command::Gui => gui::run(table),
+        Command::Arch { command: ArchCommand::List } => {
+            println!("{:<12} {:<40} {}", "Model", "Sizes", "Default module");
+            for f in table.families() {
+                println!("{:<12} {:<40} {}", f.name, f.sizes.join("/"), f.default_targets.join(","));
+            }
+            Ok(())
+        }
+        Command::Arch { command: ArchCommand::Detect { path } } => {
+            let config = if path.is_dir() { path.join("config.json") } else { path };
+            let r = table.recognise_file(&config)?;
+            println!("family:          {} ({})", r.family.name, r.family.id);
+            println!("layout:          {} (layers at {})", r.layout_name, r.layout.layers);
+            println!("default targets: {}", r.default_targets().join(", "));
+            println!("all linear:      {}", r.all_linear_names().join(", "));
+            for f in &r.layout.fused {
+                println!("fused:           {} ({:?})", f.module, f.split);
+            }
+            Ok(())
+        }
+        Command::Bench { command: BenchCommand::Nf4 { iters, tokens, json } } => {
+            let mut rows = Vec::new();
+            for (out_f, in_f) in bench::NF4_SHAPES {
+                let row = bench::nf4_row(out_f, in_f, tokens, iters.max(1))
+                    .with_context(|| format!("benchmark of a {out_f}×{in_f} weight"))?;
+                if json {
+                    println!("{}", serde_json::to_string(&row)?);
+                }
+                rows.push(row);
+            }
+            if !json {
+                bench::print_nf4_table(&rows);
+            }
+            Ok(())
+        }
+    }
+}

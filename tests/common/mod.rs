@@ -1,0 +1,29 @@
+//! Shared helpers for integration tests: where the reference fixtures live.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+
+/// ../shared/fixtures beside the repository, or the folder in QLS_FIXTURES. A missing folder
+/// fails the test: parity tests must never pass by skipping.
+pub fn fixtures_dir() -> PathBuf {
+    let dir = match std::env::var_os("QLS_FIXTURES") {
+        Some(d) => PathBuf::from(d),
+        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures"),
+    };
+    assert!(
+        dir.is_dir(),
+        "fixture folder {} not found: put the shared folder beside the repository or set QLS_FIXTURES",
+        dir.display()
+    );
+    dir
+}
+
+pub fn fixture(rel: &str) -> PathBuf {
+    let p = fixtures_dir().join(rel);
+    assert!(p.exists(), "fixture {} is missing", p.display());
+    p
+}
+
+pub fn bits(values: &[f32]) -> Vec<u32> {
+    values.iter().map(|v| v.to_bits()).collect()
+}
