@@ -53,6 +53,19 @@ fn bnb_checkpoint_equals_our_quantization() {
         seen += 1;
     }
     assert_eq!(seen, 14);
+    let mut all = prefixes();
+    all.sort();
+    assert_eq!(bnb::quantized_prefixes(&bnb_file), all);
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("models/llama_bnb4/config.json")).unwrap()).unwrap();
+    assert!(bnb::config_is_4bit(&config).unwrap());
+    let plain: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("models/llama/config.json")).unwrap()).unwrap();
+    assert!(!bnb::config_is_4bit(&plain).unwrap());
+    let mut fp4 = config.clone();
+    fp4["quantization_config"]["bnb_4bit_quant_type"] = "fp4".into();
+    let m = bnb::config_is_4bit(&fp4).unwrap_err().to_string();
+    assert!(m.contains("bnb_4bit_quant_type") && m.contains("fp4"), "{m}");
     // what transformers leaves unquantized stays dense
     assert!(!bnb::is_4bit(&bnb_file, "lm_head"));
     assert_eq!(bnb_file.get("model.embed_tokens.weight").unwrap().dtype(), Dtype::F32);

@@ -33,6 +33,49 @@ pub fn is_4bit(file: &SafetensorsFile, prefix: &str) -> bool {
     ["nf4", "fp4"].iter().any(|t| file.contains(&format!("{prefix}{QUANT_STATE_PREFIX}{t}")))
 }
 
+/// The prefixes of every 4-bit linear in the file, sorted.
+pub fn quantized_prefixes(file: &SafetensorsFile) -> Vec<String> {
+    file.keys()
+        .iter()
+        .filter_map(|k| {
+            let (prefix, quant_type) = k.split_once(QUANT_STATE_PREFIX)?;
+            matches!(quant_type, "nf4" | "fp4").then(|| prefix.to_string())
+        })
+        .collect()
+}
+
+/// Whether a config.json describes a bitsandbytes 4-bit checkpoint (`quantization_config`
+/// with `quant_method: "bitsandbytes"` and `load_in_4bit: true`). An FP4 or 8-bit one is an
+/// error that says what to do instead.
+pub fn config_is_4bit(config: &serde_json::Value) -> Result<bool> {
+    let Some(q) = config.get("quantization_config") else { return Ok(false) };
+    let method = q.get("quant_method").and_then(|v| v.as_str()).unwrap_or("");
+    if method != "bitsandbytes" {
+        return Err(Error::Invalid(format!(
+            "config.json: quantization_config.quant_method is {method:?}; qlora-studio reads unquantized \
+             checkpoints and bitsandbytes NF4 ones: use the model's unquantized weights"
+        )));
+    }
+    let flag = |k: &str| q.get(k).and_then(|v| v.as_bool()).unwrap_or(false);
+    if flag("load_in_8bit") {
+        return Err(Error::Invalid(
+            "config.json: this is a bitsandbytes 8-bit checkpoint (load_in_8bit); qlora-studio reads NF4 \
+             4-bit ones: use the model's unquantized weights and let qlora-studio quantize them"
+                .into(),
+        ));
+    }
+    if !flag("load_in_4bit") {
+        return Ok(false);
+    }
+    match q.get("bnb_4bit_quant_type").and_then(|v| v.as_str()).unwrap_or("fp4") {
+        "nf4" => Ok(true),
+        other => Err(Error::Invalid(format!(
+            "config.json: quantization_config.bnb_4bit_quant_type is {other:?}; only \"nf4\" is supported \
+             (bitsandbytes defaults to \"fp4\" unless asked): use the unquantized weights instead"
+        ))),
+    }
+}
+
 /// Load the 4-bit weight of the linear at `prefix`. Every part is checked against the
 /// quant state; an FP4 weight is refused, since its code table is not NF4.
 pub fn load_nf4(file: &SafetensorsFile, prefix: &str) -> Result<Nf4Tensor> {
