@@ -39,6 +39,32 @@ fn median_secs(iters: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
     Ok(times[times.len() / 2])
 }
 
+/// Median wall times of `a` and `b`, run alternately so that drift in the machine's load hits
+/// both alike. Short runs are repeated until each side has had about half a second.
+fn interleaved_medians(
+    iters: usize,
+    mut a: impl FnMut() -> Result<()>,
+    mut b: impl FnMut() -> Result<()>,
+) -> Result<(f64, f64)> {
+    let time = |f: &mut dyn FnMut() -> Result<()>| -> Result<f64> {
+        let start = Instant::now();
+        f()?;
+        Ok(start.elapsed().as_secs_f64())
+    };
+    let first = time(&mut a)?.max(time(&mut b)?);
+    let iters = iters.max((0.5 / first.max(1e-6)).ceil() as usize).min(1000);
+    let (mut ta, mut tb) = (Vec::with_capacity(iters), Vec::with_capacity(iters));
+    for _ in 0..iters {
+        ta.push(time(&mut a)?);
+        tb.push(time(&mut b)?);
+    }
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(|x, y| x.total_cmp(y));
+        v[v.len() / 2]
+    };
+    Ok((median(ta), median(tb)))
+}
+
 /// A deterministic pseudo-random normal-ish weight (no RNG dependency, same every run).
 fn weights(n: usize, seed: u64) -> Vec<f32> {
     let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
@@ -84,8 +110,7 @@ pub fn nf4_row(out_features: usize, in_features: usize, tokens: usize, iters: us
         std::hint::black_box(grads.get(x.as_tensor()));
         Ok(())
     };
-    let t_dense = median_secs(iters, || fwd_bwd(&dense))?;
-    let t_nf4 = median_secs(iters, || fwd_bwd(&nf4))?;
+    let (t_dense, t_nf4) = interleaved_medians(iters, || fwd_bwd(&dense), || fwd_bwd(&nf4))?;
 
     Ok(Nf4BenchRow {
         out_features,

@@ -7,21 +7,15 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("cannot read {path}: {source}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    // The cause is part of the message rather than a `source`, so that printing the error
+    // chain does not say it twice.
+    #[error("cannot read {path}: {cause}")]
+    Io { path: PathBuf, cause: std::io::Error },
 
     #[error(
-        "{path} is not a valid safetensors file ({source}); it may be truncated or corrupt: download or save it again"
+        "{path} is not a valid safetensors file ({cause}); it may be truncated or corrupt: download or save it again"
     )]
-    Safetensors {
-        path: PathBuf,
-        #[source]
-        source: safetensors::SafeTensorError,
-    },
+    Safetensors { path: PathBuf, cause: safetensors::SafeTensorError },
 
     /// A file that parsed but whose content is wrong: a missing or mis-shaped tensor,
     /// a quant_state that disagrees with its data, a malformed JSON field.
@@ -48,6 +42,6 @@ impl Error {
     }
 
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Error::Io { path: path.into(), source }
+        Error::Io { path: path.into(), cause: source }
     }
 }

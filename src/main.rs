@@ -71,7 +71,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command.unwrap_or(Command::Gui) {
         Command::Gui => gui::run(table),
         Command::Arch { command: ArchCommand::List } => {
-            println!("{:<12} {:<40} {}", "Model", "Sizes", "Default module");
+            println!("{:<12} {:<40} Default module", "Model", "Sizes");
             for f in table.families() {
                 println!("{:<12} {:<40} {}", f.name, f.sizes.join("/"), f.default_targets.join(","));
             }

@@ -27,7 +27,7 @@ impl SafetensorsFile {
         // give wrong values, which the shape checks below and the caller's checks report.
         let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(&path, e))?;
         let (header_len, metadata) =
-            SafeTensors::read_metadata(&mmap).map_err(|source| Error::Safetensors { path: path.clone(), source })?;
+            SafeTensors::read_metadata(&mmap).map_err(|cause| Error::Safetensors { path: path.clone(), cause })?;
         Ok(Self { path, mmap, header_len, metadata })
     }
 
@@ -128,7 +128,7 @@ pub fn f32_bytes(values: &[f32]) -> Vec<u8> {
 pub fn write_safetensors(path: &std::path::Path, tensors: &[RawTensor]) -> Result<()> {
     let tmp = path.with_extension("safetensors.tmp");
     let data = safetensors::serialize(tensors.iter().map(|t| (t.name.as_str(), t)), None)
-        .map_err(|source| Error::Safetensors { path: path.to_path_buf(), source })?;
+        .map_err(|cause| Error::Safetensors { path: path.to_path_buf(), cause })?;
     std::fs::write(&tmp, data).map_err(|e| Error::io(&tmp, e))?;
     std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
 }

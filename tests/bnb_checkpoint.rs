@@ -103,7 +103,7 @@ fn doctored(name: &str, edit: impl Fn(&mut RawTensor)) -> std::path::PathBuf {
             RawTensor { name: k.clone(), dtype: v.dtype(), shape: v.shape().to_vec(), data: v.data().to_vec() }
         })
         .collect();
-    tensors.iter_mut().for_each(|t| edit(t));
+    tensors.iter_mut().for_each(edit);
     let path = tempdir().join(name);
     write_safetensors(&path, &tensors).unwrap();
     path

@@ -7,7 +7,7 @@ use crate::arch::ArchTable;
 
 pub fn run(table: &'static ArchTable) -> anyhow::Result<()> {
     let options = eframe::NativeOptions {
-        viewport: egui::ViewportBuilder::default().with_inner_size([880.0, 560.0]).with_title("qlora-studio"),
+        viewport: egui::ViewportBuilder::default().with_inner_size([1000.0, 560.0]).with_title("qlora-studio"),
         ..Default::default()
     };
     eframe::run_native("qlora-studio", options, Box::new(move |_cc| Ok(Box::new(StudioApp { table }))))
@@ -30,7 +30,7 @@ impl eframe::App for StudioApp {
             ui.add_space(4.0);
         });
         egui::CentralPanel::default().show(ui, |ui| {
-            egui::ScrollArea::vertical().show(ui, |ui| {
+            egui::ScrollArea::both().show(ui, |ui| {
                 egui::Grid::new("families").striped(true).num_columns(4).spacing([16.0, 6.0]).show(ui, |ui| {
                     for h in ["Model", "Sizes", "Default LoRA targets", "All linear modules"] {
                         ui.strong(h);

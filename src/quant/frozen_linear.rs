@@ -205,14 +205,68 @@ struct FrozenMatmul {
     bias: Option<Tensor>,
 }
 
-/// An NF4 weight dequantized into a CPU buffer of the input's dtype.
-fn dequantize_cpu(q: &Nf4Tensor, dtype: DType) -> candle_core::Result<CpuStorage> {
-    Ok(match dtype {
-        DType::F32 => CpuStorage::F32(q.dequantize_f32()),
-        DType::BF16 => CpuStorage::BF16(q.dequantize_bf16()),
-        DType::F16 => CpuStorage::F16(q.dequantize_f16()),
-        other => candle_core::bail!("frozen linear: unsupported input dtype {other:?}"),
-    })
+/// Runs `f` on an NF4 weight dequantized into a CPU buffer of `dtype`.
+///
+/// The buffer is kept per thread and reused: a fresh allocation of a large weight costs more
+/// in page faults than the dequantization itself. The training thread therefore holds one
+/// buffer the size of its largest frozen linear, which the memory model counts as the
+/// transient dequantized weight.
+fn with_dequantized<R>(
+    q: &Nf4Tensor,
+    dtype: DType,
+    f: impl FnOnce(&CpuStorage) -> candle_core::Result<R>,
+) -> candle_core::Result<R> {
+    thread_local! {
+        static SCRATCH: std::cell::RefCell<Option<CpuStorage>> = const { std::cell::RefCell::new(None) };
+    }
+    fn fill<T: Copy + Default + Send>(buf: &mut Vec<T>, q: &Nf4Tensor, convert: impl Fn(f32) -> T + Sync) {
+        // truncate keeps the capacity; resize zeroes only what it adds
+        buf.truncate(q.numel());
+        buf.resize(q.numel(), T::default());
+        q.dequantize_into(buf, convert);
+    }
+    let scratch = SCRATCH.with(|s| s.borrow_mut().take());
+    let storage = match (scratch, dtype) {
+        (Some(CpuStorage::F32(mut v)), DType::F32) => {
+            fill(&mut v, q, |x| x);
+            CpuStorage::F32(v)
+        }
+        (Some(CpuStorage::BF16(mut v)), DType::BF16) => {
+            fill(&mut v, q, bf16::from_f32);
+            CpuStorage::BF16(v)
+        }
+        (Some(CpuStorage::F16(mut v)), DType::F16) => {
+            fill(&mut v, q, f16::from_f32);
+            CpuStorage::F16(v)
+        }
+        (_, DType::F32) => CpuStorage::F32(q.dequantize_f32()),
+        (_, DType::BF16) => CpuStorage::BF16(q.dequantize_bf16()),
+        (_, DType::F16) => CpuStorage::F16(q.dequantize_f16()),
+        (_, other) => candle_core::bail!("frozen linear: unsupported input dtype {other:?}"),
+    };
+    let result = f(&storage);
+    SCRATCH.with(|s| *s.borrow_mut() = Some(storage));
+    result
+}
+
+/// grad_x = grad_y · W for an NF4 weight on the CPU, dequantizing into the reused buffer.
+struct Nf4MatmulT(Arc<Nf4Tensor>);
+
+impl CustomOp1 for Nf4MatmulT {
+    fn name(&self) -> &'static str {
+        "frozen-linear-nf4-backward"
+    }
+
+    fn cpu_fwd(&self, g: &CpuStorage, g_layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let &[rows, out_f] = g_layout.dims() else {
+            candle_core::bail!("frozen linear backward: expected a 2-D gradient, got {:?}", g_layout.dims());
+        };
+        let in_f = self.0.shape[1];
+        let grad_x = with_dequantized(&self.0, g.dtype(), |w| {
+            g.matmul(w, (1, rows, in_f, out_f), g_layout, &Layout::contiguous((out_f, in_f)))
+        })?;
+        Ok((grad_x, Shape::from((rows, in_f))))
+    }
 }
 
 impl CustomOp1 for FrozenMatmul {
@@ -238,10 +292,8 @@ impl CustomOp1 for FrozenMatmul {
                 x.matmul(ws, (1, rows, out_f, in_f), x_layout, &layout.transpose(0, 1)?)?
             }
             FrozenWeight::Nf4(q) => {
-                let ws = dequantize_cpu(q, x.dtype())?;
-                let layout = Layout::contiguous((out_f, in_f));
-                x.matmul(&ws, (1, rows, out_f, in_f), x_layout, &layout.transpose(0, 1)?)?
-                // `ws`, the dequantized weight, is freed here
+                let w_t = Layout::contiguous((out_f, in_f)).transpose(0, 1)?;
+                with_dequantized(q, x.dtype(), |w| x.matmul(w, (1, rows, out_f, in_f), x_layout, &w_t))?
             }
         };
         if let Some(bias) = &self.bias {
@@ -252,8 +304,12 @@ impl CustomOp1 for FrozenMatmul {
 
     fn bwd(&self, x: &Tensor, _y: &Tensor, grad_y: &Tensor) -> candle_core::Result<Option<Tensor>> {
         // grad_x = grad_y · W, with W dequantized again for NF4; nothing for W or the bias.
-        let w = self.weight.to_dense(grad_y.dtype(), grad_y.device())?;
-        let grad_x = grad_y.matmul(&w)?;
+        let grad_x = match &self.weight {
+            FrozenWeight::Nf4(q) if grad_y.device().is_cpu() => {
+                grad_y.contiguous()?.apply_op1_no_bwd(&Nf4MatmulT(q.clone()))?
+            }
+            weight => grad_y.matmul(&weight.to_dense(grad_y.dtype(), grad_y.device())?)?,
+        };
         debug_assert_eq!(grad_x.dims(), x.dims());
         Ok(Some(grad_x))
     }
