@@ -8,6 +8,8 @@ pub mod arch;
 pub mod bench;
 pub mod error;
 pub mod gui;
+pub mod lora;
+pub mod model;
 pub mod quant;
 pub mod weights;
 

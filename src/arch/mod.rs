@@ -92,6 +92,28 @@ pub struct ModuleLayout {
     pub default_targets: Option<Vec<String>>,
     #[serde(default)]
     pub fused: Vec<Fused>,
+    /// The weight names the generic decoder reads; `None` for layouts it cannot load yet.
+    #[serde(default)]
+    pub weights: Option<WeightNames>,
+}
+
+/// Where the decoder finds each weight: `embed`, `final_norm` and `lm_head` are prefixes from
+/// the checkpoint root, the others are relative to the layer prefix.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WeightNames {
+    pub embed: String,
+    pub final_norm: String,
+    pub lm_head: String,
+    pub attn_norm: String,
+    pub mlp_norm: String,
+    pub q: String,
+    pub k: String,
+    pub v: String,
+    pub o: String,
+    pub gate: String,
+    pub up: String,
+    pub down: String,
 }
 
 impl ModuleLayout {

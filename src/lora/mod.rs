@@ -1,0 +1,83 @@
+//! LoRA on frozen linears: y = base(x) + (dropout(x)·Aᵀ·Bᵀ)·scale, as PEFT computes it, and
+//! PEFT adapter import. Knows nothing of the training loop.
+
+pub mod peft;
+
+use candle_core::{DType, Device, Tensor, Var};
+
+use crate::quant::FrozenLinear;
+
+/// How LoRA is applied: rank, alpha, dropout, rsLoRA and the target module names.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoraSettings {
+    pub r: usize,
+    pub alpha: f64,
+    pub dropout: f32,
+    pub use_rslora: bool,
+    pub targets: Vec<String>,
+}
+
+impl LoraSettings {
+    /// alpha/r, or alpha/√r with rsLoRA.
+    pub fn scale(&self) -> f64 {
+        if self.use_rslora {
+            self.alpha / (self.r as f64).sqrt()
+        } else {
+            self.alpha / self.r as f64
+        }
+    }
+}
+
+/// The trainable pair of one adapted linear.
+#[derive(Debug, Clone)]
+pub struct LoraPair {
+    /// [r, in]
+    pub a: Var,
+    /// [out, r]
+    pub b: Var,
+    pub scale: f64,
+    pub dropout: f32,
+}
+
+/// A frozen linear, optionally with a LoRA pair on it.
+#[derive(Debug, Clone)]
+pub struct LoraLinear {
+    /// Full module path in the checkpoint, e.g. `model.layers.0.self_attn.q_proj`.
+    pub path: String,
+    pub base: FrozenLinear,
+    pub lora: Option<LoraPair>,
+}
+
+impl LoraLinear {
+    pub fn new(path: String, base: FrozenLinear) -> Self {
+        Self { path, base, lora: None }
+    }
+
+    /// The module name users pick and PEFT matches: the last path component.
+    pub fn name(&self) -> &str {
+        self.path.rsplit('.').next().unwrap_or(&self.path)
+    }
+
+    /// Attach a fresh pair as PEFT initialises it: A Kaiming-uniform (a = √5, so bound
+    /// 1/√in), B zero, so the adapted model starts equal to the base.
+    pub fn init_lora(&mut self, settings: &LoraSettings, device: &Device) -> candle_core::Result<()> {
+        let (out_f, in_f) = (self.base.out_features(), self.base.in_features());
+        let bound = 1.0 / (in_f as f64).sqrt();
+        let a = Var::rand(-bound as f32, bound as f32, (settings.r, in_f), device)?;
+        let b = Var::zeros((out_f, settings.r), DType::F32, device)?;
+        self.lora = Some(LoraPair { a, b, scale: settings.scale(), dropout: settings.dropout });
+        Ok(())
+    }
+
+    /// x: [..., in] → [..., out]. `train` turns dropout on.
+    pub fn forward(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        let y = self.base.forward(x)?;
+        let Some(lora) = &self.lora else { return Ok(y) };
+        let h = if train && lora.dropout > 0.0 { candle_nn::ops::dropout(x, lora.dropout)? } else { x.clone() };
+        // LoRA parameters stay f32; the branch runs in f32 and returns in the input's dtype.
+        let h = h.to_dtype(DType::F32)?;
+        let z = h.broadcast_matmul(&lora.a.as_tensor().t()?)?.broadcast_matmul(&lora.b.as_tensor().t()?)?;
+        let dtype = y.dtype();
+        y + (z * lora.scale)?.to_dtype(dtype)?
+    }
+}

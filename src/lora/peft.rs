@@ -1,0 +1,144 @@
+//! Reading a PEFT LoRA adapter folder: adapter_config.json and adapter_model.safetensors
+//! (keys `base_model.model.<module path>.lora_A.weight` / `.lora_B.weight`).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor, Var};
+use serde::Deserialize;
+
+use super::{LoraLinear, LoraPair, LoraSettings};
+use crate::error::{Error, Result};
+use crate::weights::SafetensorsFile;
+
+#[derive(Debug, Deserialize)]
+struct AdapterConfig {
+    #[serde(default)]
+    peft_type: Option<String>,
+    r: usize,
+    lora_alpha: f64,
+    #[serde(default)]
+    lora_dropout: f32,
+    #[serde(default)]
+    use_rslora: bool,
+    #[serde(default)]
+    use_dora: bool,
+    #[serde(default)]
+    fan_in_fan_out: bool,
+    target_modules: serde_json::Value,
+    #[serde(default)]
+    rank_pattern: BTreeMap<String, serde_json::Value>,
+    #[serde(default)]
+    alpha_pattern: BTreeMap<String, serde_json::Value>,
+}
+
+/// An adapter read from disk: its settings and the A/B tensors by module path.
+pub struct PeftAdapter {
+    pub settings: LoraSettings,
+    /// module path → (A [r, in], B [out, r])
+    pub pairs: BTreeMap<String, (Tensor, Tensor)>,
+}
+
+const KEY_PREFIX: &str = "base_model.model.";
+
+pub fn read_adapter(dir: &Path, device: &Device) -> Result<PeftAdapter> {
+    let config_path = dir.join("adapter_config.json");
+    let text = std::fs::read_to_string(&config_path).map_err(|e| Error::io(&config_path, e))?;
+    let cfg: AdapterConfig = serde_json::from_str(&text)
+        .map_err(|e| Error::Invalid(format!("{}: not a PEFT adapter config: {e}", config_path.display())))?;
+    let bad = |key: &str, message: String| Error::bad_entry(&config_path, key, message);
+    if let Some(t) = cfg.peft_type.as_deref().filter(|t| *t != "LORA") {
+        return Err(bad("peft_type", format!("{t:?} adapters are not LoRA adapters")));
+    }
+    if cfg.use_dora {
+        return Err(bad("use_dora", "DoRA adapters are not supported".into()));
+    }
+    if cfg.fan_in_fan_out {
+        return Err(bad(
+            "fan_in_fan_out",
+            "true is only meaningful for GPT-2 Conv1D layers, which no supported family has".into(),
+        ));
+    }
+    if !cfg.rank_pattern.is_empty() || !cfg.alpha_pattern.is_empty() {
+        return Err(bad("rank_pattern", "per-module ranks or alphas are not supported".into()));
+    }
+    let targets: Vec<String> = match &cfg.target_modules {
+        serde_json::Value::Array(a) => a.iter().filter_map(|v| v.as_str().map(str::to_string)).collect(),
+        serde_json::Value::String(s) if s == "all-linear" => vec![s.clone()],
+        other => return Err(bad("target_modules", format!("expected a list of module names, found {other}"))),
+    };
+    let settings = LoraSettings {
+        r: cfg.r,
+        alpha: cfg.lora_alpha,
+        dropout: cfg.lora_dropout,
+        use_rslora: cfg.use_rslora,
+        targets,
+    };
+
+    let weights_path = dir.join("adapter_model.safetensors");
+    let file = SafetensorsFile::open(&weights_path)?;
+    let mut a_by_path = BTreeMap::new();
+    let mut b_by_path = BTreeMap::new();
+    for key in file.keys() {
+        let Some(rest) = key.strip_prefix(KEY_PREFIX) else {
+            return Err(file.error(&key, format!("not a LoRA key (expected `{KEY_PREFIX}<module>.lora_A.weight`)")));
+        };
+        let tensor = || -> Result<Tensor> { Ok(file.tensor(&key, device)?.to_dtype(DType::F32)?) };
+        if let Some(path) = rest.strip_suffix(".lora_A.weight") {
+            a_by_path.insert(path.to_string(), tensor()?);
+        } else if let Some(path) = rest.strip_suffix(".lora_B.weight") {
+            b_by_path.insert(path.to_string(), tensor()?);
+        } else {
+            return Err(file
+                .error(&key, "only lora_A / lora_B weights are supported (no embeddings, biases or modules_to_save)"));
+        }
+    }
+    let mut pairs = BTreeMap::new();
+    for (path, a) in a_by_path {
+        let b = b_by_path
+            .remove(&path)
+            .ok_or_else(|| file.error(&format!("{KEY_PREFIX}{path}.lora_B.weight"), "missing: lora_A has no lora_B"))?;
+        pairs.insert(path, (a, b));
+    }
+    if let Some(path) = b_by_path.keys().next() {
+        return Err(file.error(&format!("{KEY_PREFIX}{path}.lora_A.weight"), "missing: lora_B has no lora_A"));
+    }
+    Ok(PeftAdapter { settings, pairs })
+}
+
+impl PeftAdapter {
+    /// Put the adapter's pairs on the matching linears; every pair must find its module and
+    /// have the module's shapes.
+    pub fn apply<'a>(&self, linears: impl Iterator<Item = &'a mut LoraLinear>, dir: &Path) -> Result<()> {
+        let weights_path = dir.join("adapter_model.safetensors");
+        let mut used = std::collections::BTreeSet::new();
+        for lin in linears {
+            let Some((a, b)) = self.pairs.get(&lin.path) else { continue };
+            let (out_f, in_f, r) = (lin.base.out_features(), lin.base.in_features(), self.settings.r);
+            for (key, t, want) in [("lora_A", a, [r, in_f]), ("lora_B", b, [out_f, r])] {
+                if t.dims() != want {
+                    return Err(Error::bad_entry(
+                        &weights_path,
+                        format!("{KEY_PREFIX}{}.{key}.weight", lin.path),
+                        format!("shape {:?}, expected {:?} for this model with r = {r}", t.dims(), want),
+                    ));
+                }
+            }
+            lin.lora = Some(LoraPair {
+                a: Var::from_tensor(a)?,
+                b: Var::from_tensor(b)?,
+                scale: self.settings.scale(),
+                dropout: self.settings.dropout,
+            });
+            used.insert(lin.path.clone());
+        }
+        if let Some(path) = self.pairs.keys().find(|p| !used.contains(*p)) {
+            return Err(Error::bad_entry(
+                &weights_path,
+                format!("{KEY_PREFIX}{path}.lora_A.weight"),
+                "this module is not in the model: is the adapter for this base model?",
+            ));
+        }
+        Ok(())
+    }
+}

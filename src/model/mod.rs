@@ -1,0 +1,11 @@
+//! Models: config.json into one `ModelSpec`, checkpoint loading, the generic decoder and the
+//! loss. No file dialogs, no threads.
+
+pub mod checkpoint;
+pub mod decoder;
+pub mod loss;
+pub mod spec;
+
+pub use decoder::{BaseWeights, Model};
+pub use loss::causal_lm_loss;
+pub use spec::ModelSpec;

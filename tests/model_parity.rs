@@ -1,0 +1,102 @@
+//! The generic decoder with LoRA against transformers + PEFT (+ bitsandbytes): logits, loss
+//! and LoRA gradients on every fixture the decoder loads, in f32.
+
+mod common;
+
+use std::collections::BTreeMap;
+
+use candle_core::{DType, Device, Tensor};
+use qlora_studio::model::{causal_lm_loss, BaseWeights, Model};
+use qlora_studio::weights::SafetensorsFile;
+
+const LOGITS_ABS: f32 = 1e-4;
+const LOSS_ABS: f32 = 1e-5;
+const GRAD_REL: f64 = 1e-3;
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+}
+
+fn l2(t: &Tensor) -> f64 {
+    t.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap().sqrt() as f64
+}
+
+fn check_fixture(name: &str, base: BaseWeights) {
+    let dev = Device::Cpu;
+    let dir = common::fixture(&format!("models/{name}"));
+    let reference = SafetensorsFile::open(dir.join("reference.safetensors")).unwrap();
+    let r = |k: &str| reference.tensor(k, &dev).unwrap();
+    let ids = r("input_ids");
+    let labels = r("labels");
+
+    let mut model = Model::load(&dir, base, &dev).unwrap_or_else(|e| panic!("{name}: {e}"));
+    let logits = model.forward(&ids, false).unwrap();
+    let d = max_abs_diff(&logits, &r("logits"));
+    assert!(d <= LOGITS_ABS, "{name}: base logits differ by {d}");
+
+    model.load_adapter(&dir.join("adapter")).unwrap_or_else(|e| panic!("{name}: {e}"));
+    let logits = model.forward(&ids, false).unwrap();
+    let d = max_abs_diff(&logits, &r("lora_logits"));
+    assert!(d <= LOGITS_ABS, "{name}: LoRA logits differ by {d}");
+
+    let loss = causal_lm_loss(&logits, &labels).unwrap();
+    let want = r("lora_loss").flatten_all().unwrap().to_vec1::<f32>().unwrap()[0];
+    let got = loss.to_scalar::<f32>().unwrap();
+    assert!((got - want).abs() <= LOSS_ABS, "{name}: loss {got} vs {want}");
+
+    let grads = loss.backward().unwrap();
+    let trainable: BTreeMap<String, _> = model.trainable().into_iter().collect();
+    let expected: Vec<String> =
+        reference.keys().into_iter().filter_map(|k| k.strip_prefix("grad.").map(String::from)).collect();
+    assert_eq!(trainable.keys().cloned().collect::<Vec<_>>(), expected, "{name}: trainable tensors");
+    for (key, var) in &trainable {
+        let g = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("{name}: no gradient for {key}"));
+        let want = r(&format!("grad.{key}"));
+        let rel = l2(&(g - &want).unwrap()) / l2(&want);
+        assert!(rel <= GRAD_REL, "{name}: gradient of {key} off by {rel:.2e} (relative L2)");
+        assert!(l2(g) > 0.0, "{name}: zero gradient for {key}");
+    }
+}
+
+const F32: BaseWeights = BaseWeights::Dense(DType::F32);
+
+#[test]
+fn llama() {
+    check_fixture("llama", F32);
+}
+
+#[test]
+fn llama_gqa_all_linear() {
+    check_fixture("llama_gqa_all_linear", F32);
+}
+
+#[test]
+fn llama_tied() {
+    check_fixture("llama_tied", F32);
+}
+
+#[test]
+fn mistral_sliding_window() {
+    check_fixture("mistral", F32);
+}
+
+#[test]
+fn qwen2_biases() {
+    check_fixture("qwen2", F32);
+}
+
+#[test]
+fn xverse() {
+    check_fixture("xverse", F32);
+}
+
+#[test]
+fn internlm_biases() {
+    check_fixture("internlm", F32);
+}
+
+#[test]
+fn llama_bnb4_qlora() {
+    // the 4-bit checkpoint as saved: NF4 weights read as they are
+    check_fixture("llama_bnb4", BaseWeights::Nf4 { double_quant: true, compute: DType::F32 });
+}
