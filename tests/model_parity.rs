@@ -100,3 +100,28 @@ fn llama_bnb4_qlora() {
     // the 4-bit checkpoint as saved: NF4 weights read as they are
     check_fixture("llama_bnb4", BaseWeights::Nf4 { double_quant: true, compute: DType::F32 });
 }
+
+#[test]
+fn mixtral_moe() {
+    check_fixture("mixtral", F32);
+}
+
+#[test]
+fn falcon_7b_multi_query_parallel() {
+    check_fixture("falcon_7b_style", F32);
+}
+
+#[test]
+fn falcon_40b_new_decoder_architecture() {
+    check_fixture("falcon_40b_style", F32);
+}
+
+#[test]
+fn bloom_alibi() {
+    check_fixture("bloom", F32);
+}
+
+#[test]
+fn phi_partial_rotary_parallel() {
+    check_fixture("phi", F32);
+}

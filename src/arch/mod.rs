@@ -97,23 +97,56 @@ pub struct ModuleLayout {
     pub weights: Option<WeightNames>,
 }
 
-/// Where the decoder finds each weight: `embed`, `final_norm` and `lm_head` are prefixes from
-/// the checkpoint root, the others are relative to the layer prefix.
+/// Where the decoder finds each weight: `embed`, `embed_norm`, `final_norm` and `lm_head` are
+/// prefixes from the checkpoint root, the others are relative to the layer prefix (MoE expert
+/// parts relative to `experts`). Absent parts are absent from the architecture: no `mlp_norm`
+/// means attention and MLP read one norm in parallel; `qkv` instead of q/k/v is a fused
+/// projection; no `gate` is a plain (ungated) MLP.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct WeightNames {
     pub embed: String,
+    #[serde(default)]
+    pub embed_norm: Option<String>,
     pub final_norm: String,
     pub lm_head: String,
     pub attn_norm: String,
-    pub mlp_norm: String,
-    pub q: String,
-    pub k: String,
-    pub v: String,
+    #[serde(default)]
+    pub mlp_norm: Option<String>,
+    #[serde(default)]
+    pub q: Option<String>,
+    #[serde(default)]
+    pub k: Option<String>,
+    #[serde(default)]
+    pub v: Option<String>,
+    #[serde(default)]
+    pub qkv: Option<String>,
     pub o: String,
-    pub gate: String,
+    #[serde(default)]
+    pub router: Option<String>,
+    #[serde(default)]
+    pub experts: Option<String>,
+    #[serde(default)]
+    pub gate: Option<String>,
     pub up: String,
     pub down: String,
+}
+
+impl WeightNames {
+    fn check(&self) -> std::result::Result<(), String> {
+        let separate = [&self.q, &self.k, &self.v].iter().filter(|x| x.is_some()).count();
+        match (separate, &self.qkv) {
+            (3, None) | (0, Some(_)) => {}
+            _ => return Err("weights need either all of q, k, v or qkv".into()),
+        }
+        if self.router.is_some() != self.experts.is_some() {
+            return Err("weights need both router and experts, or neither".into());
+        }
+        if self.experts.as_ref().is_some_and(|e| !e.contains("{e}")) {
+            return Err("the experts prefix must contain {e}".into());
+        }
+        Ok(())
+    }
 }
 
 impl ModuleLayout {
@@ -295,6 +328,9 @@ impl ArchTable {
                 if !layout.linear_names().contains(&f.module) {
                     return Err(err(&row, format!("fused module `{}` is not in linear", f.module)));
                 }
+            }
+            if let Some(w) = &layout.weights {
+                w.check().map_err(|m| err(&row, m))?;
             }
             if let Some(t) = &layout.default_targets {
                 if let Some(bad) = t.iter().find(|t| !layout.linear_names().contains(t)) {

@@ -10,8 +10,8 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Tensor, Var, D};
 
 use super::checkpoint::Checkpoint;
-use super::spec::{ModelSpec, Position};
-use crate::arch;
+use super::spec::{Activation, MlpKind, ModelSpec, NormKind, Position};
+use crate::arch::{self, SplitKind};
 use crate::error::{Error, Result};
 use crate::lora::{LoraLinear, LoraSettings};
 use crate::quant::{bnb, nf4, FloatType, FrozenLinear, FrozenWeight};
@@ -34,33 +34,98 @@ impl BaseWeights {
     }
 }
 
-pub struct Layer {
-    attn_norm: Tensor,
-    mlp_norm: Tensor,
-    pub q: LoraLinear,
-    pub k: LoraLinear,
-    pub v: LoraLinear,
-    pub o: LoraLinear,
+/// A norm's frozen parameters: RMSNorm has only a weight, LayerNorm also a bias.
+pub struct Norm {
+    weight: Tensor,
+    bias: Option<Tensor>,
+    eps: f64,
+}
+
+impl Norm {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        match &self.bias {
+            None => candle_nn::ops::rms_norm_slow(x, &self.weight, self.eps as f32),
+            Some(b) => candle_nn::ops::layer_norm_slow(x, &self.weight, b, self.eps as f32),
+        }
+    }
+}
+
+pub enum Qkv {
+    Separate {
+        q: LoraLinear,
+        k: LoraLinear,
+        v: LoraLinear,
+    },
+    /// One projection whose output rows hold q, k and v (split by `ModelSpec::qkv_split`).
+    Fused(LoraLinear),
+}
+
+pub struct Expert {
     pub gate: LoraLinear,
     pub up: LoraLinear,
     pub down: LoraLinear,
 }
 
+pub enum Mlp {
+    Gated { gate: LoraLinear, up: LoraLinear, down: LoraLinear, act: Activation },
+    Plain { up: LoraLinear, down: LoraLinear, act: Activation },
+    Moe { router: LoraLinear, experts: Vec<Expert>, top_k: usize, act: Activation },
+}
+
+pub struct Layer {
+    attn_norm: Norm,
+    mlp_norm: Option<Norm>,
+    pub qkv: Qkv,
+    pub o: LoraLinear,
+    pub mlp: Mlp,
+}
+
 impl Layer {
-    fn linears(&self) -> [&LoraLinear; 7] {
-        [&self.q, &self.k, &self.v, &self.o, &self.gate, &self.up, &self.down]
+    fn linears(&self) -> Vec<&LoraLinear> {
+        let mut out: Vec<&LoraLinear> = match &self.qkv {
+            Qkv::Separate { q, k, v } => vec![q, k, v],
+            Qkv::Fused(qkv) => vec![qkv],
+        };
+        out.push(&self.o);
+        match &self.mlp {
+            Mlp::Gated { gate, up, down, .. } => out.extend([gate, up, down]),
+            Mlp::Plain { up, down, .. } => out.extend([up, down]),
+            Mlp::Moe { router, experts, .. } => {
+                out.push(router);
+                for e in experts {
+                    out.extend([&e.gate, &e.up, &e.down]);
+                }
+            }
+        }
+        out
     }
 
-    fn linears_mut(&mut self) -> [&mut LoraLinear; 7] {
-        [&mut self.q, &mut self.k, &mut self.v, &mut self.o, &mut self.gate, &mut self.up, &mut self.down]
+    fn linears_mut(&mut self) -> Vec<&mut LoraLinear> {
+        let mut out: Vec<&mut LoraLinear> = match &mut self.qkv {
+            Qkv::Separate { q, k, v } => vec![q, k, v],
+            Qkv::Fused(qkv) => vec![qkv],
+        };
+        out.push(&mut self.o);
+        match &mut self.mlp {
+            Mlp::Gated { gate, up, down, .. } => out.extend([gate, up, down]),
+            Mlp::Plain { up, down, .. } => out.extend([up, down]),
+            Mlp::Moe { router, experts, .. } => {
+                out.push(router);
+                for e in experts {
+                    out.extend([&mut e.gate, &mut e.up, &mut e.down]);
+                }
+            }
+        }
+        out
     }
 }
 
 pub struct Model {
     pub spec: ModelSpec,
     embed: Tensor,
+    embed_norm: Option<Norm>,
     pub layers: Vec<Layer>,
-    final_norm: Tensor,
+    final_norm: Norm,
     lm_head: FrozenLinear,
     device: Device,
     dtype: DType,
@@ -132,35 +197,88 @@ impl Model {
         let (h, hd) = (spec.hidden, spec.head_dim);
         let (q_out, kv_out) = (spec.heads * hd, spec.kv_heads * hd);
         let w = &spec.weights;
+        let norm = |prefix: &str| -> Result<Norm> {
+            let bias = match spec.norm {
+                NormKind::Rms => None,
+                NormKind::Layer => Some(ckpt.tensor(&format!("{prefix}.bias"), &[h], dtype, device)?),
+            };
+            Ok(Norm {
+                weight: ckpt.tensor(&format!("{prefix}.weight"), &[h], dtype, device)?,
+                bias,
+                eps: spec.norm_eps,
+            })
+        };
         let embed = ckpt.tensor(&format!("{}.weight", w.embed), &[spec.vocab, h], dtype, device)?;
+        let embed_norm = w.embed_norm.as_deref().map(norm).transpose()?;
         let mut layers = Vec::with_capacity(spec.layers);
         for i in 0..spec.layers {
             let p = spec.layer_prefix(i);
             let lin = |name: &str, shape: [usize; 2], bias: bool| {
                 load_linear(ckpt, &format!("{p}.{name}"), shape, bias, base, device)
             };
-            let norm = |name: &str| ckpt.tensor(&format!("{p}.{name}.weight"), &[h], dtype, device);
+            let qkv = match (&w.qkv, &w.q, &w.k, &w.v) {
+                (Some(qkv), ..) => Qkv::Fused(lin(qkv, [q_out + 2 * kv_out, h], spec.qkv_bias)?),
+                (None, Some(q), Some(k), Some(v)) => Qkv::Separate {
+                    q: lin(q, [q_out, h], spec.qkv_bias)?,
+                    k: lin(k, [kv_out, h], spec.qkv_bias)?,
+                    v: lin(v, [kv_out, h], spec.qkv_bias)?,
+                },
+                _ => return Err(Error::Invalid("architecture table: weights need q, k, v or qkv".into())),
+            };
+            let ffn = spec.intermediate;
+            let mlp = match (spec.mlp, &w.gate) {
+                (MlpKind::Gated(act), Some(gate)) => Mlp::Gated {
+                    gate: lin(gate, [ffn, h], spec.mlp_bias)?,
+                    up: lin(&w.up, [ffn, h], spec.mlp_bias)?,
+                    down: lin(&w.down, [h, ffn], spec.mlp_bias)?,
+                    act,
+                },
+                (MlpKind::Plain(act), _) => Mlp::Plain {
+                    up: lin(&w.up, [ffn, h], spec.mlp_bias)?,
+                    down: lin(&w.down, [h, ffn], spec.mlp_bias)?,
+                    act,
+                },
+                (MlpKind::Moe { experts, top_k, act }, Some(gate)) => {
+                    let (Some(router), Some(prefix)) = (&w.router, &w.experts) else {
+                        return Err(Error::Invalid("architecture table: a MoE layout needs router and experts".into()));
+                    };
+                    let experts = (0..experts)
+                        .map(|e| {
+                            let ep = prefix.replace("{e}", &e.to_string());
+                            Ok(Expert {
+                                gate: lin(&format!("{ep}.{gate}"), [ffn, h], false)?,
+                                up: lin(&format!("{ep}.{}", w.up), [ffn, h], false)?,
+                                down: lin(&format!("{ep}.{}", w.down), [h, ffn], false)?,
+                            })
+                        })
+                        .collect::<Result<Vec<_>>>()?;
+                    Mlp::Moe { router: lin(router, [experts.len(), h], false)?, experts, top_k, act }
+                }
+                _ => return Err(Error::Invalid("architecture table: a gated MLP needs a gate weight".into())),
+            };
             layers.push(Layer {
-                attn_norm: norm(&w.attn_norm)?,
-                mlp_norm: norm(&w.mlp_norm)?,
-                q: lin(&w.q, [q_out, h], spec.qkv_bias)?,
-                k: lin(&w.k, [kv_out, h], spec.qkv_bias)?,
-                v: lin(&w.v, [kv_out, h], spec.qkv_bias)?,
+                attn_norm: norm(&format!("{p}.{}", w.attn_norm))?,
+                mlp_norm: w.mlp_norm.as_ref().map(|n| norm(&format!("{p}.{n}"))).transpose()?,
+                qkv,
                 o: lin(&w.o, [h, q_out], spec.o_bias)?,
-                gate: lin(&w.gate, [spec.intermediate, h], spec.mlp_bias)?,
-                up: lin(&w.up, [spec.intermediate, h], spec.mlp_bias)?,
-                down: lin(&w.down, [h, spec.intermediate], spec.mlp_bias)?,
+                mlp,
             });
         }
-        let final_norm = ckpt.tensor(&format!("{}.weight", w.final_norm), &[h], dtype, device)?;
+        let final_norm = norm(&w.final_norm)?;
         let lm_head_key = format!("{}.weight", w.lm_head);
         // transformers never quantizes lm_head; tied models reuse the embedding
-        let lm_head = if spec.tie_embeddings || !ckpt.contains(&lm_head_key) {
-            FrozenLinear::new(FrozenWeight::Dense(embed.clone()), None)?
+        let lm_weight = if spec.tie_embeddings || !ckpt.contains(&lm_head_key) {
+            embed.clone()
         } else {
-            FrozenLinear::new(FrozenWeight::Dense(ckpt.tensor(&lm_head_key, &[spec.vocab, h], dtype, device)?), None)?
+            ckpt.tensor(&lm_head_key, &[spec.vocab, h], dtype, device)?
         };
-        Ok(Self { spec, embed, layers, final_norm, lm_head, device: device.clone(), dtype })
+        let lm_bias = if spec.lm_head_bias {
+            Some(ckpt.tensor(&format!("{}.bias", w.lm_head), &[spec.vocab], dtype, device)?)
+        } else {
+            None
+        };
+        let lm_head = FrozenLinear::new(FrozenWeight::Dense(lm_weight), lm_bias)?;
+        Ok(Self { spec, embed, embed_norm, layers, final_norm, lm_head, device: device.clone(), dtype })
     }
 
     pub fn device(&self) -> &Device {
@@ -231,60 +349,200 @@ impl Model {
         let s = &self.spec;
         let ids = input_ids.to_dtype(DType::U32)?.flatten_all()?;
         let mut h = self.embed.index_select(&ids, 0)?.reshape((b, t, s.hidden))?;
-        let (cos, sin) = self.rope_tables(t)?;
-        let mask = causal_mask(t, s.sliding_window, &self.device)?;
-        for layer in &self.layers {
-            let x = rms_norm(&h, &layer.attn_norm, s.norm_eps)?;
-            h = (h + self.attention(layer, &x, &cos, &sin, &mask, train)?)?;
-            let x = rms_norm(&h, &layer.mlp_norm, s.norm_eps)?;
-            let gated = (layer.gate.forward(&x, train)?.silu()? * layer.up.forward(&x, train)?)?;
-            h = (h + layer.down.forward(&gated, train)?)?;
+        if let Some(n) = &self.embed_norm {
+            h = n.forward(&h)?;
         }
-        let h = rms_norm(&h, &self.final_norm, s.norm_eps)?;
+        let positions = self.position_terms(t)?;
+        for layer in &self.layers {
+            let x = layer.attn_norm.forward(&h)?;
+            let attn = self.attention(layer, &x, &positions, train)?;
+            h = if s.parallel_residual {
+                let mlp_in = match &layer.mlp_norm {
+                    Some(n) => n.forward(&h)?,
+                    None => x,
+                };
+                ((h + attn)? + self.mlp(&layer.mlp, &mlp_in, train)?)?
+            } else {
+                let h = (h + attn)?;
+                let mlp_in = match &layer.mlp_norm {
+                    Some(n) => n.forward(&h)?,
+                    None => h.clone(),
+                };
+                (&h + self.mlp(&layer.mlp, &mlp_in, train)?)?
+            };
+        }
+        let h = self.final_norm.forward(&h)?;
         Ok(self.lm_head.forward(&h)?.to_dtype(DType::F32)?)
     }
 
-    fn attention(
+    fn mlp(&self, mlp: &Mlp, x: &Tensor, train: bool) -> Result<Tensor> {
+        Ok(match mlp {
+            Mlp::Gated { gate, up, down, act } => {
+                down.forward(&(activate(&gate.forward(x, train)?, *act)? * up.forward(x, train)?)?, train)?
+            }
+            Mlp::Plain { up, down, act } => down.forward(&activate(&up.forward(x, train)?, *act)?, train)?,
+            Mlp::Moe { router, experts, top_k, act } => self.moe(router, experts, *top_k, *act, x, train)?,
+        })
+    }
+
+    /// Sparse MoE as transformers' Mixtral: softmax over the router logits in f32, the top k
+    /// experts per token, their weights renormalised to sum to one.
+    fn moe(
         &self,
-        layer: &Layer,
+        router: &LoraLinear,
+        experts: &[Expert],
+        top_k: usize,
+        act: Activation,
         x: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
-        mask: &Tensor,
         train: bool,
     ) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let hidden = *dims.last().unwrap_or(&0);
+        let xf = x.reshape(((), hidden))?;
+        let n = xf.dim(0)?;
+        let probs = candle_nn::ops::softmax(&router.forward(&xf, train)?.to_dtype(DType::F32)?, D::Minus1)?;
+        // the choice of experts is not differentiable; the chosen weights are
+        let chosen: Vec<Vec<u32>> = probs
+            .to_vec2::<f32>()?
+            .into_iter()
+            .map(|row| {
+                let mut idx: Vec<u32> = (0..row.len() as u32).collect();
+                idx.sort_by(|&a, &b| row[b as usize].total_cmp(&row[a as usize]));
+                idx.truncate(top_k);
+                idx
+            })
+            .collect();
+        let idx = Tensor::from_vec(chosen.concat(), (n, top_k), &self.device)?;
+        let weights = probs.gather(&idx, 1)?;
+        let weights = weights.broadcast_div(&weights.sum_keepdim(1)?)?.to_dtype(self.dtype)?.flatten_all()?;
+        let mut out = xf.zeros_like()?;
+        for (e, expert) in experts.iter().enumerate() {
+            let (mut tokens, mut slots) = (Vec::new(), Vec::new());
+            for (tok, row) in chosen.iter().enumerate() {
+                if let Some(k) = row.iter().position(|&c| c as usize == e) {
+                    tokens.push(tok as u32);
+                    slots.push((tok * top_k + k) as u32);
+                }
+            }
+            if tokens.is_empty() {
+                continue;
+            }
+            let tokens = Tensor::new(tokens.as_slice(), &self.device)?;
+            let slots = Tensor::new(slots.as_slice(), &self.device)?;
+            let xe = xf.index_select(&tokens, 0)?;
+            let ye = expert.down.forward(
+                &(activate(&expert.gate.forward(&xe, train)?, act)? * expert.up.forward(&xe, train)?)?,
+                train,
+            )?;
+            let ye = ye.broadcast_mul(&weights.index_select(&slots, 0)?.unsqueeze(1)?)?;
+            out = out.index_add(&tokens, &ye, 0)?;
+        }
+        Ok(out.reshape(dims)?)
+    }
+
+    fn attention(&self, layer: &Layer, x: &Tensor, positions: &PositionTerms, train: bool) -> Result<Tensor> {
         let s = &self.spec;
         let (b, t, _) = x.dims3()?;
-        let heads = |y: Tensor, n: usize| -> candle_core::Result<Tensor> {
-            y.reshape((b, t, n, s.head_dim))?.transpose(1, 2)?.contiguous()
+        let (hd, nh, nkv) = (s.head_dim, s.heads, s.kv_heads);
+        let (q, k, v) = match &layer.qkv {
+            Qkv::Separate { q, k, v } => (q.forward(x, train)?, k.forward(x, train)?, v.forward(x, train)?),
+            Qkv::Fused(qkv) => {
+                let y = qkv.forward(x, train)?;
+                match s.qkv_split {
+                    Some(SplitKind::QkvGrouped) => {
+                        let g = nh / nkv;
+                        let y = y.reshape((b, t, nkv, g + 2, hd))?;
+                        (
+                            y.narrow(3, 0, g)?.reshape((b, t, nh * hd))?,
+                            y.narrow(3, g, 1)?.reshape((b, t, nkv * hd))?,
+                            y.narrow(3, g + 1, 1)?.reshape((b, t, nkv * hd))?,
+                        )
+                    }
+                    _ => (
+                        y.narrow(2, 0, nh * hd)?,
+                        y.narrow(2, nh * hd, nkv * hd)?,
+                        y.narrow(2, (nh + nkv) * hd, nkv * hd)?,
+                    ),
+                }
+            }
         };
-        let q = heads(layer.q.forward(x, train)?, s.heads)?;
-        let k = heads(layer.k.forward(x, train)?, s.kv_heads)?;
-        let v = heads(layer.v.forward(x, train)?, s.kv_heads)?;
-        let q = candle_nn::rotary_emb::rope_slow(&q, cos, sin)?;
-        let k = candle_nn::rotary_emb::rope_slow(&k, cos, sin)?;
-        let (k, v) = (repeat_kv(k, s.heads / s.kv_heads)?, repeat_kv(v, s.heads / s.kv_heads)?);
-        let scores = (q.matmul(&k.t()?.contiguous()?)? * (1.0 / (s.head_dim as f64).sqrt()))?;
-        let scores = scores.to_dtype(DType::F32)?.broadcast_add(mask)?;
+        let heads = |y: Tensor, n: usize| -> candle_core::Result<Tensor> {
+            y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()
+        };
+        let (mut q, mut k, v) = (heads(q, nh)?, heads(k, nkv)?, heads(v, nkv)?);
+        if let (Position::Rope { rotary_dim, .. }, Some((cos, sin))) = (&s.position, &positions.rope) {
+            q = apply_rope(&q, cos, sin, *rotary_dim)?;
+            k = apply_rope(&k, cos, sin, *rotary_dim)?;
+        }
+        let (k, v) = (repeat_kv(k, nh / nkv)?, repeat_kv(v, nh / nkv)?);
+        let scores = (q.matmul(&k.t()?.contiguous()?)? * (1.0 / (hd as f64).sqrt()))?;
+        let scores = scores.to_dtype(DType::F32)?.broadcast_add(&positions.mask)?;
         let probs = candle_nn::ops::softmax(&scores, D::Minus1)?.to_dtype(self.dtype)?;
-        let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, s.heads * s.head_dim))?;
+        let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, nh * hd))?;
         Ok(layer.o.forward(&out, train)?)
     }
 
-    /// cos and sin [t, rotary_dim/2] for positions 0..t, as transformers computes them in f32.
-    fn rope_tables(&self, t: usize) -> Result<(Tensor, Tensor)> {
-        let Position::Rope { theta, rotary_dim } = self.spec.position;
-        let inv_freq: Vec<f32> =
-            (0..rotary_dim / 2).map(|i| 1.0 / (theta as f32).powf((2 * i) as f32 / rotary_dim as f32)).collect();
-        let inv_freq = Tensor::from_vec(inv_freq, (1, rotary_dim / 2), &self.device)?;
-        let positions = Tensor::arange(0u32, t as u32, &self.device)?.to_dtype(DType::F32)?.reshape((t, 1))?;
-        let freqs = positions.broadcast_mul(&inv_freq)?;
-        Ok((freqs.cos()?.to_dtype(self.dtype)?, freqs.sin()?.to_dtype(self.dtype)?))
+    /// The position terms of a sequence of t tokens: RoPE tables, and the additive attention
+    /// mask (causal, sliding window, ALiBi) of shape [heads or 1, t, t].
+    fn position_terms(&self, t: usize) -> Result<PositionTerms> {
+        let causal = causal_mask(t, self.spec.sliding_window, &self.device)?;
+        Ok(match self.spec.position {
+            Position::Rope { theta, rotary_dim } => {
+                // as transformers computes them, in f32
+                let inv_freq: Vec<f32> = (0..rotary_dim / 2)
+                    .map(|i| 1.0 / (theta as f32).powf((2 * i) as f32 / rotary_dim as f32))
+                    .collect();
+                let inv_freq = Tensor::from_vec(inv_freq, (1, rotary_dim / 2), &self.device)?;
+                let pos = Tensor::arange(0u32, t as u32, &self.device)?.to_dtype(DType::F32)?.reshape((t, 1))?;
+                let freqs = pos.broadcast_mul(&inv_freq)?;
+                let rope = Some((freqs.cos()?.to_dtype(self.dtype)?, freqs.sin()?.to_dtype(self.dtype)?));
+                PositionTerms { rope, mask: causal.unsqueeze(0)? }
+            }
+            Position::Alibi => {
+                // bias slope_h · j on key position j; under softmax equal to slope_h · (j − i)
+                let slopes = Tensor::new(alibi_slopes(self.spec.heads).as_slice(), &self.device)?;
+                let keys = Tensor::arange(0u32, t as u32, &self.device)?.to_dtype(DType::F32)?;
+                let alibi = slopes.reshape((self.spec.heads, 1, 1))?.broadcast_mul(&keys.reshape((1, 1, t))?)?;
+                PositionTerms { rope: None, mask: alibi.broadcast_add(&causal.unsqueeze(0)?)? }
+            }
+        })
     }
 }
 
-fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
-    candle_nn::ops::rms_norm_slow(x, weight, eps as f32)
+struct PositionTerms {
+    rope: Option<(Tensor, Tensor)>,
+    mask: Tensor,
+}
+
+/// ALiBi slopes for n heads, as BLOOM's build_alibi_tensor (and Baichuan's _get_interleave).
+pub fn alibi_slopes(n: usize) -> Vec<f32> {
+    let closest = 1usize << (usize::BITS - 1 - n.leading_zeros());
+    let base = |m: usize| 2f64.powf(-(2f64.powf(-((m as f64).log2() - 3.0))));
+    let mut slopes: Vec<f32> = (1..=closest).map(|p| base(closest).powi(p as i32) as f32).collect();
+    if closest != n {
+        let extra = base(2 * closest);
+        let remaining = (n - closest).min(closest);
+        slopes.extend((0..remaining).map(|i| extra.powi((2 * i + 1) as i32) as f32));
+    }
+    slopes
+}
+
+/// Rotate-half RoPE on the first `rotary_dim` of each head; the rest passes through.
+fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor, rotary_dim: usize) -> candle_core::Result<Tensor> {
+    let hd = x.dim(D::Minus1)?;
+    if rotary_dim == hd {
+        return candle_nn::rotary_emb::rope_slow(x, cos, sin);
+    }
+    let rot = candle_nn::rotary_emb::rope_slow(&x.narrow(D::Minus1, 0, rotary_dim)?.contiguous()?, cos, sin)?;
+    Tensor::cat(&[&rot, &x.narrow(D::Minus1, rotary_dim, hd - rotary_dim)?], D::Minus1)
+}
+
+fn activate(x: &Tensor, act: Activation) -> candle_core::Result<Tensor> {
+    match act {
+        Activation::Silu => x.silu(),
+        Activation::GeluErf => x.gelu_erf(),
+        Activation::GeluTanh => x.gelu(),
+    }
 }
 
 /// [b, kv, t, d] → [b, kv·n_rep, t, d], each KV head repeated for its group of query heads.

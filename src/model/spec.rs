@@ -3,19 +3,52 @@
 
 use serde_json::Value;
 
-use crate::arch::{Recognised, WeightNames};
+use crate::arch::{ModuleLayout, Recognised, SplitKind, WeightNames};
 use crate::error::{Error, Result};
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum NormKind {
     Rms,
+    /// LayerNorm with weight and bias.
     Layer,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Activation {
+    Silu,
+    /// GELU with erf (PyTorch's nn.GELU()).
+    GeluErf,
+    /// GELU with the tanh approximation (gelu_new, BLOOM's bloom_gelu).
+    GeluTanh,
+}
+
+impl Activation {
+    fn from_name(name: &str, what: &str) -> Result<Self> {
+        match name {
+            "silu" | "swish" => Ok(Activation::Silu),
+            "gelu" => Ok(Activation::GeluErf),
+            "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => Ok(Activation::GeluTanh),
+            other => Err(Error::Invalid(format!("{what}: activation {other:?} is not supported"))),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Position {
     /// Rotary embedding in the rotate-half layout over the first `rotary_dim` of each head.
     Rope { theta: f64, rotary_dim: usize },
+    /// ALiBi: a per-head linear bias on the key position (BLOOM's slopes).
+    Alibi,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum MlpKind {
+    /// down(act(gate(x)) · up(x))
+    Gated(Activation),
+    /// down(act(up(x)))
+    Plain(Activation),
+    /// A router picks `top_k` of `experts` gated MLPs per token (Mixtral).
+    Moe { experts: usize, top_k: usize, act: Activation },
 }
 
 #[derive(Debug, Clone)]
@@ -37,6 +70,12 @@ pub struct ModelSpec {
     pub qkv_bias: bool,
     pub o_bias: bool,
     pub mlp_bias: bool,
+    pub lm_head_bias: bool,
+    /// How a fused qkv output splits, when the layout has one.
+    pub qkv_split: Option<SplitKind>,
+    /// Attention and MLP both read the layer input and add to it (Falcon, Phi).
+    pub parallel_residual: bool,
+    pub mlp: MlpKind,
     /// The layer prefix, with `{i}` for the layer index.
     pub layer_prefix: String,
     pub weights: WeightNames,
@@ -85,28 +124,21 @@ impl Config<'_> {
 impl ModelSpec {
     /// Build the spec of a recognised config.json. `what` names the model in messages.
     pub fn from_config(config: &Value, recognised: &Recognised<'_>, what: &str) -> Result<Self> {
-        let weights = recognised.layout.weights.clone().ok_or_else(|| {
+        let mut weights = recognised.layout.weights.clone().ok_or_else(|| {
             Error::Invalid(format!(
                 "{what}: {} checkpoints ({} layout) are recognised but the decoder cannot load them yet",
                 recognised.family.name, recognised.layout_name
             ))
         })?;
         let c = Config { json: config, what };
-        let hidden = c.usize(&["hidden_size", "n_embd", "d_model"])?;
+        let hidden = c.usize(&["hidden_size", "n_embed", "n_embd", "d_model"])?;
         let heads = c.usize(&["num_attention_heads", "n_head"])?;
-        let kv_heads = c.opt_usize(&["num_key_value_heads"])?.unwrap_or(heads);
-        let head_dim = c.opt_usize(&["head_dim"])?.unwrap_or(hidden / heads.max(1));
-        if heads == 0 || kv_heads == 0 || heads % kv_heads != 0 {
-            return Err(Error::Invalid(format!(
-                "{what}: {heads} attention heads cannot share {kv_heads} key/value heads evenly"
-            )));
-        }
-        // rope_theta moved into rope_parameters in transformers 5
+        let layout = recognised.layout_name;
+        let qkv_split =
+            weights.qkv.as_deref().and_then(|m| recognised.layout.fused(ModuleLayout::module_name(m))).map(|f| f.split);
         let rope_params = config.get("rope_parameters");
-        let theta = match rope_params.and_then(|p| p.get("rope_theta")).and_then(Value::as_f64) {
-            Some(t) => t,
-            None => c.f64_or(&["rope_theta"], 10_000.0)?,
-        };
+        let rope_param =
+            |key: &str| rope_params.and_then(|p| p.get(key)).or_else(|| config.get(key)).and_then(Value::as_f64);
         if let Some(kind) = rope_params
             .and_then(|p| p.get("rope_type"))
             .or_else(|| config.get("rope_scaling").and_then(|s| s.get("rope_type").or_else(|| s.get("type"))))
@@ -118,33 +150,149 @@ impl ModelSpec {
                 )));
             }
         }
-        let sliding_window =
-            if c.bool_or(&["use_sliding_window"], true) { c.opt_usize(&["sliding_window"])? } else { None };
-        let qkv_bias = match recognised.layout_name {
-            "qwen2" => true,
-            _ => c.bool_or(&["attention_bias", "bias"], false),
-        };
-        let o_bias = recognised.layout_name != "qwen2" && c.bool_or(&["attention_bias", "bias"], false);
-        Ok(ModelSpec {
+        let theta = rope_param("rope_theta").unwrap_or(10_000.0);
+
+        let mut spec = ModelSpec {
             family: recognised.family.id.clone(),
             hidden,
             layers: c.usize(&["num_hidden_layers", "n_layer", "num_layers"])?,
             heads,
-            kv_heads,
-            head_dim,
-            intermediate: c.usize(&["intermediate_size", "ffn_hidden_size", "n_inner"])?,
+            kv_heads: heads,
+            head_dim: hidden / heads.max(1),
+            intermediate: 4 * hidden,
             vocab: c.usize(&["vocab_size", "padded_vocab_size"])?,
             norm: NormKind::Rms,
-            norm_eps: c.f64_or(&["rms_norm_eps", "layer_norm_epsilon", "layer_norm_eps"], 1e-6)?,
-            position: Position::Rope { theta, rotary_dim: head_dim },
-            sliding_window,
+            norm_eps: 1e-6,
+            position: Position::Rope { theta, rotary_dim: hidden / heads.max(1) },
+            sliding_window: None,
             tie_embeddings: c.bool_or(&["tie_word_embeddings"], false),
-            qkv_bias,
-            o_bias,
-            mlp_bias: c.bool_or(&["mlp_bias"], false),
+            qkv_bias: false,
+            o_bias: false,
+            mlp_bias: false,
+            lm_head_bias: false,
+            qkv_split,
+            parallel_residual: false,
+            mlp: MlpKind::Gated(Activation::Silu),
             layer_prefix: recognised.layout.layers.clone(),
-            weights,
-        })
+            weights: weights.clone(),
+        };
+        match layout {
+            "llama" | "qwen2" | "mixtral" => {
+                spec.kv_heads = c.opt_usize(&["num_key_value_heads"])?.unwrap_or(heads);
+                spec.head_dim = c.opt_usize(&["head_dim"])?.unwrap_or(spec.head_dim);
+                spec.position = Position::Rope { theta, rotary_dim: spec.head_dim };
+                spec.intermediate = c.usize(&["intermediate_size"])?;
+                spec.norm_eps = c.f64_or(&["rms_norm_eps"], 1e-6)?;
+                if c.bool_or(&["use_sliding_window"], true) {
+                    spec.sliding_window = c.opt_usize(&["sliding_window"])?;
+                }
+                let bias = c.bool_or(&["attention_bias", "bias"], false);
+                // Qwen2 has biases on q, k and v only
+                spec.qkv_bias = layout == "qwen2" || bias;
+                spec.o_bias = layout != "qwen2" && bias;
+                spec.mlp_bias = c.bool_or(&["mlp_bias"], false);
+                let act =
+                    Activation::from_name(c.get(&["hidden_act"]).and_then(Value::as_str).unwrap_or("silu"), what)?;
+                spec.mlp = if layout == "mixtral" {
+                    MlpKind::Moe {
+                        experts: c.usize(&["num_local_experts"])?,
+                        top_k: c.usize(&["num_experts_per_tok"])?,
+                        act,
+                    }
+                } else {
+                    MlpKind::Gated(act)
+                };
+            }
+            "falcon" => {
+                if c.bool_or(&["alibi"], false) {
+                    return Err(Error::Invalid(format!("{what}: Falcon with ALiBi (falcon-rw) is not supported")));
+                }
+                let new_arch = c.bool_or(&["new_decoder_architecture"], false);
+                // transformers fills num_kv_heads with the head count when absent; derive it
+                // from the architecture flags instead (docs/adapter-formats.md §2.7)
+                spec.kv_heads = if new_arch {
+                    c.opt_usize(&["num_kv_heads", "n_head_kv"])?.unwrap_or(heads)
+                } else if c.bool_or(&["multi_query"], true) {
+                    1
+                } else {
+                    heads
+                };
+                spec.norm = NormKind::Layer;
+                spec.norm_eps = c.f64_or(&["layer_norm_epsilon"], 1e-5)?;
+                spec.intermediate = c.opt_usize(&["ffn_hidden_size"])?.unwrap_or(4 * hidden);
+                let bias = c.bool_or(&["bias"], false);
+                (spec.qkv_bias, spec.o_bias, spec.mlp_bias) = (bias, bias, bias);
+                spec.mlp = MlpKind::Plain(Activation::from_name(
+                    c.get(&["activation"]).and_then(Value::as_str).unwrap_or("gelu"),
+                    what,
+                )?);
+                spec.tie_embeddings = c.bool_or(&["tie_word_embeddings"], true);
+                if new_arch {
+                    spec.parallel_residual = true;
+                    weights.attn_norm = "ln_attn".into();
+                    weights.mlp_norm = Some("ln_mlp".into());
+                } else {
+                    spec.parallel_residual = c.bool_or(&["parallel_attn"], true);
+                    if !spec.parallel_residual {
+                        weights.mlp_norm = Some("post_attention_layernorm".into());
+                    }
+                }
+                if !new_arch && spec.kv_heads == heads && !c.bool_or(&["multi_query"], true) {
+                    return Err(Error::Invalid(format!(
+                        "{what}: Falcon without multi-query or the new decoder architecture (falcon-rw) is not supported"
+                    )));
+                }
+            }
+            "bloom" => {
+                spec.norm = NormKind::Layer;
+                spec.norm_eps = c.f64_or(&["layer_norm_epsilon"], 1e-5)?;
+                spec.position = Position::Alibi;
+                (spec.qkv_bias, spec.o_bias, spec.mlp_bias) = (true, true, true);
+                spec.mlp = MlpKind::Plain(Activation::GeluTanh);
+                spec.tie_embeddings = c.bool_or(&["tie_word_embeddings"], true);
+                if c.bool_or(&["apply_residual_connection_post_layernorm"], false) {
+                    return Err(Error::Invalid(format!(
+                        "{what}: apply_residual_connection_post_layernorm = true is not supported"
+                    )));
+                }
+            }
+            "phi" => {
+                if c.bool_or(&["qk_layernorm"], false) {
+                    return Err(Error::Invalid(format!("{what}: Phi with qk_layernorm is not supported")));
+                }
+                spec.kv_heads = c.opt_usize(&["num_key_value_heads"])?.unwrap_or(heads);
+                spec.norm = NormKind::Layer;
+                spec.norm_eps = c.f64_or(&["layer_norm_eps"], 1e-5)?;
+                spec.intermediate = c.usize(&["intermediate_size"])?;
+                let factor = rope_param("partial_rotary_factor").unwrap_or(0.5);
+                spec.position = Position::Rope { theta, rotary_dim: (spec.head_dim as f64 * factor) as usize };
+                (spec.qkv_bias, spec.o_bias, spec.mlp_bias, spec.lm_head_bias) = (true, true, true, true);
+                spec.parallel_residual = true;
+                spec.mlp = MlpKind::Plain(Activation::from_name(
+                    c.get(&["hidden_act"]).and_then(Value::as_str).unwrap_or("gelu_new"),
+                    what,
+                )?);
+            }
+            other => {
+                return Err(Error::Invalid(format!("{what}: no config reader for the {other} layout yet")));
+            }
+        }
+        if spec.kv_heads == 0 || heads % spec.kv_heads != 0 {
+            return Err(Error::Invalid(format!(
+                "{what}: {heads} attention heads cannot share {} key/value heads evenly",
+                spec.kv_heads
+            )));
+        }
+        if let Position::Rope { rotary_dim, .. } = spec.position {
+            if rotary_dim == 0 || rotary_dim % 2 != 0 || rotary_dim > spec.head_dim {
+                return Err(Error::Invalid(format!(
+                    "{what}: rotary dimension {rotary_dim} does not fit heads of {}",
+                    spec.head_dim
+                )));
+            }
+        }
+        spec.weights = weights;
+        Ok(spec)
     }
 
     pub fn layer_prefix(&self, i: usize) -> String {
