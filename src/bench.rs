@@ -6,7 +6,10 @@ use std::time::Instant;
 use candle_core::{Device, Tensor, Var};
 use serde::Serialize;
 
+use crate::lora::LoraSettings;
+use crate::model::{causal_lm_loss, BaseWeights, Model};
 use crate::quant::{self, FloatType, FrozenLinear, FrozenWeight};
+use crate::train::optim::{AdamW, AdamWParams};
 use crate::Result;
 
 /// One weight shape's NF4 figures.
@@ -150,4 +153,89 @@ pub fn print_nf4_table(rows: &[Nf4BenchRow]) {
             r.nf4_over_dense
         );
     }
+}
+
+/// One training-step benchmark, with the fields ../shared/bench/peft_baseline.py prints.
+#[derive(Debug, Serialize)]
+pub struct StepBenchRow {
+    #[serde(rename = "impl")]
+    pub implementation: String,
+    pub preset: String,
+    pub mode: String,
+    pub seq: usize,
+    pub batch: usize,
+    pub rank: usize,
+    pub targets: String,
+    pub threads: usize,
+    pub tokens_per_s: f64,
+    pub step_s_median: f64,
+    pub peak_rss_mib: f64,
+    pub loss_first: f32,
+    pub loss_last: f32,
+}
+
+pub struct StepBench<'a> {
+    pub preset: &'a str,
+    /// "lora" (dense f32 base) or "qlora" (NF4 base with double quantization)
+    pub mode: &'a str,
+    pub seq: usize,
+    pub batch: usize,
+    pub steps: usize,
+    pub rank: usize,
+    pub targets: Vec<String>,
+}
+
+/// Forward + backward + AdamW on a preset-shaped model with generated weights, as the PyTorch
+/// baseline does it: LoRA alpha 2r, lr 1e-4, labels = inputs, two warm-up steps not timed.
+pub fn step(b: &StepBench<'_>) -> Result<StepBenchRow> {
+    let device = Device::Cpu;
+    let base = match b.mode {
+        "lora" => BaseWeights::Dense(candle_core::DType::F32),
+        "qlora" => BaseWeights::Nf4 { double_quant: true, compute: candle_core::DType::F32 },
+        other => return Err(crate::Error::Invalid(format!("mode {other:?}: use lora or qlora"))),
+    };
+    let mut model = Model::from_preset(b.preset, base, &device)?;
+    let settings = LoraSettings {
+        r: b.rank,
+        alpha: 2.0 * b.rank as f64,
+        dropout: 0.0,
+        use_rslora: false,
+        targets: b.targets.clone(),
+    };
+    model.add_lora(&settings, 0)?;
+    let vars = model.trainable().into_iter().map(|(_, v)| v).collect();
+    let mut opt = AdamW::new(vars, AdamWParams { lr: 1e-4, ..Default::default() })?;
+    let vocab = model.spec.vocab as u32;
+    let mut rng = crate::rng::Rng::new(1);
+    let ids: Vec<u32> = (0..b.batch * b.seq).map(|_| rng.below(vocab as u64) as u32).collect();
+    let ids = Tensor::from_vec(ids, (b.batch, b.seq), &device)?;
+    let (mut times, mut losses) = (Vec::new(), Vec::new());
+    for _ in 0..b.steps + 2 {
+        let start = Instant::now();
+        let logits = model.forward(&ids, true)?;
+        let loss = causal_lm_loss(&logits, &ids)?;
+        let grads = loss.backward()?;
+        opt.step(&grads, 1.0)?;
+        losses.push(loss.to_scalar::<f32>()?);
+        times.push(start.elapsed().as_secs_f64());
+    }
+    let timed = &times[2..];
+    let mut sorted = timed.to_vec();
+    sorted.sort_by(|x, y| x.total_cmp(y));
+    let peak = crate::memory::process_memory().map_or(0.0, |m| m.peak_rss as f64 / (1024.0 * 1024.0));
+    Ok(StepBenchRow {
+        implementation: "qlora-studio".into(),
+        preset: b.preset.into(),
+        mode: b.mode.into(),
+        seq: b.seq,
+        batch: b.batch,
+        rank: b.rank,
+        targets: b.targets.join(","),
+        threads: rayon::current_num_threads(),
+        tokens_per_s: (b.batch * b.seq * timed.len()) as f64 / timed.iter().sum::<f64>(),
+        step_s_median: sorted[sorted.len() / 2],
+        peak_rss_mib: peak,
+        loss_first: losses[0],
+        loss_last: *losses.last().unwrap_or(&f32::NAN),
+    })
 }

@@ -9,8 +9,11 @@ pub mod bench;
 pub mod error;
 pub mod gui;
 pub mod lora;
+pub mod memory;
 pub mod model;
 pub mod quant;
+pub mod rng;
+pub mod train;
 pub mod weights;
 
 pub use error::{Error, Result};

@@ -53,6 +53,29 @@ enum BenchCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Training steps (forward + backward + AdamW) on a preset-shaped model with generated
+    /// weights; the same fields as ../shared/bench/peft_baseline.py prints.
+    Step {
+        #[arg(long, default_value = "smollm2-135m")]
+        preset: String,
+        /// lora (dense f32 base) or qlora (NF4 base, double quantization)
+        #[arg(long, default_value = "qlora")]
+        mode: String,
+        #[arg(long, default_value_t = 256)]
+        seq: usize,
+        #[arg(long, default_value_t = 1)]
+        batch: usize,
+        /// Timed steps, after two warm-up steps.
+        #[arg(long, default_value_t = 6)]
+        steps: usize,
+        #[arg(long, default_value_t = 8)]
+        rank: usize,
+        #[arg(long, default_value = "q_proj,v_proj")]
+        targets: String,
+        /// Print one JSON line instead of text.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() -> std::process::ExitCode {
@@ -101,6 +124,24 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             if !json {
                 bench::print_nf4_table(&rows);
+            }
+            Ok(())
+        }
+        Command::Bench { command: BenchCommand::Step { preset, mode, seq, batch, steps, rank, targets, json } } => {
+            if steps == 0 || seq < 2 || batch == 0 {
+                anyhow::bail!("--steps and --batch must be at least 1 and --seq at least 2");
+            }
+            let targets = targets.split(',').map(|t| t.trim().to_string()).filter(|t| !t.is_empty()).collect();
+            let row =
+                bench::step(&bench::StepBench { preset: &preset, mode: &mode, seq, batch, steps, rank, targets })?;
+            if json {
+                println!("{}", serde_json::to_string(&row)?);
+            } else {
+                println!(
+                    "{} {} seq {} batch {}: {:.1} tokens/s, median step {:.3} s, peak RSS {:.0} MiB, loss {:.4} → {:.4}",
+                    row.preset, row.mode, row.seq, row.batch, row.tokens_per_s, row.step_s_median, row.peak_rss_mib,
+                    row.loss_first, row.loss_last
+                );
             }
             Ok(())
         }

@@ -28,7 +28,7 @@ fn fresh_lora_starts_equal_to_the_base_model() {
     let ids = candle_core::Tensor::new(&[[1u32, 5, 9, 200, 3, 17]], &dev).unwrap();
     let mut model = llama();
     let before = model.forward(&ids, false).unwrap();
-    model.add_lora(&settings(&["all-linear"])).unwrap();
+    model.add_lora(&settings(&["all-linear"]), 0).unwrap();
     assert_eq!(model.trainable().len(), 2 * 7 * 2);
     let after = model.forward(&ids, false).unwrap();
     let d = (before - after).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
@@ -46,7 +46,7 @@ fn fresh_lora_starts_equal_to_the_base_model() {
 
 #[test]
 fn unknown_target_lists_the_modules_the_model_has() {
-    let e = llama().add_lora(&settings(&["q_proj", "W_pack"])).unwrap_err().to_string();
+    let e = llama().add_lora(&settings(&["q_proj", "W_pack"]), 0).unwrap_err().to_string();
     assert!(e.contains("W_pack") && e.contains("gate_proj") && e.contains("down_proj"), "{e}");
 }
 

@@ -6,6 +6,7 @@ pub mod peft;
 use candle_core::{DType, Device, Tensor, Var};
 
 use crate::quant::FrozenLinear;
+use crate::rng::Rng;
 
 /// How LoRA is applied: rank, alpha, dropout, rsLoRA and the target module names.
 #[derive(Debug, Clone, PartialEq)]
@@ -60,10 +61,10 @@ impl LoraLinear {
 
     /// Attach a fresh pair as PEFT initialises it: A Kaiming-uniform (a = √5, so bound
     /// 1/√in), B zero, so the adapted model starts equal to the base.
-    pub fn init_lora(&mut self, settings: &LoraSettings, device: &Device) -> candle_core::Result<()> {
+    pub fn init_lora(&mut self, settings: &LoraSettings, rng: &mut Rng, device: &Device) -> candle_core::Result<()> {
         let (out_f, in_f) = (self.base.out_features(), self.base.in_features());
-        let bound = 1.0 / (in_f as f64).sqrt();
-        let a = Var::rand(-bound as f32, bound as f32, (settings.r, in_f), device)?;
+        let bound = 1.0 / (in_f as f32).sqrt();
+        let a = Var::from_vec(rng.uniform(settings.r * in_f, -bound, bound), (settings.r, in_f), device)?;
         let b = Var::zeros((out_f, settings.r), DType::F32, device)?;
         self.lora = Some(LoraPair { a, b, scale: settings.scale(), dropout: settings.dropout });
         Ok(())

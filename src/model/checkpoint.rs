@@ -7,7 +7,28 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 
 use crate::error::{Error, Result};
+use crate::model::decoder::BaseWeights;
+use crate::quant::{bnb, nf4, FloatType, FrozenWeight};
 use crate::weights::SafetensorsFile;
+
+/// Where the decoder's weights come from: a checkpoint on disk, or generated ones for
+/// benchmarks and tests.
+pub trait WeightSource {
+    fn contains(&self, key: &str) -> bool;
+
+    /// A float tensor in `dtype`, with its shape checked against `shape`.
+    fn tensor(&self, key: &str, shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor>;
+
+    /// The frozen weight of the linear at `prefix`: NF4 as stored in a bitsandbytes
+    /// checkpoint, else dense, quantized here when `base` asks for NF4.
+    fn linear_weight(
+        &self,
+        prefix: &str,
+        shape: [usize; 2],
+        base: BaseWeights,
+        device: &Device,
+    ) -> Result<FrozenWeight>;
+}
 
 pub struct Checkpoint {
     dir: PathBuf,
@@ -56,24 +77,62 @@ impl Checkpoint {
         &self.dir
     }
 
-    pub fn contains(&self, key: &str) -> bool {
-        self.index.contains_key(key)
-    }
-
     /// The file that holds `key`; the error names the folder and the key.
     pub fn file_of(&self, key: &str) -> Result<&SafetensorsFile> {
         self.index.get(key).map(|&i| &self.files[i]).ok_or_else(|| {
             Error::bad_entry(&self.dir, key, "weight not found in the checkpoint (is this the right model folder?)")
         })
     }
+}
 
-    /// A float tensor in `dtype`, with its shape checked against `shape`.
-    pub fn tensor(&self, key: &str, shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
+impl WeightSource for Checkpoint {
+    fn contains(&self, key: &str) -> bool {
+        self.index.contains_key(key)
+    }
+
+    fn tensor(&self, key: &str, shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
         let file = self.file_of(key)?;
         let t = file.tensor(key, device)?;
         if t.dims() != shape {
             return Err(file.error(key, format!("shape {:?}, expected {:?} from config.json", t.dims(), shape)));
         }
         Ok(t.to_dtype(dtype)?)
+    }
+
+    fn linear_weight(
+        &self,
+        prefix: &str,
+        shape: [usize; 2],
+        base: BaseWeights,
+        device: &Device,
+    ) -> Result<FrozenWeight> {
+        let weight_key = format!("{prefix}.weight");
+        let file = self.file_of(&weight_key)?;
+        let wrong_shape =
+            |got: &[usize]| file.error(&weight_key, format!("shape {got:?}, expected {shape:?} from config.json"));
+        if bnb::is_4bit(file, prefix) {
+            let q = bnb::load_nf4(file, prefix)?;
+            if q.shape != shape {
+                return Err(wrong_shape(&q.shape));
+            }
+            return Ok(FrozenWeight::Nf4(std::sync::Arc::new(q)));
+        }
+        match base {
+            BaseWeights::Dense(dtype) => Ok(FrozenWeight::Dense(self.tensor(&weight_key, &shape, dtype, device)?)),
+            BaseWeights::Nf4 { double_quant, .. } => {
+                // Quantized tensor by tensor: loading never holds more than one dense weight.
+                let stored = match file.get(&weight_key)?.dtype() {
+                    safetensors::Dtype::BF16 => FloatType::BF16,
+                    safetensors::Dtype::F16 => FloatType::F16,
+                    _ => FloatType::F32,
+                };
+                let (values, got) = file.f32_values(&weight_key)?;
+                if got != shape {
+                    return Err(wrong_shape(&got));
+                }
+                let q = nf4::quantize(&values, &shape, stored, nf4::BLOCKSIZE, double_quant)?;
+                Ok(FrozenWeight::Nf4(std::sync::Arc::new(q)))
+            }
+        }
     }
 }

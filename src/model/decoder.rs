@@ -5,16 +5,16 @@
 
 use std::collections::BTreeSet;
 use std::path::Path;
-use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor, Var, D};
 
-use super::checkpoint::Checkpoint;
+use super::checkpoint::{Checkpoint, WeightSource};
 use super::spec::{Activation, MlpKind, ModelSpec, NormKind, Position};
 use crate::arch::{self, SplitKind};
 use crate::error::{Error, Result};
 use crate::lora::{LoraLinear, LoraSettings};
-use crate::quant::{bnb, nf4, FloatType, FrozenLinear, FrozenWeight};
+use crate::quant::{bnb, FrozenLinear, FrozenWeight};
+use crate::rng::Rng;
 
 /// How the frozen base weights are held.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -132,42 +132,16 @@ pub struct Model {
 }
 
 fn load_linear(
-    ckpt: &Checkpoint,
+    source: &dyn WeightSource,
     prefix: &str,
     shape: [usize; 2],
     bias: bool,
     base: BaseWeights,
     device: &Device,
 ) -> Result<LoraLinear> {
-    let weight_key = format!("{prefix}.weight");
-    let file = ckpt.file_of(&weight_key)?;
-    let weight = if bnb::is_4bit(file, prefix) {
-        let q = bnb::load_nf4(file, prefix)?;
-        if q.shape != shape {
-            return Err(file.error(&weight_key, format!("shape {:?}, expected {:?} from config.json", q.shape, shape)));
-        }
-        FrozenWeight::Nf4(Arc::new(q))
-    } else {
-        match base {
-            BaseWeights::Dense(dtype) => FrozenWeight::Dense(ckpt.tensor(&weight_key, &shape, dtype, device)?),
-            BaseWeights::Nf4 { double_quant, .. } => {
-                // Quantized tensor by tensor, so that loading never holds the whole dense model.
-                let view = file.get(&weight_key)?;
-                let stored = match view.dtype() {
-                    safetensors::Dtype::BF16 => FloatType::BF16,
-                    safetensors::Dtype::F16 => FloatType::F16,
-                    _ => FloatType::F32,
-                };
-                let (values, got) = file.f32_values(&weight_key)?;
-                if got != shape {
-                    return Err(file.error(&weight_key, format!("shape {got:?}, expected {shape:?} from config.json")));
-                }
-                FrozenWeight::Nf4(Arc::new(nf4::quantize(&values, &shape, stored, nf4::BLOCKSIZE, double_quant)?))
-            }
-        }
-    };
+    let weight = source.linear_weight(prefix, shape, base, device)?;
     let bias = if bias {
-        Some(ckpt.tensor(&format!("{prefix}.bias"), &[shape[0]], base.compute_dtype(), device)?)
+        Some(source.tensor(&format!("{prefix}.bias"), &[shape[0]], base.compute_dtype(), device)?)
     } else {
         None
     };
@@ -189,10 +163,10 @@ impl Model {
         })?;
         let spec = ModelSpec::from_config(&config, &recognised, &config_path.display().to_string())?;
         let ckpt = Checkpoint::open(dir)?;
-        Self::from_checkpoint(spec, &ckpt, base, device)
+        Self::from_source(spec, &ckpt, base, device)
     }
 
-    pub fn from_checkpoint(spec: ModelSpec, ckpt: &Checkpoint, base: BaseWeights, device: &Device) -> Result<Self> {
+    pub fn from_source(spec: ModelSpec, source: &dyn WeightSource, base: BaseWeights, device: &Device) -> Result<Self> {
         let dtype = base.compute_dtype();
         let (h, hd) = (spec.hidden, spec.head_dim);
         let (q_out, kv_out) = (spec.heads * hd, spec.kv_heads * hd);
@@ -200,21 +174,21 @@ impl Model {
         let norm = |prefix: &str| -> Result<Norm> {
             let bias = match spec.norm {
                 NormKind::Rms => None,
-                NormKind::Layer => Some(ckpt.tensor(&format!("{prefix}.bias"), &[h], dtype, device)?),
+                NormKind::Layer => Some(source.tensor(&format!("{prefix}.bias"), &[h], dtype, device)?),
             };
             Ok(Norm {
-                weight: ckpt.tensor(&format!("{prefix}.weight"), &[h], dtype, device)?,
+                weight: source.tensor(&format!("{prefix}.weight"), &[h], dtype, device)?,
                 bias,
                 eps: spec.norm_eps,
             })
         };
-        let embed = ckpt.tensor(&format!("{}.weight", w.embed), &[spec.vocab, h], dtype, device)?;
+        let embed = source.tensor(&format!("{}.weight", w.embed), &[spec.vocab, h], dtype, device)?;
         let embed_norm = w.embed_norm.as_deref().map(norm).transpose()?;
         let mut layers = Vec::with_capacity(spec.layers);
         for i in 0..spec.layers {
             let p = spec.layer_prefix(i);
             let lin = |name: &str, shape: [usize; 2], bias: bool| {
-                load_linear(ckpt, &format!("{p}.{name}"), shape, bias, base, device)
+                load_linear(source, &format!("{p}.{name}"), shape, bias, base, device)
             };
             let qkv = match (&w.qkv, &w.q, &w.k, &w.v) {
                 (Some(qkv), ..) => Qkv::Fused(lin(qkv, [q_out + 2 * kv_out, h], spec.qkv_bias)?),
@@ -267,18 +241,27 @@ impl Model {
         let final_norm = norm(&w.final_norm)?;
         let lm_head_key = format!("{}.weight", w.lm_head);
         // transformers never quantizes lm_head; tied models reuse the embedding
-        let lm_weight = if spec.tie_embeddings || !ckpt.contains(&lm_head_key) {
+        let lm_weight = if spec.tie_embeddings || !source.contains(&lm_head_key) {
             embed.clone()
         } else {
-            ckpt.tensor(&lm_head_key, &[spec.vocab, h], dtype, device)?
+            source.tensor(&lm_head_key, &[spec.vocab, h], dtype, device)?
         };
         let lm_bias = if spec.lm_head_bias {
-            Some(ckpt.tensor(&format!("{}.bias", w.lm_head), &[spec.vocab], dtype, device)?)
+            Some(source.tensor(&format!("{}.bias", w.lm_head), &[spec.vocab], dtype, device)?)
         } else {
             None
         };
         let lm_head = FrozenLinear::new(FrozenWeight::Dense(lm_weight), lm_bias)?;
         Ok(Self { spec, embed, embed_norm, layers, final_norm, lm_head, device: device.clone(), dtype })
+    }
+
+    /// A model of a preset's shape with generated weights (benchmarks; see `presets`).
+    pub fn from_preset(name: &str, base: BaseWeights, device: &Device) -> Result<Self> {
+        let config = super::presets::preset_config(name)?;
+        let table = arch::table()?;
+        let recognised = table.recognise(&config)?;
+        let spec = ModelSpec::from_config(&config, &recognised, &format!("preset {name}"))?;
+        Self::from_source(spec, &super::presets::RandomWeights { seed: 0 }, base, device)
     }
 
     pub fn device(&self) -> &Device {
@@ -299,8 +282,9 @@ impl Model {
         self.linears().map(|l| l.name().to_string()).filter(|n| seen.insert(n.clone())).collect()
     }
 
-    /// Put fresh LoRA pairs on every linear whose name is a target ("all-linear" for all).
-    pub fn add_lora(&mut self, settings: &LoraSettings) -> Result<()> {
+    /// Put fresh LoRA pairs on every linear whose name is a target ("all-linear" for all),
+    /// initialised from `seed`.
+    pub fn add_lora(&mut self, settings: &LoraSettings, seed: u64) -> Result<()> {
         let have = self.linear_names();
         let all = settings.targets.iter().any(|t| t == "all-linear");
         let missing: Vec<&str> =
@@ -318,7 +302,7 @@ impl Model {
         let device = self.device.clone();
         for lin in self.linears_mut() {
             if all || settings.targets.iter().any(|t| t == lin.name()) {
-                lin.init_lora(settings, &device)?;
+                lin.init_lora(settings, &mut Rng::for_key(seed, &lin.path), &device)?;
             }
         }
         Ok(())

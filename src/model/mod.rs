@@ -4,6 +4,7 @@
 pub mod checkpoint;
 pub mod decoder;
 pub mod loss;
+pub mod presets;
 pub mod spec;
 
 pub use decoder::{BaseWeights, Model};
