@@ -1,7 +1,7 @@
 //! The generic decoder, driven by `ModelSpec`: pre-norm blocks of attention (RoPE, GQA,
 //! sliding window) and a gated MLP, with every linear a frozen base plus optional LoRA.
-//! Only differentiable ops are used (docs/candle-training.md §4): composite RMSNorm, rope_slow
-//! and ops::softmax, never the fused kernels that cut the graph.
+//! Only differentiable ops are used (docs/candle-training.md §4): our fused ops with a
+//! backward (model::ops), never candle's fast kernels that cut the graph.
 
 use std::collections::BTreeSet;
 use std::path::Path;
@@ -9,6 +9,7 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor, Var, D};
 
 use super::checkpoint::{Checkpoint, WeightSource};
+use super::ops;
 use super::spec::{Activation, MlpKind, ModelSpec, NormKind, Position};
 use crate::arch::{self, SplitKind};
 use crate::error::{Error, Result};
@@ -44,8 +45,8 @@ pub struct Norm {
 impl Norm {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         match &self.bias {
-            None => candle_nn::ops::rms_norm_slow(x, &self.weight, self.eps as f32),
-            Some(b) => candle_nn::ops::layer_norm_slow(x, &self.weight, b, self.eps as f32),
+            None => ops::rms_norm(x, &self.weight, self.eps),
+            Some(b) => ops::layer_norm(x, &self.weight, b, self.eps),
         }
     }
 }
@@ -362,7 +363,7 @@ impl Model {
     fn mlp(&self, mlp: &Mlp, x: &Tensor, train: bool) -> Result<Tensor> {
         Ok(match mlp {
             Mlp::Gated { gate, up, down, act } => {
-                down.forward(&(activate(&gate.forward(x, train)?, *act)? * up.forward(x, train)?)?, train)?
+                down.forward(&gated(&gate.forward(x, train)?, &up.forward(x, train)?, *act)?, train)?
             }
             Mlp::Plain { up, down, act } => down.forward(&activate(&up.forward(x, train)?, *act)?, train)?,
             Mlp::Moe { router, experts, top_k, act } => self.moe(router, experts, *top_k, *act, x, train)?,
@@ -384,7 +385,7 @@ impl Model {
         let hidden = *dims.last().unwrap_or(&0);
         let xf = x.reshape(((), hidden))?;
         let n = xf.dim(0)?;
-        let probs = candle_nn::ops::softmax(&router.forward(&xf, train)?.to_dtype(DType::F32)?, D::Minus1)?;
+        let probs = ops::softmax_last_dim(&router.forward(&xf, train)?.to_dtype(DType::F32)?)?;
         // the choice of experts is not differentiable; the chosen weights are
         let chosen: Vec<Vec<u32>> = probs
             .to_vec2::<f32>()?
@@ -414,10 +415,9 @@ impl Model {
             let tokens = Tensor::new(tokens.as_slice(), &self.device)?;
             let slots = Tensor::new(slots.as_slice(), &self.device)?;
             let xe = xf.index_select(&tokens, 0)?;
-            let ye = expert.down.forward(
-                &(activate(&expert.gate.forward(&xe, train)?, act)? * expert.up.forward(&xe, train)?)?,
-                train,
-            )?;
+            let ye = expert
+                .down
+                .forward(&gated(&expert.gate.forward(&xe, train)?, &expert.up.forward(&xe, train)?, act)?, train)?;
             let ye = ye.broadcast_mul(&weights.index_select(&slots, 0)?.unsqueeze(1)?)?;
             out = out.index_add(&tokens, &ye, 0)?;
         }
@@ -461,7 +461,7 @@ impl Model {
         let (k, v) = (repeat_kv(k, nh / nkv)?, repeat_kv(v, nh / nkv)?);
         let scores = (q.matmul(&k.t()?.contiguous()?)? * (1.0 / (hd as f64).sqrt()))?;
         let scores = scores.to_dtype(DType::F32)?.broadcast_add(&positions.mask)?;
-        let probs = candle_nn::ops::softmax(&scores, D::Minus1)?.to_dtype(self.dtype)?;
+        let probs = ops::softmax_last_dim(&scores)?.to_dtype(self.dtype)?;
         let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, nh * hd))?;
         Ok(layer.o.forward(&out, train)?)
     }
@@ -515,10 +515,18 @@ pub fn alibi_slopes(n: usize) -> Vec<f32> {
 fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor, rotary_dim: usize) -> candle_core::Result<Tensor> {
     let hd = x.dim(D::Minus1)?;
     if rotary_dim == hd {
-        return candle_nn::rotary_emb::rope_slow(x, cos, sin);
+        return ops::rope(x, cos, sin);
     }
-    let rot = candle_nn::rotary_emb::rope_slow(&x.narrow(D::Minus1, 0, rotary_dim)?.contiguous()?, cos, sin)?;
+    let rot = ops::rope(&x.narrow(D::Minus1, 0, rotary_dim)?, cos, sin)?;
     Tensor::cat(&[&rot, &x.narrow(D::Minus1, rotary_dim, hd - rotary_dim)?], D::Minus1)
+}
+
+/// act(gate) · up, fused for SiLU.
+fn gated(gate: &Tensor, up: &Tensor, act: Activation) -> candle_core::Result<Tensor> {
+    match act {
+        Activation::Silu => ops::silu_gate(gate, up),
+        other => activate(gate, other)? * up,
+    }
 }
 
 fn activate(x: &Tensor, act: Activation) -> candle_core::Result<Tensor> {

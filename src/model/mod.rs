@@ -4,6 +4,7 @@
 pub mod checkpoint;
 pub mod decoder;
 pub mod loss;
+pub mod ops;
 pub mod presets;
 pub mod spec;
 

@@ -1,0 +1,486 @@
+//! Differentiable fused ops for the decoder: RMSNorm, LayerNorm, softmax, RoPE and the SiLU
+//! gate, each a custom op with a backward (candle's own fast versions have none and silently
+//! cut the graph, docs/candle-training.md §4).
+//!
+//! The fused kernels run on the CPU in f32; other devices and dtypes take the composite
+//! candle ops, which compute the same thing more slowly. Norm weights are frozen: their
+//! backward returns no gradient for them.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor, D};
+use rayon::prelude::*;
+
+type Res<T> = candle_core::Result<T>;
+
+fn fused_ok(x: &Tensor) -> bool {
+    x.device().is_cpu() && x.dtype() == DType::F32
+}
+
+/// The contiguous f32 data of a CPU storage.
+fn slice<'a>(s: &'a CpuStorage, l: &Layout) -> Res<&'a [f32]> {
+    let CpuStorage::F32(v) = s else { candle_core::bail!("fused op: expected f32, got {:?}", s.dtype()) };
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&v[a..b]),
+        None => candle_core::bail!("fused op: non-contiguous input"),
+    }
+}
+
+/// Rows of `n` for parallel loops: big enough to amortise the task, small enough to balance.
+fn chunk_rows(n: usize) -> usize {
+    (16384 / n.max(1)).max(1)
+}
+
+// ---------------------------------------------------------------------------------- RMSNorm
+
+/// y = x / sqrt(mean(x²) + eps) · w over the last dimension.
+pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Res<Tensor> {
+    if !fused_ok(x) {
+        return candle_nn::ops::rms_norm_slow(x, w, eps as f32);
+    }
+    x.contiguous()?.apply_op2(&w.to_dtype(DType::F32)?.contiguous()?, RmsNorm { eps: eps as f32 })
+}
+
+struct RmsNorm {
+    eps: f32,
+}
+
+impl CustomOp2 for RmsNorm {
+    fn name(&self) -> &'static str {
+        "rms-norm-diff"
+    }
+
+    fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout, ws: &CpuStorage, wl: &Layout) -> Res<(CpuStorage, Shape)> {
+        let (x, w) = (slice(xs, xl)?, slice(ws, wl)?);
+        let n = w.len();
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(n * chunk_rows(n)).zip(x.par_chunks(n * chunk_rows(n))).for_each(|(y, x)| {
+            for (y, x) in y.chunks_mut(n).zip(x.chunks(n)) {
+                let inv = 1.0 / (x.iter().map(|v| v * v).sum::<f32>() / n as f32 + self.eps).sqrt();
+                for ((y, x), w) in y.iter_mut().zip(x).zip(w) {
+                    *y = x * inv * w;
+                }
+            }
+        });
+        Ok((CpuStorage::F32(y), xl.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, w: &Tensor, _y: &Tensor, g: &Tensor) -> Res<(Option<Tensor>, Option<Tensor>)> {
+        let dx = x.apply_op3_no_bwd(w, &g.contiguous()?, &RmsNormBwd { eps: self.eps })?;
+        Ok((Some(dx), None))
+    }
+}
+
+/// dx = inv · (w·g − x̂ · mean(w·g·x̂)), x̂ = x · inv.
+struct RmsNormBwd {
+    eps: f32,
+}
+
+impl CustomOp3 for RmsNormBwd {
+    fn name(&self) -> &'static str {
+        "rms-norm-diff-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+    ) -> Res<(CpuStorage, Shape)> {
+        let (x, w, g) = (slice(xs, xl)?, slice(ws, wl)?, slice(gs, gl)?);
+        let n = w.len();
+        let rows = chunk_rows(n) * n;
+        let mut dx = vec![0f32; x.len()];
+        dx.par_chunks_mut(rows).zip(x.par_chunks(rows)).zip(g.par_chunks(rows)).for_each(|((dx, x), g)| {
+            for ((dx, x), g) in dx.chunks_mut(n).zip(x.chunks(n)).zip(g.chunks(n)) {
+                let inv = 1.0 / (x.iter().map(|v| v * v).sum::<f32>() / n as f32 + self.eps).sqrt();
+                let dot: f32 = x.iter().zip(g).zip(w).map(|((x, g), w)| w * g * x * inv).sum::<f32>() / n as f32;
+                for (((d, x), g), w) in dx.iter_mut().zip(x).zip(g).zip(w) {
+                    *d = inv * (w * g - x * inv * dot);
+                }
+            }
+        });
+        Ok((CpuStorage::F32(dx), xl.shape().clone()))
+    }
+}
+
+// -------------------------------------------------------------------------------- LayerNorm
+
+/// y = (x − mean) / sqrt(var + eps) · w + b over the last dimension.
+pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Res<Tensor> {
+    if !fused_ok(x) {
+        return candle_nn::ops::layer_norm_slow(x, w, b, eps as f32);
+    }
+    let (w, b) = (w.to_dtype(DType::F32)?.contiguous()?, b.to_dtype(DType::F32)?.contiguous()?);
+    x.contiguous()?.apply_op3(&w, &b, LayerNorm { eps: eps as f32 })
+}
+
+struct LayerNorm {
+    eps: f32,
+}
+
+fn mean_inv_std(x: &[f32], eps: f32) -> (f32, f32) {
+    let n = x.len() as f32;
+    let mean = x.iter().sum::<f32>() / n;
+    let var = x.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / n;
+    (mean, 1.0 / (var + eps).sqrt())
+}
+
+impl CustomOp3 for LayerNorm {
+    fn name(&self) -> &'static str {
+        "layer-norm-diff"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> Res<(CpuStorage, Shape)> {
+        let (x, w, b) = (slice(xs, xl)?, slice(ws, wl)?, slice(bs, bl)?);
+        let n = w.len();
+        let rows = chunk_rows(n) * n;
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(rows).zip(x.par_chunks(rows)).for_each(|(y, x)| {
+            for (y, x) in y.chunks_mut(n).zip(x.chunks(n)) {
+                let (mean, inv) = mean_inv_std(x, self.eps);
+                for (((y, x), w), b) in y.iter_mut().zip(x).zip(w).zip(b) {
+                    *y = (x - mean) * inv * w + b;
+                }
+            }
+        });
+        Ok((CpuStorage::F32(y), xl.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _y: &Tensor,
+        g: &Tensor,
+    ) -> Res<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let dx = x.apply_op3_no_bwd(w, &g.contiguous()?, &LayerNormBwd { eps: self.eps })?;
+        Ok((Some(dx), None, None))
+    }
+}
+
+/// dx = inv · (w·g − mean(w·g) − x̂ · mean(w·g·x̂)).
+struct LayerNormBwd {
+    eps: f32,
+}
+
+impl CustomOp3 for LayerNormBwd {
+    fn name(&self) -> &'static str {
+        "layer-norm-diff-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+    ) -> Res<(CpuStorage, Shape)> {
+        let (x, w, g) = (slice(xs, xl)?, slice(ws, wl)?, slice(gs, gl)?);
+        let n = w.len();
+        let rows = chunk_rows(n) * n;
+        let mut dx = vec![0f32; x.len()];
+        dx.par_chunks_mut(rows).zip(x.par_chunks(rows)).zip(g.par_chunks(rows)).for_each(|((dx, x), g)| {
+            for ((dx, x), g) in dx.chunks_mut(n).zip(x.chunks(n)).zip(g.chunks(n)) {
+                let (mean, inv) = mean_inv_std(x, self.eps);
+                let (mut s1, mut s2) = (0f32, 0f32);
+                for ((x, g), w) in x.iter().zip(g).zip(w) {
+                    let wg = w * g;
+                    s1 += wg;
+                    s2 += wg * (x - mean) * inv;
+                }
+                let (s1, s2) = (s1 / n as f32, s2 / n as f32);
+                for (((d, x), g), w) in dx.iter_mut().zip(x).zip(g).zip(w) {
+                    *d = inv * (w * g - s1 - (x - mean) * inv * s2);
+                }
+            }
+        });
+        Ok((CpuStorage::F32(dx), xl.shape().clone()))
+    }
+}
+
+// ---------------------------------------------------------------------------------- softmax
+
+/// Softmax over the last dimension.
+pub fn softmax_last_dim(x: &Tensor) -> Res<Tensor> {
+    if !fused_ok(x) {
+        return candle_nn::ops::softmax(x, D::Minus1);
+    }
+    x.contiguous()?.apply_op1(Softmax)
+}
+
+struct Softmax;
+
+impl CustomOp1 for Softmax {
+    fn name(&self) -> &'static str {
+        "softmax-diff"
+    }
+
+    fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout) -> Res<(CpuStorage, Shape)> {
+        let x = slice(xs, xl)?;
+        let n = *xl.dims().last().unwrap_or(&1);
+        let rows = chunk_rows(n) * n;
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(rows).zip(x.par_chunks(rows)).for_each(|(y, x)| {
+            for (y, x) in y.chunks_mut(n).zip(x.chunks(n)) {
+                let max = x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+                let mut sum = 0f32;
+                for (y, x) in y.iter_mut().zip(x) {
+                    *y = (x - max).exp();
+                    sum += *y;
+                }
+                y.iter_mut().for_each(|v| *v /= sum);
+            }
+        });
+        Ok((CpuStorage::F32(y), xl.shape().clone()))
+    }
+
+    fn bwd(&self, _x: &Tensor, y: &Tensor, g: &Tensor) -> Res<Option<Tensor>> {
+        Ok(Some(y.apply_op2_no_bwd(&g.contiguous()?, &SoftmaxBwd)?))
+    }
+}
+
+/// dx = y · (g − Σ g·y)
+struct SoftmaxBwd;
+
+impl CustomOp2 for SoftmaxBwd {
+    fn name(&self) -> &'static str {
+        "softmax-diff-bwd"
+    }
+
+    fn cpu_fwd(&self, ys: &CpuStorage, yl: &Layout, gs: &CpuStorage, gl: &Layout) -> Res<(CpuStorage, Shape)> {
+        let (y, g) = (slice(ys, yl)?, slice(gs, gl)?);
+        let n = *yl.dims().last().unwrap_or(&1);
+        let rows = chunk_rows(n) * n;
+        let mut dx = vec![0f32; y.len()];
+        dx.par_chunks_mut(rows).zip(y.par_chunks(rows)).zip(g.par_chunks(rows)).for_each(|((dx, y), g)| {
+            for ((dx, y), g) in dx.chunks_mut(n).zip(y.chunks(n)).zip(g.chunks(n)) {
+                let dot: f32 = y.iter().zip(g).map(|(y, g)| y * g).sum();
+                for ((d, y), g) in dx.iter_mut().zip(y).zip(g) {
+                    *d = y * (g - dot);
+                }
+            }
+        });
+        Ok((CpuStorage::F32(dx), yl.shape().clone()))
+    }
+}
+
+// ------------------------------------------------------------------------------------- RoPE
+
+/// Rotate-half RoPE on x [b, h, t, d] with cos and sin [t, d/2].
+pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Res<Tensor> {
+    if !fused_ok(x) || cos.dtype() != DType::F32 {
+        return candle_nn::rotary_emb::rope_slow(x, cos, sin);
+    }
+    let t = x.dim(2)?;
+    let (cos, sin) = (cos.narrow(0, 0, t)?.contiguous()?, sin.narrow(0, 0, t)?.contiguous()?);
+    x.contiguous()?.apply_op3(&cos, &sin, Rope)
+}
+
+struct Rope;
+
+impl CustomOp3 for Rope {
+    fn name(&self) -> &'static str {
+        "rope-diff"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        cs: &CpuStorage,
+        cl: &Layout,
+        ss: &CpuStorage,
+        sl: &Layout,
+    ) -> Res<(CpuStorage, Shape)> {
+        let (x, cos, sin) = (slice(xs, xl)?, slice(cs, cl)?, slice(ss, sl)?);
+        let &[_, _, t, d] = xl.dims() else { candle_core::bail!("rope: expected [b, h, t, d]") };
+        let half = d / 2;
+        if cos.len() != t * half || sin.len() != t * half {
+            candle_core::bail!("rope: cos/sin must be [{t}, {half}]");
+        }
+        let mut y = vec![0f32; x.len()];
+        // one task per (batch, head): t·d elements
+        y.par_chunks_mut(t * d).zip(x.par_chunks(t * d)).for_each(|(y, x)| {
+            for p in 0..t {
+                let (c, s) = (&cos[p * half..(p + 1) * half], &sin[p * half..(p + 1) * half]);
+                let (x, y) = (&x[p * d..(p + 1) * d], &mut y[p * d..(p + 1) * d]);
+                for i in 0..half {
+                    let (x1, x2) = (x[i], x[i + half]);
+                    y[i] = x1 * c[i] - x2 * s[i];
+                    y[i + half] = x2 * c[i] + x1 * s[i];
+                }
+            }
+        });
+        Ok((CpuStorage::F32(y), xl.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        _y: &Tensor,
+        g: &Tensor,
+    ) -> Res<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        // the rotation's transpose is the rotation by −θ
+        let dx = g.contiguous()?.apply_op3_no_bwd(cos, &sin.neg()?, &Rope)?;
+        Ok((Some(dx), None, None))
+    }
+}
+
+// -------------------------------------------------------------------------------- SiLU gate
+
+/// silu(a) · b, the gated MLP's activation.
+pub fn silu_gate(a: &Tensor, b: &Tensor) -> Res<Tensor> {
+    if !fused_ok(a) || a.dims() != b.dims() {
+        return a.silu()? * b;
+    }
+    a.contiguous()?.apply_op2(&b.contiguous()?, SiluGate)
+}
+
+struct SiluGate;
+
+fn sigmoid(v: f32) -> f32 {
+    1.0 / (1.0 + (-v).exp())
+}
+
+fn zip_map2(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32 + Sync) -> Vec<f32> {
+    let mut out = vec![0f32; a.len()];
+    out.par_chunks_mut(16384).zip(a.par_chunks(16384)).zip(b.par_chunks(16384)).for_each(|((o, a), b)| {
+        for ((o, &a), &b) in o.iter_mut().zip(a).zip(b) {
+            *o = f(a, b);
+        }
+    });
+    out
+}
+
+impl CustomOp2 for SiluGate {
+    fn name(&self) -> &'static str {
+        "silu-gate-diff"
+    }
+
+    fn cpu_fwd(&self, as_: &CpuStorage, al: &Layout, bs: &CpuStorage, bl: &Layout) -> Res<(CpuStorage, Shape)> {
+        let y = zip_map2(slice(as_, al)?, slice(bs, bl)?, |a, b| a * sigmoid(a) * b);
+        Ok((CpuStorage::F32(y), al.shape().clone()))
+    }
+
+    fn bwd(&self, a: &Tensor, b: &Tensor, _y: &Tensor, g: &Tensor) -> Res<(Option<Tensor>, Option<Tensor>)> {
+        let g = g.contiguous()?;
+        // da = g·b·σ(a)·(1 + a·(1 − σ(a))), db = g·silu(a)
+        let gb = (&g * b)?;
+        let da = a.apply_op2_no_bwd(&gb, &MapPair(|a, gb| gb * sigmoid(a) * (1.0 + a * (1.0 - sigmoid(a)))))?;
+        let db = a.apply_op2_no_bwd(&g, &MapPair(|a, g| g * a * sigmoid(a)))?;
+        Ok((Some(da), Some(db)))
+    }
+}
+
+/// An elementwise function of two same-shaped f32 tensors (backward helpers).
+struct MapPair<F: Fn(f32, f32) -> f32 + Sync>(F);
+
+impl<F: Fn(f32, f32) -> f32 + Sync> CustomOp2 for MapPair<F> {
+    fn name(&self) -> &'static str {
+        "map-pair"
+    }
+
+    fn cpu_fwd(&self, as_: &CpuStorage, al: &Layout, bs: &CpuStorage, bl: &Layout) -> Res<(CpuStorage, Shape)> {
+        Ok((CpuStorage::F32(zip_map2(slice(as_, al)?, slice(bs, bl)?, &self.0)), al.shape().clone()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    fn rand(shape: &[usize], seed: u64) -> Tensor {
+        let n = shape.iter().product();
+        Tensor::from_vec(crate::rng::Rng::new(seed).normal(n, 0.0, 1.0), shape, &Device::Cpu).unwrap()
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+    }
+
+    /// Forward values and input gradients of `fused` and `composite` agree, with a random
+    /// upstream gradient.
+    fn check(name: &str, inputs: &[Tensor], f: impl Fn(&[Tensor], bool) -> Tensor) {
+        let vars: Vec<Var> = inputs.iter().map(|t| Var::from_tensor(t).unwrap()).collect();
+        let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+        let (yf, yc) = (f(&ts, true), f(&ts, false));
+        assert!(max_diff(&yf, &yc) < 1e-5, "{name}: forward differs by {}", max_diff(&yf, &yc));
+        let up = rand(yf.dims(), 99);
+        let gf = (&yf * &up).unwrap().sum_all().unwrap().backward().unwrap();
+        let gc = (&yc * &up).unwrap().sum_all().unwrap().backward().unwrap();
+        for (i, v) in vars.iter().enumerate() {
+            if let (Some(a), Some(b)) = (gf.get(v.as_tensor()), gc.get(v.as_tensor())) {
+                assert!(max_diff(a, b) < 1e-4, "{name}: gradient {i} differs by {}", max_diff(a, b));
+            } else if i == 0 {
+                panic!("{name}: no gradient for the input");
+            }
+        }
+    }
+
+    #[test]
+    fn fused_ops_match_composite() {
+        let (x, w, b) = (rand(&[3, 5, 48], 1), rand(&[48], 2).affine(0.3, 1.0).unwrap(), rand(&[48], 3));
+        check("rms_norm", std::slice::from_ref(&x), |t, fused| {
+            if fused {
+                rms_norm(&t[0], &w, 1e-5).unwrap()
+            } else {
+                candle_nn::ops::rms_norm_slow(&t[0], &w, 1e-5).unwrap()
+            }
+        });
+        check("layer_norm", std::slice::from_ref(&x), |t, fused| {
+            if fused {
+                layer_norm(&t[0], &w, &b, 1e-5).unwrap()
+            } else {
+                candle_nn::ops::layer_norm_slow(&t[0], &w, &b, 1e-5).unwrap()
+            }
+        });
+        check("softmax", std::slice::from_ref(&x), |t, fused| {
+            if fused {
+                softmax_last_dim(&t[0]).unwrap()
+            } else {
+                candle_nn::ops::softmax(&t[0], D::Minus1).unwrap()
+            }
+        });
+        let (cos, sin) = (rand(&[7, 8], 4), rand(&[7, 8], 5));
+        check("rope", &[rand(&[2, 3, 7, 16], 6)], |t, fused| {
+            if fused {
+                rope(&t[0], &cos, &sin).unwrap()
+            } else {
+                candle_nn::rotary_emb::rope_slow(&t[0], &cos, &sin).unwrap()
+            }
+        });
+        check("silu_gate", &[rand(&[4, 33], 7), rand(&[4, 33], 8)], |t, fused| {
+            if fused {
+                silu_gate(&t[0], &t[1]).unwrap()
+            } else {
+                (t[0].silu().unwrap() * &t[1]).unwrap()
+            }
+        });
+    }
+
+    #[test]
+    fn frozen_norm_weights_get_no_gradient() {
+        let x = Var::from_tensor(&rand(&[2, 16], 1)).unwrap();
+        let w = rand(&[16], 2);
+        let grads = rms_norm(x.as_tensor(), &w, 1e-6).unwrap().sum_all().unwrap().backward().unwrap();
+        assert!(grads.get(&w).is_none());
+        assert!(grads.get(x.as_tensor()).is_some());
+    }
+}
