@@ -59,6 +59,21 @@ impl SafetensorsFile {
             .map_err(|e| Error::bad_entry(&self.path, key, format!("inconsistent tensor: {e}")))
     }
 
+    /// Drop the pages of `key`'s data from this process's resident set once it has been
+    /// copied or quantized, so that loading a model holds the loaded model plus one tensor,
+    /// not the whole file. The data stays readable: the kernel reads it again if needed.
+    pub fn release(&self, key: &str) {
+        let Some(info) = self.metadata.info(key) else { return };
+        let page = 4096;
+        let start = (8 + self.header_len + info.data_offsets.0).div_ceil(page) * page;
+        let end = (8 + self.header_len + info.data_offsets.1) / page * page;
+        if end > start {
+            // SAFETY: the mapping is a read-only, file-backed one: MADV_DONTNEED only drops
+            // clean pages, which fault back in from the file with the same contents.
+            let _ = unsafe { self.mmap.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, end - start) };
+        }
+    }
+
     pub fn error(&self, key: &str, message: impl Into<String>) -> Error {
         Error::bad_entry(&self.path, key, message)
     }

@@ -93,6 +93,7 @@ impl WeightSource for Checkpoint {
     fn tensor(&self, key: &str, shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
         let file = self.file_of(key)?;
         let t = file.tensor(key, device)?;
+        file.release(key);
         if t.dims() != shape {
             return Err(file.error(key, format!("shape {:?}, expected {:?} from config.json", t.dims(), shape)));
         }
@@ -127,6 +128,7 @@ impl WeightSource for Checkpoint {
                     _ => FloatType::F32,
                 };
                 let (values, got) = file.f32_values(&weight_key)?;
+                file.release(&weight_key);
                 if got != shape {
                     return Err(wrong_shape(&got));
                 }
