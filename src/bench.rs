@@ -189,11 +189,7 @@ pub struct StepBench<'a> {
 /// baseline does it: LoRA alpha 2r, lr 1e-4, labels = inputs, two warm-up steps not timed.
 pub fn step(b: &StepBench<'_>) -> Result<StepBenchRow> {
     let device = Device::Cpu;
-    let base = match b.mode {
-        "lora" => BaseWeights::Dense(candle_core::DType::F32),
-        "qlora" => BaseWeights::Nf4 { double_quant: true, compute: candle_core::DType::F32 },
-        other => return Err(crate::Error::Invalid(format!("mode {other:?}: use lora or qlora"))),
-    };
+    let base = base_weights(b.mode)?;
     let mut model = Model::from_preset(b.preset, base, &device)?;
     let settings = LoraSettings {
         r: b.rank,
@@ -237,5 +233,48 @@ pub fn step(b: &StepBench<'_>) -> Result<StepBenchRow> {
         peak_rss_mib: peak,
         loss_first: losses[0],
         loss_last: *losses.last().unwrap_or(&f32::NAN),
+    })
+}
+
+/// Loading a checkpoint folder: wall time, peak RSS, and the bytes of the frozen weights held.
+#[derive(Debug, Serialize)]
+pub struct LoadBenchRow {
+    pub model: String,
+    pub mode: String,
+    pub load_s: f64,
+    pub peak_rss_mib: f64,
+    pub frozen_linear_mib: f64,
+    pub file_mib: f64,
+}
+
+pub fn base_weights(mode: &str) -> Result<BaseWeights> {
+    match mode {
+        "lora" => Ok(BaseWeights::Dense(candle_core::DType::F32)),
+        "qlora" => Ok(BaseWeights::Nf4 { double_quant: true, compute: candle_core::DType::F32 }),
+        other => Err(crate::Error::Invalid(format!("mode {other:?}: use lora or qlora"))),
+    }
+}
+
+pub fn load(dir: &std::path::Path, mode: &str) -> Result<LoadBenchRow> {
+    let start = Instant::now();
+    let model = Model::load(dir, base_weights(mode)?, &Device::Cpu)?;
+    let load_s = start.elapsed().as_secs_f64();
+    let peak = crate::memory::process_memory().map_or(0.0, |m| m.peak_rss as f64);
+    let frozen: usize = model.linears().map(|l| l.base.weight().storage_bytes()).sum();
+    let file_bytes: u64 = std::fs::read_dir(dir)
+        .map_err(|e| crate::Error::io(dir, e))?
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().extension().is_some_and(|x| x == "safetensors"))
+        .filter_map(|e| e.metadata().ok())
+        .map(|m| m.len())
+        .sum();
+    let mib = |b: f64| b / (1024.0 * 1024.0);
+    Ok(LoadBenchRow {
+        model: dir.display().to_string(),
+        mode: mode.into(),
+        load_s,
+        peak_rss_mib: mib(peak),
+        frozen_linear_mib: mib(frozen as f64),
+        file_mib: mib(file_bytes as f64),
     })
 }

@@ -53,6 +53,13 @@ enum BenchCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Load a checkpoint folder: time, peak RSS, bytes of the frozen weights held.
+    Load {
+        model: PathBuf,
+        /// lora (dense f32 base) or qlora (NF4 base, double quantization)
+        #[arg(long, default_value = "qlora")]
+        mode: String,
+    },
     /// Training steps (forward + backward + AdamW) on a preset-shaped model with generated
     /// weights; the same fields as ../shared/bench/peft_baseline.py prints.
     Step {
@@ -125,6 +132,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             if !json {
                 bench::print_nf4_table(&rows);
             }
+            Ok(())
+        }
+        Command::Bench { command: BenchCommand::Load { model, mode } } => {
+            println!("{}", serde_json::to_string(&bench::load(&model, &mode)?)?);
             Ok(())
         }
         Command::Bench { command: BenchCommand::Step { preset, mode, seq, batch, steps, rank, targets, json } } => {
