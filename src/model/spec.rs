@@ -79,6 +79,8 @@ pub struct ModelSpec {
     /// The layer prefix, with `{i}` for the layer index.
     pub layer_prefix: String,
     pub weights: WeightNames,
+    /// The family's default LoRA targets as this layout names them.
+    pub default_targets: Vec<String>,
 }
 
 /// Typed access to config.json fields, with errors that name the key.
@@ -175,6 +177,7 @@ impl ModelSpec {
             mlp: MlpKind::Gated(Activation::Silu),
             layer_prefix: recognised.layout.layers.clone(),
             weights: weights.clone(),
+            default_targets: recognised.default_targets(),
         };
         match layout {
             "llama" | "qwen2" | "mixtral" => {
@@ -207,7 +210,9 @@ impl ModelSpec {
                 if c.bool_or(&["alibi"], false) {
                     return Err(Error::Invalid(format!("{what}: Falcon with ALiBi (falcon-rw) is not supported")));
                 }
-                let new_arch = c.bool_or(&["new_decoder_architecture"], false);
+                // the original 40B/180B configs (model_type RefinedWeb) predate the flag
+                let refined_web = config.get("model_type").and_then(Value::as_str) == Some("RefinedWeb");
+                let new_arch = c.bool_or(&["new_decoder_architecture"], refined_web);
                 // transformers fills num_kv_heads with the head count when absent; derive it
                 // from the architecture flags instead (docs/adapter-formats.md §2.7)
                 spec.kv_heads = if new_arch {
@@ -297,5 +302,68 @@ impl ModelSpec {
 
     pub fn layer_prefix(&self, i: usize) -> String {
         self.layer_prefix.replace("{i}", &i.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn spec(config: Value) -> ModelSpec {
+        let table = crate::arch::table().unwrap();
+        let r = table.recognise(&config).unwrap();
+        ModelSpec::from_config(&config, &r, "test").unwrap()
+    }
+
+    #[test]
+    fn original_falcon_configs() {
+        // tiiuae/falcon-7b's original config.json (RWForCausalLM)
+        let s = spec(json!({"model_type": "RefinedWebModel", "architectures": ["RWForCausalLM"], "hidden_size": 4544,
+            "n_head": 71, "n_layer": 32, "multi_query": true, "parallel_attn": true, "bias": false,
+            "vocab_size": 65024, "layer_norm_epsilon": 1e-5, "alibi": false}));
+        assert_eq!((s.heads, s.kv_heads, s.head_dim, s.layers, s.intermediate), (71, 1, 64, 32, 4 * 4544));
+        assert!(s.parallel_residual && s.weights.mlp_norm.is_none());
+        assert_eq!(s.position, Position::Rope { theta: 10_000.0, rotary_dim: 64 });
+        // tiiuae/falcon-40b's: RefinedWeb with n_head_kv, new architecture implied
+        let s = spec(json!({"model_type": "RefinedWeb", "hidden_size": 8192, "n_head": 128, "n_head_kv": 8,
+            "n_layer": 60, "parallel_attn": true, "bias": false, "vocab_size": 65024}));
+        assert_eq!((s.heads, s.kv_heads), (128, 8));
+        assert_eq!(s.weights.attn_norm, "ln_attn");
+        assert_eq!(s.weights.mlp_norm.as_deref(), Some("ln_mlp"));
+    }
+
+    #[test]
+    fn old_and_new_rope_theta_and_bloom_names() {
+        let llama = |extra: Value| {
+            let mut c = json!({"model_type": "llama", "hidden_size": 64, "num_attention_heads": 4,
+                "num_hidden_layers": 2, "intermediate_size": 128, "vocab_size": 100});
+            c.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+            spec(c)
+        };
+        let top = llama(json!({"rope_theta": 500000.0}));
+        let nested = llama(json!({"rope_parameters": {"rope_theta": 500000.0, "rope_type": "default"}}));
+        assert_eq!(top.position, nested.position);
+        assert_eq!(top.kv_heads, 4, "num_key_value_heads defaults to the head count");
+        let bloom = spec(json!({"model_type": "bloom", "n_embed": 64, "n_head": 4, "n_layer": 3, "vocab_size": 100}));
+        assert_eq!((bloom.hidden, bloom.heads, bloom.layers, bloom.intermediate), (64, 4, 3, 256));
+        assert_eq!(bloom.position, Position::Alibi);
+        assert_eq!(bloom.default_targets, vec!["query_key_value".to_string()]);
+    }
+
+    #[test]
+    fn unsupported_settings_are_refused_by_name() {
+        let table = crate::arch::table().unwrap();
+        let c = json!({"model_type": "llama", "hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 2,
+            "intermediate_size": 128, "vocab_size": 100, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}});
+        let e = ModelSpec::from_config(&c, &table.recognise(&c).unwrap(), "m").unwrap_err().to_string();
+        assert!(e.contains("yarn"), "{e}");
+        let c = json!({"model_type": "llama", "hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 3,
+            "num_hidden_layers": 2, "intermediate_size": 128, "vocab_size": 100});
+        let e = ModelSpec::from_config(&c, &table.recognise(&c).unwrap(), "m").unwrap_err().to_string();
+        assert!(e.contains("4 attention heads") && e.contains("3"), "{e}");
+        let c = json!({"model_type": "llama", "num_attention_heads": 4});
+        let e = ModelSpec::from_config(&c, &table.recognise(&c).unwrap(), "m").unwrap_err().to_string();
+        assert!(e.contains("hidden_size"), "{e}");
     }
 }
