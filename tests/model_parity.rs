@@ -125,3 +125,38 @@ fn bloom_alibi() {
 fn phi_partial_rotary_parallel() {
     check_fixture("phi", F32);
 }
+
+#[test]
+fn baichuan_7b_w_pack_rope() {
+    check_fixture("baichuan_7b", F32);
+}
+
+#[test]
+fn baichuan_13b_alibi() {
+    check_fixture("baichuan_13b", F32);
+}
+
+#[test]
+fn baichuan2_7b_normhead() {
+    check_fixture("baichuan2_7b", F32);
+}
+
+#[test]
+fn baichuan2_13b_alibi_normhead() {
+    check_fixture("baichuan2_13b", F32);
+}
+
+#[test]
+fn qwen_v1_c_attn() {
+    check_fixture("qwen", F32);
+}
+
+#[test]
+fn phi_msft_original_layout() {
+    check_fixture("phi_msft", F32);
+}
+
+#[test]
+fn chatglm3_interleaved_half_rope() {
+    check_fixture("chatglm3", F32);
+}

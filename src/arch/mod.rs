@@ -92,9 +92,8 @@ pub struct ModuleLayout {
     pub default_targets: Option<Vec<String>>,
     #[serde(default)]
     pub fused: Vec<Fused>,
-    /// The weight names the generic decoder reads; `None` for layouts it cannot load yet.
-    #[serde(default)]
-    pub weights: Option<WeightNames>,
+    /// The weight names the generic decoder reads.
+    pub weights: WeightNames,
 }
 
 /// Where the decoder finds each weight: `embed`, `embed_norm`, `final_norm` and `lm_head` are
@@ -128,6 +127,9 @@ pub struct WeightNames {
     pub experts: Option<String>,
     #[serde(default)]
     pub gate: Option<String>,
+    /// A fused [gate; up] projection (ChatGLM's dense_h_to_4h); `up` names it too.
+    #[serde(default)]
+    pub gate_up: Option<String>,
     pub up: String,
     pub down: String,
 }
@@ -329,9 +331,7 @@ impl ArchTable {
                     return Err(err(&row, format!("fused module `{}` is not in linear", f.module)));
                 }
             }
-            if let Some(w) = &layout.weights {
-                w.check().map_err(|m| err(&row, m))?;
-            }
+            layout.weights.check().map_err(|m| err(&row, m))?;
             if let Some(t) = &layout.default_targets {
                 if let Some(bad) = t.iter().find(|t| !layout.linear_names().contains(t)) {
                     return Err(err(&row, format!("default target `{bad}` is not in linear")));
@@ -489,7 +489,9 @@ mod tests {
 
     #[test]
     fn malformed_rows_are_clear_errors() {
-        let base = "[layouts.l]\nlayers = \"model.layers.{i}\"\nlinear = [\"self_attn.q_proj\"]\n";
+        let base = "[layouts.l]\nlayers = \"model.layers.{i}\"\nlinear = [\"self_attn.q_proj\"]\n\
+                    [layouts.l.weights]\nembed = \"e\"\nfinal_norm = \"n\"\nlm_head = \"h\"\nattn_norm = \"a\"\n\
+                    q = \"q\"\nk = \"k\"\nv = \"v\"\no = \"o\"\nup = \"u\"\ndown = \"d\"\n";
         let row = |extra: &str| {
             format!(
                 "[[family]]\nid = \"x\"\nname = \"X\"\nsizes = [\"1B\"]\ndefault_targets = [\"q_proj\"]\nmodel_types = [\"x\"]\nlayout = \"l\"\n{extra}\n{base}"
@@ -505,6 +507,8 @@ mod tests {
         assert!(e.contains("`nope`"), "{e}");
         let e = ArchTable::parse(&row("").replace("model.layers.{i}", "model.layers")).unwrap_err().to_string();
         assert!(e.contains("{i}"), "{e}");
+        let e = ArchTable::parse(&row("").replace("q = \"q\"\n", "")).unwrap_err().to_string();
+        assert!(e.contains("layout `l`") && e.contains("q, k, v"), "{e}");
         let e = ArchTable::parse("[[family]]\nid = 3").unwrap_err().to_string();
         assert!(e.contains("architectures.toml"), "{e}");
     }

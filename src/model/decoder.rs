@@ -68,9 +68,29 @@ pub struct Expert {
 }
 
 pub enum Mlp {
-    Gated { gate: LoraLinear, up: LoraLinear, down: LoraLinear, act: Activation },
-    Plain { up: LoraLinear, down: LoraLinear, act: Activation },
-    Moe { router: LoraLinear, experts: Vec<Expert>, top_k: usize, act: Activation },
+    Gated {
+        gate: LoraLinear,
+        up: LoraLinear,
+        down: LoraLinear,
+        act: Activation,
+    },
+    /// One projection to [gate; up] (ChatGLM).
+    GatedFused {
+        gate_up: LoraLinear,
+        down: LoraLinear,
+        act: Activation,
+    },
+    Plain {
+        up: LoraLinear,
+        down: LoraLinear,
+        act: Activation,
+    },
+    Moe {
+        router: LoraLinear,
+        experts: Vec<Expert>,
+        top_k: usize,
+        act: Activation,
+    },
 }
 
 pub struct Layer {
@@ -90,6 +110,7 @@ impl Layer {
         out.push(&self.o);
         match &self.mlp {
             Mlp::Gated { gate, up, down, .. } => out.extend([gate, up, down]),
+            Mlp::GatedFused { gate_up, down, .. } => out.extend([gate_up, down]),
             Mlp::Plain { up, down, .. } => out.extend([up, down]),
             Mlp::Moe { router, experts, .. } => {
                 out.push(router);
@@ -109,6 +130,7 @@ impl Layer {
         out.push(&mut self.o);
         match &mut self.mlp {
             Mlp::Gated { gate, up, down, .. } => out.extend([gate, up, down]),
+            Mlp::GatedFused { gate_up, down, .. } => out.extend([gate_up, down]),
             Mlp::Plain { up, down, .. } => out.extend([up, down]),
             Mlp::Moe { router, experts, .. } => {
                 out.push(router);
@@ -202,6 +224,11 @@ impl Model {
             };
             let ffn = spec.intermediate;
             let mlp = match (spec.mlp, &w.gate) {
+                (MlpKind::Gated(act), _) if w.gate_up.is_some() => Mlp::GatedFused {
+                    gate_up: lin(w.gate_up.as_deref().unwrap_or_default(), [2 * ffn, h], spec.mlp_bias)?,
+                    down: lin(&w.down, [h, ffn], spec.mlp_bias)?,
+                    act,
+                },
                 (MlpKind::Gated(act), Some(gate)) => Mlp::Gated {
                     gate: lin(gate, [ffn, h], spec.mlp_bias)?,
                     up: lin(&w.up, [ffn, h], spec.mlp_bias)?,
@@ -251,6 +278,12 @@ impl Model {
             Some(source.tensor(&format!("{}.bias", w.lm_head), &[spec.vocab], dtype, device)?)
         } else {
             None
+        };
+        // Baichuan2's NormHead: rows scaled to unit L2 norm (torch's F.normalize, eps 1e-12)
+        let lm_weight = if spec.normalized_lm_head {
+            lm_weight.broadcast_div(&lm_weight.sqr()?.sum_keepdim(1)?.sqrt()?.maximum(1e-12)?)?
+        } else {
+            lm_weight
         };
         let lm_head = FrozenLinear::new(FrozenWeight::Dense(lm_weight), lm_bias)?;
         Ok(Self { spec, embed, embed_norm, layers, final_norm, lm_head, device: device.clone(), dtype })
@@ -365,6 +398,11 @@ impl Model {
             Mlp::Gated { gate, up, down, act } => {
                 down.forward(&gated(&gate.forward(x, train)?, &up.forward(x, train)?, *act)?, train)?
             }
+            Mlp::GatedFused { gate_up, down, act } => {
+                let y = gate_up.forward(x, train)?;
+                let half = y.dim(D::Minus1)? / 2;
+                down.forward(&gated(&y.narrow(D::Minus1, 0, half)?, &y.narrow(D::Minus1, half, half)?, *act)?, train)?
+            }
             Mlp::Plain { up, down, act } => down.forward(&activate(&up.forward(x, train)?, *act)?, train)?,
             Mlp::Moe { router, experts, top_k, act } => self.moe(router, experts, *top_k, *act, x, train)?,
         })
@@ -454,9 +492,9 @@ impl Model {
             y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()
         };
         let (mut q, mut k, v) = (heads(q, nh)?, heads(k, nkv)?, heads(v, nkv)?);
-        if let (Position::Rope { rotary_dim, .. }, Some((cos, sin))) = (&s.position, &positions.rope) {
-            q = apply_rope(&q, cos, sin, *rotary_dim)?;
-            k = apply_rope(&k, cos, sin, *rotary_dim)?;
+        if let (Position::Rope { rotary_dim, interleaved, .. }, Some((cos, sin))) = (&s.position, &positions.rope) {
+            q = apply_rope(&q, cos, sin, *rotary_dim, *interleaved)?;
+            k = apply_rope(&k, cos, sin, *rotary_dim, *interleaved)?;
         }
         let (k, v) = (repeat_kv(k, nh / nkv)?, repeat_kv(v, nh / nkv)?);
         let scores = (q.matmul(&k.t()?.contiguous()?)? * (1.0 / (hd as f64).sqrt()))?;
@@ -471,7 +509,7 @@ impl Model {
     fn position_terms(&self, t: usize) -> Result<PositionTerms> {
         let causal = causal_mask(t, self.spec.sliding_window, &self.device)?;
         Ok(match self.spec.position {
-            Position::Rope { theta, rotary_dim } => {
+            Position::Rope { theta, rotary_dim, .. } => {
                 // as transformers computes them, in f32
                 let inv_freq: Vec<f32> = (0..rotary_dim / 2)
                     .map(|i| 1.0 / (theta as f32).powf((2 * i) as f32 / rotary_dim as f32))
@@ -511,13 +549,27 @@ pub fn alibi_slopes(n: usize) -> Vec<f32> {
     slopes
 }
 
-/// Rotate-half RoPE on the first `rotary_dim` of each head; the rest passes through.
-fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor, rotary_dim: usize) -> candle_core::Result<Tensor> {
+/// RoPE on the first `rotary_dim` of each head (rotate-half, or interleaved pairs); the rest
+/// passes through.
+fn apply_rope(
+    x: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    rotary_dim: usize,
+    interleaved: bool,
+) -> candle_core::Result<Tensor> {
+    let rope = |x: &Tensor| {
+        if interleaved {
+            candle_nn::rotary_emb::rope_i_slow(&x.contiguous()?, cos, sin)
+        } else {
+            ops::rope(x, cos, sin)
+        }
+    };
     let hd = x.dim(D::Minus1)?;
     if rotary_dim == hd {
-        return ops::rope(x, cos, sin);
+        return rope(x);
     }
-    let rot = ops::rope(&x.narrow(D::Minus1, 0, rotary_dim)?, cos, sin)?;
+    let rot = rope(&x.narrow(D::Minus1, 0, rotary_dim)?)?;
     Tensor::cat(&[&rot, &x.narrow(D::Minus1, rotary_dim, hd - rotary_dim)?], D::Minus1)
 }
 

@@ -35,8 +35,9 @@ impl Activation {
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Position {
-    /// Rotary embedding in the rotate-half layout over the first `rotary_dim` of each head.
-    Rope { theta: f64, rotary_dim: usize },
+    /// Rotary embedding over the first `rotary_dim` of each head: in the rotate-half layout,
+    /// or on interleaved pairs (x[2i], x[2i+1]) (ChatGLM).
+    Rope { theta: f64, rotary_dim: usize, interleaved: bool },
     /// ALiBi: a per-head linear bias on the key position (BLOOM's slopes).
     Alibi,
 }
@@ -66,6 +67,8 @@ pub struct ModelSpec {
     pub position: Position,
     /// Keys attend to at most this many positions back (Mistral), `None` for full attention.
     pub sliding_window: Option<usize>,
+    /// Baichuan2's NormHead: logits use lm_head rows scaled to unit L2 norm.
+    pub normalized_lm_head: bool,
     pub tie_embeddings: bool,
     pub qkv_bias: bool,
     pub o_bias: bool,
@@ -126,12 +129,7 @@ impl Config<'_> {
 impl ModelSpec {
     /// Build the spec of a recognised config.json. `what` names the model in messages.
     pub fn from_config(config: &Value, recognised: &Recognised<'_>, what: &str) -> Result<Self> {
-        let mut weights = recognised.layout.weights.clone().ok_or_else(|| {
-            Error::Invalid(format!(
-                "{what}: {} checkpoints ({} layout) are recognised but the decoder cannot load them yet",
-                recognised.family.name, recognised.layout_name
-            ))
-        })?;
+        let mut weights = recognised.layout.weights.clone();
         let c = Config { json: config, what };
         let hidden = c.usize(&["hidden_size", "n_embed", "n_embd", "d_model"])?;
         let heads = c.usize(&["num_attention_heads", "n_head"])?;
@@ -165,8 +163,9 @@ impl ModelSpec {
             vocab: c.usize(&["vocab_size", "padded_vocab_size"])?,
             norm: NormKind::Rms,
             norm_eps: 1e-6,
-            position: Position::Rope { theta, rotary_dim: hidden / heads.max(1) },
+            position: Position::Rope { theta, rotary_dim: hidden / heads.max(1), interleaved: false },
             sliding_window: None,
+            normalized_lm_head: false,
             tie_embeddings: c.bool_or(&["tie_word_embeddings"], false),
             qkv_bias: false,
             o_bias: false,
@@ -183,7 +182,7 @@ impl ModelSpec {
             "llama" | "qwen2" | "mixtral" => {
                 spec.kv_heads = c.opt_usize(&["num_key_value_heads"])?.unwrap_or(heads);
                 spec.head_dim = c.opt_usize(&["head_dim"])?.unwrap_or(spec.head_dim);
-                spec.position = Position::Rope { theta, rotary_dim: spec.head_dim };
+                spec.position = Position::Rope { theta, rotary_dim: spec.head_dim, interleaved: false };
                 spec.intermediate = c.usize(&["intermediate_size"])?;
                 spec.norm_eps = c.f64_or(&["rms_norm_eps"], 1e-6)?;
                 if c.bool_or(&["use_sliding_window"], true) {
@@ -270,13 +269,70 @@ impl ModelSpec {
                 spec.norm_eps = c.f64_or(&["layer_norm_eps"], 1e-5)?;
                 spec.intermediate = c.usize(&["intermediate_size"])?;
                 let factor = rope_param("partial_rotary_factor").unwrap_or(0.5);
-                spec.position = Position::Rope { theta, rotary_dim: (spec.head_dim as f64 * factor) as usize };
+                spec.position =
+                    Position::Rope { theta, rotary_dim: (spec.head_dim as f64 * factor) as usize, interleaved: false };
                 (spec.qkv_bias, spec.o_bias, spec.mlp_bias, spec.lm_head_bias) = (true, true, true, true);
                 spec.parallel_residual = true;
                 spec.mlp = MlpKind::Plain(Activation::from_name(
                     c.get(&["hidden_act"]).and_then(Value::as_str).unwrap_or("gelu_new"),
                     what,
                 )?);
+            }
+            "baichuan" => {
+                spec.intermediate = c.usize(&["intermediate_size"])?;
+                spec.norm_eps = c.f64_or(&["rms_norm_eps"], 1e-6)?;
+                // 7B configs give max_position_embeddings and use RoPE; 13B ones give only
+                // model_max_length and use ALiBi (llama.cpp tells them apart by depth instead)
+                if config.get("max_position_embeddings").is_none() {
+                    spec.position = Position::Alibi;
+                }
+                spec.normalized_lm_head = recognised.family.id == "baichuan2";
+            }
+            "qwen" => {
+                // intermediate_size is twice the width of each MLP branch
+                spec.intermediate = c.usize(&["intermediate_size"])? / 2;
+                spec.head_dim = c.opt_usize(&["kv_channels"])?.unwrap_or(spec.head_dim);
+                spec.norm_eps = c.f64_or(&["layer_norm_epsilon"], 1e-6)?;
+                let theta = c.f64_or(&["rotary_emb_base"], 10_000.0)?;
+                let pct = c.f64_or(&["rotary_pct"], 1.0)?;
+                spec.position =
+                    Position::Rope { theta, rotary_dim: (spec.head_dim as f64 * pct) as usize, interleaved: false };
+                spec.qkv_bias = true;
+                spec.o_bias = !c.bool_or(&["no_bias"], true);
+            }
+            "phi_msft" => {
+                spec.kv_heads = c.opt_usize(&["n_head_kv"])?.unwrap_or(heads);
+                spec.norm = NormKind::Layer;
+                spec.norm_eps = c.f64_or(&["layer_norm_epsilon"], 1e-5)?;
+                spec.intermediate = c.opt_usize(&["n_inner"])?.unwrap_or(4 * hidden);
+                let rotary_dim = c.usize(&["rotary_dim"])?;
+                spec.position = Position::Rope { theta, rotary_dim, interleaved: false };
+                (spec.qkv_bias, spec.o_bias, spec.mlp_bias, spec.lm_head_bias) = (true, true, true, true);
+                spec.parallel_residual = true;
+                spec.mlp = MlpKind::Plain(Activation::from_name(
+                    c.get(&["activation_function"]).and_then(Value::as_str).unwrap_or("gelu_new"),
+                    what,
+                )?);
+            }
+            "chatglm" => {
+                if !c.bool_or(&["rmsnorm"], true) || !c.bool_or(&["post_layer_norm"], true) {
+                    return Err(Error::Invalid(format!(
+                        "{what}: ChatGLM without RMSNorm or a final norm is not supported"
+                    )));
+                }
+                spec.head_dim = c.opt_usize(&["kv_channels"])?.unwrap_or(spec.head_dim);
+                spec.kv_heads = if c.bool_or(&["multi_query_attention"], false) {
+                    c.usize(&["multi_query_group_num"])?
+                } else {
+                    heads
+                };
+                spec.intermediate = c.usize(&["ffn_hidden_size"])?;
+                spec.norm_eps = c.f64_or(&["layernorm_epsilon"], 1e-5)?;
+                let theta = 10_000.0 * c.f64_or(&["rope_ratio"], 1.0)?;
+                spec.position = Position::Rope { theta, rotary_dim: spec.head_dim / 2, interleaved: true };
+                spec.qkv_bias = c.bool_or(&["add_qkv_bias"], false);
+                let bias = c.bool_or(&["add_bias_linear"], false);
+                (spec.o_bias, spec.mlp_bias) = (bias, bias);
             }
             other => {
                 return Err(Error::Invalid(format!("{what}: no config reader for the {other} layout yet")));
@@ -324,7 +380,7 @@ mod tests {
             "vocab_size": 65024, "layer_norm_epsilon": 1e-5, "alibi": false}));
         assert_eq!((s.heads, s.kv_heads, s.head_dim, s.layers, s.intermediate), (71, 1, 64, 32, 4 * 4544));
         assert!(s.parallel_residual && s.weights.mlp_norm.is_none());
-        assert_eq!(s.position, Position::Rope { theta: 10_000.0, rotary_dim: 64 });
+        assert_eq!(s.position, Position::Rope { theta: 10_000.0, rotary_dim: 64, interleaved: false });
         // tiiuae/falcon-40b's: RefinedWeb with n_head_kv, new architecture implied
         let s = spec(json!({"model_type": "RefinedWeb", "hidden_size": 8192, "n_head": 128, "n_head_kv": 8,
             "n_layer": 60, "parallel_attn": true, "bias": false, "vocab_size": 65024}));
