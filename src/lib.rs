@@ -6,8 +6,10 @@
 
 pub mod arch;
 pub mod bench;
+pub mod data;
 pub mod error;
 pub mod gui;
+pub mod hub;
 pub mod lora;
 pub mod memory;
 pub mod model;

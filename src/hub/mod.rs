@@ -1,0 +1,1 @@
+//! Where models come from: local folders, the Hugging Face cache, hub downloads and GGUF files.
