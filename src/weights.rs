@@ -141,9 +141,16 @@ pub fn f32_bytes(values: &[f32]) -> Vec<u8> {
 /// Write tensors to `path` through a temporary file and a rename, so that an interrupted
 /// write never leaves a half-written checkpoint under the final name.
 pub fn write_safetensors(path: &std::path::Path, tensors: &[RawTensor]) -> Result<()> {
-    let tmp = path.with_extension("safetensors.tmp");
     let data = safetensors::serialize(tensors.iter().map(|t| (t.name.as_str(), t)), None)
         .map_err(|cause| Error::Safetensors { path: path.to_path_buf(), cause })?;
-    std::fs::write(&tmp, data).map_err(|e| Error::io(&tmp, e))?;
+    write_atomic(path, &data)
+}
+
+/// Write `bytes` to `path` through a temporary file in the same folder and a rename.
+pub fn write_atomic(path: &std::path::Path, bytes: &[u8]) -> Result<()> {
+    let mut tmp_name = path.file_name().unwrap_or_default().to_os_string();
+    tmp_name.push(".tmp");
+    let tmp = path.with_file_name(tmp_name);
+    std::fs::write(&tmp, bytes).map_err(|e| Error::io(&tmp, e))?;
     std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
 }

@@ -3,6 +3,8 @@
 
 pub mod peft;
 
+use std::cell::Cell;
+
 use candle_core::{DType, Device, Tensor, Var};
 
 use crate::quant::FrozenLinear;
@@ -74,11 +76,31 @@ impl LoraLinear {
     pub fn forward(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
         let y = self.base.forward(x)?;
         let Some(lora) = &self.lora else { return Ok(y) };
-        let h = if train && lora.dropout > 0.0 { candle_nn::ops::dropout(x, lora.dropout)? } else { x.clone() };
+        let h = if train && lora.dropout > 0.0 { seeded_dropout(x, lora.dropout, &self.path)? } else { x.clone() };
         // LoRA parameters stay f32; the branch runs in f32 and returns in the input's dtype.
         let h = h.to_dtype(DType::F32)?;
         let z = h.broadcast_matmul(&lora.a.as_tensor().t()?)?.broadcast_matmul(&lora.b.as_tensor().t()?)?;
         let dtype = y.dtype();
         y + (z * lora.scale)?.to_dtype(dtype)?
     }
+}
+
+thread_local! {
+    static DROPOUT_SEED: Cell<u64> = const { Cell::new(0) };
+}
+
+/// Seed the LoRA dropout masks of the forward passes that follow on this thread. The trainer
+/// sets one per micro-batch, so a run (and a resumed run) repeats exactly; candle's own
+/// dropout draws from a generator that cannot be seeded.
+pub fn set_dropout_seed(seed: u64) {
+    DROPOUT_SEED.with(|s| s.set(seed));
+}
+
+/// Inverted dropout with a mask drawn from this thread's seed and the module's path.
+fn seeded_dropout(x: &Tensor, p: f32, path: &str) -> candle_core::Result<Tensor> {
+    let mut rng = Rng::for_key(DROPOUT_SEED.with(Cell::get), path);
+    let keep = 1.0 / (1.0 - p);
+    let mask: Vec<f32> = (0..x.elem_count()).map(|_| if rng.next_f64() as f32 >= p { keep } else { 0.0 }).collect();
+    let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
+    x * mask
 }

@@ -18,6 +18,19 @@ pub fn process_memory() -> Option<ProcessMemory> {
     Some(ProcessMemory { rss: field("VmRSS:")?, peak_rss: field("VmHWM:")? })
 }
 
+/// Start measuring the peak resident set afresh (Linux: writing 5 to clear_refs resets VmHWM).
+pub fn reset_peak() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+/// The machine's physical memory in bytes (`None` where /proc is not available).
+pub fn total_memory() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kb: u64 = line["MemTotal:".len()..].trim().trim_end_matches("kB").trim().parse().ok()?;
+    Some(kb * 1024)
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

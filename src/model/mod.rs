@@ -9,5 +9,5 @@ pub mod presets;
 pub mod spec;
 
 pub use decoder::{BaseWeights, Model};
-pub use loss::causal_lm_loss;
+pub use loss::{causal_lm_loss, IGNORE_INDEX};
 pub use spec::ModelSpec;

@@ -1,4 +1,13 @@
-//! Training: the optimizer so far; the run config, trainer loop and checkpoints come with the
-//! trainer issue.
+//! Training: the RunConfig, the trainer thread with its events and commands, AdamW with the
+//! learning-rate schedule, and checkpoints that a run resumes from exactly.
 
+pub mod checkpoint;
+pub mod config;
+pub mod events;
 pub mod optim;
+pub mod schedule;
+pub mod trainer;
+
+pub use config::{Mode, RunConfig, Schedule};
+pub use events::{Command, TrainEvent};
+pub use trainer::{run, spawn};

@@ -48,25 +48,38 @@ impl AdamW {
         self.params.lr = lr;
     }
 
+    /// This optimizer's variables, in the order of its slots.
+    pub fn vars(&self) -> impl Iterator<Item = &Var> {
+        self.slots.iter().map(|s| &s.var)
+    }
+
+    /// The gradients of this optimizer's variables from a backward pass, in slot order.
+    pub fn grads_of(&self, grads: &GradStore) -> Vec<Option<Tensor>> {
+        self.slots.iter().map(|s| grads.get(s.var.as_tensor()).cloned()).collect()
+    }
+
     /// The global L2 norm of the gradients of this optimizer's variables.
     pub fn grad_norm(&self, grads: &GradStore) -> candle_core::Result<f64> {
-        let mut sq = 0f64;
-        for s in &self.slots {
-            if let Some(g) = grads.get(s.var.as_tensor()) {
-                sq += g.to_dtype(DType::F32)?.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
-            }
-        }
-        Ok(sq.sqrt())
+        global_norm(&self.grads_of(grads))
     }
 
     /// One update. Gradients are scaled by `grad_scale` first (clipping, accumulation).
     pub fn step(&mut self, grads: &GradStore, grad_scale: f64) -> candle_core::Result<()> {
+        let grads = self.grads_of(grads);
+        self.step_with(&grads, grad_scale)
+    }
+
+    /// One update from gradients given in slot order (`None`: no gradient, no update).
+    pub fn step_with(&mut self, grads: &[Option<Tensor>], grad_scale: f64) -> candle_core::Result<()> {
+        if grads.len() != self.slots.len() {
+            candle_core::bail!("{} gradients for {} optimizer slots", grads.len(), self.slots.len());
+        }
         self.step += 1;
         let p = self.params;
         let bias1 = 1.0 - p.beta1.powi(self.step as i32);
         let bias2 = 1.0 - p.beta2.powi(self.step as i32);
-        for s in &mut self.slots {
-            let Some(g) = grads.get(s.var.as_tensor()) else { continue };
+        for (s, g) in self.slots.iter_mut().zip(grads) {
+            let Some(g) = g else { continue };
             let g = (g.to_dtype(DType::F32)? * grad_scale)?;
             s.m = ((&s.m * p.beta1)? + (&g * (1.0 - p.beta1))?)?;
             s.v = ((&s.v * p.beta2)? + (g.sqr()? * (1.0 - p.beta2))?)?;
@@ -79,6 +92,45 @@ impl AdamW {
         }
         Ok(())
     }
+
+    /// Updates taken so far (the bias correction's t).
+    pub fn step_count(&self) -> u64 {
+        self.step
+    }
+
+    /// First and second moments of each slot, in slot order (for checkpoints).
+    pub fn moments(&self) -> Vec<(Tensor, Tensor)> {
+        self.slots.iter().map(|s| (s.m.clone(), s.v.clone())).collect()
+    }
+
+    /// Restore the state a checkpoint saved with `moments` and `step_count`.
+    pub fn restore(&mut self, step: u64, moments: Vec<(Tensor, Tensor)>) -> candle_core::Result<()> {
+        if moments.len() != self.slots.len() {
+            candle_core::bail!("optimizer state has {} slots, the model {}", moments.len(), self.slots.len());
+        }
+        for (s, (m, v)) in self.slots.iter_mut().zip(moments) {
+            if m.dims() != s.var.dims() || v.dims() != s.var.dims() {
+                candle_core::bail!(
+                    "optimizer state of shape {:?} for a parameter of shape {:?}",
+                    m.dims(),
+                    s.var.dims()
+                );
+            }
+            s.m = m.to_dtype(DType::F32)?.to_device(s.var.device())?;
+            s.v = v.to_dtype(DType::F32)?.to_device(s.var.device())?;
+        }
+        self.step = step;
+        Ok(())
+    }
+}
+
+/// The global L2 norm of a set of gradients.
+pub fn global_norm(grads: &[Option<Tensor>]) -> candle_core::Result<f64> {
+    let mut sq = 0f64;
+    for g in grads.iter().flatten() {
+        sq += g.to_dtype(DType::F32)?.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
+    }
+    Ok(sq.sqrt())
 }
 
 /// The scale that clips a gradient of norm `norm` to at most `max_norm` (1 when it is within).

@@ -1,0 +1,167 @@
+//! Trainer checkpoints: a folder holding the adapter as a PEFT adapter (so every tool that reads
+//! PEFT adapters reads a checkpoint), the optimizer state, the trainer's position and the
+//! RunConfig. Written under a temporary name and renamed, so a crash never leaves half a
+//! checkpoint under the final name.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+use super::config::RunConfig;
+use crate::error::{Error, Result};
+use crate::lora::LoraSettings;
+use crate::model::Model;
+use crate::weights::{write_atomic, write_safetensors, RawTensor, SafetensorsFile};
+
+pub const ADAPTER_WEIGHTS: &str = "adapter_model.safetensors";
+pub const ADAPTER_CONFIG: &str = "adapter_config.json";
+pub const OPTIMIZER_STATE: &str = "optimizer.safetensors";
+pub const TRAINER_STATE: &str = "trainer_state.json";
+pub const RUN_CONFIG: &str = "run.toml";
+
+/// Where the trainer stands; enough, with the adapter and optimizer state, to continue exactly.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainerState {
+    /// Optimizer steps done.
+    pub step: usize,
+    pub total_steps: usize,
+    /// Data position: the epoch and how many of its (shuffled) examples were consumed.
+    pub epoch: usize,
+    pub epoch_position: usize,
+    /// AdamW's bias-correction step.
+    pub optimizer_step: u64,
+    /// The micro-batch the probe chose (it may be smaller than the config's batch size).
+    pub micro_batch: usize,
+    /// (step, training loss) of every step so far, and (step, validation loss) of every eval.
+    pub losses: Vec<(usize, f64)>,
+    pub eval_losses: Vec<(usize, f64)>,
+}
+
+/// The folder name of the checkpoint after `step` steps.
+pub fn checkpoint_dir(output_dir: &Path, step: usize) -> PathBuf {
+    output_dir.join(format!("checkpoint-{step:06}"))
+}
+
+/// The PEFT adapter_config.json for a model's adapter.
+pub fn adapter_config_json(settings: &LoraSettings, base_model: &str) -> serde_json::Value {
+    serde_json::json!({
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": settings.r,
+        "lora_alpha": settings.alpha,
+        "lora_dropout": settings.dropout,
+        "target_modules": settings.targets,
+        "use_rslora": settings.use_rslora,
+        "bias": "none",
+        "fan_in_fan_out": false,
+        "inference_mode": true,
+        "base_model_name_or_path": base_model,
+    })
+}
+
+fn f32_raw(name: String, t: &Tensor) -> Result<RawTensor> {
+    let t = t.to_dtype(DType::F32)?.to_device(&Device::Cpu)?;
+    let values: Vec<f32> = t.flatten_all()?.to_vec1()?;
+    Ok(RawTensor {
+        name,
+        dtype: safetensors::Dtype::F32,
+        shape: t.dims().to_vec(),
+        data: crate::weights::f32_bytes(&values),
+    })
+}
+
+/// What a checkpoint holds beyond the model.
+pub struct CheckpointContents<'a> {
+    pub config: &'a RunConfig,
+    pub settings: &'a LoraSettings,
+    /// The base model as the adapter config should name it (hub id or folder).
+    pub base_model: &'a str,
+    pub state: &'a TrainerState,
+    /// (PEFT key, first moment, second moment) of each trainable tensor.
+    pub moments: Vec<(String, Tensor, Tensor)>,
+}
+
+/// Write the checkpoint of `model` into `dir` (replacing an older one of the same step).
+pub fn save(dir: &Path, model: &Model, contents: &CheckpointContents<'_>) -> Result<()> {
+    let mut tmp_name = dir.file_name().unwrap_or_default().to_os_string();
+    tmp_name.push(".tmp");
+    let tmp = dir.with_file_name(tmp_name);
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    }
+    std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+
+    let adapter: Vec<RawTensor> =
+        model.trainable().iter().map(|(key, var)| f32_raw(key.clone(), var.as_tensor())).collect::<Result<_>>()?;
+    write_safetensors(&tmp.join(ADAPTER_WEIGHTS), &adapter)?;
+    let adapter_config = adapter_config_json(contents.settings, contents.base_model);
+    write_json(&tmp.join(ADAPTER_CONFIG), &adapter_config)?;
+
+    let mut moments = Vec::with_capacity(contents.moments.len() * 2);
+    for (key, m, v) in &contents.moments {
+        moments.push(f32_raw(format!("{key}.exp_avg"), m)?);
+        moments.push(f32_raw(format!("{key}.exp_avg_sq"), v)?);
+    }
+    write_safetensors(&tmp.join(OPTIMIZER_STATE), &moments)?;
+    write_json(&tmp.join(TRAINER_STATE), &serde_json::to_value(contents.state).expect("state serialises"))?;
+    contents.config.save(&tmp.join(RUN_CONFIG))?;
+
+    if dir.exists() {
+        std::fs::remove_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    }
+    std::fs::rename(&tmp, dir).map_err(|e| Error::io(dir, e))
+}
+
+fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {
+    let text = serde_json::to_string_pretty(value).expect("JSON values serialise");
+    write_atomic(path, text.as_bytes())
+}
+
+/// A checkpoint read back: its config, state and optimizer moments keyed by PEFT key.
+pub struct LoadedCheckpoint {
+    pub dir: PathBuf,
+    pub config: RunConfig,
+    pub state: TrainerState,
+    pub moments: std::collections::HashMap<String, (Tensor, Tensor)>,
+}
+
+/// Read a checkpoint folder's config, state and optimizer state (the adapter itself is loaded
+/// onto the model with `Model::load_adapter`).
+pub fn load(dir: &Path, device: &Device) -> Result<LoadedCheckpoint> {
+    if !dir.is_dir() {
+        return Err(Error::Invalid(format!(
+            "{}: no such checkpoint folder (checkpoints are the checkpoint-NNNNNN folders in a run's output folder)",
+            dir.display()
+        )));
+    }
+    let config = RunConfig::load(&dir.join(RUN_CONFIG))?;
+    let state_path = dir.join(TRAINER_STATE);
+    let text = std::fs::read_to_string(&state_path).map_err(|e| Error::io(&state_path, e))?;
+    let state: TrainerState = serde_json::from_str(&text)
+        .map_err(|e| Error::Invalid(format!("{}: not a trainer state: {e}", state_path.display())))?;
+    let file = SafetensorsFile::open(dir.join(OPTIMIZER_STATE))?;
+    let mut moments = std::collections::HashMap::new();
+    for key in file.keys() {
+        if let Some(base) = key.strip_suffix(".exp_avg") {
+            let m = file.tensor(&key, device)?;
+            let v = file.tensor(&format!("{base}.exp_avg_sq"), device)?;
+            moments.insert(base.to_string(), (m, v));
+        }
+    }
+    Ok(LoadedCheckpoint { dir: dir.to_path_buf(), config, state, moments })
+}
+
+/// The newest checkpoint folder in a run's output folder.
+pub fn latest(output_dir: &Path) -> Option<PathBuf> {
+    let entries = std::fs::read_dir(output_dir).ok()?;
+    entries
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().to_string();
+            let step: usize = name.strip_prefix("checkpoint-")?.parse().ok()?;
+            e.path().join(TRAINER_STATE).is_file().then_some((step, e.path()))
+        })
+        .max_by_key(|(step, _)| *step)
+        .map(|(_, p)| p)
+}

@@ -1,0 +1,238 @@
+//! `RunConfig`: the one contract between the GUI, the command line and the trainer. Every
+//! checkpoint carries the one it came from, so any run can be repeated or resumed.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::data::DataConfig;
+use crate::error::{Error, Result};
+use crate::lora::LoraSettings;
+
+/// Frozen base weights: dense 16/32-bit (LoRA) or 4-bit NF4 (QLoRA).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    Lora,
+    #[default]
+    Qlora,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Schedule {
+    #[default]
+    Cosine,
+    Linear,
+    Constant,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ModelConfig {
+    /// A model folder, a hub id (`owner/name`) or a GGUF file.
+    pub source: String,
+    pub mode: Mode,
+    /// Compute dtype of the frozen weights: "f32", "bf16" or "f16".
+    pub dtype: String,
+    /// "cpu", "cuda" or "cuda:N".
+    pub device: String,
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        Self { source: String::new(), mode: Mode::Qlora, dtype: "f32".into(), device: "cpu".into() }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LoraConfig {
+    /// Module names, "all-linear", or empty for the family's default from the table.
+    pub targets: Vec<String>,
+    pub r: usize,
+    pub alpha: f64,
+    pub dropout: f32,
+    pub rslora: bool,
+}
+
+impl Default for LoraConfig {
+    fn default() -> Self {
+        Self { targets: Vec::new(), r: 8, alpha: 16.0, dropout: 0.05, rslora: false }
+    }
+}
+
+impl LoraConfig {
+    /// The settings for the model, with the family's default targets filled in when none are given.
+    pub fn settings(&self, default_targets: &[String]) -> LoraSettings {
+        let targets = if self.targets.is_empty() { default_targets.to_vec() } else { self.targets.clone() };
+        LoraSettings { r: self.r, alpha: self.alpha, dropout: self.dropout, use_rslora: self.rslora, targets }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainConfig {
+    /// Examples per micro-batch (one forward/backward).
+    pub batch_size: usize,
+    /// Micro-batches per optimizer step.
+    pub grad_accum: usize,
+    /// Passes over the training set; ignored when max_steps is set.
+    pub epochs: f64,
+    /// Optimizer steps; 0 = from epochs.
+    pub max_steps: usize,
+    pub learning_rate: f64,
+    pub warmup_steps: usize,
+    pub schedule: Schedule,
+    pub weight_decay: f64,
+    /// Global gradient-norm clip; 0 turns clipping off.
+    pub max_grad_norm: f64,
+    pub seed: u64,
+    /// Validation loss every N steps (0 = only at the end).
+    pub eval_every: usize,
+    /// Checkpoint every N steps (0 = only at the end).
+    pub checkpoint_every: usize,
+    /// Generate from `sample_prompts` every N steps (0 = never).
+    pub sample_every: usize,
+    pub sample_prompts: Vec<String>,
+    pub sample_max_tokens: usize,
+    /// Where checkpoints and the final adapter go.
+    pub output_dir: PathBuf,
+    /// Measure one forward+backward on the longest batch first, and shrink the micro-batch if
+    /// it does not fit.
+    pub probe: bool,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            batch_size: 1,
+            grad_accum: 1,
+            epochs: 1.0,
+            max_steps: 0,
+            learning_rate: 2e-4,
+            warmup_steps: 0,
+            schedule: Schedule::Cosine,
+            weight_decay: 0.0,
+            max_grad_norm: 1.0,
+            seed: 42,
+            eval_every: 0,
+            checkpoint_every: 0,
+            sample_every: 0,
+            sample_prompts: Vec::new(),
+            sample_max_tokens: 48,
+            output_dir: PathBuf::from("runs/run"),
+            probe: true,
+        }
+    }
+}
+
+/// Everything a run needs, as the `[model]`, `[lora]`, `[data]` and `[train]` tables of a TOML file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct RunConfig {
+    pub model: ModelConfig,
+    pub lora: LoraConfig,
+    pub data: DataConfig,
+    pub train: TrainConfig,
+}
+
+impl RunConfig {
+    pub fn from_toml_str(text: &str, origin: &str) -> Result<Self> {
+        let config: RunConfig = toml::from_str(text).map_err(|e| {
+            let place = e.span().map(|s| format!(" line {}", line_of(text, s.start))).unwrap_or_default();
+            Error::Invalid(format!("{origin}{place}: {}", e.message()))
+        })?;
+        Ok(config)
+    }
+
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let config = Self::from_toml_str(&text, &path.display().to_string())?;
+        config.validate().map_err(|e| Error::Invalid(format!("{}: {e}", path.display())))?;
+        Ok(config)
+    }
+
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("a RunConfig always serialises")
+    }
+
+    /// Write to `path` through a temporary name.
+    pub fn save(&self, path: &Path) -> Result<()> {
+        crate::weights::write_atomic(path, self.to_toml().as_bytes())
+    }
+
+    /// Every setting a run cannot start with, named by its key.
+    pub fn validate(&self) -> Result<()> {
+        let mut problems = Vec::new();
+        let mut check = |ok: bool, msg: &str| {
+            if !ok {
+                problems.push(msg.to_string());
+            }
+        };
+        let (m, l, t) = (&self.model, &self.lora, &self.train);
+        check(!m.source.trim().is_empty(), "model.source is empty: give a model folder, a hub id or a GGUF file");
+        check(["f32", "bf16", "f16"].contains(&m.dtype.as_str()), "model.dtype must be \"f32\", \"bf16\" or \"f16\"");
+        check(
+            m.device == "cpu"
+                || m.device == "cuda"
+                || m.device.strip_prefix("cuda:").is_some_and(|n| n.parse::<usize>().is_ok()),
+            "model.device must be \"cpu\", \"cuda\" or \"cuda:N\"",
+        );
+        check(l.r >= 1, "lora.r must be at least 1");
+        check(l.alpha > 0.0, "lora.alpha must be positive");
+        check((0.0..1.0).contains(&l.dropout), "lora.dropout must be in [0, 1)");
+        check(t.batch_size >= 1, "train.batch_size must be at least 1");
+        check(t.grad_accum >= 1, "train.grad_accum must be at least 1");
+        check(t.max_steps > 0 || t.epochs > 0.0, "train.epochs or train.max_steps must be positive");
+        check(t.learning_rate > 0.0 && t.learning_rate.is_finite(), "train.learning_rate must be positive");
+        check(t.weight_decay >= 0.0, "train.weight_decay must not be negative");
+        check(t.max_grad_norm >= 0.0, "train.max_grad_norm must not be negative (0 turns clipping off)");
+        check(!t.output_dir.as_os_str().is_empty(), "train.output_dir is empty");
+        check(
+            t.sample_every == 0 || !t.sample_prompts.is_empty(),
+            "train.sample_every is set but train.sample_prompts is empty",
+        );
+        if let Err(e) = self.data.validate() {
+            problems.push(e.to_string());
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(Error::Invalid(problems.join("; ")))
+        }
+    }
+}
+
+fn line_of(text: &str, byte: usize) -> usize {
+    text[..byte.min(text.len())].matches('\n').count() + 1
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trips_through_toml() {
+        let mut c = RunConfig::default();
+        c.model.source = "models/tiny".into();
+        c.lora.targets = vec!["q_proj".into(), "v_proj".into()];
+        c.train.sample_prompts = vec!["Hello".into()];
+        let back = RunConfig::from_toml_str(&c.to_toml(), "test").unwrap();
+        assert_eq!(back, c);
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_named() {
+        let e = RunConfig::from_toml_str("[train]\nbatch_sise = 4\n", "run.toml").unwrap_err().to_string();
+        assert!(e.contains("run.toml line 2") && e.contains("batch_sise"), "{e}");
+        let e = RunConfig::from_toml_str("[lora]\nr = \"eight\"\n", "run.toml").unwrap_err().to_string();
+        assert!(e.contains("line 2"), "{e}");
+        let mut c = RunConfig::default();
+        c.model.source = "m".into();
+        c.lora.r = 0;
+        c.train.learning_rate = 0.0;
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("lora.r") && e.contains("train.learning_rate"), "{e}");
+    }
+}
