@@ -6,6 +6,9 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 
+use qlora_studio::data::DataConfig;
+use qlora_studio::train::console::train_in_terminal;
+use qlora_studio::train::{evaluate_dataset, Mode, RunConfig};
 use qlora_studio::{arch, bench, gui};
 
 #[derive(Parser)]
@@ -23,6 +26,34 @@ enum Command {
     Arch {
         #[command(subcommand)]
         command: ArchCommand,
+    },
+    /// Train headless from a run config (TOML), with a progress bar and a log of events.
+    Train {
+        /// The run config: [model], [lora], [data] and [train] tables (see the README).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Continue from a checkpoint folder (its own run config is used).
+        #[arg(long)]
+        resume: Option<PathBuf>,
+    },
+    /// Print the mean loss of a model (with an adapter) on a dataset.
+    Eval {
+        /// A model folder.
+        #[arg(long)]
+        model: String,
+        /// A PEFT adapter folder or a checkpoint.
+        #[arg(long)]
+        adapter: Option<PathBuf>,
+        /// A dataset file or folder.
+        #[arg(long)]
+        data: PathBuf,
+        /// lora (dense f32 base) or qlora (NF4 base)
+        #[arg(long, default_value = "lora")]
+        mode: String,
+        #[arg(long, default_value_t = 1024)]
+        max_length: usize,
+        #[arg(long, default_value = "cpu")]
+        device: String,
     },
     /// Benchmarks, with ratios against a baseline from the same run.
     Bench {
@@ -117,6 +148,42 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             for f in &r.layout.fused {
                 println!("fused:           {} ({:?})", f.module, f.split);
             }
+            Ok(())
+        }
+        Command::Train { config, resume } => {
+            let config = match (&config, &resume) {
+                (Some(path), None) => RunConfig::load(path)?,
+                (None, Some(_)) => RunConfig::default(),
+                _ => anyhow::bail!("give either --config run.toml or --resume CHECKPOINT"),
+            };
+            let end = train_in_terminal(config, resume)?;
+            let what = if end.stopped { "stopped" } else { "finished" };
+            println!("{what} at step {}", end.step);
+            if let Some(loss) = end.train_loss {
+                println!("training loss    {loss:.4}");
+            }
+            if let Some(loss) = end.validation_loss {
+                println!("validation loss  {loss:.4}");
+            }
+            if let Some(dir) = end.checkpoint {
+                println!("adapter          {}", dir.display());
+            }
+            Ok(())
+        }
+        Command::Eval { model, adapter, data, mode, max_length, device } => {
+            let mode = match mode.as_str() {
+                "lora" => Mode::Lora,
+                "qlora" => Mode::Qlora,
+                other => anyhow::bail!("--mode {other}: use lora or qlora"),
+            };
+            let data = DataConfig { path: data, max_length, ..Default::default() };
+            let report = evaluate_dataset(&model, adapter.as_deref(), &data, mode, &device)?;
+            println!(
+                "mean loss {:.4} over {} examples (perplexity {:.2})",
+                report.loss,
+                report.examples,
+                report.loss.exp()
+            );
             Ok(())
         }
         Command::Bench { command: BenchCommand::Nf4 { iters, tokens, json } } => {

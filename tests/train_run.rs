@@ -237,3 +237,33 @@ fn pause_resume_and_bad_configs() {
     let message = failure(&events).expect("a Failed event");
     assert!(message.contains("query_key_value") && message.contains("q_proj"), "{message}");
 }
+
+#[test]
+fn a_diverging_run_stops_with_a_clear_event_and_keeps_its_checkpoints() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = setup(dir.path(), Mode::Lora);
+    config.train.max_steps = 30;
+    config.train.probe = false;
+    config.train.warmup_steps = 0;
+    config.train.schedule = Schedule::Constant;
+    // f16 activations overflow once the adapter grows this fast: inf - inf gives NaN
+    config.model.dtype = "f16".into();
+    config.train.learning_rate = 100.0;
+    config.train.max_grad_norm = 0.0;
+    config.train.checkpoint_every = 1;
+    let (rx, _c, handle) = qlora_studio::train::spawn(config.clone(), None);
+    let events = collect(rx);
+    handle.join().unwrap();
+    let message = failure(&events)
+        .unwrap_or_else(|| panic!("the run must fail once the loss is not finite: {:?}", step_losses(&events)));
+    assert!(message.contains("loss became") && message.contains("learning_rate"), "{message}");
+    assert!(matches!(events.last(), Some(TrainEvent::Failed { .. })));
+    // every checkpoint saved before is still there, and the last one is named
+    let saved: Vec<PathBuf> = events
+        .iter()
+        .filter_map(|e| if let TrainEvent::CheckpointSaved { path, .. } = e { Some(path.clone()) } else { None })
+        .collect();
+    assert!(!saved.is_empty(), "{events:?}");
+    assert!(saved.iter().all(|p| p.join(checkpoint::ADAPTER_WEIGHTS).is_file()));
+    assert!(message.contains(&saved.last().unwrap().display().to_string()), "{message}");
+}

@@ -3,6 +3,7 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod console;
 pub mod events;
 pub mod optim;
 pub mod schedule;
@@ -10,4 +11,4 @@ pub mod trainer;
 
 pub use config::{Mode, RunConfig, Schedule};
 pub use events::{Command, TrainEvent};
-pub use trainer::{run, spawn};
+pub use trainer::{evaluate_dataset, run, spawn, EvalReport};

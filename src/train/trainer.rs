@@ -395,18 +395,8 @@ impl Trainer {
         self.order[start..end].to_vec()
     }
 
-    /// Mean loss over the validation set, token-weighted, without dropout.
     fn evaluate(&self) -> Result<f64> {
-        let (mut sum, mut count) = (0.0f64, 0usize);
-        for chunk in self.validation.chunks(self.state.micro_batch) {
-            let examples: Vec<&Example> = chunk.iter().collect();
-            let n: usize = examples.iter().map(|e| trained_tokens(e)).sum();
-            let (ids, labels) = pad_batch(&examples, self.model.device())?;
-            let loss = causal_lm_loss(&self.model.forward(&ids, false)?, &labels)?;
-            sum += loss.to_scalar::<f32>()? as f64 * n as f64;
-            count += n;
-        }
-        Ok(sum / count.max(1) as f64)
+        mean_loss(&self.model, &self.validation, self.state.micro_batch)
     }
 
     /// One forward+backward on the longest micro-batch; halves the micro-batch (and so doubles
@@ -471,6 +461,57 @@ impl Trainer {
         let embeddings = s.vocab * s.hidden * if s.tie_embeddings { 1 } else { 2 };
         linears + embeddings
     }
+}
+
+/// Mean loss over `examples`, token-weighted, without dropout, in micro-batches.
+pub fn mean_loss(model: &Model, examples: &[Example], micro_batch: usize) -> Result<f64> {
+    let (mut sum, mut count) = (0.0f64, 0usize);
+    for chunk in examples.chunks(micro_batch.max(1)) {
+        let chunk: Vec<&Example> = chunk.iter().filter(|e| trained_tokens(e) > 0).collect();
+        if chunk.is_empty() {
+            continue;
+        }
+        let n: usize = chunk.iter().map(|e| trained_tokens(e)).sum();
+        let (ids, labels) = pad_batch(&chunk, model.device())?;
+        let loss = causal_lm_loss(&model.forward(&ids, false)?, &labels)?;
+        sum += loss.to_scalar::<f32>()? as f64 * n as f64;
+        count += n;
+    }
+    if count == 0 {
+        return Err(Error::Invalid("no example has a token to compute the loss on".into()));
+    }
+    Ok(sum / count as f64)
+}
+
+/// The mean loss of a model (with an adapter, if given) on a dataset: `qlora-studio eval`.
+pub struct EvalReport {
+    pub loss: f64,
+    pub examples: usize,
+}
+
+pub fn evaluate_dataset(
+    model_source: &str,
+    adapter: Option<&Path>,
+    data: &crate::data::DataConfig,
+    mode: Mode,
+    device: &str,
+) -> Result<EvalReport> {
+    let device = device_of(device)?;
+    let dir = resolve_model(model_source)?;
+    let base = match mode {
+        Mode::Lora => BaseWeights::Dense(DType::F32),
+        Mode::Qlora => BaseWeights::Nf4 { double_quant: true, compute: DType::F32 },
+    };
+    let mut model = Model::load(&dir, base, &device)?;
+    if let Some(a) = adapter {
+        model.load_adapter(a)?;
+    }
+    let tokenizer = ModelTokenizer::from_dir(&dir)?;
+    let mut prepared = data::prepare(data, &tokenizer, Some(&model.spec.family))?;
+    let mut examples = prepared.train;
+    examples.append(&mut prepared.validation);
+    let loss = mean_loss(&model, &examples, 4)?;
+    Ok(EvalReport { loss, examples: examples.len() })
 }
 
 struct StepOutcome {
