@@ -198,7 +198,7 @@ impl Trainer {
                 let mut moments = Vec::with_capacity(trainable_keys.len());
                 for key in &trainable_keys {
                     let pair = ck.moments.remove(key).ok_or_else(|| {
-                        Error::bad_entry(&ck.dir.join(checkpoint::OPTIMIZER_STATE), format!("{key}.exp_avg"), "missing")
+                        Error::bad_entry(ck.dir.join(checkpoint::OPTIMIZER_STATE), format!("{key}.exp_avg"), "missing")
                     })?;
                     moments.push(pair);
                 }
