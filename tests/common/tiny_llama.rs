@@ -33,10 +33,8 @@ fn words(texts: &[String]) -> BTreeSet<String> {
         let mut word_is_alnum = true;
         for ch in t.chars() {
             let alnum = ch.is_alphanumeric() || ch == '_';
-            if ch.is_whitespace() || (!word.is_empty() && alnum != word_is_alnum) {
-                if !word.is_empty() {
-                    out.insert(std::mem::take(&mut word));
-                }
+            if (ch.is_whitespace() || alnum != word_is_alnum) && !word.is_empty() {
+                out.insert(std::mem::take(&mut word));
             }
             if !ch.is_whitespace() {
                 word_is_alnum = alnum;
