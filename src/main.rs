@@ -130,7 +130,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     // The table is validated at start: a broken row is reported before anything else runs.
     let table = arch::table()?;
     match cli.command.unwrap_or(Command::Gui) {
-        Command::Gui => gui::run(table),
+        Command::Gui => gui::run(),
         Command::Arch { command: ArchCommand::List } => {
             println!("{:<12} {:<40} Default module", "Model", "Sizes");
             for f in table.families() {

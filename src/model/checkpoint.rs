@@ -73,6 +73,11 @@ impl Checkpoint {
         Ok(Self { dir: dir.to_path_buf(), files, index })
     }
 
+    /// Every tensor key of the checkpoint, in no particular order.
+    pub fn keys(&self) -> impl Iterator<Item = &str> {
+        self.index.keys().map(String::as_str)
+    }
+
     pub fn dir(&self) -> &Path {
         &self.dir
     }

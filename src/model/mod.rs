@@ -3,6 +3,7 @@
 
 pub mod checkpoint;
 pub mod decoder;
+pub mod inspect;
 pub mod loss;
 pub mod ops;
 pub mod presets;

@@ -1,0 +1,773 @@
+//! The window: a header with the device and the language, the settings on the left (model,
+//! dataset, LoRA, training, memory), and the run, its history, a try-out panel and export in
+//! the middle. Nothing slow runs on the UI thread: training, loading and exporting happen on
+//! worker threads whose results are picked up each frame.
+
+use std::path::{Path, PathBuf};
+
+use eframe::egui;
+use serde::{Deserialize, Serialize};
+
+use super::i18n::{tr, Lang};
+use super::run_view::RunView;
+use crate::model::inspect::{inspect, ModelInfo};
+use crate::train::checkpoint;
+use crate::train::events::RunFinished;
+use crate::train::{Mode, RunConfig, Schedule};
+
+/// What persists between launches.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Settings {
+    pub lang: Lang,
+    pub config: RunConfig,
+    /// Output folders of past runs, newest last.
+    pub runs: Vec<PathBuf>,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self { lang: Lang::En, config: demo_config(), runs: Vec::new() }
+    }
+}
+
+/// The built-in demo model and dataset, so Start trains at once on first launch.
+pub fn demo_config() -> RunConfig {
+    let assets = Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/demo");
+    let mut c = RunConfig::default();
+    c.model.source = assets.join("model").display().to_string();
+    c.model.mode = Mode::Qlora;
+    c.data.path = assets.join("dataset.jsonl");
+    c.train.max_steps = 60;
+    c.train.batch_size = 4;
+    c.train.learning_rate = 5e-3;
+    c.train.eval_every = 20;
+    c.train.checkpoint_every = 20;
+    c.train.output_dir = default_runs_dir().join("demo");
+    c
+}
+
+pub fn default_runs_dir() -> PathBuf {
+    std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(std::env::temp_dir).join("qlora-studio-runs")
+}
+
+pub fn default_settings_path() -> Option<PathBuf> {
+    let base = std::env::var_os("XDG_CONFIG_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".config")))?;
+    Some(base.join("qlora-studio/settings.toml"))
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tab {
+    Run,
+    Runs,
+    Try,
+    Export,
+}
+
+pub struct StudioApp {
+    pub settings: Settings,
+    settings_path: Option<PathBuf>,
+    pub tab: Tab,
+    /// The inspected model for the current source (None until a source is chosen).
+    pub model_info: Option<Result<ModelInfo, String>>,
+    inspected_source: String,
+    pub run: Option<RunView>,
+    /// A save path that replaces the save dialog (tests, scripted use).
+    pub export_target: Option<PathBuf>,
+    pub status: Option<(bool, String)>,
+    family_choice: usize,
+    size_choice: usize,
+    device_line: String,
+    sample_prompts_text: String,
+    compare: Vec<PathBuf>,
+}
+
+impl StudioApp {
+    /// `settings_path`: where settings load from and save to (None: nowhere).
+    pub fn new(settings_path: Option<PathBuf>) -> Self {
+        let settings: Settings = settings_path
+            .as_deref()
+            .and_then(|p| std::fs::read_to_string(p).ok())
+            .and_then(|t| toml::from_str(&t).ok())
+            .unwrap_or_default();
+        let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        let ram = crate::memory::total_memory().map(|b| format!(", {:.1} GiB RAM", b as f64 / 1073741824.0));
+        let device_line = format!("CPU: {cores} cores{}", ram.unwrap_or_default());
+        let sample_prompts_text = settings.config.train.sample_prompts.join("\n");
+        let mut app = Self {
+            settings,
+            settings_path,
+            tab: Tab::Run,
+            model_info: None,
+            inspected_source: String::new(),
+            run: None,
+            export_target: None,
+            status: None,
+            family_choice: 0,
+            size_choice: 0,
+            device_line,
+            sample_prompts_text,
+            compare: Vec::new(),
+        };
+        app.refresh_model_info();
+        app
+    }
+
+    pub fn lang(&self) -> Lang {
+        self.settings.lang
+    }
+
+    pub fn config(&self) -> &RunConfig {
+        &self.settings.config
+    }
+
+    pub fn config_mut(&mut self) -> &mut RunConfig {
+        &mut self.settings.config
+    }
+
+    pub fn save_settings(&self) {
+        if let Some(p) = &self.settings_path {
+            if let Some(dir) = p.parent() {
+                let _ = std::fs::create_dir_all(dir);
+            }
+            if let Ok(text) = toml::to_string_pretty(&self.settings) {
+                let _ = crate::weights::write_atomic(p, text.as_bytes());
+            }
+        }
+    }
+
+    /// Re-read the model's config and headers when its source changed.
+    pub fn refresh_model_info(&mut self) {
+        let source = self.settings.config.model.source.clone();
+        if source == self.inspected_source {
+            return;
+        }
+        self.inspected_source = source.clone();
+        let path = PathBuf::from(&source);
+        self.model_info = if source.trim().is_empty() {
+            None
+        } else if path.is_dir() {
+            let info = inspect(&path).map_err(|e| e.to_string());
+            if let Ok(info) = &info {
+                // the family's default targets, as this checkpoint names them, unless the
+                // user's choice exists in this model
+                let have: Vec<&str> = info.linear_modules.iter().map(|m| m.name.as_str()).collect();
+                let targets = &mut self.settings.config.lora.targets;
+                if targets.is_empty() || !targets.iter().all(|t| t == "all-linear" || have.contains(&t.as_str())) {
+                    *targets = info.default_targets.clone();
+                }
+            }
+            Some(info)
+        } else {
+            Some(Err(format!("{source}: not a model folder (choose a folder with config.json and safetensors)")))
+        };
+    }
+
+    /// Start a run of the current config (or resume from a checkpoint).
+    pub fn start_run(&mut self, resume_from: Option<PathBuf>) {
+        let config = self.settings.config.clone();
+        if let Err(e) = config.validate() {
+            self.status = Some((true, e.to_string()));
+            return;
+        }
+        let out = config.train.output_dir.clone();
+        if !self.settings.runs.contains(&out) {
+            self.settings.runs.push(out);
+        }
+        self.save_settings();
+        self.run = Some(RunView::start(config, resume_from, None));
+        self.tab = Tab::Run;
+    }
+
+    /// Everything a frame shows.
+    pub fn show(&mut self, ui: &mut egui::Ui) {
+        self.take_dropped_files(ui.ctx());
+        if let Some(run) = &mut self.run {
+            if let Some(outcome) = run.pump() {
+                notify(&outcome);
+                if let Ok(f) = &outcome {
+                    self.status = Some((false, finished_text(f)));
+                }
+            }
+            if run.is_active() {
+                ui.ctx().request_repaint_after(std::time::Duration::from_millis(100));
+            }
+        }
+        self.header(ui);
+        egui::Panel::left("settings").resizable(true).default_size(430.0).show(ui, |ui| {
+            egui::ScrollArea::vertical().show(ui, |ui| self.settings_panels(ui));
+        });
+        egui::CentralPanel::default().show(ui, |ui| self.central(ui));
+    }
+
+    fn header(&mut self, ui: &mut egui::Ui) {
+        let lang = self.lang();
+        egui::Panel::top("header").show(ui, |ui| {
+            ui.horizontal(|ui| {
+                ui.heading("qlora-studio");
+                ui.separator();
+                ui.label(&self.device_line);
+                ui.with_layout(egui::Layout::right_to_left(egui::Align::Center), |ui| {
+                    let before = self.settings.lang;
+                    egui::ComboBox::from_id_salt("language").selected_text(self.settings.lang.label()).show_ui(
+                        ui,
+                        |ui| {
+                            for l in [Lang::En, Lang::Zh] {
+                                ui.selectable_value(&mut self.settings.lang, l, l.label());
+                            }
+                        },
+                    );
+                    ui.label(tr(lang, "Language"));
+                    if before != self.settings.lang {
+                        self.save_settings();
+                    }
+                    if ui.button(tr(lang, "Load config…")).clicked() {
+                        if let Some(p) = rfd::FileDialog::new().add_filter("run config", &["toml"]).pick_file() {
+                            match RunConfig::load(&p) {
+                                Ok(c) => {
+                                    self.sample_prompts_text = c.train.sample_prompts.join("\n");
+                                    self.settings.config = c;
+                                    self.refresh_model_info();
+                                }
+                                Err(e) => self.status = Some((true, e.to_string())),
+                            }
+                        }
+                    }
+                    if ui.button(tr(lang, "Save config…")).clicked() {
+                        if let Some(p) = rfd::FileDialog::new().set_file_name("run.toml").save_file() {
+                            if let Err(e) = self.settings.config.save(&p) {
+                                self.status = Some((true, e.to_string()));
+                            }
+                        }
+                    }
+                });
+            });
+            if let Some((is_error, text)) = self.status.clone() {
+                let color = if is_error { ui.visuals().error_fg_color } else { ui.visuals().text_color() };
+                ui.horizontal(|ui| {
+                    ui.colored_label(color, text);
+                    if ui.small_button("✕").clicked() {
+                        self.status = None;
+                    }
+                });
+            }
+        });
+    }
+
+    fn settings_panels(&mut self, ui: &mut egui::Ui) {
+        let lang = self.lang();
+        egui::CollapsingHeader::new(tr(lang, "Model")).default_open(true).show(ui, |ui| self.model_panel(ui));
+        egui::CollapsingHeader::new(tr(lang, "Dataset")).default_open(true).show(ui, |ui| self.dataset_panel(ui));
+        egui::CollapsingHeader::new(tr(lang, "LoRA")).default_open(true).show(ui, |ui| self.lora_panel(ui));
+        egui::CollapsingHeader::new(tr(lang, "Training")).default_open(false).show(ui, |ui| self.training_panel(ui));
+    }
+
+    fn model_panel(&mut self, ui: &mut egui::Ui) {
+        let lang = self.lang();
+        ui.horizontal(|ui| {
+            ui.label(tr(lang, "Source"));
+            ui.add(egui::TextEdit::singleline(&mut self.settings.config.model.source).desired_width(f32::INFINITY));
+        });
+        ui.horizontal(|ui| {
+            if ui.button(tr(lang, "Folder…")).clicked() {
+                if let Some(p) = rfd::FileDialog::new().pick_folder() {
+                    self.settings.config.model.source = p.display().to_string();
+                }
+            }
+            if ui.button(tr(lang, "GGUF file…")).clicked() {
+                if let Some(p) = rfd::FileDialog::new().add_filter("GGUF", &["gguf"]).pick_file() {
+                    self.settings.config.model.source = p.display().to_string();
+                }
+            }
+        });
+        self.family_picker(ui);
+        self.refresh_model_info();
+        match &self.model_info {
+            Some(Ok(info)) => {
+                egui::Grid::new("model_info").num_columns(2).show(ui, |ui| {
+                    let s = &info.spec;
+                    ui.label(tr(lang, "Family"));
+                    ui.label(&info.family_name);
+                    ui.end_row();
+                    ui.label(tr(lang, "Parameters"));
+                    ui.label(human_count(info.parameters));
+                    ui.end_row();
+                    ui.label(tr(lang, "Layers"));
+                    ui.label(s.layers.to_string());
+                    ui.end_row();
+                    ui.label(tr(lang, "Heads"));
+                    ui.label(format!("{} (KV {})", s.heads, s.kv_heads));
+                    ui.end_row();
+                    ui.label(tr(lang, "Vocabulary"));
+                    ui.label(s.vocab.to_string());
+                    ui.end_row();
+                    ui.label(tr(lang, "Context"));
+                    ui.label(info.context_length.map(|c| c.to_string()).unwrap_or_else(|| "–".into()));
+                    ui.end_row();
+                });
+            }
+            Some(Err(e)) => {
+                ui.colored_label(ui.visuals().error_fg_color, e);
+            }
+            None => {
+                ui.weak(tr(lang, "no model chosen"));
+            }
+        }
+        ui.horizontal(|ui| {
+            ui.label(tr(lang, "Mode"));
+            ui.radio_value(&mut self.settings.config.model.mode, Mode::Lora, "LoRA");
+            ui.radio_value(&mut self.settings.config.model.mode, Mode::Qlora, "QLoRA (NF4)");
+        });
+    }
+
+    /// Family → size → the well-known hub checkpoint.
+    fn family_picker(&mut self, ui: &mut egui::Ui) {
+        let lang = self.lang();
+        let Ok(table) = crate::arch::table() else { return };
+        let families = table.families();
+        if families.is_empty() {
+            return;
+        }
+        self.family_choice = self.family_choice.min(families.len() - 1);
+        let family = &families[self.family_choice];
+        ui.horizontal(|ui| {
+            ui.label(tr(lang, "From the table"));
+            egui::ComboBox::from_id_salt("family").selected_text(&family.name).show_ui(ui, |ui| {
+                for (i, f) in families.iter().enumerate() {
+                    if ui.selectable_value(&mut self.family_choice, i, &f.name).clicked() {
+                        self.size_choice = 0;
+                    }
+                }
+            });
+            let family = &families[self.family_choice];
+            self.size_choice = self.size_choice.min(family.sizes.len().saturating_sub(1));
+            let size = family.sizes.get(self.size_choice).cloned().unwrap_or_default();
+            egui::ComboBox::from_id_salt("size").selected_text(&size).show_ui(ui, |ui| {
+                for (i, s) in family.sizes.iter().enumerate() {
+                    ui.selectable_value(&mut self.size_choice, i, s);
+                }
+            });
+            let hub_id = well_known_hub_id(&family.id, &size);
+            let use_it = ui.add_enabled(hub_id.is_some(), egui::Button::new(tr(lang, "Use")));
+            if let Some(id) = hub_id {
+                if use_it.on_hover_text(id).clicked() {
+                    self.settings.config.model.source = id.to_string();
+                }
+            }
+        });
+    }
+
+    fn dataset_panel(&mut self, ui: &mut egui::Ui) {
+        let lang = self.lang();
+        let data = &mut self.settings.config.data;
+        let mut path = data.path.display().to_string();
+        ui.horizontal(|ui| {
+            ui.label(tr(lang, "Source"));
+            if ui.add(egui::TextEdit::singleline(&mut path).desired_width(f32::INFINITY)).changed() {
+                data.path = PathBuf::from(&path);
+            }
+        });
+        ui.horizontal(|ui| {
+            if ui.button(tr(lang, "File…")).clicked() {
+                if let Some(p) = rfd::FileDialog::new().add_filter("dataset", &["json", "jsonl", "txt"]).pick_file() {
+                    data.path = p;
+                }
+            }
+            if ui.button(tr(lang, "Folder…")).clicked() {
+                if let Some(p) = rfd::FileDialog::new().pick_folder() {
+                    data.path = p;
+                }
+            }
+        });
+        egui::Grid::new("data_settings").num_columns(2).show(ui, |ui| {
+            ui.label(tr(lang, "Max length"));
+            ui.add(egui::DragValue::new(&mut data.max_length).range(16..=32768));
+            ui.end_row();
+            ui.label(tr(lang, "Validation fraction"));
+            ui.add(egui::DragValue::new(&mut data.validation_fraction).range(0.0..=0.5).speed(0.01));
+            ui.end_row();
+        });
+    }
+
+    fn lora_panel(&mut self, ui: &mut egui::Ui) {
+        let lang = self.lang();
+        let lora = &mut self.settings.config.lora;
+        egui::Grid::new("lora_settings").num_columns(2).show(ui, |ui| {
+            ui.label(tr(lang, "Rank r"));
+            ui.add(egui::Slider::new(&mut lora.r, 1..=256).logarithmic(true));
+            ui.end_row();
+            ui.label(tr(lang, "Alpha"));
+            ui.add(egui::DragValue::new(&mut lora.alpha).range(0.5..=1024.0).speed(0.5));
+            ui.end_row();
+            ui.label(tr(lang, "Dropout"));
+            ui.add(egui::Slider::new(&mut lora.dropout, 0.0..=0.5));
+            ui.end_row();
+            ui.label("rsLoRA");
+            ui.checkbox(&mut lora.rslora, "α/√r");
+            ui.end_row();
+        });
+        let Some(Ok(info)) = &self.model_info else { return };
+        ui.label(egui::RichText::new(tr(lang, "Target modules")).strong());
+        if let Some(note) = &info.default_targets_note {
+            ui.weak(note);
+        }
+        ui.horizontal(|ui| {
+            if ui.button(tr(lang, "Table default")).clicked() {
+                lora.targets = info.default_targets.clone();
+            }
+            if ui.button(tr(lang, "Attention")).clicked() {
+                lora.targets = attention_modules(info);
+            }
+            if ui.button(tr(lang, "All linear")).clicked() {
+                lora.targets = vec!["all-linear".into()];
+            }
+        });
+        let all = lora.targets.iter().any(|t| t == "all-linear");
+        if all {
+            // expand the preset into its modules so single boxes can be unticked
+            lora.targets = info
+                .linear_modules
+                .iter()
+                .filter(|m| m.name != "gate" || m.shape.is_some())
+                .map(|m| m.name.clone())
+                .collect();
+        }
+        for m in &info.linear_modules {
+            let mut on = lora.targets.contains(&m.name);
+            let shape = m.shape.map(|[o, i]| format!("{o}×{i}")).unwrap_or_else(|| "packed".into());
+            let fused = m.fused.as_ref().map(|f| format!(" · fused {f}")).unwrap_or_default();
+            let default = if info.default_targets.contains(&m.name) { " · default" } else { "" };
+            if ui.checkbox(&mut on, format!("{}  [{shape}] ×{}{fused}{default}", m.name, m.count)).changed() {
+                if on {
+                    lora.targets.push(m.name.clone());
+                } else {
+                    lora.targets.retain(|t| t != &m.name);
+                }
+            }
+        }
+        let params = info.lora_parameters(&lora.targets, lora.r);
+        ui.label(format!(
+            "{}: {} ({:.3}%) · {}: {}",
+            tr(lang, "Trainable parameters"),
+            human_count(params),
+            100.0 * params as f64 / info.parameters.max(1) as f64,
+            tr(lang, "Adapter memory"),
+            // f32 weight, gradient and AdamW's two moments
+            human_bytes(params as u64 * 16)
+        ));
+    }
+
+    fn training_panel(&mut self, ui: &mut egui::Ui) {
+        let lang = self.lang();
+        let t = &mut self.settings.config.train;
+        egui::Grid::new("train_settings").num_columns(2).show(ui, |ui| {
+            ui.label(tr(lang, "Learning rate"));
+            ui.add(egui::DragValue::new(&mut t.learning_rate).range(1e-7..=1.0).speed(1e-5).max_decimals(7));
+            ui.end_row();
+            ui.label(tr(lang, "Schedule"));
+            egui::ComboBox::from_id_salt("schedule").selected_text(format!("{:?}", t.schedule)).show_ui(ui, |ui| {
+                for s in [Schedule::Cosine, Schedule::Linear, Schedule::Constant] {
+                    ui.selectable_value(&mut t.schedule, s, format!("{s:?}"));
+                }
+            });
+            ui.end_row();
+            ui.label(tr(lang, "Warmup steps"));
+            ui.add(egui::DragValue::new(&mut t.warmup_steps).range(0..=100000));
+            ui.end_row();
+            ui.label(tr(lang, "Epochs"));
+            ui.add(egui::DragValue::new(&mut t.epochs).range(0.0..=100.0).speed(0.1));
+            ui.end_row();
+            ui.label(tr(lang, "Max steps (0 = from epochs)"));
+            ui.add(egui::DragValue::new(&mut t.max_steps).range(0..=1_000_000));
+            ui.end_row();
+            ui.label(tr(lang, "Batch size"));
+            ui.add(egui::DragValue::new(&mut t.batch_size).range(1..=512));
+            ui.end_row();
+            ui.label(tr(lang, "Gradient accumulation"));
+            ui.add(egui::DragValue::new(&mut t.grad_accum).range(1..=512));
+            ui.end_row();
+            ui.label(tr(lang, "Seed"));
+            ui.add(egui::DragValue::new(&mut t.seed));
+            ui.end_row();
+            ui.label(tr(lang, "Evaluate every"));
+            ui.add(egui::DragValue::new(&mut t.eval_every).range(0..=100000));
+            ui.end_row();
+            ui.label(tr(lang, "Checkpoint every"));
+            ui.add(egui::DragValue::new(&mut t.checkpoint_every).range(0..=100000));
+            ui.end_row();
+            ui.label(tr(lang, "Sample every"));
+            ui.add(egui::DragValue::new(&mut t.sample_every).range(0..=100000));
+            ui.end_row();
+        });
+        ui.label(tr(lang, "Sample prompts (one per line)"));
+        if ui.add(egui::TextEdit::multiline(&mut self.sample_prompts_text).desired_rows(2)).changed() {
+            t.sample_prompts =
+                self.sample_prompts_text.lines().filter(|l| !l.trim().is_empty()).map(str::to_string).collect();
+        }
+        ui.label(tr(lang, "Output folder"));
+        let mut out = t.output_dir.display().to_string();
+        ui.horizontal(|ui| {
+            if ui.add(egui::TextEdit::singleline(&mut out)).changed() {
+                t.output_dir = PathBuf::from(&out);
+            }
+            if ui.button(tr(lang, "Folder…")).clicked() {
+                if let Some(p) = rfd::FileDialog::new().pick_folder() {
+                    t.output_dir = p;
+                }
+            }
+        });
+    }
+
+    fn central(&mut self, ui: &mut egui::Ui) {
+        let lang = self.lang();
+        ui.horizontal(|ui| {
+            let active = self.run.as_ref().is_some_and(|r| r.is_active());
+            let start = ui.add_enabled(
+                !active,
+                egui::Button::new(egui::RichText::new(format!("▶ {}", tr(lang, "Start"))).strong()),
+            );
+            if start.clicked() {
+                self.start_run(None);
+            }
+            ui.separator();
+            ui.selectable_value(&mut self.tab, Tab::Run, tr(lang, "Run"));
+            ui.selectable_value(&mut self.tab, Tab::Runs, tr(lang, "Runs"));
+            ui.selectable_value(&mut self.tab, Tab::Try, tr(lang, "Try"));
+            ui.selectable_value(&mut self.tab, Tab::Export, tr(lang, "Export"));
+        });
+        ui.separator();
+        match self.tab {
+            Tab::Run => match &mut self.run {
+                Some(run) => {
+                    run.controls(ui, lang);
+                    egui::ScrollArea::vertical().show(ui, |ui| {
+                        run.plots(ui, lang);
+                        run.samples_and_log(ui, lang);
+                    });
+                }
+                None => {
+                    ui.label(tr(lang, "Not started"));
+                }
+            },
+            Tab::Runs => self.runs_tab(ui),
+            Tab::Try => {
+                ui.label(tr(lang, "Try"));
+            }
+            Tab::Export => {
+                ui.label(tr(lang, "Export"));
+            }
+        }
+    }
+
+    /// Past runs: reopen their curves, compare them, resume them.
+    fn runs_tab(&mut self, ui: &mut egui::Ui) {
+        let lang = self.lang();
+        let records: Vec<RunRecord> = self.settings.runs.iter().rev().filter_map(|d| RunRecord::read(d)).collect();
+        if records.is_empty() {
+            ui.label(tr(lang, "No runs yet."));
+            return;
+        }
+        let mut reopen = None;
+        let mut resume = None;
+        egui::Grid::new("runs").striped(true).num_columns(6).show(ui, |ui| {
+            for h in ["", "Output folder", "Model", "Steps", "Training loss", "Validation loss"] {
+                ui.strong(tr(lang, h));
+            }
+            ui.end_row();
+            for r in &records {
+                let mut on = self.compare.contains(&r.dir);
+                if ui.checkbox(&mut on, tr(lang, "Compare")).changed() {
+                    if on {
+                        self.compare.push(r.dir.clone());
+                    } else {
+                        self.compare.retain(|d| d != &r.dir);
+                    }
+                }
+                ui.label(r.dir.display().to_string());
+                ui.label(&r.config.model.source);
+                ui.label(format!("{}/{}", r.state.step, r.state.total_steps));
+                ui.label(r.state.losses.last().map(|l| format!("{:.4}", l.1)).unwrap_or_default());
+                ui.label(r.state.eval_losses.last().map(|l| format!("{:.4}", l.1)).unwrap_or_default());
+                ui.end_row();
+                ui.label("");
+                ui.horizontal(|ui| {
+                    if ui.button(tr(lang, "Reopen")).clicked() {
+                        reopen = Some(r.clone());
+                    }
+                    let unfinished = r.state.step < r.state.total_steps;
+                    if ui.add_enabled(unfinished, egui::Button::new(tr(lang, "Resume from last checkpoint"))).clicked()
+                    {
+                        resume = Some(r.checkpoint.clone());
+                    }
+                });
+                ui.end_row();
+            }
+        });
+        if !self.compare.is_empty() {
+            egui_plot::Plot::new("compare").height(260.0).legend(egui_plot::Legend::default()).show(ui, |p| {
+                for r in records.iter().filter(|r| self.compare.contains(&r.dir)) {
+                    let points: Vec<[f64; 2]> = r.state.losses.iter().map(|&(s, l)| [s as f64, l]).collect();
+                    let name = r.dir.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+                    p.line(egui_plot::Line::new(name, egui_plot::PlotPoints::from(points)));
+                }
+            });
+        }
+        if let Some(r) = reopen {
+            let end = RunFinished {
+                step: r.state.step,
+                stopped: r.state.step < r.state.total_steps,
+                checkpoint: Some(r.checkpoint.clone()),
+                train_loss: r.state.losses.last().map(|l| l.1),
+                validation_loss: r.state.eval_losses.last().map(|l| l.1),
+            };
+            self.run = Some(RunView::from_history(r.config.clone(), &r.state.losses, &r.state.eval_losses, end));
+            self.tab = Tab::Run;
+        }
+        if let Some(ck) = resume {
+            if let Ok(loaded) = checkpoint::load(&ck, &candle_core::Device::Cpu) {
+                self.settings.config = loaded.config;
+            }
+            self.start_run(Some(ck));
+        }
+    }
+
+    /// Model folders, GGUF files and datasets dropped onto the window.
+    fn take_dropped_files(&mut self, ctx: &egui::Context) {
+        let dropped: Vec<PathBuf> = ctx.input(|i| {
+            i.raw.dropped_files.iter().map(|f| f.path().to_path_buf()).filter(|p| !p.as_os_str().is_empty()).collect()
+        });
+        for path in dropped {
+            let is_model = path.join("config.json").is_file() || path.extension().is_some_and(|e| e == "gguf");
+            if is_model {
+                self.settings.config.model.source = path.display().to_string();
+            } else {
+                self.settings.config.data.path = path;
+            }
+        }
+    }
+}
+
+/// A past run, read from the newest checkpoint in its output folder.
+#[derive(Clone)]
+pub struct RunRecord {
+    pub dir: PathBuf,
+    pub checkpoint: PathBuf,
+    pub config: RunConfig,
+    pub state: checkpoint::TrainerState,
+}
+
+impl RunRecord {
+    pub fn read(dir: &Path) -> Option<Self> {
+        let ck = checkpoint::latest(dir)?;
+        let config = RunConfig::load(&ck.join(checkpoint::RUN_CONFIG)).ok()?;
+        let text = std::fs::read_to_string(ck.join(checkpoint::TRAINER_STATE)).ok()?;
+        let state = serde_json::from_str(&text).ok()?;
+        Some(Self { dir: dir.to_path_buf(), checkpoint: ck, config, state })
+    }
+}
+
+fn attention_modules(info: &ModelInfo) -> Vec<String> {
+    const ATTENTION: &[&str] = &[
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "W_pack",
+        "query_key_value",
+        "c_attn",
+        "Wqkv",
+        "dense",
+        "out_proj",
+        "c_proj",
+    ];
+    info.linear_modules
+        .iter()
+        .filter(|m| ATTENTION.contains(&m.name.as_str()) && !m.name.contains("mlp"))
+        .map(|m| m.name.clone())
+        .collect()
+}
+
+/// The hub id of a family's well-known checkpoint of a given size.
+pub fn well_known_hub_id(family: &str, size: &str) -> Option<&'static str> {
+    Some(match (family, size) {
+        ("llama2", "7B") => "meta-llama/Llama-2-7b-hf",
+        ("llama2", "13B") => "meta-llama/Llama-2-13b-hf",
+        ("llama2", "70B") => "meta-llama/Llama-2-70b-hf",
+        ("llama", "7B") => "huggyllama/llama-7b",
+        ("llama", "13B") => "huggyllama/llama-13b",
+        ("llama", "33B") => "huggyllama/llama-30b",
+        ("llama", "65B") => "huggyllama/llama-65b",
+        ("mistral", "7B") => "mistralai/Mistral-7B-v0.1",
+        ("mixtral", "8x7B") => "mistralai/Mixtral-8x7B-v0.1",
+        ("qwen", "1.8B") => "Qwen/Qwen-1_8B",
+        ("qwen", "7B") => "Qwen/Qwen-7B",
+        ("qwen", "14B") => "Qwen/Qwen-14B",
+        ("qwen", "72B") => "Qwen/Qwen-72B",
+        ("chatglm3", "6B") => "THUDM/chatglm3-6b",
+        ("baichuan", "7B") => "baichuan-inc/Baichuan-7B",
+        ("baichuan", "13B") => "baichuan-inc/Baichuan-13B-Base",
+        ("baichuan2", "7B") => "baichuan-inc/Baichuan2-7B-Base",
+        ("baichuan2", "13B") => "baichuan-inc/Baichuan2-13B-Base",
+        ("bloom", "560M") => "bigscience/bloom-560m",
+        ("bloom", "1.1B") => "bigscience/bloom-1b1",
+        ("bloom", "1.7B") => "bigscience/bloom-1b7",
+        ("bloom", "3B") => "bigscience/bloom-3b",
+        ("bloom", "7.1B") => "bigscience/bloom-7b1",
+        ("bloom", "176B") => "bigscience/bloom",
+        ("bloomz", "560M") => "bigscience/bloomz-560m",
+        ("bloomz", "1.1B") => "bigscience/bloomz-1b1",
+        ("bloomz", "1.7B") => "bigscience/bloomz-1b7",
+        ("bloomz", "3B") => "bigscience/bloomz-3b",
+        ("bloomz", "7.1B") => "bigscience/bloomz-7b1",
+        ("bloomz", "176B") => "bigscience/bloomz",
+        ("falcon", "7B") => "tiiuae/falcon-7b",
+        ("falcon", "40B") => "tiiuae/falcon-40b",
+        ("falcon", "180B") => "tiiuae/falcon-180B",
+        ("internlm", "7B") => "internlm/internlm-7b",
+        ("internlm", "20B") => "internlm/internlm-20b",
+        ("phi", "1.3B") => "microsoft/phi-1_5",
+        ("phi", "2.7B") => "microsoft/phi-2",
+        ("xverse", "7B") => "xverse/XVERSE-7B",
+        ("xverse", "13B") => "xverse/XVERSE-13B",
+        ("xverse", "65B") => "xverse/XVERSE-65B",
+        ("yi", "6B") => "01-ai/Yi-6B",
+        ("yi", "34B") => "01-ai/Yi-34B",
+        _ => return None,
+    })
+}
+
+pub fn human_count(n: usize) -> String {
+    match n {
+        n if n >= 1_000_000_000 => format!("{:.2} B", n as f64 / 1e9),
+        n if n >= 1_000_000 => format!("{:.2} M", n as f64 / 1e6),
+        n if n >= 1_000 => format!("{:.1} K", n as f64 / 1e3),
+        n => n.to_string(),
+    }
+}
+
+pub fn human_bytes(b: u64) -> String {
+    let b = b as f64;
+    if b >= 1073741824.0 {
+        format!("{:.2} GiB", b / 1073741824.0)
+    } else if b >= 1048576.0 {
+        format!("{:.1} MiB", b / 1048576.0)
+    } else {
+        format!("{:.0} KiB", b / 1024.0)
+    }
+}
+
+fn finished_text(f: &RunFinished) -> String {
+    let where_ = f.checkpoint.as_ref().map(|p| format!("; adapter in {}", p.display())).unwrap_or_default();
+    format!("run {} at step {}{where_}", if f.stopped { "stopped" } else { "finished" }, f.step)
+}
+
+/// A desktop notification through the freedesktop `notify-send` tool, where there is one.
+fn notify(outcome: &Result<RunFinished, String>) {
+    let (title, body) = match outcome {
+        Ok(f) => ("qlora-studio: run finished", finished_text(f)),
+        Err(m) => ("qlora-studio: run failed", m.clone()),
+    };
+    let _ = std::process::Command::new("notify-send").arg(title).arg(body).spawn();
+}

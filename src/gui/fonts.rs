@@ -1,0 +1,37 @@
+//! CJK glyphs: egui's default fonts have none. Use a system Noto CJK / WenQuanYi font when
+//! there is one, else the subset bundled in assets/fonts (every character our Chinese
+//! strings use).
+
+use eframe::egui;
+
+const SYSTEM_CJK_FONTS: &[&str] = &[
+    "/usr/share/fonts/opentype/noto/NotoSansCJK-Regular.ttc",
+    "/usr/share/fonts/noto-cjk/NotoSansCJK-Regular.ttc",
+    "/usr/share/fonts/opentype/noto/NotoSansCJKsc-Regular.otf",
+    "/usr/share/fonts/google-noto-cjk/NotoSansCJK-Regular.ttc",
+    "/usr/share/fonts/truetype/wqy/wqy-microhei.ttc",
+    "/usr/share/fonts/wenquanyi/wqy-microhei/wqy-microhei.ttc",
+    "/usr/share/fonts/truetype/wqy/wqy-zenhei.ttc",
+    "/usr/share/fonts/truetype/droid/DroidSansFallbackFull.ttf",
+    "/System/Library/Fonts/PingFang.ttc",
+    "C:\\Windows\\Fonts\\msyh.ttc",
+];
+
+/// Bundled fallback: a subset of WenQuanYi Micro Hei (Apache-2.0) with our strings' characters.
+const BUNDLED_CJK: &[u8] = include_bytes!("../../assets/fonts/cjk-subset.ttf");
+
+/// Where the CJK font came from (for the log and the tests).
+pub fn install_cjk_font(ctx: &egui::Context) -> String {
+    let (bytes, origin) = SYSTEM_CJK_FONTS
+        .iter()
+        .find_map(|p| std::fs::read(p).ok().map(|b| (b, p.to_string())))
+        .unwrap_or_else(|| (BUNDLED_CJK.to_vec(), "bundled subset".to_string()));
+    let mut fonts = egui::FontDefinitions::default();
+    fonts.font_data.insert("cjk".into(), std::sync::Arc::new(egui::FontData::from_owned(bytes)));
+    // after the defaults: Latin text keeps egui's font, CJK falls through to this one
+    for family in [egui::FontFamily::Proportional, egui::FontFamily::Monospace] {
+        fonts.families.entry(family).or_default().push("cjk".into());
+    }
+    ctx.set_fonts(fonts);
+    origin
+}

@@ -1,0 +1,133 @@
+//! English and Simplified Chinese. Strings are keyed by their English text, so the code reads
+//! as English and a missing translation falls back to it.
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub enum Lang {
+    #[default]
+    En,
+    Zh,
+}
+
+impl Lang {
+    pub fn label(self) -> &'static str {
+        match self {
+            Lang::En => "English",
+            Lang::Zh => "简体中文",
+        }
+    }
+}
+
+/// The text of `english` in `lang`.
+pub fn tr(lang: Lang, english: &'static str) -> &'static str {
+    if lang == Lang::En {
+        return english;
+    }
+    ZH.iter().find(|(en, _)| *en == english).map(|(_, zh)| *zh).unwrap_or(english)
+}
+
+/// (English, 简体中文). Keep in the order the UI shows them.
+pub const ZH: &[(&str, &str)] = &[
+    ("Model", "模型"),
+    ("Dataset", "数据集"),
+    ("LoRA", "LoRA"),
+    ("Training", "训练"),
+    ("Memory", "显存/内存"),
+    ("Run", "运行"),
+    ("Runs", "历史运行"),
+    ("Try", "试用"),
+    ("Export", "导出"),
+    ("Language", "语言"),
+    ("Save config…", "保存配置…"),
+    ("Load config…", "加载配置…"),
+    ("Source", "来源"),
+    ("Folder…", "文件夹…"),
+    ("GGUF file…", "GGUF 文件…"),
+    ("File…", "文件…"),
+    ("From the table", "从架构表选择"),
+    ("Family", "模型家族"),
+    ("Size", "规模"),
+    ("Use", "使用"),
+    ("Hub cache", "本地 Hub 缓存"),
+    ("Parameters", "参数量"),
+    ("Layers", "层数"),
+    ("Heads", "注意力头"),
+    ("Vocabulary", "词表"),
+    ("Context", "上下文长度"),
+    ("Mode", "模式"),
+    ("Device", "设备"),
+    ("Format", "格式"),
+    ("Template", "模板"),
+    ("Max length", "最大长度"),
+    ("Packing", "样本拼接"),
+    ("Train on prompt tokens too", "也训练提示词部分"),
+    ("Validation fraction", "验证集比例"),
+    ("Preview", "预览"),
+    ("Rank r", "秩 r"),
+    ("Alpha", "Alpha"),
+    ("Dropout", "Dropout"),
+    ("Target modules", "目标模块"),
+    ("Table default", "表格默认"),
+    ("Attention", "注意力层"),
+    ("All linear", "全部线性层"),
+    ("Trainable parameters", "可训练参数"),
+    ("Adapter memory", "适配器内存"),
+    ("Learning rate", "学习率"),
+    ("Schedule", "学习率调度"),
+    ("Warmup steps", "预热步数"),
+    ("Epochs", "轮数"),
+    ("Max steps (0 = from epochs)", "最大步数（0 = 按轮数）"),
+    ("Batch size", "批大小"),
+    ("Gradient accumulation", "梯度累积"),
+    ("Seed", "随机种子"),
+    ("Evaluate every", "每隔多少步验证"),
+    ("Checkpoint every", "每隔多少步保存"),
+    ("Sample every", "每隔多少步生成样例"),
+    ("Sample prompts (one per line)", "样例提示词（每行一个）"),
+    ("Output folder", "输出文件夹"),
+    ("Start", "开始"),
+    ("Pause", "暂停"),
+    ("Resume", "继续"),
+    ("Stop", "停止"),
+    ("Save now", "立即保存"),
+    ("Loss", "损失"),
+    ("Validation loss", "验证损失"),
+    ("Training loss", "训练损失"),
+    ("Learning rate over steps", "学习率"),
+    ("Gradient norm", "梯度范数"),
+    ("Tokens/s", "每秒词元数"),
+    ("Memory (MiB)", "内存 (MiB)"),
+    ("Samples", "生成样例"),
+    ("Log", "日志"),
+    ("Not started", "未开始"),
+    ("Loading", "加载中"),
+    ("Training…", "训练中…"),
+    ("Paused", "已暂停"),
+    ("Finished", "已完成"),
+    ("Stopped", "已停止"),
+    ("Failed", "失败"),
+    ("step", "步"),
+    ("ETA", "预计剩余"),
+    ("no model chosen", "未选择模型"),
+    ("fits", "放得下"),
+    ("does not fit", "放不下"),
+    ("Estimate", "估计"),
+    ("Suggestions", "建议"),
+    ("Reopen", "打开"),
+    ("Compare", "对比"),
+    ("Resume from last checkpoint", "从最近的检查点继续"),
+    ("No runs yet.", "还没有运行记录。"),
+    ("Prompt", "提示词"),
+    ("Generate", "生成"),
+    ("Without adapter", "不加适配器"),
+    ("With adapter", "加适配器"),
+    ("Checkpoint", "检查点"),
+    ("Export as…", "导出为…"),
+    ("PEFT adapter", "PEFT 适配器"),
+    ("GGUF adapter (llama.cpp, Ollama)", "GGUF 适配器（llama.cpp、Ollama）"),
+    ("Merged model", "合并后的模型"),
+    ("Exported to", "已导出到"),
+    ("Error", "错误"),
+    ("Warning", "警告"),
+];

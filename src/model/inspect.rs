@@ -1,0 +1,120 @@
+//! What a checkpoint folder holds, read from config.json and the safetensors headers only (no
+//! weights loaded): the family, the shape figures, and the linear modules LoRA can target with
+//! their shapes, so a picker can be filled before anything is loaded.
+
+use std::path::{Path, PathBuf};
+
+use crate::arch;
+use crate::error::{Error, Result};
+use crate::model::checkpoint::Checkpoint;
+use crate::model::ModelSpec;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct LinearModule {
+    /// The module name targets use (`q_proj`, `W_pack`, ...).
+    pub name: String,
+    /// [out, in] of one instance; `None` when stored packed (4-bit checkpoints).
+    pub shape: Option<[usize; 2]>,
+    /// How many instances the model has (layers × experts).
+    pub count: usize,
+    /// For a fused projection, what it holds ("q, k, v", "gate, up").
+    pub fused: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ModelInfo {
+    pub dir: PathBuf,
+    pub family_id: String,
+    pub family_name: String,
+    pub spec: ModelSpec,
+    /// max_position_embeddings (or the family's name for it), when the config gives one.
+    pub context_length: Option<usize>,
+    /// Parameters in the checkpoint (4-bit packed weights counted as two per byte).
+    pub parameters: usize,
+    pub linear_modules: Vec<LinearModule>,
+    /// The family's default targets as this checkpoint names them.
+    pub default_targets: Vec<String>,
+    /// Set when the table's default module is named differently in this checkpoint.
+    pub default_targets_note: Option<String>,
+}
+
+impl ModelInfo {
+    /// Trainable parameters of LoRA with rank `r` on `targets` ("all-linear" for all).
+    pub fn lora_parameters(&self, targets: &[String], r: usize) -> usize {
+        let all = targets.iter().any(|t| t == "all-linear");
+        self.linear_modules
+            .iter()
+            .filter(|m| all || targets.contains(&m.name))
+            .filter_map(|m| m.shape.map(|[o, i]| r * (o + i) * m.count))
+            .sum()
+    }
+}
+
+pub fn inspect(dir: &Path) -> Result<ModelInfo> {
+    let config_path = dir.join("config.json");
+    let text = std::fs::read_to_string(&config_path).map_err(|e| Error::io(&config_path, e))?;
+    let config: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| Error::Invalid(format!("{}: not valid JSON: {e}", config_path.display())))?;
+    let table = arch::table()?;
+    let recognised = table.recognise(&config)?;
+    let spec = ModelSpec::from_config(&config, &recognised, &config_path.display().to_string())?;
+    let checkpoint = Checkpoint::open(dir)?;
+
+    let mut parameters = 0usize;
+    for key in checkpoint.keys() {
+        let key = key.to_string();
+        if let Ok(view) = checkpoint.file_of(&key).and_then(|f| f.get(&key)) {
+            let n: usize = view.shape().iter().product();
+            parameters += if view.dtype() == safetensors::Dtype::U8 { 2 * n } else { n };
+        }
+    }
+
+    let n_experts = match &spec.mlp {
+        crate::model::spec::MlpKind::Moe { experts, .. } => *experts,
+        _ => 0,
+    };
+    let mut linear_modules: Vec<LinearModule> = Vec::new();
+    for layer in 0..spec.layers {
+        for path in recognised.layout.layer_module_paths(layer, n_experts) {
+            let name = arch::ModuleLayout::module_name(&path).to_string();
+            if let Some(m) = linear_modules.iter_mut().find(|m| m.name == name) {
+                m.count += 1;
+                continue;
+            }
+            let key = format!("{path}.weight");
+            let shape = checkpoint.file_of(&key).and_then(|f| f.get(&key)).ok().and_then(|v| match v.shape() {
+                [o, i] if v.dtype() != safetensors::Dtype::U8 => Some([*o, *i]),
+                _ => None,
+            });
+            let fused = recognised.layout.fused(&name).map(|f| match f.split {
+                arch::SplitKind::GateUp => "gate, up".to_string(),
+                _ => "q, k, v".to_string(),
+            });
+            linear_modules.push(LinearModule { name, shape, count: 1, fused });
+        }
+    }
+    let default_targets = recognised.default_targets();
+    let default_targets_note = (default_targets != recognised.family.default_targets).then(|| {
+        format!(
+            "the table's default for {} is {}; this checkpoint's layout names it {}",
+            recognised.family.name,
+            recognised.family.default_targets.join(","),
+            default_targets.join(",")
+        )
+    });
+    let context_length = ["max_position_embeddings", "seq_length", "n_positions", "model_max_length"]
+        .iter()
+        .find_map(|k| config.get(*k).and_then(|v| v.as_u64()))
+        .map(|v| v as usize);
+    Ok(ModelInfo {
+        dir: dir.to_path_buf(),
+        family_id: recognised.family.id.clone(),
+        family_name: recognised.family.name.clone(),
+        spec,
+        context_length,
+        parameters,
+        linear_modules,
+        default_targets,
+        default_targets_note,
+    })
+}
