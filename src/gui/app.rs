@@ -82,6 +82,9 @@ pub struct StudioApp {
     device_line: String,
     sample_prompts_text: String,
     compare: Vec<PathBuf>,
+    fonts_installed: bool,
+    /// Prefer a system CJK font over the bundled subset (tests turn it off to check the subset).
+    pub system_fonts: bool,
 }
 
 impl StudioApp {
@@ -110,6 +113,8 @@ impl StudioApp {
             device_line,
             sample_prompts_text,
             compare: Vec::new(),
+            fonts_installed: false,
+            system_fonts: true,
         };
         app.refresh_model_info();
         app
@@ -183,6 +188,10 @@ impl StudioApp {
 
     /// Everything a frame shows.
     pub fn show(&mut self, ui: &mut egui::Ui) {
+        if !self.fonts_installed {
+            super::fonts::install_cjk_font(ui.ctx(), self.system_fonts);
+            self.fonts_installed = true;
+        }
         self.take_dropped_files(ui.ctx());
         if let Some(run) = &mut self.run {
             if let Some(outcome) = run.pump() {
@@ -211,7 +220,8 @@ impl StudioApp {
                 ui.label(&self.device_line);
                 ui.with_layout(egui::Layout::right_to_left(egui::Align::Center), |ui| {
                     let before = self.settings.lang;
-                    egui::ComboBox::from_id_salt("language").selected_text(self.settings.lang.label()).show_ui(
+                    // in this right-to-left row the label lands left of the box
+                    egui::ComboBox::from_label(tr(lang, "Language")).selected_text(self.settings.lang.label()).show_ui(
                         ui,
                         |ui| {
                             for l in [Lang::En, Lang::Zh] {
@@ -219,7 +229,6 @@ impl StudioApp {
                             }
                         },
                     );
-                    ui.label(tr(lang, "Language"));
                     if before != self.settings.lang {
                         self.save_settings();
                     }
@@ -267,8 +276,9 @@ impl StudioApp {
     fn model_panel(&mut self, ui: &mut egui::Ui) {
         let lang = self.lang();
         ui.horizontal(|ui| {
-            ui.label(tr(lang, "Source"));
-            ui.add(egui::TextEdit::singleline(&mut self.settings.config.model.source).desired_width(f32::INFINITY));
+            labelled(ui, tr(lang, "Source"), |ui| {
+                ui.add(egui::TextEdit::singleline(&mut self.settings.config.model.source).desired_width(f32::INFINITY))
+            });
         });
         ui.horizontal(|ui| {
             if ui.button(tr(lang, "Folder…")).clicked() {
@@ -333,22 +343,30 @@ impl StudioApp {
         self.family_choice = self.family_choice.min(families.len() - 1);
         let family = &families[self.family_choice];
         ui.horizontal(|ui| {
-            ui.label(tr(lang, "From the table"));
-            egui::ComboBox::from_id_salt("family").selected_text(&family.name).show_ui(ui, |ui| {
-                for (i, f) in families.iter().enumerate() {
-                    if ui.selectable_value(&mut self.family_choice, i, &f.name).clicked() {
-                        self.size_choice = 0;
+            let label = ui.label(tr(lang, "From the table"));
+            egui::ComboBox::from_id_salt("family")
+                .selected_text(&family.name)
+                .show_ui(ui, |ui| {
+                    for (i, f) in families.iter().enumerate() {
+                        if ui.selectable_value(&mut self.family_choice, i, &f.name).clicked() {
+                            self.size_choice = 0;
+                        }
                     }
-                }
-            });
+                })
+                .response
+                .labelled_by(label.id);
             let family = &families[self.family_choice];
             self.size_choice = self.size_choice.min(family.sizes.len().saturating_sub(1));
             let size = family.sizes.get(self.size_choice).cloned().unwrap_or_default();
-            egui::ComboBox::from_id_salt("size").selected_text(&size).show_ui(ui, |ui| {
-                for (i, s) in family.sizes.iter().enumerate() {
-                    ui.selectable_value(&mut self.size_choice, i, s);
-                }
-            });
+            egui::ComboBox::from_id_salt("size")
+                .selected_text(&size)
+                .show_ui(ui, |ui| {
+                    for (i, s) in family.sizes.iter().enumerate() {
+                        ui.selectable_value(&mut self.size_choice, i, s);
+                    }
+                })
+                .response
+                .labelled_by(label.id);
             let hub_id = well_known_hub_id(&family.id, &size);
             let use_it = ui.add_enabled(hub_id.is_some(), egui::Button::new(tr(lang, "Use")));
             if let Some(id) = hub_id {
@@ -364,8 +382,11 @@ impl StudioApp {
         let data = &mut self.settings.config.data;
         let mut path = data.path.display().to_string();
         ui.horizontal(|ui| {
-            ui.label(tr(lang, "Source"));
-            if ui.add(egui::TextEdit::singleline(&mut path).desired_width(f32::INFINITY)).changed() {
+            if labelled(ui, tr(lang, "Source"), |ui| {
+                ui.add(egui::TextEdit::singleline(&mut path).desired_width(f32::INFINITY))
+            })
+            .changed()
+            {
                 data.path = PathBuf::from(&path);
             }
         });
@@ -382,11 +403,13 @@ impl StudioApp {
             }
         });
         egui::Grid::new("data_settings").num_columns(2).show(ui, |ui| {
-            ui.label(tr(lang, "Max length"));
-            ui.add(egui::DragValue::new(&mut data.max_length).range(16..=32768));
+            labelled(ui, tr(lang, "Max length"), |ui| {
+                ui.add(egui::DragValue::new(&mut data.max_length).range(16..=32768))
+            });
             ui.end_row();
-            ui.label(tr(lang, "Validation fraction"));
-            ui.add(egui::DragValue::new(&mut data.validation_fraction).range(0.0..=0.5).speed(0.01));
+            labelled(ui, tr(lang, "Validation fraction"), |ui| {
+                ui.add(egui::DragValue::new(&mut data.validation_fraction).range(0.0..=0.5).speed(0.01))
+            });
             ui.end_row();
         });
     }
@@ -395,14 +418,13 @@ impl StudioApp {
         let lang = self.lang();
         let lora = &mut self.settings.config.lora;
         egui::Grid::new("lora_settings").num_columns(2).show(ui, |ui| {
-            ui.label(tr(lang, "Rank r"));
-            ui.add(egui::Slider::new(&mut lora.r, 1..=256).logarithmic(true));
+            labelled(ui, tr(lang, "Rank r"), |ui| ui.add(egui::Slider::new(&mut lora.r, 1..=256).logarithmic(true)));
             ui.end_row();
-            ui.label(tr(lang, "Alpha"));
-            ui.add(egui::DragValue::new(&mut lora.alpha).range(0.5..=1024.0).speed(0.5));
+            labelled(ui, tr(lang, "Alpha"), |ui| {
+                ui.add(egui::DragValue::new(&mut lora.alpha).range(0.5..=1024.0).speed(0.5))
+            });
             ui.end_row();
-            ui.label(tr(lang, "Dropout"));
-            ui.add(egui::Slider::new(&mut lora.dropout, 0.0..=0.5));
+            labelled(ui, tr(lang, "Dropout"), |ui| ui.add(egui::Slider::new(&mut lora.dropout, 0.0..=0.5)));
             ui.end_row();
             ui.label("rsLoRA");
             ui.checkbox(&mut lora.rslora, "α/√r");
@@ -463,53 +485,66 @@ impl StudioApp {
         let lang = self.lang();
         let t = &mut self.settings.config.train;
         egui::Grid::new("train_settings").num_columns(2).show(ui, |ui| {
-            ui.label(tr(lang, "Learning rate"));
-            ui.add(egui::DragValue::new(&mut t.learning_rate).range(1e-7..=1.0).speed(1e-5).max_decimals(7));
-            ui.end_row();
-            ui.label(tr(lang, "Schedule"));
-            egui::ComboBox::from_id_salt("schedule").selected_text(format!("{:?}", t.schedule)).show_ui(ui, |ui| {
-                for s in [Schedule::Cosine, Schedule::Linear, Schedule::Constant] {
-                    ui.selectable_value(&mut t.schedule, s, format!("{s:?}"));
-                }
+            labelled(ui, tr(lang, "Learning rate"), |ui| {
+                ui.add(egui::DragValue::new(&mut t.learning_rate).range(1e-7..=1.0).speed(1e-5).max_decimals(7))
             });
             ui.end_row();
-            ui.label(tr(lang, "Warmup steps"));
-            ui.add(egui::DragValue::new(&mut t.warmup_steps).range(0..=100000));
+            labelled(ui, tr(lang, "Schedule"), |ui| {
+                egui::ComboBox::from_id_salt("schedule")
+                    .selected_text(format!("{:?}", t.schedule))
+                    .show_ui(ui, |ui| {
+                        for s in [Schedule::Cosine, Schedule::Linear, Schedule::Constant] {
+                            ui.selectable_value(&mut t.schedule, s, format!("{s:?}"));
+                        }
+                    })
+                    .response
+            });
             ui.end_row();
-            ui.label(tr(lang, "Epochs"));
-            ui.add(egui::DragValue::new(&mut t.epochs).range(0.0..=100.0).speed(0.1));
+            labelled(ui, tr(lang, "Warmup steps"), |ui| {
+                ui.add(egui::DragValue::new(&mut t.warmup_steps).range(0..=100000))
+            });
             ui.end_row();
-            ui.label(tr(lang, "Max steps (0 = from epochs)"));
-            ui.add(egui::DragValue::new(&mut t.max_steps).range(0..=1_000_000));
+            labelled(ui, tr(lang, "Epochs"), |ui| {
+                ui.add(egui::DragValue::new(&mut t.epochs).range(0.0..=100.0).speed(0.1))
+            });
             ui.end_row();
-            ui.label(tr(lang, "Batch size"));
-            ui.add(egui::DragValue::new(&mut t.batch_size).range(1..=512));
+            labelled(ui, tr(lang, "Max steps (0 = from epochs)"), |ui| {
+                ui.add(egui::DragValue::new(&mut t.max_steps).range(0..=1_000_000))
+            });
             ui.end_row();
-            ui.label(tr(lang, "Gradient accumulation"));
-            ui.add(egui::DragValue::new(&mut t.grad_accum).range(1..=512));
+            labelled(ui, tr(lang, "Batch size"), |ui| ui.add(egui::DragValue::new(&mut t.batch_size).range(1..=512)));
             ui.end_row();
-            ui.label(tr(lang, "Seed"));
-            ui.add(egui::DragValue::new(&mut t.seed));
+            labelled(ui, tr(lang, "Gradient accumulation"), |ui| {
+                ui.add(egui::DragValue::new(&mut t.grad_accum).range(1..=512))
+            });
             ui.end_row();
-            ui.label(tr(lang, "Evaluate every"));
-            ui.add(egui::DragValue::new(&mut t.eval_every).range(0..=100000));
+            labelled(ui, tr(lang, "Seed"), |ui| ui.add(egui::DragValue::new(&mut t.seed)));
             ui.end_row();
-            ui.label(tr(lang, "Checkpoint every"));
-            ui.add(egui::DragValue::new(&mut t.checkpoint_every).range(0..=100000));
+            labelled(ui, tr(lang, "Evaluate every"), |ui| {
+                ui.add(egui::DragValue::new(&mut t.eval_every).range(0..=100000))
+            });
             ui.end_row();
-            ui.label(tr(lang, "Sample every"));
-            ui.add(egui::DragValue::new(&mut t.sample_every).range(0..=100000));
+            labelled(ui, tr(lang, "Checkpoint every"), |ui| {
+                ui.add(egui::DragValue::new(&mut t.checkpoint_every).range(0..=100000))
+            });
+            ui.end_row();
+            labelled(ui, tr(lang, "Sample every"), |ui| {
+                ui.add(egui::DragValue::new(&mut t.sample_every).range(0..=100000))
+            });
             ui.end_row();
         });
-        ui.label(tr(lang, "Sample prompts (one per line)"));
-        if ui.add(egui::TextEdit::multiline(&mut self.sample_prompts_text).desired_rows(2)).changed() {
+        if labelled(ui, tr(lang, "Sample prompts (one per line)"), |ui| {
+            ui.add(egui::TextEdit::multiline(&mut self.sample_prompts_text).desired_rows(2))
+        })
+        .changed()
+        {
             t.sample_prompts =
                 self.sample_prompts_text.lines().filter(|l| !l.trim().is_empty()).map(str::to_string).collect();
         }
-        ui.label(tr(lang, "Output folder"));
+        let label = ui.label(tr(lang, "Output folder"));
         let mut out = t.output_dir.display().to_string();
         ui.horizontal(|ui| {
-            if ui.add(egui::TextEdit::singleline(&mut out)).changed() {
+            if ui.add(egui::TextEdit::singleline(&mut out)).labelled_by(label.id).changed() {
                 t.output_dir = PathBuf::from(&out);
             }
             if ui.button(tr(lang, "Folder…")).clicked() {
@@ -770,4 +805,10 @@ fn notify(outcome: &Result<RunFinished, String>) {
         Err(m) => ("qlora-studio: run failed", m.clone()),
     };
     let _ = std::process::Command::new("notify-send").arg(title).arg(body).spawn();
+}
+
+/// A label and the widget it names, so screen readers (and UI tests) know what the widget is.
+fn labelled(ui: &mut egui::Ui, text: &str, add: impl FnOnce(&mut egui::Ui) -> egui::Response) -> egui::Response {
+    let label = ui.label(text);
+    add(ui).labelled_by(label.id)
 }

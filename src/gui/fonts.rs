@@ -20,12 +20,12 @@ const SYSTEM_CJK_FONTS: &[&str] = &[
 /// Bundled fallback: a subset of WenQuanYi Micro Hei (Apache-2.0) with our strings' characters.
 const BUNDLED_CJK: &[u8] = include_bytes!("../../assets/fonts/cjk-subset.ttf");
 
-/// Where the CJK font came from (for the log and the tests).
-pub fn install_cjk_font(ctx: &egui::Context) -> String {
-    let (bytes, origin) = SYSTEM_CJK_FONTS
-        .iter()
-        .find_map(|p| std::fs::read(p).ok().map(|b| (b, p.to_string())))
-        .unwrap_or_else(|| (BUNDLED_CJK.to_vec(), "bundled subset".to_string()));
+/// Install a CJK font after egui's defaults; `system_first` looks for a system font before the
+/// bundled subset. Returns where the font came from.
+pub fn install_cjk_font(ctx: &egui::Context, system_first: bool) -> String {
+    let system = || SYSTEM_CJK_FONTS.iter().find_map(|p| std::fs::read(p).ok().map(|b| (b, p.to_string())));
+    let (bytes, origin) =
+        system_first.then(system).flatten().unwrap_or_else(|| (BUNDLED_CJK.to_vec(), "bundled subset".to_string()));
     let mut fonts = egui::FontDefinitions::default();
     fonts.font_data.insert("cjk".into(), std::sync::Arc::new(egui::FontData::from_owned(bytes)));
     // after the defaults: Latin text keeps egui's font, CJK falls through to this one

@@ -34,10 +34,7 @@ pub fn run() -> anyhow::Result<()> {
     eframe::run_native(
         "qlora-studio",
         options,
-        Box::new(|cc| {
-            fonts::install_cjk_font(&cc.egui_ctx);
-            Ok(Box::new(EframeApp(StudioApp::new(app::default_settings_path()))))
-        }),
+        Box::new(|_cc| Ok(Box::new(EframeApp(StudioApp::new(app::default_settings_path()))))),
     )
     .map_err(|e| anyhow::anyhow!("cannot open the window: {e}; on Linux the GUI needs an X11 or Wayland display"))
 }

@@ -1,0 +1,102 @@
+//! The application driven as a user would, in-process with egui_kittest: choose a model and a
+//! dataset, change rank and targets, start a run, watch the loss plot fill, stop it.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::tiny_llama::TinyLlama;
+use eframe::egui;
+use egui_kittest::kittest::{NodeT, Queryable};
+use egui_kittest::Harness;
+use qlora_studio::gui::run_view::RunState;
+use qlora_studio::gui::StudioApp;
+
+fn trainable_label(harness: &Harness<'_, StudioApp>) -> String {
+    {
+        let node = harness.get_by_label_contains("Trainable parameters");
+        let n = node.accesskit_node();
+        n.label().or_else(|| n.value()).unwrap_or_default()
+    }
+}
+
+fn wait_until(harness: &mut Harness<'_, StudioApp>, what: &str, done: impl Fn(&StudioApp) -> bool) {
+    let start = Instant::now();
+    while !done(harness.state()) {
+        assert!(start.elapsed() < Duration::from_secs(120), "timed out waiting for {what}");
+        harness.step();
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    harness.step();
+}
+
+#[test]
+fn choose_tune_start_watch_and_stop() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/colors.jsonl");
+    let text = std::fs::read_to_string(&data).unwrap();
+    let model_dir = dir.path().join("model");
+    TinyLlama::default().write(&model_dir, &[text, "### Instruction : Response :".into()]);
+
+    let mut app = StudioApp::new(None);
+    {
+        let c = app.config_mut();
+        c.model.source = model_dir.display().to_string();
+        c.data.path = data;
+        c.data.max_length = 64;
+        c.train.max_steps = 500;
+        c.train.batch_size = 2;
+        c.train.learning_rate = 5e-3;
+        c.train.probe = false;
+        c.train.output_dir = dir.path().join("out");
+    }
+    app.refresh_model_info();
+    // the bundled font subset must cover every glyph we draw (kittest panics on a missing one)
+    app.system_fonts = false;
+    let mut harness = Harness::builder()
+        .with_size(egui::vec2(1400.0, 900.0))
+        .build_ui_state(|ui, app: &mut StudioApp| app.show(ui), app);
+    harness.step();
+
+    // the picker was filled from the checkpoint, with LLaMA's default targets ticked
+    assert_eq!(harness.state().config().lora.targets, vec!["q_proj".to_string(), "v_proj".to_string()]);
+    let before = trainable_label(&harness);
+    // per layer r·(in+out): q 8·128 + v 8·96 = 1792, two layers
+    assert!(before.contains("3.6 K"), "{before}");
+
+    // tick k_proj: the count grows by 8·(64+32)·2 = 1536
+    harness.get_by_label_contains("k_proj").click();
+    harness.step();
+    assert!(harness.state().config().lora.targets.contains(&"k_proj".to_string()));
+    let with_k = trainable_label(&harness);
+    assert!(with_k.contains("5.1 K"), "{with_k}");
+
+    // rank 8 → 16 through the slider doubles it
+    harness.get_all_by_role(egui::accesskit::Role::Slider).next().expect("the rank slider").set_value_accesskit(16.0);
+    harness.step();
+    harness.step();
+    assert_eq!(harness.state().config().lora.r, 16);
+    let rank16 = trainable_label(&harness);
+    assert!(rank16.contains("10.2 K"), "{rank16}");
+
+    // start: the loss plot gains points
+    harness.get_by_label_contains("Start").click();
+    harness.step();
+    wait_until(&mut harness, "three steps", |app| app.run.as_ref().is_some_and(|r| r.steps.len() >= 3));
+    assert!(harness.query_by_label("Loss").is_some());
+
+    // Simplified Chinese renders (with the bundled subset) and labels change
+    harness.state_mut().settings.lang = qlora_studio::gui::i18n::Lang::Zh;
+    harness.step();
+    assert!(harness.query_by_label("停止").is_some());
+    harness.state_mut().settings.lang = qlora_studio::gui::i18n::Lang::En;
+    harness.step();
+
+    // stop: the run ends at the step it was on, with a checkpoint
+    harness.get_by_label("Stop").click();
+    wait_until(&mut harness, "the run to stop", |app| app.run.as_ref().is_some_and(|r| !r.is_active()));
+    let run = harness.state().run.as_ref().unwrap();
+    let RunState::Finished(end) = &run.state else { panic!("{:?}", run.state) };
+    assert!(end.stopped && end.step >= 3 && end.step < 500, "{end:?}");
+    assert!(end.checkpoint.as_ref().is_some_and(|p| p.join("adapter_model.safetensors").is_file()));
+}
