@@ -1,6 +1,9 @@
 //! LoRA on frozen linears: y = base(x) + (dropout(x)·Aᵀ·Bᵀ)·scale, as PEFT computes it, and
 //! PEFT adapter import. Knows nothing of the training loop.
 
+pub mod export;
+pub mod gguf;
+pub mod merge;
 pub mod peft;
 
 use candle_core::{DType, Device, Tensor, Var};

@@ -77,6 +77,13 @@ impl Checkpoint {
         &self.dir
     }
 
+    /// Every tensor name in the checkpoint, sorted.
+    pub fn keys(&self) -> Vec<String> {
+        let mut keys: Vec<String> = self.index.keys().cloned().collect();
+        keys.sort();
+        keys
+    }
+
     /// The file that holds `key`; the error names the folder and the key.
     pub fn file_of(&self, key: &str) -> Result<&SafetensorsFile> {
         self.index.get(key).map(|&i| &self.files[i]).ok_or_else(|| {
