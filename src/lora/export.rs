@@ -351,10 +351,12 @@ pub fn check_adapter_fits(adapter: &PeftAdapter, spec: &ModelSpec, base: &Path) 
     let recognised = table.recognise_file(&config)?;
     let names = recognised.linear_names();
     let targets: Vec<String> = adapter.settings.targets.iter().filter(|t| *t != "all-linear").cloned().collect();
-    if let Some(t) = targets.iter().find(|t| !names.contains(t)) {
+    let foreign: Vec<&str> = targets.iter().filter(|t| !names.contains(t)).map(String::as_str).collect();
+    if !foreign.is_empty() {
         return Err(Error::Invalid(format!(
-            "the adapter targets `{t}`, which {} ({}) does not have (its linear modules: {}); is --model the \
+            "the adapter targets {}, which {} ({}) does not have (its linear modules: {}); is --model the \
              adapter's base model?",
+            foreign.join(", "),
             base.display(),
             recognised.family.name,
             names.join(", ")
