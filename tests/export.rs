@@ -467,7 +467,7 @@ fn gguf_f16_rslora_alpha_and_moe_experts() {
     // llama.cpp scales by alpha/r: rsLoRA's alpha/√r needs alpha·√r
     let alpha = g.content.metadata["adapter.lora.alpha"].to_f32().unwrap();
     assert!((alpha - 16.0 * 8f32.sqrt()).abs() < 1e-4, "{alpha}");
-    assert!(g.content.metadata.get("tokenizer.chat_template").is_none());
+    assert!(!g.content.metadata.contains_key("tokenizer.chat_template"));
     let (_, vb) = pair(&a, "model.layers.1.self_attn.v_proj");
     let info = &g.content.tensor_infos["blk.1.attn_v.weight.lora_b"];
     assert_eq!(info.ggml_dtype, candle_core::quantized::GgmlDType::F16);
