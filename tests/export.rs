@@ -154,12 +154,14 @@ fn exported_adapter_from_a_model_gives_the_reference_lora_logits() {
     assert!(d <= 1e-4, "logits differ by {d}");
 }
 
-fn merged_logits_match(name: &str, base: BaseWeights, into: MergeInto, opts_dtype: Option<TensorDType>) -> PathBuf {
-    let tag = match into {
-        MergeInto::Original => "original",
-        MergeInto::Dequantized { .. } => "dequantized",
-    };
-    let out = std::env::temp_dir().join(format!("qls-merge-{}-{name}-{tag}", std::process::id()));
+fn merged_logits_match(
+    name: &str,
+    base: BaseWeights,
+    into: MergeInto,
+    opts_dtype: Option<TensorDType>,
+) -> (tempfile::TempDir, PathBuf) {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("merged");
     let opts = MergeOptions { into, dtype: opts_dtype, ..MergeOptions::default() };
     write_merged_model(&adapter(name), &model_dir(name), &out, &opts, &ExportInfo::default())
         .unwrap_or_else(|e| panic!("{name}: {e}"));
@@ -169,13 +171,13 @@ fn merged_logits_match(name: &str, base: BaseWeights, into: MergeInto, opts_dtyp
     let got = merged.forward(&ids, false).unwrap();
     let d = max_abs_diff(&got, &want);
     assert!(d <= 1e-4, "{name}: merged logits differ from base + adapter by {d}");
-    out
+    (tmp, out)
 }
 
 #[test]
 fn merged_model_equals_base_plus_adapter_for_every_family() {
     for name in DENSE_FIXTURES {
-        let out = merged_logits_match(name, F32, MergeInto::Original, None);
+        let (_tmp, out) = merged_logits_match(name, F32, MergeInto::Original, None);
         // the merged model is not the base model: the adapter changed it
         let base = Model::load(&model_dir(name), F32, &Device::Cpu).unwrap();
         let ids = reference(name, "input_ids");
@@ -184,14 +186,13 @@ fn merged_model_equals_base_plus_adapter_for_every_family() {
             &Model::load(&out, F32, &Device::Cpu).unwrap().forward(&ids, false).unwrap(),
         );
         assert!(d > 1e-2, "{name}: merging changed nothing");
-        std::fs::remove_dir_all(out).unwrap();
     }
 }
 
 #[test]
 fn merge_into_dequantized_nf4_weights() {
     // a 4-bit checkpoint: its NF4 weights dequantized, plus the delta
-    let out = merged_logits_match(
+    let (_tmp, out) = merged_logits_match(
         "llama_bnb4",
         BaseWeights::Nf4 { double_quant: true, compute: DType::F32 },
         MergeInto::Dequantized { double_quant: true },
@@ -206,7 +207,6 @@ fn merge_into_dequantized_nf4_weights() {
         &reference("llama_bnb4", "lora_logits"),
     );
     assert!(d <= 1e-4, "merged model vs bitsandbytes + PEFT: {d}");
-    std::fs::remove_dir_all(out).unwrap();
     // the original 16-bit weights are not in a 4-bit checkpoint
     let e = write_merged_model(
         &adapter("llama_bnb4"),
@@ -225,8 +225,8 @@ fn divergence_of_original_and_dequantized_merges_against_the_qlora_model() {
     // a dense checkpoint quantized at load, as a QLoRA run trains on it
     let nf4 = BaseWeights::Nf4 { double_quant: true, compute: DType::F32 };
     let name = "llama_gqa_all_linear";
-    let dequantized = merged_logits_match(name, nf4, MergeInto::Dequantized { double_quant: true }, None);
-    let original = merged_logits_match(name, F32, MergeInto::Original, None);
+    let (_tmp1, dequantized) = merged_logits_match(name, nf4, MergeInto::Dequantized { double_quant: true }, None);
+    let (_tmp2, original) = merged_logits_match(name, F32, MergeInto::Original, None);
     let qlora = lora_model(name, nf4);
     let seqs = sample_sequences(256, 3, 16, 7);
     assert!(seqs.iter().all(|s| s.len() == 16 && s.iter().all(|&t| t < 256)));
@@ -260,8 +260,6 @@ fn divergence_of_original_and_dequantized_merges_against_the_qlora_model() {
     let got = divergence(&qlora, &base, &seqs[..1]).unwrap();
     assert!((got.mean_kl - want).abs() <= 1e-4 * want.max(1e-3), "{} vs {want}", got.mean_kl);
     assert!(got.top1_agreement < 1.0, "the adapter changes some top-1 predictions");
-    std::fs::remove_dir_all(dequantized).unwrap();
-    std::fs::remove_dir_all(original).unwrap();
 }
 
 #[test]
@@ -338,7 +336,10 @@ impl Gguf {
 }
 
 fn write_gguf(name: &str, a: &PeftAdapter, dtype: GgufType, template: Option<&str>) -> Gguf {
-    let path = std::env::temp_dir().join(format!("qls-gguf-{}-{name}.gguf", std::process::id()));
+    // unique per call: tests run in parallel and write the same fixtures
+    static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let path = std::env::temp_dir().join(format!("qls-gguf-{}-{n}-{name}.gguf", std::process::id()));
     let spec = qlora_studio::lora::export::spec_of(&model_dir(name)).unwrap();
     write_gguf_adapter(a, &spec, &path, dtype, None, template).unwrap_or_else(|e| panic!("{name}: {e}"));
     let g = Gguf::read(&path);
@@ -624,4 +625,35 @@ fn importing_an_adapter_onto_another_family_is_refused() {
     // its own base takes it
     let mut mistral = Model::load(&model_dir("mistral"), F32, &Device::Cpu).unwrap();
     mistral.load_adapter(&ckpt).unwrap();
+}
+
+#[test]
+fn gguf_maps_every_linear_of_every_family() {
+    // LoRA on all linears: each one gets llama.cpp's tensor name, and only W_pack is split
+    for name in DENSE_FIXTURES.iter().filter(|n| **n != "mixtral") {
+        let mut model = Model::load(&model_dir(name), F32, &Device::Cpu).unwrap();
+        let settings =
+            LoraSettings { r: 2, alpha: 4.0, dropout: 0.0, use_rslora: false, targets: vec!["all-linear".into()] };
+        model.add_lora(&settings, 1).unwrap();
+        let a = PeftAdapter::from_model(&model, &settings).unwrap();
+        let g = write_gguf(name, &a, GgufType::F32, None);
+        let split = if name.starts_with("baichuan") { 2 } else { 0 };
+        assert_eq!(g.names().len(), 2 * (a.pairs.len() + split * model.spec.layers), "{name}: {:?}", g.names());
+        assert!(g.names().iter().all(|n| n.starts_with("blk.")), "{name}");
+    }
+    // Qwen v1: w1 is up, w2 the gate, and both c_proj find their own tensor
+    let mut model = Model::load(&model_dir("qwen"), F32, &Device::Cpu).unwrap();
+    let settings =
+        LoraSettings { r: 2, alpha: 4.0, dropout: 0.0, use_rslora: false, targets: vec!["all-linear".into()] };
+    model.add_lora(&settings, 1).unwrap();
+    let a = PeftAdapter::from_model(&model, &settings).unwrap();
+    let g = write_gguf("qwen", &a, GgufType::F32, None);
+    for (path, tensor) in [
+        ("transformer.h.1.mlp.w1", "blk.1.ffn_up"),
+        ("transformer.h.1.mlp.w2", "blk.1.ffn_gate"),
+        ("transformer.h.1.mlp.c_proj", "blk.1.ffn_down"),
+        ("transformer.h.1.attn.c_proj", "blk.1.attn_output"),
+    ] {
+        assert_same(&g.tensor(&format!("{tensor}.weight.lora_a")), &pair(&a, path).0, tensor);
+    }
 }
