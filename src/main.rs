@@ -180,6 +180,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 modelfile,
                 divergence_check: !no_check,
                 trained_on_nf4: qlora.then_some(true),
+                check_sequences: Vec::new(),
                 info: lora::export::ExportInfo { base_model: base_name, ..Default::default() },
             };
             let report = lora::export::export(&request)?;

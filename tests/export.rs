@@ -520,6 +520,7 @@ fn request(from: &Path, format: ExportFormat, base: Option<&Path>, out: &Path) -
         modelfile: false,
         divergence_check: false,
         trained_on_nf4: None,
+        check_sequences: Vec::new(),
         info: ExportInfo::default(),
     }
 }
@@ -570,6 +571,20 @@ fn export_job_from_a_checkpoint_folder() {
     let d = export(&req).unwrap().divergence.unwrap();
     assert_eq!(d.top1_agreement, 1.0);
     assert!(d.mean_kl.abs() < 1e-6 && d.positions == 128, "{d:?}");
+
+    // a base named relative to the checkpoint folder, and the check on given token ids
+    std::os::unix::fs::symlink(model_dir("llama"), tmp.path().join("base")).unwrap();
+    let config_path = ckpt.join("adapter_config.json");
+    let mut config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
+    config["base_model_name_or_path"] = "../base".into();
+    std::fs::write(&config_path, config.to_string()).unwrap();
+    let mut req = request(&ckpt, ExportFormat::Merged, None, &tmp.path().join("merged"));
+    req.divergence_check = true;
+    req.check_sequences = vec![vec![1, 2, 3, 4], vec![200, 7]];
+    assert_eq!(export(&req).unwrap().divergence.unwrap().positions, 6);
+    req.check_sequences = vec![vec![1, 256]];
+    let e = export(&req).unwrap_err().to_string();
+    assert!(e.contains("256") && e.contains("vocabulary"), "{e}");
 }
 
 #[test]
@@ -598,6 +613,17 @@ fn bad_paths_and_mismatched_bases_are_clear_errors() {
     ));
     assert!(e.contains("k_proj") && e.contains("base model"), "{e}");
     assert!(!out.exists(), "a failed export leaves nothing behind");
+    // a GGUF adapter needs a file name in an existing folder
+    let e =
+        err(request(&model_dir("llama").join("adapter"), ExportFormat::Gguf, Some(&model_dir("llama")), tmp.path()));
+    assert!(e.contains("is a folder"), "{e}");
+    let e = err(request(
+        &model_dir("llama").join("adapter"),
+        ExportFormat::Gguf,
+        Some(&model_dir("llama")),
+        &tmp.path().join("missing/a.gguf"),
+    ));
+    assert!(e.contains("does not exist"), "{e}");
     // bf16 GGUF is refused with what to choose
     let mut req = request(&model_dir("llama").join("adapter"), ExportFormat::Gguf, Some(&model_dir("llama")), &out);
     req.dtype = Some(TensorDType::Bf16);

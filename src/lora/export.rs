@@ -322,25 +322,27 @@ pub fn adapter_dir(from: &Path) -> Result<PathBuf> {
 }
 
 /// The base model folder: `explicit` if given, else base_model_name_or_path of the adapter
-/// when it is a local folder with a config.json.
-pub fn base_dir(adapter: &PeftAdapter, explicit: Option<&Path>) -> Result<PathBuf> {
-    let dir = match (explicit, adapter.base_model.as_deref()) {
-        (Some(dir), _) => dir.to_path_buf(),
-        (None, Some(name)) => PathBuf::from(name),
-        (None, None) => {
-            return Err(Error::Invalid(
-                "the adapter does not name its base model (base_model_name_or_path); pass --model BASE_DIR".into(),
-            ))
+/// (read from `adapter_dir`) when it is a local folder with a config.json.
+pub fn base_dir(adapter: &PeftAdapter, adapter_dir: &Path, explicit: Option<&Path>) -> Result<PathBuf> {
+    if let Some(dir) = explicit {
+        if !dir.join("config.json").is_file() {
+            return Err(Error::Invalid(format!(
+                "{}: not a model folder with a config.json; pass the base model's folder with --model",
+                dir.display()
+            )));
         }
-    };
-    if !dir.join("config.json").is_file() {
-        return Err(Error::Invalid(format!(
-            "{}: not a model folder with a config.json{}; pass the base model's folder with --model",
-            dir.display(),
-            if explicit.is_none() { " (named by the adapter's base_model_name_or_path)" } else { "" }
-        )));
+        return Ok(dir.to_path_buf());
     }
-    Ok(dir)
+    match (adapter.local_base(adapter_dir), adapter.base_model.as_deref()) {
+        (Some(dir), _) => Ok(dir),
+        (None, Some(name)) => Err(Error::Invalid(format!(
+            "the adapter's base model {name:?} (base_model_name_or_path in adapter_config.json) is not a local \
+             model folder with a config.json; pass the base model's folder with --model"
+        ))),
+        (None, None) => Err(Error::Invalid(
+            "the adapter does not name its base model (base_model_name_or_path); pass --model BASE_DIR".into(),
+        )),
+    }
 }
 
 /// Check that the adapter fits the base of `spec` without loading weights: every pair's
@@ -432,6 +434,9 @@ pub struct ExportRequest {
     /// The adapter was trained on the NF4 base (QLoRA): the divergence check's reference is
     /// then the NF4 base + adapter. `None`: assume so when merging into the dequantized weights.
     pub trained_on_nf4: Option<bool>,
+    /// Token ids the divergence check runs on (e.g. a few tokenized prompts); empty: four
+    /// random sequences.
+    pub check_sequences: Vec<Vec<u32>>,
     pub info: ExportInfo,
 }
 
@@ -474,7 +479,7 @@ pub fn export(req: &ExportRequest) -> Result<ExportReport> {
                     return Err(Error::Invalid("GGUF adapters are written in f32 or f16; choose one of those".into()))
                 }
             };
-            let base = base_dir(&adapter, req.base.as_deref())?;
+            let base = base_dir(&adapter, &dir, req.base.as_deref())?;
             let spec = spec_of(&base)?;
             check_adapter_fits(&adapter, &spec, &base)?;
             let template = info.chat_template.clone().or_else(|| base_chat_template(&base));
@@ -492,7 +497,7 @@ pub fn export(req: &ExportRequest) -> Result<ExportReport> {
             Ok(ExportReport { written, divergence: None })
         }
         ExportFormat::Merged => {
-            let base = base_dir(&adapter, req.base.as_deref())?;
+            let base = base_dir(&adapter, &dir, req.base.as_deref())?;
             let spec = spec_of(&base)?;
             check_adapter_fits(&adapter, &spec, &base)?;
             let opts = MergeOptions { into: req.merge_into, dtype: req.dtype, ..MergeOptions::default() };
@@ -505,7 +510,7 @@ pub fn export(req: &ExportRequest) -> Result<ExportReport> {
                     (MergeInto::Original, Some(true)) => BaseWeights::Nf4 { double_quant: true, compute: DType::F32 },
                     _ => BaseWeights::Dense(DType::F32),
                 };
-                Some(merge::divergence_check(&dir, &base, &req.out, reference, &device)?)
+                Some(merge::divergence_check(&dir, &base, &req.out, reference, &req.check_sequences, &device)?)
             } else {
                 None
             };

@@ -364,6 +364,16 @@ pub fn gguf_bytes(metadata: &[(String, GgufValue)], tensors: &[GgufTensor], dtyp
 
 /// Write `bytes` to `path` through a temporary file and a rename.
 pub(crate) fn write_file_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
+    if path.is_dir() {
+        return Err(Error::Invalid(format!("{} is a folder; give a file name to write to", path.display())));
+    }
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty() && !p.is_dir()) {
+        return Err(Error::Invalid(format!(
+            "{}: the folder to write {} into does not exist; create it first",
+            parent.display(),
+            path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default()
+        )));
+    }
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let tmp = path.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
     let write = || -> std::io::Result<()> {

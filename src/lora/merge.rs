@@ -378,18 +378,30 @@ pub fn divergence(reference: &Model, other: &Model, sequences: &[Vec<u32>]) -> R
 }
 
 /// Load base + adapter (the base as `reference_base`: NF4 for a QLoRA adapter, so the
-/// reference is what was trained) and the merged model in f32, and compare them on four
-/// random 32-token sequences.
+/// reference is what was trained) and the merged model in f32, and compare them on
+/// `sequences` (token ids, e.g. tokenized prompts), or on four random 32-token sequences
+/// when none are given.
 pub fn divergence_check(
     adapter_dir: &Path,
     base: &Path,
     merged: &Path,
     reference_base: BaseWeights,
+    sequences: &[Vec<u32>],
     device: &Device,
 ) -> Result<Divergence> {
     let mut reference = Model::load(base, reference_base, device)?;
     reference.load_adapter(adapter_dir)?;
     let merged = Model::load(merged, BaseWeights::Dense(DType::F32), device)?;
-    let sequences = sample_sequences(reference.spec.vocab, 4, 32, 0x5eed);
-    divergence(&reference, &merged, &sequences)
+    let vocab = reference.spec.vocab;
+    if let Some(t) = sequences.iter().flatten().find(|&&t| t as usize >= vocab) {
+        return Err(Error::Invalid(format!("divergence check: token id {t} is outside the vocabulary of {vocab}")));
+    }
+    let random;
+    let sequences = if sequences.is_empty() {
+        random = sample_sequences(vocab, 4, 32, 0x5eed);
+        &random
+    } else {
+        sequences
+    };
+    divergence(&reference, &merged, sequences)
 }

@@ -177,6 +177,18 @@ impl PeftAdapter {
         Ok(PeftAdapter { settings: settings.clone(), pairs, base_model: None })
     }
 
+    /// The base model folder named by base_model_name_or_path, when it is a local folder with
+    /// a config.json: as given (relative to the working folder, as PEFT reads it), or relative
+    /// to the adapter folder `dir`.
+    pub fn local_base(&self, dir: &Path) -> Option<std::path::PathBuf> {
+        let name = Path::new(self.base_model.as_deref()?);
+        let mut candidates = vec![name.to_path_buf()];
+        if name.is_relative() {
+            candidates.push(dir.join(name));
+        }
+        candidates.into_iter().find(|c| c.join("config.json").is_file())
+    }
+
     /// Check that this adapter (read from `dir`) was made for a model like `spec`, whose
     /// linear modules are `linear_names`: every target must be one of its modules, and when
     /// adapter_config.json names a local base folder, that base must be of the same family.
@@ -203,9 +215,8 @@ impl PeftAdapter {
                 ),
             ));
         }
-        if let Some(base) = self.base_model.as_deref() {
-            let base_config = Path::new(base).join("config.json");
-            if let Ok(recognised) = crate::arch::table()?.recognise_file(&base_config) {
+        if let (Some(base), Some(base_dir)) = (self.base_model.as_deref(), self.local_base(dir)) {
+            if let Ok(recognised) = crate::arch::table()?.recognise_file(&base_dir.join("config.json")) {
                 if !same_family(&recognised.family.id, &spec.family) {
                     return Err(Error::bad_entry(
                         &config_path,
