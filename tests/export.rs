@@ -628,6 +628,21 @@ fn bad_paths_and_mismatched_bases_are_clear_errors() {
     let mut req = request(&model_dir("llama").join("adapter"), ExportFormat::Gguf, Some(&model_dir("llama")), &out);
     req.dtype = Some(TensorDType::Bf16);
     assert!(err(req).contains("f32 or f16"));
+    // never over the folders an export reads
+    let ckpt = checkpoint(tmp.path(), "llama");
+    let e = err(request(&ckpt, ExportFormat::Peft, None, &ckpt));
+    assert!(e.contains("reads from"), "{e}");
+    let base = tmp.path().join("base");
+    std::fs::create_dir(&base).unwrap();
+    std::fs::write(base.join("config.json"), std::fs::read(model_dir("llama").join("config.json")).unwrap()).unwrap();
+    std::fs::write(
+        base.join("model.safetensors"),
+        std::fs::read(model_dir("llama").join("model.safetensors")).unwrap(),
+    )
+    .unwrap();
+    let e = err(request(&ckpt, ExportFormat::Merged, Some(&base), &base));
+    assert!(e.contains("its own base model"), "{e}");
+    assert!(base.join("model.safetensors").exists());
     // an existing folder that is not an export is never replaced
     let keep = tmp.path().join("keep");
     std::fs::create_dir(&keep).unwrap();

@@ -447,10 +447,21 @@ pub struct ExportReport {
     pub divergence: Option<Divergence>,
 }
 
+/// Whether two paths name the same existing file or folder.
+pub(crate) fn same_place(a: &Path, b: &Path) -> bool {
+    matches!((a.canonicalize(), b.canonicalize()), (Ok(x), Ok(y)) if x == y)
+}
+
 /// Run one export job.
 pub fn export(req: &ExportRequest) -> Result<ExportReport> {
     let device = Device::Cpu;
     let dir = adapter_dir(&req.from)?;
+    if same_place(&req.out, &req.from) || same_place(&req.out, &dir) {
+        return Err(Error::Invalid(format!(
+            "{}: the export would replace the folder it reads from; choose another output path",
+            req.out.display()
+        )));
+    }
     let adapter = read_adapter(&dir, &device)?;
     let mut info = req.info.clone();
     if info.run_config.is_none() {

@@ -115,6 +115,12 @@ pub fn write_merged_model(
     opts: &MergeOptions,
     info: &ExportInfo,
 ) -> Result<()> {
+    if super::export::same_place(out, base) {
+        return Err(Error::Invalid(format!(
+            "{}: the merged model would replace its own base model; choose another output folder",
+            out.display()
+        )));
+    }
     let config_path = base.join("config.json");
     let text = std::fs::read_to_string(&config_path).map_err(|e| Error::io(&config_path, e))?;
     let mut config: serde_json::Value = serde_json::from_str(&text)
