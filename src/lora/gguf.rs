@@ -423,3 +423,39 @@ pub fn modelfile_text(base: &str, adapter_file: &str, ollama_template: Option<&s
     }
     text
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn llama_permutation_interleaves_the_halves_of_each_head() {
+        // 2 heads of 4 rows: GGUF rows (0 1 2 3) take HF rows (0 2 1 3) within each head
+        assert_eq!(llama_permutation(8, 2).unwrap(), vec![0, 2, 1, 3, 4, 6, 5, 7]);
+        assert_eq!(llama_permutation(4, 1).unwrap(), vec![0, 2, 1, 3]);
+        assert!(llama_permutation(6, 2).is_err(), "heads of 3 rows have no halves");
+    }
+
+    #[test]
+    fn k_heads_follow_each_converter() {
+        assert_eq!(k_permute_heads("llama", 32, 8), 8);
+        // _reverse_hf_permute divides instead
+        assert_eq!(k_permute_heads("baichuan", 32, 8), 4);
+        assert_eq!(k_permute_heads("xverse", 32, 32), 32);
+    }
+
+    #[test]
+    fn tensor_data_is_aligned_and_in_info_order() {
+        let t = |name: &str, n: usize| GgufTensor { name: name.into(), dims: vec![n], values: vec![1.0; n] };
+        let bytes = gguf_bytes(&[], &[t("a", 3), t("b", 9)], GgufType::F16).unwrap();
+        // header 24 bytes, then per tensor: name (8 + 1), n_dims 4, ne 8, type 4, offset 8
+        let info = |i: usize| 24 + i * 33;
+        let offset = |i: usize| u64::from_le_bytes(bytes[info(i) + 25..info(i) + 33].try_into().unwrap());
+        assert_eq!((offset(0), offset(1)), (0, 32), "3 f16 values pad to 32 bytes");
+        let data = info(2).div_ceil(32) * 32;
+        assert_eq!(bytes.len(), data + 32 + 32);
+        assert_eq!(&bytes[data + 32..data + 34], &half::f16::from_f32(1.0).to_le_bytes());
+        let long = GgufTensor { name: "x".repeat(64), dims: vec![1], values: vec![0.0] };
+        assert!(gguf_bytes(&[], &[long], GgufType::F32).is_err(), "llama.cpp names are under 64 bytes");
+    }
+}
