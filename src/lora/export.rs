@@ -512,6 +512,9 @@ pub fn export(req: &ExportRequest) -> Result<ExportReport> {
             let spec = spec_of(&base)?;
             check_adapter_fits(&adapter, &spec, &base)?;
             let opts = MergeOptions { into: req.merge_into, dtype: req.dtype, ..MergeOptions::default() };
+            if info.base_model.is_none() {
+                info.base_model = Some(base.display().to_string());
+            }
             merge::write_merged_model(&adapter, &base, &req.out, &opts, &info)?;
             let divergence = if req.divergence_check {
                 let reference = match (req.merge_into, req.trained_on_nf4) {
