@@ -9,7 +9,7 @@ use clap::{Parser, Subcommand};
 use qlora_studio::data::DataConfig;
 use qlora_studio::train::console::train_in_terminal;
 use qlora_studio::train::{evaluate_dataset, Mode, RunConfig};
-use qlora_studio::{arch, bench, gui};
+use qlora_studio::{arch, bench, gui, lora};
 
 #[derive(Parser)]
 #[command(name = "qlora-studio", version, about = "LoRA and QLoRA fine-tuning of decoder-only LLMs")]
@@ -54,6 +54,44 @@ enum Command {
         max_length: usize,
         #[arg(long, default_value = "cpu")]
         device: String,
+    },
+    /// Export an adapter: a PEFT folder, a llama.cpp GGUF adapter, or a merged model.
+    Export {
+        /// A PEFT adapter folder or a training checkpoint folder.
+        #[arg(long)]
+        from: PathBuf,
+        /// peft, gguf or merged
+        #[arg(long)]
+        format: String,
+        /// The base model folder (default: the adapter's base_model_name_or_path).
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// A folder (peft, merged) or a .gguf file (gguf).
+        #[arg(long)]
+        out: PathBuf,
+        /// f32, bf16 or f16 (default: f32 for adapters, the base's own types for merged).
+        #[arg(long)]
+        dtype: Option<String>,
+        /// For merged: original (the checkpoint's weights) or dequantized (NF4 round trip, what
+        /// a QLoRA adapter was trained against).
+        #[arg(long, default_value = "original")]
+        merge_into: String,
+        /// With --merge-into dequantized: quantize without double quantization of the scales.
+        #[arg(long)]
+        no_double_quant: bool,
+        /// For merged: the adapter was trained on the NF4 base (QLoRA); the divergence check
+        /// compares with the NF4 base + adapter.
+        #[arg(long)]
+        qlora: bool,
+        /// For merged: skip the divergence check against base + adapter.
+        #[arg(long)]
+        no_check: bool,
+        /// For gguf: also write an Ollama Modelfile beside the adapter.
+        #[arg(long)]
+        modelfile: bool,
+        /// The base model's name (hub id) for the model card and base_model_name_or_path.
+        #[arg(long)]
+        base_name: Option<String>,
     },
     /// Benchmarks, with ratios against a baseline from the same run.
     Bench {
@@ -184,6 +222,48 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 report.examples,
                 report.loss.exp()
             );
+            Ok(())
+        }
+        Command::Export {
+            from,
+            format,
+            model,
+            out,
+            dtype,
+            merge_into,
+            no_double_quant,
+            qlora,
+            no_check,
+            modelfile,
+            base_name,
+        } => {
+            let request = lora::export::ExportRequest {
+                from,
+                format: lora::export::ExportFormat::parse(&format)?,
+                base: model,
+                out,
+                dtype: dtype.as_deref().map(lora::export::TensorDType::parse).transpose()?,
+                merge_into: lora::merge::MergeInto::parse(&merge_into, !no_double_quant)?,
+                modelfile,
+                divergence_check: !no_check,
+                trained_on_nf4: qlora.then_some(true),
+                check_sequences: Vec::new(),
+                info: lora::export::ExportInfo { base_model: base_name, ..Default::default() },
+            };
+            let report = lora::export::export(&request)?;
+            for path in &report.written {
+                println!("wrote {}", path.display());
+            }
+            if let Some(d) = report.divergence {
+                println!(
+                    "merged vs base + adapter over {} positions: top-1 agreement {:.2}%, mean KL {:.3e} nats, \
+                     max |logit diff| {:.3e}",
+                    d.positions,
+                    100.0 * d.top1_agreement,
+                    d.mean_kl,
+                    d.max_abs_logit_diff
+                );
+            }
             Ok(())
         }
         Command::Bench { command: BenchCommand::Nf4 { iters, tokens, json } } => {

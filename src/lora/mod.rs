@@ -1,6 +1,10 @@
-//! LoRA on frozen linears: y = base(x) + (dropout(x)·Aᵀ·Bᵀ)·scale, as PEFT computes it, and
-//! PEFT adapter import. Knows nothing of the training loop.
+//! LoRA on frozen linears: y = base(x) + (dropout(x)·Aᵀ·Bᵀ)·scale, as PEFT computes it; PEFT
+//! adapter import (peft) and export as a PEFT folder, a llama.cpp GGUF adapter or a merged
+//! model (export, gguf, merge). Knows nothing of the training loop.
 
+pub mod export;
+pub mod gguf;
+pub mod merge;
 pub mod peft;
 
 use std::cell::Cell;

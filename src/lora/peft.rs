@@ -9,6 +9,7 @@ use serde::Deserialize;
 
 use super::{LoraLinear, LoraPair, LoraSettings};
 use crate::error::{Error, Result};
+use crate::model::spec::ModelSpec;
 use crate::weights::SafetensorsFile;
 
 #[derive(Debug, Deserialize)]
@@ -30,6 +31,8 @@ struct AdapterConfig {
     rank_pattern: BTreeMap<String, serde_json::Value>,
     #[serde(default)]
     alpha_pattern: BTreeMap<String, serde_json::Value>,
+    #[serde(default)]
+    base_model_name_or_path: Option<String>,
 }
 
 /// An adapter read from disk: its settings and the A/B tensors by module path.
@@ -37,6 +40,8 @@ pub struct PeftAdapter {
     pub settings: LoraSettings,
     /// module path → (A [r, in], B [out, r])
     pub pairs: BTreeMap<String, (Tensor, Tensor)>,
+    /// The base model named in adapter_config.json (a hub id or a folder), if any.
+    pub base_model: Option<String>,
 }
 
 const KEY_PREFIX: &str = "base_model.model.";
@@ -103,7 +108,7 @@ pub fn read_adapter(dir: &Path, device: &Device) -> Result<PeftAdapter> {
     if let Some(path) = b_by_path.keys().next() {
         return Err(file.error(&format!("{KEY_PREFIX}{path}.lora_A.weight"), "missing: lora_B has no lora_A"));
     }
-    Ok(PeftAdapter { settings, pairs })
+    Ok(PeftAdapter { settings, pairs, base_model: cfg.base_model_name_or_path.filter(|s| !s.is_empty()) })
 }
 
 impl PeftAdapter {
@@ -138,6 +143,92 @@ impl PeftAdapter {
                 format!("{KEY_PREFIX}{path}.lora_A.weight"),
                 "this module is not in the model: is the adapter for this base model?",
             ));
+        }
+        Ok(())
+    }
+}
+
+/// Families whose checkpoints are interchangeable for an adapter (same layout, same
+/// weights; only the name or the context length tells them apart).
+fn same_family(a: &str, b: &str) -> bool {
+    let group = |f: &str| {
+        match f {
+            "llama" | "llama2" | "yi" => "llama",
+            "bloom" | "bloomz" => "bloom",
+            other => other,
+        }
+        .to_string()
+    };
+    group(a) == group(b)
+}
+
+impl PeftAdapter {
+    /// The adapter on `model`'s LoRA pairs, with the settings they were made with.
+    pub fn from_model(model: &crate::model::Model, settings: &LoraSettings) -> Result<Self> {
+        let mut pairs = BTreeMap::new();
+        for lin in model.linears() {
+            if let Some(pair) = &lin.lora {
+                pairs.insert(lin.path.clone(), (pair.a.as_tensor().detach(), pair.b.as_tensor().detach()));
+            }
+        }
+        if pairs.is_empty() {
+            return Err(Error::Invalid("the model has no LoRA layers to export".into()));
+        }
+        Ok(PeftAdapter { settings: settings.clone(), pairs, base_model: None })
+    }
+
+    /// The base model folder named by base_model_name_or_path, when it is a local folder with
+    /// a config.json: as given (relative to the working folder, as PEFT reads it), or relative
+    /// to the adapter folder `dir`.
+    pub fn local_base(&self, dir: &Path) -> Option<std::path::PathBuf> {
+        let name = Path::new(self.base_model.as_deref()?);
+        let mut candidates = vec![name.to_path_buf()];
+        if name.is_relative() {
+            candidates.push(dir.join(name));
+        }
+        candidates.into_iter().find(|c| c.join("config.json").is_file())
+    }
+
+    /// Check that this adapter (read from `dir`) was made for a model like `spec`, whose
+    /// linear modules are `linear_names`: every target must be one of its modules, and when
+    /// adapter_config.json names a local base folder, that base must be of the same family.
+    /// Shapes are checked when the pairs are applied.
+    pub fn check_base(&self, spec: &ModelSpec, linear_names: &[String], dir: &Path) -> Result<()> {
+        let config_path = dir.join("adapter_config.json");
+        let foreign: Vec<&str> = self
+            .settings
+            .targets
+            .iter()
+            .filter(|t| *t != "all-linear" && !linear_names.contains(t))
+            .map(String::as_str)
+            .collect();
+        if !foreign.is_empty() {
+            return Err(Error::bad_entry(
+                &config_path,
+                "target_modules",
+                format!(
+                    "names {}, which this {} model does not have (its linear modules: {}); the adapter was made \
+                     for another model family: load it onto its own base model",
+                    foreign.join(", "),
+                    spec.family,
+                    linear_names.join(", ")
+                ),
+            ));
+        }
+        if let (Some(base), Some(base_dir)) = (self.base_model.as_deref(), self.local_base(dir)) {
+            if let Ok(recognised) = crate::arch::table()?.recognise_file(&base_dir.join("config.json")) {
+                if !same_family(&recognised.family.id, &spec.family) {
+                    return Err(Error::bad_entry(
+                        &config_path,
+                        "base_model_name_or_path",
+                        format!(
+                            "the adapter was trained on {base}, a {} model, but this model is {}: load it onto \
+                             a {} base",
+                            recognised.family.id, spec.family, recognised.family.id
+                        ),
+                    ));
+                }
+            }
         }
         Ok(())
     }

@@ -73,13 +73,15 @@ impl Checkpoint {
         Ok(Self { dir: dir.to_path_buf(), files, index })
     }
 
-    /// Every tensor key of the checkpoint, in no particular order.
-    pub fn keys(&self) -> impl Iterator<Item = &str> {
-        self.index.keys().map(String::as_str)
-    }
-
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// Every tensor name in the checkpoint, sorted.
+    pub fn keys(&self) -> Vec<String> {
+        let mut keys: Vec<String> = self.index.keys().cloned().collect();
+        keys.sort();
+        keys
     }
 
     /// The file that holds `key`; the error names the folder and the key.

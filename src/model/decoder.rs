@@ -345,6 +345,7 @@ impl Model {
     /// Load a PEFT adapter folder onto this model.
     pub fn load_adapter(&mut self, dir: &Path) -> Result<crate::lora::LoraSettings> {
         let adapter = crate::lora::peft::read_adapter(dir, &self.device.clone())?;
+        adapter.check_base(&self.spec, &self.linear_names(), dir)?;
         adapter.apply(self.linears_mut(), dir)?;
         Ok(adapter.settings)
     }

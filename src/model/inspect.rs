@@ -62,7 +62,6 @@ pub fn inspect(dir: &Path) -> Result<ModelInfo> {
 
     let mut parameters = 0usize;
     for key in checkpoint.keys() {
-        let key = key.to_string();
         if let Ok(view) = checkpoint.file_of(&key).and_then(|f| f.get(&key)) {
             let n: usize = view.shape().iter().product();
             parameters += if view.dtype() == safetensors::Dtype::U8 { 2 * n } else { n };

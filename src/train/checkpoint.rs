@@ -10,6 +10,8 @@ use serde::{Deserialize, Serialize};
 
 use super::config::RunConfig;
 use crate::error::{Error, Result};
+use crate::lora::export::{write_peft_adapter, ExportInfo, TensorDType};
+use crate::lora::peft::PeftAdapter;
 use crate::lora::LoraSettings;
 use crate::model::Model;
 use crate::weights::{write_atomic, write_safetensors, RawTensor, SafetensorsFile};
@@ -43,23 +45,6 @@ pub fn checkpoint_dir(output_dir: &Path, step: usize) -> PathBuf {
     output_dir.join(format!("checkpoint-{step:06}"))
 }
 
-/// The PEFT adapter_config.json for a model's adapter.
-pub fn adapter_config_json(settings: &LoraSettings, base_model: &str) -> serde_json::Value {
-    serde_json::json!({
-        "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
-        "r": settings.r,
-        "lora_alpha": settings.alpha,
-        "lora_dropout": settings.dropout,
-        "target_modules": settings.targets,
-        "use_rslora": settings.use_rslora,
-        "bias": "none",
-        "fan_in_fan_out": false,
-        "inference_mode": true,
-        "base_model_name_or_path": base_model,
-    })
-}
-
 fn f32_raw(name: String, t: &Tensor) -> Result<RawTensor> {
     let t = t.to_dtype(DType::F32)?.to_device(&Device::Cpu)?;
     let values: Vec<f32> = t.flatten_all()?.to_vec1()?;
@@ -80,6 +65,8 @@ pub struct CheckpointContents<'a> {
     pub state: &'a TrainerState,
     /// (PEFT key, first moment, second moment) of each trainable tensor.
     pub moments: Vec<(String, Tensor, Tensor)>,
+    /// What the adapter's model card says (dataset, losses, chat template, ...).
+    pub info: ExportInfo,
 }
 
 /// Write the checkpoint of `model` into `dir` (replacing an older one of the same step).
@@ -90,14 +77,10 @@ pub fn save(dir: &Path, model: &Model, contents: &CheckpointContents<'_>) -> Res
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
     }
-    std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
 
-    let adapter: Vec<RawTensor> =
-        model.trainable().iter().map(|(key, var)| f32_raw(key.clone(), var.as_tensor())).collect::<Result<_>>()?;
-    write_safetensors(&tmp.join(ADAPTER_WEIGHTS), &adapter)?;
-    let adapter_config = adapter_config_json(contents.settings, contents.base_model);
-    write_json(&tmp.join(ADAPTER_CONFIG), &adapter_config)?;
-
+    // the adapter as a PEFT folder (with its model card), then the trainer's own files beside it
+    let adapter = PeftAdapter::from_model(model, contents.settings)?;
+    write_peft_adapter(&adapter, &tmp, TensorDType::F32, Some(contents.base_model), &contents.info)?;
     let mut moments = Vec::with_capacity(contents.moments.len() * 2);
     for (key, m, v) in &contents.moments {
         moments.push(f32_raw(format!("{key}.exp_avg"), m)?);

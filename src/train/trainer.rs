@@ -16,6 +16,7 @@ use super::optim::{clip_scale, global_norm, AdamW, AdamWParams};
 use super::schedule::learning_rate;
 use crate::data::{self, Example, ModelTokenizer};
 use crate::error::{Error, Result};
+use crate::lora::export::ExportInfo;
 use crate::lora::LoraSettings;
 use crate::model::{causal_lm_loss, BaseWeights, Model};
 use crate::rng::Rng;
@@ -448,6 +449,15 @@ impl Trainer {
             base_model: &self.config.model.source,
             state: &self.state,
             moments,
+            info: ExportInfo {
+                run_config: Some(self.config.to_toml()),
+                dataset_name: self.config.data.path.file_name().map(|n| n.to_string_lossy().to_string()),
+                dataset_size: Some(self.train.len()),
+                steps: Some(self.state.step),
+                final_train_loss: self.state.losses.last().map(|l| l.1),
+                final_val_loss: self.state.eval_losses.last().map(|l| l.1),
+                ..Default::default()
+            },
         };
         checkpoint::save(&dir, &self.model, &contents)?;
         send(TrainEvent::CheckpointSaved { step: self.state.step, path: dir.clone() });

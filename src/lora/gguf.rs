@@ -1,0 +1,461 @@
+//! llama.cpp GGUF LoRA adapters (docs/adapter-formats.md §3-§4): the family's tensor names,
+//! the row transforms llama.cpp's converter applies to the base weights (so the adapter's B
+//! must get the same), and the GGUF container itself.
+//!
+//! A is written as it is (`ne = [in, r]`), B after the row transform (`ne = [r, out]`); a
+//! fused projection that llama.cpp splits (Baichuan's W_pack) becomes one pair per part with
+//! the same A.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::Path;
+
+use candle_core::Tensor;
+
+use super::peft::PeftAdapter;
+use crate::arch::SplitKind;
+use crate::error::{Error, Result};
+use crate::model::spec::{MlpKind, ModelSpec};
+
+/// The tensor type of the LoRA tensors in a GGUF adapter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GgufType {
+    F32,
+    F16,
+}
+
+impl GgufType {
+    fn code(self) -> u32 {
+        match self {
+            GgufType::F32 => 0,
+            GgufType::F16 => 1,
+        }
+    }
+
+    fn bytes_per_value(self) -> usize {
+        match self {
+            GgufType::F32 => 4,
+            GgufType::F16 => 2,
+        }
+    }
+}
+
+/// One LoRA tensor of a GGUF adapter, in PyTorch orientation (`dims` row-major; GGUF's `ne`
+/// is `dims` reversed).
+#[derive(Debug, Clone)]
+pub struct GgufTensor {
+    pub name: String,
+    pub dims: Vec<usize>,
+    pub values: Vec<f32>,
+}
+
+/// What llama.cpp does to the output rows of a base weight when converting it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum RowTransform {
+    None,
+    /// LLaMA's q/k permutation with this many heads (rotate-half → interleaved pairs).
+    Permute(usize),
+}
+
+/// llama.cpp's name for the architecture of `spec`'s family, or a clear error for families
+/// its converter does not handle.
+pub fn llama_cpp_arch(spec: &ModelSpec) -> Result<&'static str> {
+    let fused_qkv = spec.weights.qkv.is_some();
+    Ok(match spec.family.as_str() {
+        // InternLM v1 has no converter of its own; converting it as LlamaForCausalLM is the
+        // usual route (the llama arch takes q/k/v/o biases), and gives this adapter's base.
+        "llama" | "llama2" | "mistral" | "yi" | "mixtral" | "internlm" => "llama",
+        "xverse" => "xverse",
+        "qwen" if fused_qkv => "qwen",
+        "qwen" => "qwen2",
+        "baichuan" | "baichuan2" => "baichuan",
+        "bloom" | "bloomz" => "bloom",
+        "falcon" => "falcon",
+        "chatglm3" => "chatglm",
+        "phi" => "phi2",
+        other => {
+            return Err(Error::Invalid(format!(
+                "GGUF export: llama.cpp has no converter for the {other} family, so there is no base GGUF an \
+                 adapter could apply to; export a PEFT adapter or a merged model instead"
+            )))
+        }
+    })
+}
+
+/// The head count of the q/k permutation: LLaMA permutes k with its KV heads; XVERSE's and
+/// Baichuan's converters use `_reverse_hf_permute`, which divides by the KV heads instead
+/// (the same for their MHA models), and llama.cpp is mirrored exactly.
+fn k_permute_heads(arch: &str, heads: usize, kv_heads: usize) -> usize {
+    match arch {
+        "xverse" | "baichuan" if kv_heads != heads => heads / kv_heads,
+        "xverse" | "baichuan" => heads,
+        _ => kv_heads,
+    }
+}
+
+/// Row order of LLaMA's permutation P_n on `rows` rows: GGUF row g is HF row `order[g]`.
+/// Within each head, GGUF row 2i is HF row i and GGUF row 2i+1 is HF row hd/2 + i.
+pub fn llama_permutation(rows: usize, n_heads: usize) -> Result<Vec<usize>> {
+    if n_heads == 0 || rows % n_heads != 0 || (rows / n_heads) % 2 != 0 {
+        return Err(Error::Invalid(format!(
+            "GGUF export: cannot permute {rows} rows for {n_heads} heads (each head needs an even number of rows)"
+        )));
+    }
+    let hd = rows / n_heads;
+    let mut order = Vec::with_capacity(rows);
+    for k in 0..n_heads {
+        for i in 0..hd / 2 {
+            for j in 0..2 {
+                order.push(k * hd + j * hd / 2 + i);
+            }
+        }
+    }
+    Ok(order)
+}
+
+fn transformed_rows(b: &Tensor, rows: &[usize], transform: RowTransform) -> Result<Tensor> {
+    let order: Vec<u32> = match transform {
+        RowTransform::None => rows.iter().map(|&r| r as u32).collect(),
+        RowTransform::Permute(n) => llama_permutation(rows.len(), n)?.into_iter().map(|i| rows[i] as u32).collect(),
+    };
+    let idx = Tensor::new(order.as_slice(), b.device())?;
+    Ok(b.index_select(&idx, 0)?)
+}
+
+fn values(t: &Tensor) -> Result<Vec<f32>> {
+    Ok(t.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
+}
+
+/// The adapter's tensors as llama.cpp names and lays them out for a base of `spec`.
+pub fn gguf_tensors(adapter: &PeftAdapter, spec: &ModelSpec) -> Result<Vec<GgufTensor>> {
+    let arch = llama_cpp_arch(spec)?;
+    let permutes = matches!(arch, "llama" | "xverse" | "baichuan");
+    let (nh, nkv, hd) = (spec.heads, spec.kv_heads, spec.head_dim);
+    let w = &spec.weights;
+    let mut out = Vec::new();
+    let mut push = |name: String, a: &Tensor, b: Tensor| -> Result<()> {
+        out.push(GgufTensor { name: format!("{name}.weight.lora_a"), dims: a.dims().to_vec(), values: values(a)? });
+        out.push(GgufTensor { name: format!("{name}.weight.lora_b"), dims: b.dims().to_vec(), values: values(&b)? });
+        Ok(())
+    };
+    let mut used = 0usize;
+    for layer in 0..spec.layers {
+        let prefix = format!("{}.", spec.layer_prefix(layer));
+        let blk = format!("blk.{layer}");
+        let mut experts: BTreeMap<&'static str, Vec<(usize, &Tensor, &Tensor)>> = BTreeMap::new();
+        for (path, (a, b)) in adapter.pairs.iter().filter(|(p, _)| p.starts_with(&prefix)) {
+            used += 1;
+            let rel = &path[prefix.len()..];
+            let rows: Vec<usize> = (0..b.dim(0)?).collect();
+            let is = |name: &Option<String>| name.as_deref() == Some(rel);
+            if is(&w.q) {
+                let t = if permutes { RowTransform::Permute(nh) } else { RowTransform::None };
+                push(format!("{blk}.attn_q"), a, transformed_rows(b, &rows, t)?)?;
+            } else if is(&w.k) {
+                let t =
+                    if permutes { RowTransform::Permute(k_permute_heads(arch, nh, nkv)) } else { RowTransform::None };
+                push(format!("{blk}.attn_k"), a, transformed_rows(b, &rows, t)?)?;
+            } else if is(&w.v) {
+                push(format!("{blk}.attn_v"), a, b.clone())?;
+            } else if is(&w.qkv) {
+                match (arch, spec.qkv_split) {
+                    // W_pack becomes three pairs sharing A; q and k thirds permuted
+                    ("baichuan", _) => {
+                        let parts = SplitKind::QkvContiguous.qkv_rows(nh, nkv, hd)?;
+                        let kh = k_permute_heads(arch, nh, nkv);
+                        push(format!("{blk}.attn_q"), a, transformed_rows(b, &parts.q, RowTransform::Permute(nh))?)?;
+                        push(format!("{blk}.attn_k"), a, transformed_rows(b, &parts.k, RowTransform::Permute(kh))?)?;
+                        push(format!("{blk}.attn_v"), a, transformed_rows(b, &parts.v, RowTransform::None)?)?;
+                    }
+                    // per-group [q…; k; v] (BLOOM per head) reordered to [Q; K; V]
+                    ("bloom" | "falcon", Some(SplitKind::QkvGrouped)) => {
+                        let parts = SplitKind::QkvGrouped.qkv_rows(nh, nkv, hd)?;
+                        let order: Vec<usize> = parts.q.iter().chain(&parts.k).chain(&parts.v).copied().collect();
+                        push(format!("{blk}.attn_qkv"), a, transformed_rows(b, &order, RowTransform::None)?)?;
+                    }
+                    ("qwen" | "phi2" | "chatglm", Some(SplitKind::QkvContiguous)) => {
+                        push(format!("{blk}.attn_qkv"), a, b.clone())?;
+                    }
+                    (arch, split) => {
+                        return Err(Error::Invalid(format!(
+                            "GGUF export: no llama.cpp mapping for the fused projection {path} ({arch}, {split:?})"
+                        )))
+                    }
+                }
+            } else if rel == w.o {
+                push(format!("{blk}.attn_output"), a, b.clone())?;
+            } else if w.gate_up.as_deref() == Some(rel) {
+                // ChatGLM's [gate; up] stays fused in llama.cpp
+                push(format!("{blk}.ffn_up"), a, b.clone())?;
+            } else if w.router.as_deref() == Some(rel) {
+                return Err(Error::Invalid(format!(
+                    "GGUF export: LoRA on the MoE router ({path}) cannot be expressed in a llama.cpp adapter; \
+                     train without the router among the targets, or export a PEFT adapter or a merged model"
+                )));
+            } else if let Some((e, part)) = expert_part(spec, rel) {
+                let name = match part {
+                    ExpertPart::Gate => "ffn_gate_exps",
+                    ExpertPart::Up => "ffn_up_exps",
+                    ExpertPart::Down => "ffn_down_exps",
+                };
+                experts.entry(name).or_default().push((e, a, b));
+            } else if is(&w.gate) {
+                push(format!("{blk}.ffn_gate"), a, b.clone())?;
+            } else if rel == w.up {
+                push(format!("{blk}.ffn_up"), a, b.clone())?;
+            } else if rel == w.down {
+                push(format!("{blk}.ffn_down"), a, b.clone())?;
+            } else {
+                return Err(Error::Invalid(format!("GGUF export: no llama.cpp tensor for the module {path}")));
+            }
+        }
+        // llama.cpp holds all experts of a layer in one 3-D tensor; their LoRAs stack the same way
+        let n_experts = match spec.mlp {
+            MlpKind::Moe { experts, .. } => experts,
+            _ => 0,
+        };
+        for (name, mut parts) in experts {
+            parts.sort_by_key(|p| p.0);
+            if parts.len() != n_experts {
+                return Err(Error::Invalid(format!(
+                    "GGUF export: llama.cpp needs LoRA on all {n_experts} experts of layer {layer} or none \
+                     ({name}: {} have one)",
+                    parts.len()
+                )));
+            }
+            let a = Tensor::stack(&parts.iter().map(|p| p.1).collect::<Vec<_>>(), 0)?;
+            let b = Tensor::stack(&parts.iter().map(|p| p.2).collect::<Vec<_>>(), 0)?;
+            push(format!("{blk}.{name}"), &a, b)?;
+        }
+    }
+    if used != adapter.pairs.len() {
+        let stray = adapter
+            .pairs
+            .keys()
+            .find(|p| !(0..spec.layers).any(|i| p.starts_with(&format!("{}.", spec.layer_prefix(i)))))
+            .cloned()
+            .unwrap_or_default();
+        return Err(Error::Invalid(format!(
+            "GGUF export: the module {stray} is not inside a decoder layer of this model; llama.cpp adapters \
+             cannot hold embedding or lm_head LoRA"
+        )));
+    }
+    Ok(out)
+}
+
+enum ExpertPart {
+    Gate,
+    Up,
+    Down,
+}
+
+/// `block_sparse_moe.experts.3.w1` → (3, Gate) for a MoE layout.
+fn expert_part(spec: &ModelSpec, rel: &str) -> Option<(usize, ExpertPart)> {
+    let w = &spec.weights;
+    let template = w.experts.as_deref()?;
+    let (before, after) = template.split_once("{e}")?;
+    let rest = rel.strip_prefix(before)?;
+    let (index, rest) = rest.split_once('.')?;
+    let e: usize = index.parse().ok()?;
+    let name = rest.strip_prefix(after.trim_start_matches('.')).map(|r| r.trim_start_matches('.'))?;
+    let part = if Some(name) == w.gate.as_deref() {
+        ExpertPart::Gate
+    } else if name == w.up {
+        ExpertPart::Up
+    } else if name == w.down {
+        ExpertPart::Down
+    } else {
+        return None;
+    };
+    Some((e, part))
+}
+
+/// A GGUF metadata value (the kinds an adapter needs).
+#[derive(Debug, Clone)]
+pub enum GgufValue {
+    U32(u32),
+    F32(f32),
+    String(String),
+}
+
+/// The adapter's metadata: architecture, type, alpha (for rsLoRA the alpha whose alpha/r is
+/// rsLoRA's alpha/√r, since llama.cpp only knows alpha/r), and the chat template if known.
+pub fn gguf_metadata(
+    adapter: &PeftAdapter,
+    arch: &str,
+    name: Option<&str>,
+    chat_template: Option<&str>,
+) -> Vec<(String, GgufValue)> {
+    let s = &adapter.settings;
+    let alpha = if s.use_rslora { s.alpha * (s.r as f64).sqrt() } else { s.alpha };
+    let mut kvs = vec![
+        ("general.architecture".to_string(), GgufValue::String(arch.to_string())),
+        ("general.type".to_string(), GgufValue::String("adapter".into())),
+        ("adapter.type".to_string(), GgufValue::String("lora".into())),
+        ("adapter.lora.alpha".to_string(), GgufValue::F32(alpha as f32)),
+    ];
+    if let Some(name) = name {
+        kvs.push(("general.name".to_string(), GgufValue::String(name.to_string())));
+    }
+    if let Some(t) = chat_template {
+        kvs.push(("tokenizer.chat_template".to_string(), GgufValue::String(t.to_string())));
+    }
+    kvs
+}
+
+const ALIGNMENT: usize = 32;
+
+fn write_string(out: &mut Vec<u8>, s: &str) {
+    out.extend((s.len() as u64).to_le_bytes());
+    out.extend(s.as_bytes());
+}
+
+/// The bytes of a GGUF v3 file: header, metadata, tensor infos, then each tensor's data
+/// padded to 32 bytes, in info order (offsets are the running sum of padded sizes).
+pub fn gguf_bytes(metadata: &[(String, GgufValue)], tensors: &[GgufTensor], dtype: GgufType) -> Result<Vec<u8>> {
+    let mut out = Vec::new();
+    out.extend(0x4655_4747u32.to_le_bytes());
+    out.extend(3u32.to_le_bytes());
+    out.extend((tensors.len() as u64).to_le_bytes());
+    out.extend((metadata.len() as u64).to_le_bytes());
+    for (key, value) in metadata {
+        write_string(&mut out, key);
+        match value {
+            GgufValue::U32(v) => {
+                out.extend(4u32.to_le_bytes());
+                out.extend(v.to_le_bytes());
+            }
+            GgufValue::F32(v) => {
+                out.extend(6u32.to_le_bytes());
+                out.extend(v.to_le_bytes());
+            }
+            GgufValue::String(s) => {
+                out.extend(8u32.to_le_bytes());
+                write_string(&mut out, s);
+            }
+        }
+    }
+    let padded = |n: usize| n.div_ceil(ALIGNMENT) * ALIGNMENT;
+    let mut offset = 0usize;
+    for t in tensors {
+        // llama.cpp's GGML_MAX_NAME is 64 bytes with the terminating NUL
+        if t.name.len() >= 64 || t.dims.is_empty() || t.dims.len() > 4 {
+            return Err(Error::Invalid(format!("GGUF export: tensor {} cannot be stored in GGUF", t.name)));
+        }
+        write_string(&mut out, &t.name);
+        out.extend((t.dims.len() as u32).to_le_bytes());
+        for &d in t.dims.iter().rev() {
+            out.extend((d as u64).to_le_bytes());
+        }
+        out.extend(dtype.code().to_le_bytes());
+        out.extend((offset as u64).to_le_bytes());
+        offset += padded(t.values.len() * dtype.bytes_per_value());
+    }
+    out.resize(padded(out.len()), 0);
+    for t in tensors {
+        match dtype {
+            GgufType::F32 => out.extend(t.values.iter().flat_map(|v| v.to_le_bytes())),
+            GgufType::F16 => out.extend(t.values.iter().flat_map(|v| half::f16::from_f32(*v).to_le_bytes())),
+        }
+        out.resize(padded(out.len()), 0);
+    }
+    Ok(out)
+}
+
+/// Write `bytes` to `path` through a temporary file and a rename.
+pub(crate) fn write_file_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
+    if path.is_dir() {
+        return Err(Error::Invalid(format!("{} is a folder; give a file name to write to", path.display())));
+    }
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty() && !p.is_dir()) {
+        return Err(Error::Invalid(format!(
+            "{}: the folder to write {} into does not exist; create it first",
+            parent.display(),
+            path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default()
+        )));
+    }
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = path.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
+    let write = || -> std::io::Result<()> {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()
+    };
+    if let Err(e) = write() {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(Error::io(&tmp, e));
+    }
+    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+}
+
+/// Write `adapter` as a llama.cpp GGUF LoRA adapter for a base of `spec` to `path`.
+pub fn write_gguf_adapter(
+    adapter: &PeftAdapter,
+    spec: &ModelSpec,
+    path: &Path,
+    dtype: GgufType,
+    name: Option<&str>,
+    chat_template: Option<&str>,
+) -> Result<()> {
+    let arch = llama_cpp_arch(spec)?;
+    let tensors = gguf_tensors(adapter, spec)?;
+    if tensors.is_empty() {
+        return Err(Error::Invalid("GGUF export: the adapter has no LoRA tensors".into()));
+    }
+    let metadata = gguf_metadata(adapter, arch, name, chat_template);
+    write_file_atomically(path, &gguf_bytes(&metadata, &tensors, dtype)?)
+}
+
+/// An Ollama Modelfile for a GGUF adapter: FROM the base, ADAPTER the file, the template
+/// when one in Ollama's Go-template syntax is known, and a stop parameter per stop token.
+pub fn modelfile_text(base: &str, adapter_file: &str, ollama_template: Option<&str>, stop_tokens: &[String]) -> String {
+    let mut text = String::new();
+    text.push_str("# Ollama Modelfile written by qlora-studio. FROM must be the same base model the adapter was\n");
+    text.push_str("# trained on (an Ollama model name or a path to its GGUF).\n");
+    text.push_str(&format!("FROM {base}\n"));
+    text.push_str(&format!("ADAPTER ./{adapter_file}\n"));
+    match ollama_template {
+        Some(t) => text.push_str(&format!("TEMPLATE \"\"\"{t}\"\"\"\n")),
+        None => text.push_str("# TEMPLATE: none given; Ollama uses the base model's template\n"),
+    }
+    for stop in stop_tokens {
+        text.push_str(&format!("PARAMETER stop {}\n", serde_json::Value::String(stop.clone())));
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn llama_permutation_interleaves_the_halves_of_each_head() {
+        // 2 heads of 4 rows: GGUF rows (0 1 2 3) take HF rows (0 2 1 3) within each head
+        assert_eq!(llama_permutation(8, 2).unwrap(), vec![0, 2, 1, 3, 4, 6, 5, 7]);
+        assert_eq!(llama_permutation(4, 1).unwrap(), vec![0, 2, 1, 3]);
+        assert!(llama_permutation(6, 2).is_err(), "heads of 3 rows have no halves");
+    }
+
+    #[test]
+    fn k_heads_follow_each_converter() {
+        assert_eq!(k_permute_heads("llama", 32, 8), 8);
+        // _reverse_hf_permute divides instead
+        assert_eq!(k_permute_heads("baichuan", 32, 8), 4);
+        assert_eq!(k_permute_heads("xverse", 32, 32), 32);
+    }
+
+    #[test]
+    fn tensor_data_is_aligned_and_in_info_order() {
+        let t = |name: &str, n: usize| GgufTensor { name: name.into(), dims: vec![n], values: vec![1.0; n] };
+        let bytes = gguf_bytes(&[], &[t("a", 3), t("b", 9)], GgufType::F16).unwrap();
+        // header 24 bytes, then per tensor: name (8 + 1), n_dims 4, ne 8, type 4, offset 8
+        let info = |i: usize| 24 + i * 33;
+        let offset = |i: usize| u64::from_le_bytes(bytes[info(i) + 25..info(i) + 33].try_into().unwrap());
+        assert_eq!((offset(0), offset(1)), (0, 32), "3 f16 values pad to 32 bytes");
+        let data = info(2).div_ceil(32) * 32;
+        assert_eq!(bytes.len(), data + 32 + 32);
+        assert_eq!(&bytes[data + 32..data + 34], &half::f16::from_f32(1.0).to_le_bytes());
+        let long = GgufTensor { name: "x".repeat(64), dims: vec![1], values: vec![0.0] };
+        assert!(gguf_bytes(&[], &[long], GgufType::F32).is_err(), "llama.cpp names are under 64 bytes");
+    }
+}
