@@ -467,6 +467,9 @@ pub fn export(req: &ExportRequest) -> Result<ExportReport> {
     if info.run_config.is_none() {
         info.run_config = std::fs::read_to_string(req.from.join("run.toml")).ok();
     }
+    // a trainer checkpoint says whether its adapter was trained on the NF4 base
+    let run = info.run_config.as_deref().and_then(|t| crate::train::RunConfig::from_toml_str(t, "run.toml").ok());
+    let trained_on_nf4 = req.trained_on_nf4.or_else(|| run.map(|c| c.model.mode == crate::train::Mode::Qlora));
     match req.format {
         ExportFormat::Peft => {
             let dtype = req.dtype.unwrap_or(TensorDType::F32);
@@ -517,7 +520,7 @@ pub fn export(req: &ExportRequest) -> Result<ExportReport> {
             }
             merge::write_merged_model(&adapter, &base, &req.out, &opts, &info)?;
             let divergence = if req.divergence_check {
-                let reference = match (req.merge_into, req.trained_on_nf4) {
+                let reference = match (req.merge_into, trained_on_nf4) {
                     (MergeInto::Dequantized { double_quant }, None | Some(true)) => {
                         BaseWeights::Nf4 { double_quant, compute: DType::F32 }
                     }
