@@ -99,4 +99,42 @@ fn choose_tune_start_watch_and_stop() {
     let RunState::Finished(end) = &run.state else { panic!("{:?}", run.state) };
     assert!(end.stopped && end.step >= 3 && end.step < 500, "{end:?}");
     assert!(end.checkpoint.as_ref().is_some_and(|p| p.join("adapter_model.safetensors").is_file()));
+
+    // export through the save dialog's injected path: a GGUF adapter with its Modelfile
+    let gguf = dir.path().join("exported/adapter.gguf");
+    std::fs::create_dir_all(gguf.parent().unwrap()).unwrap();
+    harness.state_mut().export_target = Some(gguf.clone());
+    harness.get_by_label("Export").click();
+    harness.step();
+    harness.get_by_label("GGUF adapter (llama.cpp, Ollama)").click();
+    harness.step();
+    harness.get_by_label("Export as…").click();
+    harness.step();
+    assert!(harness.state().export.is_busy() || harness.state().export.result.is_some());
+    wait_until(&mut harness, "the export", |app| !app.export.is_busy());
+    harness.state_mut().export.poll();
+    harness.step();
+    let result = harness.state().export.result.clone().expect("an export result");
+    let text = result.unwrap();
+    assert!(text.contains("adapter.gguf") && text.contains("KiB"), "{text}");
+    assert!(harness.query_by_label_contains("Exported to").is_some());
+    let bytes = std::fs::read(&gguf).unwrap();
+    assert_eq!(&bytes[..4], b"GGUF");
+    assert!(gguf.with_file_name("Modelfile").is_file());
+
+    // and a PEFT adapter folder
+    let peft = dir.path().join("exported/peft");
+    harness.state_mut().export_target = Some(peft.clone());
+    harness.get_by_label("PEFT adapter").click();
+    harness.step();
+    harness.get_by_label("Export as…").click();
+    harness.step();
+    assert!(harness.state().export.is_busy() || harness.state().export.result.is_some());
+    wait_until(&mut harness, "the export", |app| !app.export.is_busy());
+    harness.state_mut().export.poll();
+    assert!(harness.state().export.result.as_ref().unwrap().is_ok());
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(peft.join("adapter_config.json")).unwrap()).unwrap();
+    assert_eq!(config["r"], 16);
+    assert_eq!(config["peft_type"], "LORA");
 }

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use eframe::egui;
 use serde::{Deserialize, Serialize};
 
+use super::export_view::ExportView;
 use super::i18n::{tr, Lang};
 use super::run_view::RunView;
 use crate::model::inspect::{inspect, ModelInfo};
@@ -74,6 +75,7 @@ pub struct StudioApp {
     pub model_info: Option<Result<ModelInfo, String>>,
     inspected_source: String,
     pub run: Option<RunView>,
+    pub export: ExportView,
     /// A save path that replaces the save dialog (tests, scripted use).
     pub export_target: Option<PathBuf>,
     pub status: Option<(bool, String)>,
@@ -106,6 +108,7 @@ impl StudioApp {
             model_info: None,
             inspected_source: String::new(),
             run: None,
+            export: ExportView::default(),
             export_target: None,
             status: None,
             family_choice: 0,
@@ -591,7 +594,8 @@ impl StudioApp {
                 ui.label(tr(lang, "Try"));
             }
             Tab::Export => {
-                ui.label(tr(lang, "Export"));
+                let last = self.run.as_ref().and_then(|r| r.last_checkpoint());
+                self.export.show(ui, lang, last, self.export_target.as_deref());
             }
         }
     }

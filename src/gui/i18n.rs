@@ -128,6 +128,16 @@ pub const ZH: &[(&str, &str)] = &[
     ("GGUF adapter (llama.cpp, Ollama)", "GGUF 适配器（llama.cpp、Ollama）"),
     ("Merged model", "合并后的模型"),
     ("Exported to", "已导出到"),
+    ("Exporting…", "导出中…"),
+    ("Use the last checkpoint", "使用最近的检查点"),
+    ("bf16 tensors (half the size)", "bf16 张量（体积减半）"),
+    ("f16 tensors (half the size)", "f16 张量（体积减半）"),
+    ("Also write an Ollama Modelfile", "同时写出 Ollama Modelfile"),
+    (
+        "Merge into the dequantized NF4 weights the adapter was trained against (QLoRA)",
+        "合并到训练时使用的反量化 NF4 权重（QLoRA）",
+    ),
+    ("A divergence check compares the merged model with base + adapter.", "合并后会与“基座 + 适配器”做一致性对比。"),
     ("Error", "错误"),
     ("Warning", "警告"),
 ];
