@@ -51,7 +51,7 @@ fn model_files() -> Vec<(&'static str, Vec<u8>)> {
 }
 
 fn offline(cache: &Path) -> ResolveOptions {
-    ResolveOptions { hf_cache: cache.to_path_buf(), app_cache: cache.join("app"), download: None }
+    ResolveOptions { hf_cache: cache.to_path_buf(), app_cache: cache.join("app"), download: None, progress: None }
 }
 
 #[test]

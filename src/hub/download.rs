@@ -143,8 +143,7 @@ pub fn download(
 /// hf-hub's error as what happened and what the user can do.
 fn explain(e: HFError, repo_id: &str, endpoint: &str, cache: &Path) -> Error {
     let local = format!(
-        "use a local model folder, a .gguf file, or a model already in the Hugging Face cache ({}; \
-         `qlora-studio models` lists them)",
+        "use a local model folder, a .gguf file, or a model already in the Hugging Face cache ({})",
         cache.display()
     );
     Error::Invalid(match e {

@@ -7,8 +7,10 @@ pub mod download;
 pub mod gguf;
 pub mod hf_cache;
 pub mod tokenizer;
+pub mod try_model;
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use crate::arch;
 use crate::error::{Error, Result};
@@ -131,17 +133,27 @@ pub fn check_folder(dir: &Path) -> Result<FolderCheck> {
     })
 }
 
+/// Receives download progress; called from hf-hub's thread, so it must not block.
+pub type ProgressCallback = Arc<dyn Fn(DownloadEvent) + Send + Sync>;
+
 /// Where `resolve` looks and whether it may download.
 #[derive(Clone)]
 pub struct ResolveOptions {
     pub hf_cache: PathBuf,
     pub app_cache: PathBuf,
+    /// `None`: never download, only the cache.
     pub download: Option<DownloadOptions>,
+    pub progress: Option<ProgressCallback>,
 }
 
 impl Default for ResolveOptions {
     fn default() -> Self {
-        Self { hf_cache: hf_cache_dir(), app_cache: app_cache_dir(), download: Some(DownloadOptions::default()) }
+        Self {
+            hf_cache: hf_cache_dir(),
+            app_cache: app_cache_dir(),
+            download: Some(DownloadOptions::default()),
+            progress: None,
+        }
     }
 }
 
@@ -193,7 +205,12 @@ pub fn resolve_with(source: &str, options: &ResolveOptions) -> Result<ResolvedMo
             options.hf_cache.display()
         )));
     };
-    let dir = download(repo_id, revision, &options.hf_cache, dl, |_| {})?;
+    let progress = options.progress.clone();
+    let dir = download(repo_id, revision, &options.hf_cache, dl, move |e| {
+        if let Some(p) = &progress {
+            p(e)
+        }
+    })?;
     let check = check_folder(&dir)?;
     Ok(ResolvedModel { dir, kind: SourceKind::HubDownload { repo_id: repo_id.to_string() }, check })
 }
