@@ -3,6 +3,7 @@
 //! `Model::load` reads. No model math here.
 
 pub mod chat;
+pub mod demo;
 pub mod download;
 pub mod gguf;
 pub mod hf_cache;

@@ -102,7 +102,8 @@ pub fn generate_text(request: &GenerateRequest, mut on_text: impl FnMut(&str)) -
 
 pub fn load_tokenizer(dir: &Path) -> Result<Tokenizer> {
     let path = dir.join("tokenizer.json");
-    Tokenizer::from_file(&path).map_err(|e| Error::Invalid(format!("{}: not a readable tokenizer: {e}", path.display())))
+    Tokenizer::from_file(&path)
+        .map_err(|e| Error::Invalid(format!("{}: not a readable tokenizer: {e}", path.display())))
 }
 
 /// End-of-sequence ids: generation_config.json's `eos_token_id` (a number or a list), else
@@ -116,7 +117,9 @@ pub fn eos_ids(dir: &Path, tokenizer: &Tokenizer, template: &ChatTemplate) -> Re
             .map_err(|e| Error::bad_entry(&path, "eos_token_id", format!("not valid JSON: {e}")))?;
         match json.get("eos_token_id") {
             Some(serde_json::Value::Number(n)) => ids.extend(n.as_u64().map(|n| n as u32)),
-            Some(serde_json::Value::Array(list)) => ids.extend(list.iter().filter_map(|v| v.as_u64()).map(|n| n as u32)),
+            Some(serde_json::Value::Array(list)) => {
+                ids.extend(list.iter().filter_map(|v| v.as_u64()).map(|n| n as u32))
+            }
             _ => continue,
         }
         break;
