@@ -161,10 +161,7 @@ fn imported_gguf_reproduces_the_checkpoint() {
     let pieces = |text: &str| -> Vec<String> { tok.encode(text, false).unwrap().get_tokens().to_vec() };
     assert_eq!(pieces("the other"), ["t", "he", "Ġ", "o", "t", "he", "r"]);
     assert_eq!(pieces(" the inner"), ["Ġthe", "Ġ", "in", "n", "er"]);
-    assert_eq!(
-        tok.decode(tok.encode("Ångström 🙂\n", false).unwrap().get_ids(), false).unwrap(),
-        "Ångström 🙂\n"
-    );
+    assert_eq!(tok.decode(tok.encode("Ångström 🙂\n", false).unwrap().get_ids(), false).unwrap(), "Ångström 🙂\n");
 
     let tok_config: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("tokenizer_config.json")).unwrap()).unwrap();

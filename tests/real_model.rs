@@ -79,6 +79,11 @@ fn ids(v: &Value) -> Vec<u32> {
 }
 
 fn import() -> PathBuf {
+    static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    DIR.get_or_init(import_once).clone()
+}
+
+fn import_once() -> PathBuf {
     let gguf = find_or_fetch_gguf();
     let options = ResolveOptions { download: None, ..Default::default() };
     let resolved = hub::resolve_with(gguf.to_str().unwrap(), &options).expect("GGUF import");
@@ -152,4 +157,17 @@ fn smollm2_gguf_matches_transformers() {
     let options = GenerateOptions { max_new_tokens: 8, eos_ids: vec![2], ..Default::default() };
     let answer = tok.decode(&generate(&model, &prompt, &options).unwrap(), true).unwrap();
     assert!(answer.contains("Paris"), "greedy continuation of \"The capital of France is\": {answer:?}");
+}
+
+/// QLoRA's base: the imported f32 weights quantized to NF4 at load still know the answer.
+#[test]
+fn smollm2_gguf_loads_as_nf4_for_qlora() {
+    let dir = import();
+    let tok = tokenizer(&dir);
+    let base = BaseWeights::Nf4 { double_quant: true, compute: DType::F32 };
+    let model = Model::load(&dir, base, &Device::Cpu).unwrap();
+    let prompt = tok.encode("The capital of France is", false).unwrap().get_ids().to_vec();
+    let options = GenerateOptions { max_new_tokens: 8, eos_ids: vec![2], ..Default::default() };
+    let answer = tok.decode(&generate(&model, &prompt, &options).unwrap(), true).unwrap();
+    assert!(answer.contains("Paris"), "NF4 greedy continuation of \"The capital of France is\": {answer:?}");
 }

@@ -163,3 +163,46 @@ fn explain(e: HFError, repo_id: &str, endpoint: &str, cache: &Path) -> Error {
         other => format!("downloading {repo_id} from {endpoint}: {other}; {local}"),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use hf_hub::progress::FileProgress;
+
+    use super::*;
+
+    fn file(name: &str, done: u64, total: u64, status: FileStatus) -> FileProgress {
+        FileProgress { filename: name.into(), bytes_completed: done, total_bytes: total, status }
+    }
+
+    #[test]
+    fn hub_progress_becomes_running_totals() {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let sink = seen.clone();
+        let tracker = Tracker {
+            state: Mutex::new(TrackerState::default()),
+            on_event: Box::new(move |e| sink.lock().unwrap().push(e)),
+        };
+        let send = |e: HubEvent| tracker.on_progress(&ProgressEvent::Download(e));
+        send(HubEvent::Start { total_files: 2, total_bytes: 110 });
+        send(HubEvent::Progress { files: vec![file("config.json", 10, 10, FileStatus::Complete)] });
+        send(HubEvent::Progress { files: vec![file("model.safetensors", 40, 100, FileStatus::InProgress)] });
+        send(HubEvent::Progress { files: vec![file("model.safetensors", 100, 100, FileStatus::Complete)] });
+        send(HubEvent::Complete);
+        let progress = |bytes_done, files_done, file: &str| DownloadEvent::Progress {
+            bytes_done,
+            bytes_total: 110,
+            files_done,
+            files_total: 2,
+            file: file.into(),
+        };
+        assert_eq!(
+            *seen.lock().unwrap(),
+            vec![
+                DownloadEvent::Started { files: 2, bytes: 110 },
+                progress(10, 1, "config.json"),
+                progress(50, 1, "model.safetensors"),
+                progress(110, 2, "model.safetensors"),
+            ]
+        );
+    }
+}

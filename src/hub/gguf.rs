@@ -195,7 +195,9 @@ pub fn import_cached(gguf: &Path, cache_root: &Path) -> Result<PathBuf> {
     let parent = dir.parent().unwrap_or(cache_root);
     std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
     // Built beside the final name and renamed, so an interrupted import is never reused.
-    let tmp = dir.with_extension(format!("tmp-{}", std::process::id()));
+    static IMPORTS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = IMPORTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = dir.with_extension(format!("tmp-{}-{n}", std::process::id()));
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
     }
@@ -203,6 +205,11 @@ pub fn import_cached(gguf: &Path, cache_root: &Path) -> Result<PathBuf> {
     if let Err(e) = convert(gguf, &tmp) {
         let _ = std::fs::remove_dir_all(&tmp);
         return Err(e);
+    }
+    if dir.join(DONE_MARKER).is_file() {
+        // another import of the same file finished first: use it
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Ok(dir);
     }
     if dir.exists() {
         std::fs::remove_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
