@@ -117,6 +117,17 @@ fn without_network_the_error_says_so_and_names_the_local_options() {
     assert!(err.contains("no network"), "{err}");
     assert!(err.contains("test-org/not-cached") && err.contains(".gguf") && err.contains("folder"), "{err}");
 
+    // the background form reports the same error from its thread
+    let (events, handle) = hub::spawn_download(
+        "test-org/not-cached".into(),
+        None,
+        tmp.path().to_path_buf(),
+        DownloadOptions { endpoint: Some("http://127.0.0.1:9".into()), token: None, retries: Some(0) },
+    );
+    let err = handle.join().unwrap().unwrap_err().to_string();
+    assert!(err.contains("no network"), "{err}");
+    assert!(events.try_iter().all(|e| !matches!(e, hub::DownloadEvent::Finished { .. })));
+
     let err = hub::resolve_with("test-org/not-cached", &offline(tmp.path())).unwrap_err().to_string();
     assert!(err.contains("not (completely) in the Hugging Face cache"), "{err}");
 }

@@ -140,6 +140,24 @@ pub fn download(
     Ok(dir)
 }
 
+/// `download` on a background thread, for the GUI: progress comes over the channel, the
+/// snapshot folder (or the error) from the thread's handle.
+pub fn spawn_download(
+    repo_id: String,
+    revision: Option<String>,
+    cache: PathBuf,
+    options: DownloadOptions,
+) -> (crossbeam_channel::Receiver<DownloadEvent>, std::thread::JoinHandle<Result<PathBuf>>) {
+    let (tx, rx) = crossbeam_channel::unbounded();
+    let handle = std::thread::spawn(move || {
+        download(&repo_id, revision.as_deref(), &cache, &options, move |e| {
+            // the receiver may be gone (window closed): the download still completes
+            let _ = tx.send(e);
+        })
+    });
+    (rx, handle)
+}
+
 /// hf-hub's error as what happened and what the user can do.
 fn explain(e: HFError, repo_id: &str, endpoint: &str, cache: &Path) -> Error {
     let local = format!(

@@ -16,7 +16,7 @@ use super::tokenizer::{self, GgufVocabMeta};
 use crate::error::{Error, Result};
 
 /// Bumped whenever the folder an import writes changes, so stale imports are redone.
-const IMPORT_VERSION: u32 = 1;
+const IMPORT_VERSION: u32 = 2;
 /// Written last: a folder without it is an interrupted import.
 const DONE_MARKER: &str = "qls-gguf-import.json";
 
@@ -89,6 +89,20 @@ impl Meta<'_> {
             .map(|i| match i {
                 Value::String(s) => Ok(s.clone()),
                 other => Err(self.err(key, format!("expected strings, found {other:?}"))),
+            })
+            .collect::<Result<Vec<_>>>()
+            .map(Some)
+    }
+
+    fn floats(&self, key: &str) -> Result<Option<Vec<f32>>> {
+        let Some(v) = self.get(key) else { return Ok(None) };
+        let Value::Array(items) = v else { return Err(self.err(key, "expected an array of numbers")) };
+        items
+            .iter()
+            .map(|i| match i {
+                Value::F32(x) => Ok(*x),
+                Value::F64(x) => Ok(*x as f32),
+                other => Err(self.err(key, format!("expected numbers, found {other:?}"))),
             })
             .collect::<Result<Vec<_>>>()
             .map(Some)
@@ -360,6 +374,8 @@ fn meta_view(meta: &Meta<'_>) -> Result<GgufVocabMeta> {
         tokens: meta.strings("tokenizer.ggml.tokens")?,
         token_type: meta.ints("tokenizer.ggml.token_type")?,
         merges: meta.strings("tokenizer.ggml.merges")?,
+        scores: meta.floats("tokenizer.ggml.scores")?,
+        add_space_prefix: meta.opt_bool("tokenizer.ggml.add_space_prefix"),
         bos: meta.opt_u64("tokenizer.ggml.bos_token_id")?.map(|n| n as u32),
         eos: meta.opt_u64("tokenizer.ggml.eos_token_id")?.map(|n| n as u32),
         pad: meta.opt_u64("tokenizer.ggml.padding_token_id")?.map(|n| n as u32),

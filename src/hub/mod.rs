@@ -16,7 +16,7 @@ use std::sync::Arc;
 use crate::arch;
 use crate::error::{Error, Result};
 
-pub use download::{download, DownloadEvent, DownloadOptions};
+pub use download::{download, spawn_download, DownloadEvent, DownloadOptions};
 pub use hf_cache::{hf_cache_dir, list_cached_models, CachedModel};
 
 /// What a model source string turned out to be.
