@@ -145,6 +145,16 @@ fn imported_gguf_reproduces_the_checkpoint() {
     assert_eq!(gguf::import_cached(&file, &cache).unwrap(), dir);
     assert_eq!(std::fs::metadata(dir.join("model.safetensors")).unwrap().modified().unwrap(), stamp);
 
+    // a changed file is imported again, and the stale import is removed
+    let file_again = std::fs::read(&file).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    std::fs::write(&file, &file_again).unwrap();
+    let dir_again = gguf::import_cached(&file, &cache).unwrap();
+    if dir_again != dir {
+        assert!(!dir.exists(), "the stale import {} is still there", dir.display());
+    }
+    let dir = dir_again;
+
     let dev = Device::Cpu;
     let reference = SafetensorsFile::open(fixture.join("reference.safetensors")).unwrap();
     let ids = reference.tensor("input_ids", &dev).unwrap();

@@ -229,7 +229,27 @@ pub fn import_cached(gguf: &Path, cache_root: &Path) -> Result<PathBuf> {
         std::fs::remove_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
     }
     std::fs::rename(&tmp, &dir).map_err(|e| Error::io(&dir, e))?;
+    remove_stale_imports(gguf, &dir);
     Ok(dir)
+}
+
+/// Earlier imports of the same file (an older importer, a changed file) are hundreds of MB
+/// each: remove the complete ones that name the same source.
+fn remove_stale_imports(gguf: &Path, current: &Path) {
+    let (Some(parent), Ok(source)) = (current.parent(), std::fs::canonicalize(gguf)) else { return };
+    let Ok(entries) = std::fs::read_dir(parent) else { return };
+    for entry in entries.flatten() {
+        let dir = entry.path();
+        if dir == current {
+            continue;
+        }
+        let Ok(text) = std::fs::read_to_string(dir.join(DONE_MARKER)) else { continue };
+        let marker: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+        let same = marker.get("source").and_then(|s| s.as_str()).and_then(|s| std::fs::canonicalize(s).ok());
+        if same.as_deref() == Some(source.as_path()) {
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+    }
 }
 
 /// Write the Hugging Face folder for `gguf` into `out` (which must exist).

@@ -98,14 +98,16 @@ pub fn read_vocab(meta: &GgufVocabMeta, path: &Path) -> Result<GgufVocab> {
             let kind = VocabKind::SentencePiece { add_space_prefix: meta.add_space_prefix.unwrap_or(true) };
             (kind, sentencepiece_merges(&tokens, scores))
         }
-        other => return Err(Error::bad_entry(
-            path,
-            "tokenizer.ggml.model",
-            format!(
+        other => {
+            return Err(Error::bad_entry(
+                path,
+                "tokenizer.ggml.model",
+                format!(
                 "{other:?}: only BPE tokenizers (\"gpt2\" byte-level, \"llama\" SentencePiece) can be imported from \
                      GGUF yet; use the model's Hugging Face folder or hub id instead"
             ),
-        )),
+            ))
+        }
     };
     let token_type = meta.token_type.clone().unwrap_or_else(|| vec![1; tokens.len()]);
     if token_type.len() != tokens.len() {
