@@ -152,7 +152,9 @@ impl Default for ResolveOptions {
         Self {
             hf_cache: hf_cache_dir(),
             app_cache: app_cache_dir(),
-            download: Some(DownloadOptions::default()),
+            // huggingface_hub's offline switch
+            download: (!matches!(std::env::var("HF_HUB_OFFLINE").as_deref(), Ok("1" | "true" | "TRUE" | "yes")))
+                .then(DownloadOptions::default),
             progress: None,
         }
     }
@@ -202,7 +204,8 @@ pub fn resolve_with(source: &str, options: &ResolveOptions) -> Result<ResolvedMo
     }
     let Some(dl) = &options.download else {
         return Err(Error::Invalid(format!(
-            "{repo_id} is not (completely) in the Hugging Face cache {} and downloading is off",
+            "{repo_id} is not (completely) in the Hugging Face cache {} and downloading is off (HF_HUB_OFFLINE); \
+             use a local model folder, a .gguf file or a model that is in the cache",
             options.hf_cache.display()
         )));
     };
