@@ -11,6 +11,7 @@ use tokenizers::models::TrainerWrapper;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::{AddedToken, Tokenizer};
 
+use super::chat::CHATML_TEMPLATE;
 use crate::error::{Error, Result};
 use crate::rng::Rng;
 use crate::weights::{f32_bytes, write_safetensors, RawTensor};
@@ -39,9 +40,6 @@ The quick brown fox jumps over the lazy dog. She sells sea shells by the sea sho
 Once upon a time there was a small model that wanted to learn. It read the same stories again and again, \
 and every time the loss went down a little. In the end it could answer the questions it was trained on. \
 <|im_start|>user\nHello, who are you?<|im_end|>\n<|im_start|>assistant\nI am a tiny demo model.<|im_end|>\n";
-
-pub const CHATML_TEMPLATE: &str = "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + \
-message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
 
 fn tokenizer() -> Result<Tokenizer> {
     let err = |e: tokenizers::Error| Error::Invalid(format!("demo tokenizer: {e}"));
