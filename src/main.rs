@@ -9,7 +9,7 @@ use clap::{Parser, Subcommand};
 use qlora_studio::data::DataConfig;
 use qlora_studio::train::console::train_in_terminal;
 use qlora_studio::train::{evaluate_dataset, Mode, RunConfig};
-use qlora_studio::{arch, bench, gui, lora};
+use qlora_studio::{arch, bench, gui, hub, lora};
 
 #[derive(Parser)]
 #[command(name = "qlora-studio", version, about = "LoRA and QLoRA fine-tuning of decoder-only LLMs")]
@@ -92,6 +92,29 @@ enum Command {
         /// The base model's name (hub id) for the model card and base_model_name_or_path.
         #[arg(long)]
         base_name: Option<String>,
+    },
+    /// Generate text with a model (and an adapter): a folder, a .gguf file or a hub id.
+    Generate {
+        /// Model folder, GGUF file, or Hugging Face hub id (owner/name[@revision]).
+        #[arg(long)]
+        model: String,
+        /// A PEFT adapter folder to apply.
+        #[arg(long)]
+        adapter: Option<PathBuf>,
+        #[arg(long)]
+        prompt: String,
+        /// Wrap the prompt as a user turn with the model's chat template.
+        #[arg(long)]
+        chat: bool,
+        #[arg(long, default_value_t = 128)]
+        max_tokens: usize,
+        /// 0 is greedy.
+        #[arg(long, default_value_t = 0.0)]
+        temperature: f64,
+        #[arg(long, default_value_t = 1.0)]
+        top_p: f64,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
     },
     /// Benchmarks, with ratios against a baseline from the same run.
     Bench {
@@ -266,6 +289,26 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Generate { model, adapter, prompt, chat, max_tokens, temperature, top_p, seed } => {
+            let request = hub::try_model::GenerateRequest {
+                model,
+                adapter,
+                prompt,
+                chat,
+                max_new_tokens: max_tokens,
+                temperature,
+                top_p,
+                seed,
+                resolve: hub::ResolveOptions { progress: Some(download_bar()), ..Default::default() },
+            };
+            use std::io::Write;
+            hub::try_model::generate_text(&request, |piece| {
+                print!("{piece}");
+                let _ = std::io::stdout().flush();
+            })?;
+            println!();
+            Ok(())
+        }
         Command::Bench { command: BenchCommand::Nf4 { iters, tokens, json } } => {
             let mut rows = Vec::new();
             for (out_f, in_f) in bench::NF4_SHAPES {
@@ -304,4 +347,24 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// A terminal progress bar for hub downloads.
+fn download_bar() -> hub::ProgressCallback {
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{msg} {bar:30} {bytes}/{total_bytes} ({eta})")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    std::sync::Arc::new(move |event| match event {
+        hub::DownloadEvent::Started { files, bytes } => {
+            bar.set_length(bytes);
+            bar.set_message(format!("downloading {files} files"));
+        }
+        hub::DownloadEvent::Progress { bytes_done, files_done, files_total, .. } => {
+            bar.set_position(bytes_done);
+            bar.set_message(format!("{files_done}/{files_total} files"));
+        }
+        hub::DownloadEvent::Finished { .. } => bar.finish_and_clear(),
+    })
 }

@@ -364,6 +364,20 @@ impl Model {
 
     /// input_ids [b, t] (u32) → logits [b, t, V] in f32. `train` turns LoRA dropout on.
     pub fn forward(&self, input_ids: &Tensor, train: bool) -> Result<Tensor> {
+        self.forward_impl(input_ids, train, None)
+    }
+
+    /// Inference with a KV cache: `input_ids` [b, t] continue the `cache.len()` positions the
+    /// cache already holds (none for the prompt); their keys and values are appended to it.
+    /// Returns the logits [b, t, V] of the new positions, equal to those of a full forward.
+    pub fn forward_with_cache(&self, input_ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        if cache.layers.len() != self.layers.len() {
+            *cache = KvCache::new(self.layers.len());
+        }
+        self.forward_impl(input_ids, false, Some(cache))
+    }
+
+    fn forward_impl(&self, input_ids: &Tensor, train: bool, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
         let (b, t) = input_ids.dims2()?;
         let s = &self.spec;
         let ids = input_ids.to_dtype(DType::U32)?.flatten_all()?;
@@ -371,10 +385,12 @@ impl Model {
         if let Some(n) = &self.embed_norm {
             h = n.forward(&h)?;
         }
-        let positions = self.position_terms(t)?;
-        for layer in &self.layers {
+        let offset = cache.as_ref().map_or(0, |c| c.len());
+        let positions = self.position_terms(offset, t)?;
+        for (i, layer) in self.layers.iter().enumerate() {
             let x = layer.attn_norm.forward(&h)?;
-            let attn = self.attention(layer, &x, &positions, train)?;
+            let layer_cache = cache.as_mut().map(|c| &mut c.layers[i]);
+            let attn = self.attention(layer, &x, &positions, train, layer_cache)?;
             h = if s.parallel_residual {
                 let mlp_in = match &layer.mlp_norm {
                     Some(n) => n.forward(&h)?,
@@ -389,6 +405,9 @@ impl Model {
                 };
                 (&h + self.mlp(&layer.mlp, &mlp_in, train)?)?
             };
+        }
+        if let Some(c) = cache {
+            c.len += t;
         }
         let h = self.final_norm.forward(&h)?;
         Ok(self.lm_head.forward(&h)?.to_dtype(DType::F32)?)
@@ -463,7 +482,14 @@ impl Model {
         Ok(out.reshape(dims)?)
     }
 
-    fn attention(&self, layer: &Layer, x: &Tensor, positions: &PositionTerms, train: bool) -> Result<Tensor> {
+    fn attention(
+        &self,
+        layer: &Layer,
+        x: &Tensor,
+        positions: &PositionTerms,
+        train: bool,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
+    ) -> Result<Tensor> {
         let s = &self.spec;
         let (b, t, _) = x.dims3()?;
         let (hd, nh, nkv) = (s.head_dim, s.heads, s.kv_heads);
@@ -497,6 +523,18 @@ impl Model {
             q = apply_rope(&q, cos, sin, *rotary_dim, *interleaved)?;
             k = apply_rope(&k, cos, sin, *rotary_dim, *interleaved)?;
         }
+        // keys and values of earlier positions come from the cache (after RoPE, before repeat)
+        let (k, v) = match cache {
+            None => (k, v),
+            Some(slot) => {
+                let (k, v) = match slot.take() {
+                    None => (k, v),
+                    Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
+                };
+                *slot = Some((k.clone(), v.clone()));
+                (k, v)
+            }
+        };
         let (k, v) = (repeat_kv(k, nh / nkv)?, repeat_kv(v, nh / nkv)?);
         let scores = (q.matmul(&k.t()?.contiguous()?)? * (1.0 / (hd as f64).sqrt()))?;
         let scores = scores.to_dtype(DType::F32)?.broadcast_add(&positions.mask)?;
@@ -505,10 +543,12 @@ impl Model {
         Ok(layer.o.forward(&out, train)?)
     }
 
-    /// The position terms of a sequence of t tokens: RoPE tables, and the additive attention
-    /// mask (causal, sliding window, ALiBi) of shape [heads or 1, t, t].
-    fn position_terms(&self, t: usize) -> Result<PositionTerms> {
-        let causal = causal_mask(t, self.spec.sliding_window, &self.device)?;
+    /// The position terms of t tokens at positions offset..offset+t attending to keys
+    /// 0..offset+t: RoPE tables, and the additive attention mask (causal, sliding window,
+    /// ALiBi) of shape [heads or 1, t, offset+t].
+    fn position_terms(&self, offset: usize, t: usize) -> Result<PositionTerms> {
+        let total = offset + t;
+        let causal = causal_mask(offset, t, self.spec.sliding_window, &self.device)?;
         Ok(match self.spec.position {
             Position::Rope { theta, rotary_dim, .. } => {
                 // as transformers computes them, in f32
@@ -516,7 +556,8 @@ impl Model {
                     .map(|i| 1.0 / (theta as f32).powf((2 * i) as f32 / rotary_dim as f32))
                     .collect();
                 let inv_freq = Tensor::from_vec(inv_freq, (1, rotary_dim / 2), &self.device)?;
-                let pos = Tensor::arange(0u32, t as u32, &self.device)?.to_dtype(DType::F32)?.reshape((t, 1))?;
+                let pos =
+                    Tensor::arange(offset as u32, total as u32, &self.device)?.to_dtype(DType::F32)?.reshape((t, 1))?;
                 let freqs = pos.broadcast_mul(&inv_freq)?;
                 let rope = Some((freqs.cos()?.to_dtype(self.dtype)?, freqs.sin()?.to_dtype(self.dtype)?));
                 PositionTerms { rope, mask: causal.unsqueeze(0)? }
@@ -524,8 +565,8 @@ impl Model {
             Position::Alibi => {
                 // bias slope_h · j on key position j; under softmax equal to slope_h · (j − i)
                 let slopes = Tensor::new(alibi_slopes(self.spec.heads).as_slice(), &self.device)?;
-                let keys = Tensor::arange(0u32, t as u32, &self.device)?.to_dtype(DType::F32)?;
-                let alibi = slopes.reshape((self.spec.heads, 1, 1))?.broadcast_mul(&keys.reshape((1, 1, t))?)?;
+                let keys = Tensor::arange(0u32, total as u32, &self.device)?.to_dtype(DType::F32)?;
+                let alibi = slopes.reshape((self.spec.heads, 1, 1))?.broadcast_mul(&keys.reshape((1, 1, total))?)?;
                 PositionTerms { rope: None, mask: alibi.broadcast_add(&causal.unsqueeze(0)?)? }
             }
         })
@@ -599,11 +640,13 @@ fn repeat_kv(x: Tensor, n_rep: usize) -> candle_core::Result<Tensor> {
     x.unsqueeze(2)?.broadcast_as((b, kv, n_rep, t, d))?.reshape((b, kv * n_rep, t, d))
 }
 
-/// 0 where query i may attend to key j (j ≤ i, and i − j < window), −∞ elsewhere.
-fn causal_mask(t: usize, window: Option<usize>, device: &Device) -> candle_core::Result<Tensor> {
-    let mask: Vec<f32> = (0..t)
+/// [t, offset+t]: 0 where query i (at position offset+i) may attend to key j (j ≤ offset+i,
+/// and offset+i − j < window), −∞ elsewhere.
+fn causal_mask(offset: usize, t: usize, window: Option<usize>, device: &Device) -> candle_core::Result<Tensor> {
+    let total = offset + t;
+    let mask: Vec<f32> = (offset..total)
         .flat_map(|i| {
-            (0..t).map(move |j| {
+            (0..total).map(move |j| {
                 let visible = j <= i && window.is_none_or(|w| i - j < w);
                 if visible {
                     0.0
@@ -613,5 +656,28 @@ fn causal_mask(t: usize, window: Option<usize>, device: &Device) -> candle_core:
             })
         })
         .collect();
-    Tensor::from_vec(mask, (t, t), device)
+    Tensor::from_vec(mask, (t, total), device)
+}
+
+/// Keys and values of the positions a model has seen, per layer ([b, kv_heads, len, head_dim],
+/// after RoPE), so that generation computes each new token from itself and the cache.
+#[derive(Clone, Default)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+    len: usize,
+}
+
+impl KvCache {
+    pub fn new(layers: usize) -> Self {
+        Self { layers: vec![None; layers], len: 0 }
+    }
+
+    /// Positions held.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
 }

@@ -3,12 +3,14 @@
 
 pub mod checkpoint;
 pub mod decoder;
+pub mod generate;
 pub mod inspect;
 pub mod loss;
 pub mod ops;
 pub mod presets;
 pub mod spec;
 
-pub use decoder::{BaseWeights, Model};
+pub use decoder::{BaseWeights, KvCache, Model};
+pub use generate::{generate, GenerateOptions};
 pub use loss::{causal_lm_loss, IGNORE_INDEX};
 pub use spec::ModelSpec;

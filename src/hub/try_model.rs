@@ -1,0 +1,133 @@
+//! "Try the model": resolve a model source, load it (with an adapter), tokenize a prompt (or a
+//! chat turn through the model's chat template), generate and decode as the tokens come. The
+//! `generate` command and the GUI's try-the-model panel both call `generate_text`.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device};
+use tokenizers::Tokenizer;
+
+use super::chat::{ChatMessage, ChatTemplate};
+use super::{resolve_with, ResolveOptions};
+use crate::error::{Error, Result};
+use crate::model::generate::{generate_streaming, GenerateOptions};
+use crate::model::{BaseWeights, Model};
+
+#[derive(Clone)]
+pub struct GenerateRequest {
+    /// A model folder, a .gguf file or a hub id.
+    pub model: String,
+    /// A PEFT adapter folder to put on the model.
+    pub adapter: Option<PathBuf>,
+    pub prompt: String,
+    /// Wrap the prompt as a user turn with the model's chat template.
+    pub chat: bool,
+    pub max_new_tokens: usize,
+    pub temperature: f64,
+    pub top_p: f64,
+    pub seed: u64,
+    pub resolve: ResolveOptions,
+}
+
+#[derive(Debug, Clone)]
+pub struct GeneratedText {
+    pub model_dir: PathBuf,
+    /// The text the model saw (the rendered chat template with --chat).
+    pub prompt_text: String,
+    pub prompt_ids: Vec<u32>,
+    pub ids: Vec<u32>,
+    pub text: String,
+}
+
+/// Resolve, load, generate; `on_text` gets each new piece of decoded text as it comes.
+pub fn generate_text(request: &GenerateRequest, mut on_text: impl FnMut(&str)) -> Result<GeneratedText> {
+    let resolved = resolve_with(&request.model, &request.resolve)?;
+    let dir = resolved.dir;
+    let device = Device::Cpu;
+    let mut model = Model::load(&dir, BaseWeights::Dense(DType::F32), &device)?;
+    if let Some(adapter) = &request.adapter {
+        model.load_adapter(adapter)?;
+    }
+    let tokenizer = load_tokenizer(&dir)?;
+    let template = ChatTemplate::from_folder(&dir)?;
+    let prompt_text = if request.chat {
+        template.render(&[ChatMessage::new("user", &request.prompt)], true)?
+    } else {
+        request.prompt.clone()
+    };
+    // a chat template writes its own special tokens; a plain prompt gets the tokenizer's
+    let encoding = tokenizer
+        .encode(prompt_text.as_str(), !request.chat)
+        .map_err(|e| Error::Invalid(format!("cannot tokenize the prompt: {e}")))?;
+    let prompt_ids = encoding.get_ids().to_vec();
+    let mut eos_ids = eos_ids(&dir, &tokenizer, &template)?;
+    if request.chat {
+        // ChatML turns end with <|im_end|> even where the model's eos is another token
+        if let Some(id) = tokenizer.token_to_id("<|im_end|>") {
+            eos_ids.push(id);
+        }
+    }
+    let options = GenerateOptions {
+        max_new_tokens: request.max_new_tokens,
+        temperature: request.temperature,
+        top_p: request.top_p,
+        seed: request.seed,
+        eos_ids,
+    };
+    let mut ids = Vec::new();
+    let mut shown = 0usize;
+    let mut decode_error = None;
+    generate_streaming(&model, &prompt_ids, &options, |id| {
+        ids.push(id);
+        match tokenizer.decode(&ids, true) {
+            // an unfinished multi-byte character decodes to U+FFFD: wait for its next byte
+            Ok(text) if !text.ends_with('\u{FFFD}') && text.len() >= shown && text.is_char_boundary(shown) => {
+                on_text(&text[shown..]);
+                shown = text.len();
+            }
+            Ok(_) => {}
+            Err(e) => decode_error = Some(e.to_string()),
+        }
+        decode_error.is_none()
+    })?;
+    if let Some(e) = decode_error {
+        return Err(Error::Invalid(format!("cannot decode the generated tokens: {e}")));
+    }
+    let text = tokenizer.decode(&ids, true).map_err(|e| Error::Invalid(format!("cannot decode: {e}")))?;
+    if text.len() > shown && text.is_char_boundary(shown) {
+        on_text(&text[shown..]);
+    }
+    Ok(GeneratedText { model_dir: dir, prompt_text, prompt_ids, ids, text })
+}
+
+pub fn load_tokenizer(dir: &Path) -> Result<Tokenizer> {
+    let path = dir.join("tokenizer.json");
+    Tokenizer::from_file(&path)
+        .map_err(|e| Error::Invalid(format!("{}: not a readable tokenizer: {e}", path.display())))
+}
+
+/// End-of-sequence ids: generation_config.json's `eos_token_id` (a number or a list), else
+/// config.json's, plus the id of tokenizer_config.json's `eos_token`.
+pub fn eos_ids(dir: &Path, tokenizer: &Tokenizer, template: &ChatTemplate) -> Result<Vec<u32>> {
+    let mut ids = Vec::new();
+    for name in ["generation_config.json", "config.json"] {
+        let path = dir.join(name);
+        let Ok(text) = std::fs::read_to_string(&path) else { continue };
+        let json: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| Error::bad_entry(&path, "eos_token_id", format!("not valid JSON: {e}")))?;
+        match json.get("eos_token_id") {
+            Some(serde_json::Value::Number(n)) => ids.extend(n.as_u64().map(|n| n as u32)),
+            Some(serde_json::Value::Array(list)) => {
+                ids.extend(list.iter().filter_map(|v| v.as_u64()).map(|n| n as u32))
+            }
+            _ => continue,
+        }
+        break;
+    }
+    if let Some(id) = tokenizer.token_to_id(&template.eos_token) {
+        ids.push(id);
+    }
+    ids.sort_unstable();
+    ids.dedup();
+    Ok(ids)
+}
