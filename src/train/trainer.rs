@@ -82,7 +82,7 @@ pub fn run(
     let device = device_of(&config.model.device)?;
 
     send(TrainEvent::Loading { stage: format!("loading model {}", config.model.source), fraction: 0.05 });
-    let model_dir = resolve_model(&config.model.source)?;
+    let model_dir = resolve_model(&config.model.source, Some(events))?;
     let mut model = Model::load(&model_dir, base_weights(&config)?, &device)?;
     let settings = config.lora.settings(&model.spec.default_targets);
     match &resumed {
@@ -138,14 +138,22 @@ fn base_weights(config: &RunConfig) -> Result<BaseWeights> {
     })
 }
 
-/// The local folder a model source names.
-pub fn resolve_model(source: &str) -> Result<PathBuf> {
-    let path = PathBuf::from(source);
-    if path.is_dir() {
-        Ok(path)
-    } else {
-        Err(Error::Invalid(format!("model.source = \"{source}\": no such model folder")))
+/// The local folder a model source names (a folder, a GGUF file imported once, a hub id from
+/// the cache or downloaded), with download progress sent as Loading events.
+pub fn resolve_model(source: &str, events: Option<&Sender<TrainEvent>>) -> Result<PathBuf> {
+    let mut options = crate::hub::ResolveOptions::default();
+    if let Some(tx) = events {
+        let tx = tx.clone();
+        options.progress = Some(std::sync::Arc::new(move |event| {
+            if let crate::hub::download::DownloadEvent::Progress { bytes_done, bytes_total, file, .. } = event {
+                let fraction = bytes_done as f32 / bytes_total.max(1) as f32;
+                let stage = format!("downloading {file} ({:.0} of {:.0} MiB)", bytes_done as f64 / 1048576.0, bytes_total as f64 / 1048576.0);
+                // downloading is the first half of loading
+                let _ = tx.send(TrainEvent::Loading { stage, fraction: 0.5 * fraction });
+            }
+        }));
     }
+    Ok(crate::hub::resolve_with(source, &options)?.dir)
 }
 
 /// Examples with at least one trained (shifted) label; and how many had none.
@@ -507,7 +515,7 @@ pub fn evaluate_dataset(
     device: &str,
 ) -> Result<EvalReport> {
     let device = device_of(device)?;
-    let dir = resolve_model(model_source)?;
+    let dir = resolve_model(model_source, None)?;
     let base = match mode {
         Mode::Lora => BaseWeights::Dense(DType::F32),
         Mode::Qlora => BaseWeights::Nf4 { double_quant: true, compute: DType::F32 },
