@@ -1,6 +1,8 @@
 //! Shared helpers for integration tests: where the reference fixtures live.
 #![allow(dead_code)]
 
+pub mod tokenizer;
+
 use std::path::PathBuf;
 
 /// ../shared/fixtures beside the repository, or the folder in QLS_FIXTURES. A missing folder
