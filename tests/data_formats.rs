@@ -678,3 +678,27 @@ fn demo_dataset_is_clean_alpaca() {
         assert!(reply.starts_with("VELMORA FACT: "), "{}: {reply}", r.location());
     }
 }
+
+#[test]
+fn a_template_that_rewrites_earlier_turns_still_masks_by_finding_the_replies() {
+    // Marks only the last message, so a shorter conversation is not a prefix of a longer one.
+    let marking =
+        "{% for m in messages %}{{ m.role }}: {{ m.content }}{% if loop.last %} [last]{% endif %}{{ '\\n' }}{% endfor %}\
+                   {% if add_generation_prompt %}assistant:{% endif %}";
+    let tok = ModelTokenizer::from_dir(chatml_model_dir(Some(marking)).path()).unwrap();
+    let cfg = DataConfig { path: data_file("sharegpt.json"), ..Default::default() };
+    let prepared = prepare(&cfg, &tok, None).unwrap();
+    let ex = &prepared.train[1];
+    let text = "user: Count to three.\nassistant: 1, 2, 3. [last]\n";
+    let reply_at = text.find("1, 2, 3.").unwrap();
+    let mut want_labels: Vec<i64> = byte_ids(text)
+        .iter()
+        .enumerate()
+        .map(|(i, &id)| if (reply_at..reply_at + "1, 2, 3.".len()).contains(&i) { id as i64 } else { IGNORE })
+        .collect();
+    // No stop token in the reply: the EOS is appended and trained.
+    let eos = special_id(&CHATML_SPECIALS, "<|im_end|>");
+    want_labels.push(eos as i64);
+    assert_eq!(ex.input_ids, [byte_ids(text), vec![eos]].concat());
+    assert_eq!(ex.labels, want_labels);
+}

@@ -53,7 +53,7 @@ pub(crate) fn tokenize_record(
 ) -> Result<Tokenized> {
     let located = |msg: String| Error::Invalid(format!("{}: {msg}", record.location()));
     let (text, replies, add_special) = match &record.content {
-        Content::Text(text) => (text.clone(), vec![0..text.len()], true),
+        Content::Text(text) => (text.clone(), std::iter::once(0..text.len()).collect(), true),
         Content::Chat(messages) => {
             let template =
                 template.ok_or_else(|| located("a conversation needs a chat template, and none was chosen".into()))?;

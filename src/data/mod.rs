@@ -23,6 +23,7 @@ mod tokenizer;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 pub use encode::{pack, Example, LengthBucket, LengthStats, IGNORE};
@@ -118,6 +119,19 @@ impl Default for DataConfig {
 const MAX_LENGTH_LIMIT: usize = 1 << 20;
 
 impl DataConfig {
+    /// Makes relative paths (the dataset, a validation file) relative to `base`, the folder of
+    /// the run config they were written in.
+    pub fn resolve_paths(&mut self, base: &Path) {
+        if self.path.is_relative() && !self.path.as_os_str().is_empty() {
+            self.path = base.join(&self.path);
+        }
+        if let Validation::File(p) = &mut self.validation {
+            if p.is_relative() && !p.as_os_str().is_empty() {
+                *p = base.join(&*p);
+            }
+        }
+    }
+
     /// Checks the settings without reading any file.
     pub fn validate(&self) -> Result<()> {
         if self.path.as_os_str().is_empty() {
@@ -301,9 +315,14 @@ fn encode_all(
     report: &mut DataReport,
     lengths: &mut Vec<usize>,
 ) -> Result<Vec<Example>> {
+    // Tokenizing is the slow part of a large dataset; the first error in file order is reported.
+    let tokenized: Vec<Result<encode::Tokenized>> = records
+        .par_iter()
+        .map(|record| encode::tokenize_record(record, template, tokenizer, config.train_on_prompt))
+        .collect();
     let mut out = Vec::with_capacity(records.len());
-    for record in records {
-        let mut example = encode::tokenize_record(record, template, tokenizer, config.train_on_prompt)?.example;
+    for (record, tokenized) in records.iter().zip(tokenized) {
+        let mut example = tokenized?.example;
         lengths.push(example.len());
         let prompt_tokens = example.labels.iter().take_while(|&&l| l == IGNORE).count();
         if encode::truncate(&mut example, config.max_length) {
