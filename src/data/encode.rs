@@ -73,8 +73,10 @@ pub(crate) fn tokenize_record(
         .zip(&enc.offsets)
         .map(|(&id, &(s, e))| {
             // A token is trained when it overlaps a reply; a token that straddles the border
-            // (" Paris" after "Answer:") belongs to the reply, which must produce it.
-            let in_reply = e > s && replies.iter().any(|r| e > r.start && s < r.end);
+            // (" Paris" after "Answer:") belongs to the reply, which must produce it. Byte-level
+            // tokenizers trim the offsets of a token of spaces to the empty range at its end.
+            let in_reply =
+                replies.iter().any(|r| if e > s { e > r.start && s < r.end } else { s > r.start && s <= r.end });
             if in_reply || train_on_prompt {
                 id as i64
             } else {
