@@ -558,6 +558,13 @@ fn a_template_error_names_the_record() {
     let tok = ModelTokenizer::from_dir(chatml_model_dir(Some(raising)).path()).unwrap();
     let e = error_text(prepare(&config(data_file("messages.jsonl")), &tok, None));
     assert!(e.contains("messages.jsonl:2") && e.contains("System role not supported"), "{e}");
+    let skipping = DataConfig { skip_bad_records: true, ..config(data_file("messages.jsonl")) };
+    let prepared = prepare(&skipping, &tok, None).unwrap();
+    assert_eq!(prepared.train.len(), 1);
+    assert_eq!(prepared.report.skipped.len(), 1);
+    assert_eq!(prepared.report.skipped[0].line, 2);
+    assert!(prepared.report.skipped[0].reason.contains("System role not supported"));
+    assert_eq!(preview(&skipping, &tok, None, 5).unwrap().skipped.len(), 1);
 }
 
 // ---- tokenizer files ----

@@ -3,10 +3,9 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::records::{Content, Record, Role};
+use super::records::{BadRecord, Content, Record, Role};
 use super::template::ChatTemplate;
 use super::tokenizer::ModelTokenizer;
-use crate::error::{Error, Result};
 
 /// The label of a token the loss ignores (PyTorch's `ignore_index`).
 pub const IGNORE: i64 = -100;
@@ -44,29 +43,31 @@ pub(crate) struct Tokenized {
 }
 
 /// Tokenizes one record: a conversation rendered with the template, the assistant replies
-/// trained (everything when `train_on_prompt`); a text document trained whole.
+/// trained (everything when `train_on_prompt`); a text document trained whole. A record the
+/// template or tokenizer cannot handle comes back as a [`BadRecord`].
 pub(crate) fn tokenize_record(
     record: &Record,
     template: Option<&ChatTemplate>,
     tokenizer: &ModelTokenizer,
     train_on_prompt: bool,
-) -> Result<Tokenized> {
-    let located = |msg: String| Error::Invalid(format!("{}: {msg}", record.location()));
+) -> Result<Tokenized, BadRecord> {
+    let bad =
+        |reason: String| BadRecord { file: record.file.clone(), line: record.line, record: None, field: None, reason };
     let (text, replies, add_special) = match &record.content {
         Content::Text(text) => (text.clone(), std::iter::once(0..text.len()).collect(), true),
         Content::Chat(messages) => {
             let template =
-                template.ok_or_else(|| located("a conversation needs a chat template, and none was chosen".into()))?;
+                template.ok_or_else(|| bad("a conversation needs a chat template, and none was chosen".into()))?;
             let (text, replies) = template.render_with_replies(messages, tokenizer).map_err(|e| {
-                located(format!(
-                    "chat template `{}` fails on this record: {e}; fix the record or choose another template",
+                bad(format!(
+                    "chat template `{}` fails on this record: {e} (another template may suit the data)",
                     template.name
                 ))
             })?;
             (text, replies, false)
         }
     };
-    let enc = tokenizer.encode(&text, add_special).map_err(|e| located(e.to_string()))?;
+    let enc = tokenizer.encode(&text, add_special).map_err(|e| bad(e.to_string()))?;
     let mut ids = enc.ids;
     let mut labels: Vec<i64> = ids
         .iter()

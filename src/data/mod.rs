@@ -194,7 +194,8 @@ pub struct DataReport {
     /// The chat template used (`model` for the model's own); None when no record needed one.
     pub template: Option<String>,
     pub template_check: Option<TemplateCheck>,
-    /// Records read and usable, and how they were split.
+    /// Records read from the files (bad records not counted), and how they were split; records
+    /// the template could not render are then listed in `skipped` too.
     pub records: usize,
     pub train_records: usize,
     pub validation_records: usize,
@@ -316,13 +317,20 @@ fn encode_all(
     lengths: &mut Vec<usize>,
 ) -> Result<Vec<Example>> {
     // Tokenizing is the slow part of a large dataset; the first error in file order is reported.
-    let tokenized: Vec<Result<encode::Tokenized>> = records
+    let tokenized: Vec<std::result::Result<encode::Tokenized, BadRecord>> = records
         .par_iter()
         .map(|record| encode::tokenize_record(record, template, tokenizer, config.train_on_prompt))
         .collect();
     let mut out = Vec::with_capacity(records.len());
     for (record, tokenized) in records.iter().zip(tokenized) {
-        let mut example = tokenized?.example;
+        let mut example = match tokenized {
+            Ok(t) => t.example,
+            Err(bad) if config.skip_bad_records => {
+                report.skipped.push(bad);
+                continue;
+            }
+            Err(bad) => return Err(bad.into_error()),
+        };
         lengths.push(example.len());
         let prompt_tokens = example.labels.iter().take_while(|&&l| l == IGNORE).count();
         if encode::truncate(&mut example, config.max_length) {
@@ -393,9 +401,12 @@ pub fn prepare(config: &DataConfig, tokenizer: &ModelTokenizer, family_id: Optio
     let mut validation =
         encode_all(&validation_records, template.as_ref(), tokenizer, config, &mut report, &mut lengths)?;
     if train.is_empty() {
+        let first = report.skipped.first().or(report.cut_entirely.first()).map(|b| b.to_string()).unwrap_or_default();
         return Err(Error::Invalid(format!(
-            "{}: no training example is left: max_length = {} cuts away every reply; raise max_length",
+            "{}: no training example is left: {} records skipped, {} cut away entirely by max_length = {}; the first: {first}",
             config.path.display(),
+            report.skipped.len(),
+            report.cut_entirely.len(),
             config.max_length
         )));
     }
@@ -494,12 +505,26 @@ pub fn preview(config: &DataConfig, tokenizer: &ModelTokenizer, family_id: Optio
     let template = template_for(&set.records, config, tokenizer, family_id)?;
     let mut lengths = Vec::with_capacity(set.records.len());
     let mut examples = Vec::new();
-    for (i, record) in set.records.iter().enumerate() {
-        let tokenized = encode::tokenize_record(record, template.as_ref(), tokenizer, config.train_on_prompt)?;
+    for record in &set.records {
+        let tokenized = match encode::tokenize_record(record, template.as_ref(), tokenizer, config.train_on_prompt) {
+            Ok(t) => t,
+            Err(bad) if config.skip_bad_records => {
+                set.skipped.push(bad);
+                continue;
+            }
+            Err(bad) => return Err(bad.into_error()),
+        };
         lengths.push(tokenized.example.len());
-        if i < n {
+        if examples.len() < n {
             examples.push(preview_example(record, &tokenized, tokenizer, config.max_length));
         }
+    }
+    if lengths.is_empty() {
+        return Err(Error::Invalid(format!(
+            "{}: no record could be rendered; see the skipped records: {}",
+            config.path.display(),
+            set.skipped.first().map(|b| b.to_string()).unwrap_or_default()
+        )));
     }
     Ok(Preview {
         examples,
@@ -569,7 +594,7 @@ pub const TRAINED_OPEN: &str = "[[";
 pub const TRAINED_CLOSE: &str = "]]";
 
 /// The preview as plain text for the command line: trained text between `[[` and `]]`, the
-/// part max_length cuts after a `✂` line, then the length distribution.
+/// part max_length cuts (never trained) after a `✂` line, then the length distribution.
 pub fn render_preview_text(preview: &Preview) -> String {
     let mut out = String::new();
     out.push_str(&format!("format: {}, {} records", preview.format, preview.records));
@@ -596,7 +621,8 @@ pub fn render_preview_text(preview: &Preview) -> String {
                 out.push_str(&format!("\n✂ ---- cut here by max_length {} ----\n", preview.max_length));
                 in_cut = true;
             }
-            if seg.trained {
+            // Past the cut nothing is trained, whatever the mask says.
+            if seg.trained && !seg.cut {
                 out.push_str(&format!("{TRAINED_OPEN}{}{TRAINED_CLOSE}", seg.text));
             } else {
                 out.push_str(&seg.text);

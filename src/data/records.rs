@@ -72,7 +72,7 @@ pub struct BadRecord {
     pub file: PathBuf,
     /// 1-based line; 0 when the problem is the file as a whole (an empty file).
     pub line: usize,
-    /// Index of the record in its file (0-based), when the file has records.
+    /// Index of the record in a JSON array (0-based); shown 1-based.
     pub record: Option<usize>,
     /// The field at fault (`output`, `conversations[2].value`), if one is.
     pub field: Option<String>,
@@ -98,8 +98,9 @@ impl fmt::Display for BadRecord {
 impl BadRecord {
     /// The error a run stops with when bad records are not skipped.
     pub fn into_error(self) -> Error {
+        let what = if self.line == 0 { "file" } else { "record" };
         Error::Invalid(format!(
-            "{self}. Fix the record, or set skip_bad_records = true in [data] to skip bad records (they are counted and listed in the data report)"
+            "{self}. Fix the {what}, or set skip_bad_records = true in [data] to skip bad records (they are counted and listed in the data report)"
         ))
     }
 }
@@ -201,7 +202,7 @@ pub fn read_file(path: &Path, format: DataFormat, skip_bad: bool) -> Result<(Dat
                         let bad = BadRecord {
                             file: path.into(),
                             line: raw.line,
-                            record: Some(raw.index),
+                            record: raw.index,
                             field: e.field,
                             reason: e.reason,
                         };
@@ -281,7 +282,8 @@ fn read_text_blocks(path: &Path, text: &str, out: &mut FileRecords) {
 
 /// One JSON record before interpretation: its position and value, or why it is not JSON.
 struct RawRecord {
-    index: usize,
+    /// Index in a JSON array (in JSON Lines the line says it all).
+    index: Option<usize>,
     line: usize,
     value: std::result::Result<Value, String>,
 }
@@ -304,7 +306,7 @@ fn json_records(path: &Path, text: &str) -> Result<Vec<RawRecord>> {
             .map(|(index, (start, end))| {
                 let slice = &trimmed[start..end];
                 RawRecord {
-                    index,
+                    index: Some(index),
                     line: line_of(text, offset + start),
                     value: serde_json::from_str(slice).map_err(|e| {
                         format!(
@@ -323,8 +325,8 @@ fn json_records(path: &Path, text: &str) -> Result<Vec<RawRecord>> {
             .enumerate()
             .filter(|(_, l)| !l.trim().is_empty())
             .enumerate()
-            .map(|(index, (i, l))| RawRecord {
-                index,
+            .map(|(_, (i, l))| RawRecord {
+                index: None,
                 line: i + 1,
                 value: serde_json::from_str(l).map_err(|e| {
                     format!(

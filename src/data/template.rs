@@ -241,14 +241,14 @@ impl ChatTemplate {
 
 /// minijinja's message with the line of the template it points at.
 fn describe(e: &minijinja::Error) -> String {
-    let mut msg = match e.kind() {
-        ErrorKind::InvalidOperation if e.detail().is_some() => e.detail().unwrap_or_default().to_string(),
-        _ => e.to_string(),
+    let mut msg = match (e.kind(), e.detail()) {
+        // raise_exception: the template's own words.
+        (ErrorKind::InvalidOperation, Some(detail)) => detail.to_string(),
+        (kind, Some(detail)) => format!("{kind}: {detail}"),
+        (kind, None) => kind.to_string(),
     };
     if let Some(line) = e.line() {
-        if !msg.contains("line") {
-            msg.push_str(&format!(" (template line {line})"));
-        }
+        msg.push_str(&format!(" (template line {line})"));
     }
     msg
 }
