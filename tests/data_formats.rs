@@ -156,6 +156,10 @@ fn forced_format_overrides_detection_and_unknown_fields_are_explained() {
     // Forcing ShareGPT on an Alpaca file: every record lacks `conversations`.
     let e = error_text(read_file(&data_file("alpaca.jsonl"), DataFormat::ShareGpt, false).map(|_| ()));
     assert!(e.contains("alpaca.jsonl:1") && e.contains("`conversations`"), "{e}");
+    let e = error_text(read_file(&data_file("folder/notes.csv"), DataFormat::Auto, false).map(|_| ()));
+    assert!(e.contains("notes.csv") && e.contains(".csv") && e.contains("format"), "{e}");
+    let (format, _) = read_file(&data_file("folder/notes.csv"), DataFormat::Text, false).unwrap();
+    assert_eq!(format, DataFormat::Text);
     let e = error_text(read_file(&data_file("unknown_fields.jsonl"), DataFormat::Auto, false).map(|_| ()));
     assert!(e.contains("unknown_fields.jsonl:1") && e.contains("`question`") && e.contains("format"), "{e}");
 }
@@ -183,6 +187,15 @@ fn missing_field_names_file_line_and_field() {
 
     let e = error_text(read_file(&data_file("bad_message.jsonl"), DataFormat::Auto, false).map(|_| ()));
     assert!(e.contains("bad_message.jsonl:2") && e.contains("field `messages[1].content`"), "{e}");
+}
+
+#[test]
+fn one_pretty_printed_object_is_explained() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("one.json");
+    std::fs::write(&path, "{\n  \"instruction\": \"a\",\n  \"output\": \"b\"\n}\n").unwrap();
+    let e = error_text(read_file(&path, DataFormat::Auto, false).map(|_| ()));
+    assert!(e.contains("one.json:1") && e.contains("one JSON object"), "{e}");
 }
 
 #[test]
@@ -596,6 +609,10 @@ fn tokenizer_config_variants_and_missing_files() {
     assert_eq!((tok.eos_token.as_deref(), tok.eos_token_id), (Some("</s>"), Some(eos)));
     assert_eq!(tok.bos_token_id, Some(special_id(&CHATML_SPECIALS, "<s>")));
     assert_eq!(tok.stop_token_ids, [eos, im_end]);
+    let tool = ChatTemplate::resolve(&TemplateChoice::from("model:tool_use".to_string()), &tok, None).unwrap();
+    assert_eq!((tool.name.as_str(), tool.source.as_str()), ("model:tool_use", "T"));
+    let e = error_text(ChatTemplate::resolve(&TemplateChoice::ModelNamed("rag".into()), &tok, None));
+    assert!(e.contains("\"rag\"") && e.contains("default, tool_use"), "{e}");
 
     let bad = model_dir(&CHATML_SPECIALS, json!({"eos_token": "<|eot|>"}), None);
     let e = error_text(ModelTokenizer::from_dir(bad.path()));

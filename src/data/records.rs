@@ -224,10 +224,14 @@ pub fn detect_format(path: &Path, text: &str) -> Result<DataFormat> {
     match extension(path).as_deref() {
         Some("txt" | "text" | "md") => return Ok(DataFormat::Text),
         Some("json" | "jsonl") => {}
-        _ => {
+        other => {
             let first = text.trim_start().chars().next();
             if !matches!(first, Some('[' | '{')) {
-                return Ok(DataFormat::Text);
+                return Err(Error::Invalid(format!(
+                    "{}: cannot tell the dataset format from the extension {}; name JSON data .json or .jsonl and                      plain text .txt, or set `format` in [data]",
+                    path.display(),
+                    other.map_or("(none)".to_string(), |e| format!(".{e}"))
+                )));
             }
         }
     }
@@ -320,12 +324,19 @@ fn json_records(path: &Path, text: &str) -> Result<Vec<RawRecord>> {
             })
             .collect())
     } else {
+        // A pretty-printed single object reads as many broken lines; say what it is instead.
+        if text.trim().lines().count() > 1 && serde_json::from_str::<Value>(text).is_ok_and(|v| v.is_object()) {
+            return Err(Error::Invalid(format!(
+                "{}:1: the file is one JSON object spread over several lines; a dataset is a JSON array of records \
+                 ([{{...}}, {{...}}]) or JSON Lines (one record per line)",
+                path.display()
+            )));
+        }
         Ok(text
             .lines()
             .enumerate()
             .filter(|(_, l)| !l.trim().is_empty())
-            .enumerate()
-            .map(|(_, (i, l))| RawRecord {
+            .map(|(i, l)| RawRecord {
                 index: None,
                 line: i + 1,
                 value: serde_json::from_str(l).map_err(|e| {

@@ -16,22 +16,26 @@ use crate::error::{Error, Result};
 const TEMPLATES_TOML: &str = include_str!("../../assets/chat_templates.toml");
 
 /// Which template a run uses: `auto` (the model's own, else its family's, else `default`),
-/// `model` (the model's own; an error when it has none) or a named template.
+/// `model` (the model's own; an error when it has none), `model:NAME` (one of a model's list of
+/// templates, such as `model:tool_use`) or a built-in named template.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(from = "String", into = "String")]
 pub enum TemplateChoice {
     #[default]
     Auto,
     Model,
+    ModelNamed(String),
     Named(String),
 }
 
 impl From<String> for TemplateChoice {
     fn from(s: String) -> Self {
-        match s.trim().to_lowercase().as_str() {
+        let s = s.trim();
+        match s.to_lowercase().as_str() {
             "" | "auto" => TemplateChoice::Auto,
             "model" => TemplateChoice::Model,
-            _ => TemplateChoice::Named(s.trim().to_string()),
+            lower if lower.starts_with("model:") => TemplateChoice::ModelNamed(s["model:".len()..].trim().to_string()),
+            _ => TemplateChoice::Named(s.to_string()),
         }
     }
 }
@@ -47,6 +51,7 @@ impl fmt::Display for TemplateChoice {
         match self {
             TemplateChoice::Auto => f.write_str("auto"),
             TemplateChoice::Model => f.write_str("model"),
+            TemplateChoice::ModelNamed(n) => write!(f, "model:{n}"),
             TemplateChoice::Named(n) => f.write_str(n),
         }
     }
@@ -158,11 +163,22 @@ impl ChatTemplate {
                 Some(src) => Self::compile("model", TemplateOrigin::Model, src),
                 None => Self::named(family_template_name(family_id)),
             },
-            TemplateChoice::Named(name) => match tokenizer.named_chat_templates.get(name) {
-                // A name from the model's own list of templates (e.g. "tool_use").
-                Some(src) if named_template(name).is_none() => Self::compile(name, TemplateOrigin::Model, src),
-                _ => Self::named(name),
+            TemplateChoice::ModelNamed(name) => match tokenizer.named_chat_templates.get(name) {
+                Some(src) => Self::compile(&format!("model:{name}"), TemplateOrigin::Model, src),
+                None => Err(Error::Invalid(format!(
+                    "[data] template = \"model:{name}\", but {} has no chat template named {name:?}{}",
+                    tokenizer.source.display(),
+                    if tokenizer.named_chat_templates.is_empty() {
+                        String::new()
+                    } else {
+                        format!(
+                            "; it has: {}",
+                            tokenizer.named_chat_templates.keys().cloned().collect::<Vec<_>>().join(", ")
+                        )
+                    }
+                ))),
             },
+            TemplateChoice::Named(name) => Self::named(name),
         }
     }
 

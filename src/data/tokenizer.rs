@@ -247,7 +247,8 @@ fn chat_templates(value: Option<&Value>, path: &Path) -> Result<(Option<String>,
                 };
                 named.insert(name.to_string(), template.to_string());
             }
-            let default = named.get("default").cloned();
+            // transformers uses the one named "default"; a list of one has no choice to make.
+            let default = named.get("default").or(if named.len() == 1 { named.values().next() } else { None }).cloned();
             Ok((default, named))
         }
         Some(v) => Err(Error::bad_entry(
