@@ -726,3 +726,14 @@ fn a_template_that_rewrites_earlier_turns_still_masks_by_finding_the_replies() {
     assert_eq!(ex.input_ids, [byte_ids(text), vec![eos]].concat());
     assert_eq!(ex.labels, want_labels);
 }
+
+#[test]
+fn generation_tags_of_transformers_templates_are_accepted() {
+    let tagged =
+        "{% for m in messages %}{% if m.role == 'assistant' %}{% generation %}{{ m.content }}  {%- endgeneration %}\
+                  {% else %}{{ m.content }}{% endif %}{{ '|' }}{% endfor %}";
+    let tok = ModelTokenizer::from_dir(chatml_model_dir(Some(tagged)).path()).unwrap();
+    let template = ChatTemplate::resolve(&TemplateChoice::Model, &tok, None).unwrap();
+    let text = template.render(&two_turns(None)[..2], false, &tok).unwrap();
+    assert_eq!(text, "U1|A1|");
+}

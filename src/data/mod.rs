@@ -14,6 +14,27 @@
 //!   every token of a document is trained.
 //!
 //! A folder stands for every such file in it and its subfolders, in sorted order.
+//!
+//! The `[data]` table of a run config (every key optional but `path`):
+//!
+//! ```toml
+//! [data]
+//! path = "data/train.jsonl"   # a file or a folder
+//! format = "auto"             # auto | alpaca | sharegpt | text
+//! template = "auto"           # auto | model | model:NAME | default | alpaca | chatml | qwen | llama2 | ...
+//! max_length = 1024
+//! packing = false
+//! train_on_prompt = false     # loss on the assistant's replies only
+//! validation = 0.05           # a fraction of the records, or a file: "data/val.jsonl"
+//! skip_bad_records = false
+//! seed = 42
+//! ```
+//!
+//! The loss mask: a conversation is rendered with the template, the byte ranges of the
+//! assistant replies are found by rendering it reply by reply, and the rendered text is
+//! tokenized once; tokens overlapping a reply (with what the template closes it with, e.g.
+//! `<|im_end|>`) are trained, the rest get label -100. When the last reply holds no stop
+//! token, the EOS is appended and trained.
 
 mod encode;
 mod records;

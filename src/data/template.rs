@@ -131,7 +131,7 @@ impl ChatTemplate {
         env.add_function("raise_exception", |message: String| -> std::result::Result<String, minijinja::Error> {
             Err(minijinja::Error::new(ErrorKind::InvalidOperation, message))
         });
-        env.add_template_owned(TEMPLATE_KEY, source.to_string())
+        env.add_template_owned(TEMPLATE_KEY, without_generation_tags(source))
             .map_err(|e| Error::Invalid(format!("chat template `{name}` does not compile: {}", describe(&e))))?;
         Ok(ChatTemplate { name: name.to_string(), origin, source: source.to_string(), env })
     }
@@ -253,6 +253,28 @@ impl ChatTemplate {
         }
         Ok((full, spans))
     }
+}
+
+/// transformers' `{% generation %}` ... `{% endgeneration %}` marks assistant text for its own
+/// masking; minijinja has no such tag, and the replies are found without it, so it becomes an
+/// `if true` block (keeping the tags' whitespace control).
+fn without_generation_tags(source: &str) -> String {
+    let mut out = String::with_capacity(source.len());
+    let mut rest = source;
+    while let Some(open) = rest.find("{%") {
+        let Some(close) = rest[open..].find("%}").map(|c| open + c + 2) else { break };
+        let tag = &rest[open..close];
+        let inner = tag[2..tag.len() - 2].trim_matches(|c: char| c == '-' || c == '+' || c.is_whitespace());
+        out.push_str(&rest[..open]);
+        match inner {
+            "generation" => out.push_str(&tag.replacen("generation", "if true", 1)),
+            "endgeneration" => out.push_str(&tag.replacen("endgeneration", "endif", 1)),
+            _ => out.push_str(tag),
+        }
+        rest = &rest[close..];
+    }
+    out.push_str(rest);
+    out
 }
 
 /// minijinja's message with the line of the template it points at.
