@@ -36,6 +36,15 @@ enum Command {
         #[arg(long)]
         resume: Option<PathBuf>,
     },
+    /// Print the first examples of a run's dataset as the template renders them, with the
+    /// trained parts marked, and the token-length statistics.
+    Preview {
+        #[arg(long)]
+        config: PathBuf,
+        /// How many examples to show.
+        #[arg(short = 'n', long, default_value_t = 3)]
+        examples: usize,
+    },
     /// Print the mean loss of a model (with an adapter) on a dataset.
     Eval {
         /// A model folder.
@@ -229,6 +238,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             if let Some(dir) = end.checkpoint {
                 println!("adapter          {}", dir.display());
             }
+            Ok(())
+        }
+        Command::Preview { config, examples } => {
+            print!("{}", qlora_studio::train::preview_run(&RunConfig::load(&config)?, examples)?);
             Ok(())
         }
         Command::Eval { model, adapter, data, mode, max_length, device } => {

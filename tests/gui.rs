@@ -57,6 +57,12 @@ fn choose_tune_start_watch_and_stop() {
         .with_size(egui::vec2(1400.0, 900.0))
         .build_ui_state(|ui, app: &mut StudioApp| app.show(ui), app);
     harness.step();
+    // the dataset preview is made on a worker thread; once in, it shows the rendered examples
+    wait_until(&mut harness, "the dataset preview", |app| app.data_view.preview.is_some() && !app.data_view.is_busy());
+    let preview = harness.state().data_view.preview.clone().unwrap().expect("a preview");
+    assert_eq!(preview.records, 24);
+    assert!(preview.examples.iter().all(|e| e.segments.iter().any(|s| s.trained)));
+    assert!(harness.query_by_label_contains("24 records").is_some());
 
     // the picker was filled from the checkpoint, with LLaMA's default targets ticked
     assert_eq!(harness.state().config().lora.targets, vec!["q_proj".to_string(), "v_proj".to_string()]);
@@ -65,7 +71,7 @@ fn choose_tune_start_watch_and_stop() {
     assert!(before.contains("3.6 K"), "{before}");
 
     // tick k_proj: the count grows by 8·(64+32)·2 = 1536
-    harness.get_by_label_contains("k_proj").click();
+    harness.get_by_label_contains("k_proj").click_accesskit();
     harness.step();
     assert!(harness.state().config().lora.targets.contains(&"k_proj".to_string()));
     let with_k = trainable_label(&harness);

@@ -54,7 +54,7 @@ fn failure(events: &[TrainEvent]) -> Option<&str> {
 fn qlora_run_learns_the_dataset_and_reports_in_order() {
     let dir = tempfile::tempdir().unwrap();
     let mut config = setup(dir.path(), Mode::Qlora);
-    config.data.validation_fraction = 0.25;
+    config.data.validation = qlora_studio::data::Validation::Fraction(0.25);
     config.train.max_steps = 40;
     config.train.eval_every = 10;
     config.train.checkpoint_every = 20;

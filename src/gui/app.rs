@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use eframe::egui;
 use serde::{Deserialize, Serialize};
 
+use super::data_view::DataView;
 use super::export_view::ExportView;
 use super::i18n::{tr, Lang};
 use super::run_view::RunView;
@@ -39,6 +40,8 @@ pub fn demo_config() -> RunConfig {
     c.model.source = assets.join("model").display().to_string();
     c.model.mode = Mode::Qlora;
     c.data.path = assets.join("dataset.jsonl");
+    c.data.max_length = 256;
+    c.data.validation = crate::data::Validation::Fraction(0.1);
     c.train.max_steps = 60;
     c.train.batch_size = 4;
     c.train.learning_rate = 5e-3;
@@ -76,6 +79,7 @@ pub struct StudioApp {
     inspected_source: String,
     pub run: Option<RunView>,
     pub export: ExportView,
+    pub data_view: DataView,
     /// A save path that replaces the save dialog (tests, scripted use).
     pub export_target: Option<PathBuf>,
     pub status: Option<(bool, String)>,
@@ -109,6 +113,7 @@ impl StudioApp {
             inspected_source: String::new(),
             run: None,
             export: ExportView::default(),
+            data_view: DataView::default(),
             export_target: None,
             status: None,
             family_choice: 0,
@@ -382,38 +387,14 @@ impl StudioApp {
 
     fn dataset_panel(&mut self, ui: &mut egui::Ui) {
         let lang = self.lang();
-        let data = &mut self.settings.config.data;
-        let mut path = data.path.display().to_string();
-        ui.horizontal(|ui| {
-            if labelled(ui, tr(lang, "Source"), |ui| {
-                ui.add(egui::TextEdit::singleline(&mut path).desired_width(f32::INFINITY))
-            })
-            .changed()
-            {
-                data.path = PathBuf::from(&path);
-            }
-        });
-        ui.horizontal(|ui| {
-            if ui.button(tr(lang, "File…")).clicked() {
-                if let Some(p) = rfd::FileDialog::new().add_filter("dataset", &["json", "jsonl", "txt"]).pick_file() {
-                    data.path = p;
-                }
-            }
-            if ui.button(tr(lang, "Folder…")).clicked() {
-                if let Some(p) = rfd::FileDialog::new().pick_folder() {
-                    data.path = p;
-                }
-            }
-        });
-        egui::Grid::new("data_settings").num_columns(2).show(ui, |ui| {
-            labelled(ui, tr(lang, "Max length"), |ui| {
-                ui.add(egui::DragValue::new(&mut data.max_length).range(16..=32768))
-            });
-            ui.end_row();
-            labelled(ui, tr(lang, "Validation fraction"), |ui| {
-                ui.add(egui::DragValue::new(&mut data.validation_fraction).range(0.0..=0.5).speed(0.01))
-            });
-            ui.end_row();
+        self.data_view.settings(ui, lang, &mut self.settings.config.data);
+        let (dir, family) = match &self.model_info {
+            Some(Ok(info)) => (Some(info.dir.clone()), Some(info.family_id.clone())),
+            _ => (None, None),
+        };
+        self.data_view.update(&self.settings.config.data, dir.as_deref(), family.as_deref());
+        egui::CollapsingHeader::new(tr(lang, "Preview")).default_open(true).show(ui, |ui| {
+            self.data_view.preview_ui(ui, lang);
         });
     }
 

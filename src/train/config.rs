@@ -148,7 +148,17 @@ impl RunConfig {
 
     pub fn load(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        let config = Self::from_toml_str(&text, &path.display().to_string())?;
+        let mut config = Self::from_toml_str(&text, &path.display().to_string())?;
+        // paths in a config file are relative to its folder
+        let base = path.parent().unwrap_or(Path::new("."));
+        config.data.resolve_paths(base);
+        if !config.train.output_dir.as_os_str().is_empty() && config.train.output_dir.is_relative() {
+            config.train.output_dir = base.join(&config.train.output_dir);
+        }
+        let local_model = base.join(&config.model.source);
+        if !config.model.source.is_empty() && Path::new(&config.model.source).is_relative() && local_model.exists() {
+            config.model.source = local_model.display().to_string();
+        }
         config.validate().map_err(|e| Error::Invalid(format!("{}: {e}", path.display())))?;
         Ok(config)
     }

@@ -11,4 +11,4 @@ pub mod trainer;
 
 pub use config::{Mode, RunConfig, Schedule};
 pub use events::{Command, TrainEvent};
-pub use trainer::{evaluate_dataset, run, spawn, EvalReport};
+pub use trainer::{evaluate_dataset, preview_run, run, spawn, EvalReport};

@@ -95,6 +95,29 @@ pub fn run(
     send(TrainEvent::Loading { stage: "tokenizing the dataset".into(), fraction: 0.6 });
     let tokenizer = ModelTokenizer::from_dir(&model_dir)?;
     let prepared = data::prepare(&config.data, &tokenizer, Some(&model.spec.family))?;
+    if let Some(warning) = prepared.report.template_check.as_ref().and_then(|c| c.warning.clone()) {
+        send(TrainEvent::Notice(warning));
+    }
+    if !prepared.report.skipped.is_empty() {
+        send(TrainEvent::Notice(format!(
+            "{} bad records were skipped, the first: {}",
+            prepared.report.skipped.len(),
+            prepared.report.skipped[0]
+        )));
+    }
+    if prepared.report.truncated > 0 {
+        send(TrainEvent::Notice(format!(
+            "{} examples are longer than max_length = {} and were cut",
+            prepared.report.truncated, config.data.max_length
+        )));
+    }
+    // what exports of this run must carry: the template it was trained with and its stop tokens
+    let template = data::ChatTemplate::resolve(&config.data.template, &tokenizer, Some(&model.spec.family)).ok();
+    let card = ExportInfo {
+        chat_template: template.map(|t| t.source),
+        stop_tokens: tokenizer.eos_token.iter().cloned().collect(),
+        ..Default::default()
+    };
     let (train, dropped) = trainable_examples(prepared.train);
     let (validation, _) = trainable_examples(prepared.validation);
     if dropped > 0 {
@@ -109,7 +132,7 @@ pub fn run(
         )));
     }
 
-    let mut trainer = Trainer::new(config, settings, model, train, validation, resumed)?;
+    let mut trainer = Trainer::new(config, settings, model, train, validation, resumed, card)?;
     send(TrainEvent::Loading { stage: "ready".into(), fraction: 1.0 });
     trainer.train(&send, commands)
 }
@@ -147,7 +170,11 @@ pub fn resolve_model(source: &str, events: Option<&Sender<TrainEvent>>) -> Resul
         options.progress = Some(std::sync::Arc::new(move |event| {
             if let crate::hub::download::DownloadEvent::Progress { bytes_done, bytes_total, file, .. } = event {
                 let fraction = bytes_done as f32 / bytes_total.max(1) as f32;
-                let stage = format!("downloading {file} ({:.0} of {:.0} MiB)", bytes_done as f64 / 1048576.0, bytes_total as f64 / 1048576.0);
+                let stage = format!(
+                    "downloading {file} ({:.0} of {:.0} MiB)",
+                    bytes_done as f64 / 1048576.0,
+                    bytes_total as f64 / 1048576.0
+                );
                 // downloading is the first half of loading
                 let _ = tx.send(TrainEvent::Loading { stage, fraction: 0.5 * fraction });
             }
@@ -182,6 +209,8 @@ struct Trainer {
     effective_batch: usize,
     /// The shuffled order of the current epoch.
     order: Vec<usize>,
+    /// Chat template and stop tokens for the checkpoints' model cards.
+    card: ExportInfo,
 }
 
 impl Trainer {
@@ -192,6 +221,7 @@ impl Trainer {
         train: Vec<Example>,
         validation: Vec<Example>,
         resumed: Option<LoadedCheckpoint>,
+        card: ExportInfo,
     ) -> Result<Self> {
         let t = &config.train;
         let effective_batch = t.batch_size * t.grad_accum;
@@ -237,6 +267,7 @@ impl Trainer {
             state,
             effective_batch,
             order,
+            card,
         })
     }
 
@@ -464,7 +495,7 @@ impl Trainer {
                 steps: Some(self.state.step),
                 final_train_loss: self.state.losses.last().map(|l| l.1),
                 final_val_loss: self.state.eval_losses.last().map(|l| l.1),
-                ..Default::default()
+                ..self.card.clone()
             },
         };
         checkpoint::save(&dir, &self.model, &contents)?;
@@ -479,6 +510,16 @@ impl Trainer {
         let embeddings = s.vocab * s.hidden * if s.tie_embeddings { 1 } else { 2 };
         linears + embeddings
     }
+}
+
+/// The first `n` examples of a run's dataset rendered with its template, prompt and trained
+/// parts marked, with the length statistics: `qlora-studio preview`.
+pub fn preview_run(config: &RunConfig, n: usize) -> Result<String> {
+    let dir = resolve_model(&config.model.source, None)?;
+    let family = crate::hub::check_folder(&dir)?.family;
+    let tokenizer = ModelTokenizer::from_dir(&dir)?;
+    let preview = data::preview(&config.data, &tokenizer, Some(&family), n)?;
+    Ok(data::render_preview_text(&preview))
 }
 
 /// Mean loss over `examples`, token-weighted, without dropout, in micro-batches.

@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod tiny_llama;
+pub mod tokenizer;
 
 use std::path::PathBuf;
 
