@@ -6,7 +6,11 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 
-use qlora_studio::{arch, bench, gui};
+use qlora_studio::{arch, bench, gui, memory};
+
+// Counts live heap bytes: the peak of live tensors on the CPU (bench memory, step events).
+#[global_allocator]
+static ALLOC: memory::CountingAllocator = memory::CountingAllocator::new();
 
 #[derive(Parser)]
 #[command(name = "qlora-studio", version, about = "LoRA and QLoRA fine-tuning of decoder-only LLMs")]
@@ -24,6 +28,8 @@ enum Command {
         #[command(subcommand)]
         command: ArchCommand,
     },
+    /// Peak memory of a run before launching it, as a breakdown (no weights are loaded).
+    Estimate(memory::cli::EstimateArgs),
     /// Benchmarks, with ratios against a baseline from the same run.
     Bench {
         #[command(subcommand)]
@@ -83,6 +89,16 @@ enum BenchCommand {
         #[arg(long)]
         json: bool,
     },
+    /// The memory estimator's validation grid: real training steps on the CPU, their peak of
+    /// live heap bytes against the estimate's band; writes a markdown table.
+    Memory {
+        /// A few points only (about a minute).
+        #[arg(long)]
+        quick: bool,
+        /// Where to write the table (printed too).
+        #[arg(long, default_value = "memory-grid.md")]
+        out: PathBuf,
+    },
 }
 
 fn main() -> std::process::ExitCode {
@@ -131,6 +147,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             if !json {
                 bench::print_nf4_table(&rows);
+            }
+            Ok(())
+        }
+        Command::Estimate(args) => {
+            print!("{}", memory::cli::estimate_command(&args)?);
+            Ok(())
+        }
+        Command::Bench { command: BenchCommand::Memory { quick, out } } => {
+            let ok = memory::cli::grid_command(quick, &out)?;
+            if !ok {
+                anyhow::bail!("some grid points are outside the band or more than 10% off");
             }
             Ok(())
         }
