@@ -24,7 +24,8 @@ fn main() {
     let g = loss.backward().unwrap();
     let pk = memory::peak_bytes() as f64 - base;
     println!("bwd peak {:.2}; after {:.2}", pk / unit, (memory::live_bytes() as f64 - base) / unit);
-    let keep = vec![xs.clone(), max.clone(), diff.clone(), e.clone(), sum.clone(), lg.clone(), ls.clone(), picked.clone()];
+    let keep =
+        vec![xs.clone(), max.clone(), diff.clone(), e.clone(), sum.clone(), lg.clone(), ls.clone(), picked.clone()];
     drop((loss, max, mv, diff, e, sum, lg, lv, ls, picked));
     println!("after dropping the graph but keeping named tensors: {:.2}", (memory::live_bytes() as f64 - base) / unit);
     drop(keep);
@@ -33,7 +34,19 @@ fn main() {
     println!("after dropping grads: {:.2}", (memory::live_bytes() as f64 - base) / unit);
     return;
     #[allow(unreachable_code)]
-    for (name, t) in [("xs", &xs), ("max", &max), ("diff", &diff), ("e", &e), ("sum", &sum), ("lg", &lg), ("ls", &ls), ("picked", &picked), ("x", &x), ("mv", &mv), ("lv", &lv)] {
+    for (name, t) in [
+        ("xs", &xs),
+        ("max", &max),
+        ("diff", &diff),
+        ("e", &e),
+        ("sum", &sum),
+        ("lg", &lg),
+        ("ls", &ls),
+        ("picked", &picked),
+        ("x", &x),
+        ("mv", &mv),
+        ("lv", &lv),
+    ] {
         println!("{name}: {:?}", g.get(t).map(|t| t.dims().to_vec()));
     }
 }

@@ -103,7 +103,8 @@ pub fn breakdown_table(est: &Estimate) -> String {
     for t in &est.terms {
         let _ = writeln!(out, "  {:<28} {:>11}   {}", t.name, gib(t.bytes), t.detail);
     }
-    let _ = writeln!(out, "  {:<28} {:>11}   band {} – {}", "peak (estimate)", gib(est.mid), gib(est.low), gib(est.high));
+    let _ =
+        writeln!(out, "  {:<28} {:>11}   band {} – {}", "peak (estimate)", gib(est.mid), gib(est.low), gib(est.high));
     out
 }
 

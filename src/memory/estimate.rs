@@ -290,7 +290,15 @@ pub fn estimate(input: &EstimateInput) -> Result<Estimate> {
 
     // --------------------------------------------------------- activations kept for backward
     // Bytes of the tensors one layer's forward records (all alive until the loss is dropped).
-    let norm_out = |x: f64| if fused { x * e } else if s.norm == NormKind::Rms { x * (12.0 + 2.0 * e) } else { x * (16.0 + 3.0 * e) };
+    let norm_out = |x: f64| {
+        if fused {
+            x * e
+        } else if s.norm == NormKind::Rms {
+            x * (12.0 + 2.0 * e)
+        } else {
+            x * (16.0 + 3.0 * e)
+        }
+    };
     // frozen linear: its output; on CUDA the attach op copies it and keeps both
     // (FrozenLinear::forward_on_device)
     let base_out = |out: f64| tok * out * e * if cpu { 1.0 } else { 2.0 };
@@ -343,8 +351,8 @@ pub fn estimate(input: &EstimateInput) -> Result<Estimate> {
             bytes += 2.0 * tok * q_out * e; // repeat_kv copies k and v
         }
         bytes += tok * q_out * e; // kᵀ made contiguous
-        // scores, ·1/√d, [to f32], + mask, softmax (fused: its output; composite: diff,
-        // exp, quotient), [back to the compute dtype]
+                                  // scores, ·1/√d, [to f32], + mask, softmax (fused: its output; composite: diff,
+                                  // exp, quotient), [back to the compute dtype]
         let softmax = if fused { 1.0 } else { 3.0 };
         bytes += scores * (2.0 * e + (1.0 + softmax) * f4 + if e != f4 { f4 + e } else { 0.0 });
         // probs·v and its [b, t, heads·d] copy
@@ -368,7 +376,10 @@ pub fn estimate(input: &EstimateInput) -> Result<Estimate> {
             // each token visits top_k experts: index_select of its rows, the gate/up/down path,
             // the routing weight product; every expert's index_add makes a new [T, h] sum
             let routed = tok * top_k as f64;
-            routed * h * e * 2.0 + act_kept(act, routed * f) + experts as f64 * tok * h * e + tok * h * e
+            routed * h * e * 2.0
+                + act_kept(act, routed * f)
+                + experts as f64 * tok * h * e
+                + tok * h * e
                 + tok * experts as f64 * f4 * 2.0
         }
     };
@@ -510,7 +521,11 @@ pub fn estimate(input: &EstimateInput) -> Result<Estimate> {
     if cpu {
         // the matmul library's per-thread packing buffers and the thread pool, made once per
         // process and sized by the CPU's caches and threads (measured: 6.4 MB on 2 threads)
-        terms.push(Term { name: "CPU runtime buffers", bytes: CPU_RUNTIME as u64, detail: "gemm packing, per thread".into() });
+        terms.push(Term {
+            name: "CPU runtime buffers",
+            bytes: CPU_RUNTIME as u64,
+            detail: "gemm packing, per thread".into(),
+        });
         mid += CPU_RUNTIME;
         low += 0.5 * CPU_RUNTIME;
         high += 1.5 * CPU_RUNTIME;
@@ -519,7 +534,11 @@ pub fn estimate(input: &EstimateInput) -> Result<Estimate> {
         // CUDA context and cuBLAS workspace outside the pool; the pool's fragmentation
         // (docs/memory-model.md §3.5)
         let ctx = 0.45 * GIB;
-        terms.push(Term { name: "CUDA context + slack", bytes: (ctx + 0.1 * dynamic) as u64, detail: "0.3–0.6 GiB + 5–15%".into() });
+        terms.push(Term {
+            name: "CUDA context + slack",
+            bytes: (ctx + 0.1 * dynamic) as u64,
+            detail: "0.3–0.6 GiB + 5–15%".into(),
+        });
         mid += ctx + 0.1 * dynamic;
         low += 0.3 * GIB + 0.05 * dynamic;
         high += 0.6 * GIB + 0.15 * dynamic;

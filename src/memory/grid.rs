@@ -143,8 +143,7 @@ impl GridRow {
 
 pub fn estimate_point(point: &GridPoint) -> Result<super::Estimate> {
     let spec = preset_spec(&point.preset)?;
-    let mut input =
-        EstimateInput::new(spec, point.method, point.targets.clone(), point.rank, point.batch, point.seq);
+    let mut input = EstimateInput::new(spec, point.method, point.targets.clone(), point.rank, point.batch, point.seq);
     input.dropout = 0.0;
     estimate(&input)
 }
@@ -154,7 +153,12 @@ pub fn run_point(point: &GridPoint, baseline: Option<usize>) -> Result<GridRow> 
     let measured = measure_from(point, baseline)?;
     if std::env::var_os("QLS_GRID_DEBUG").is_some() {
         let stat: u64 = est.terms.iter().take(3).map(|t| t.bytes).sum();
-        eprintln!("static est {} measured {}; terms {:?}", stat, measured.heap_static, est.terms.iter().map(|t| (t.name, t.bytes)).collect::<Vec<_>>());
+        eprintln!(
+            "static est {} measured {}; terms {:?}",
+            stat,
+            measured.heap_static,
+            est.terms.iter().map(|t| (t.name, t.bytes)).collect::<Vec<_>>()
+        );
     }
     let m = measured.heap_peak as f64;
     Ok(GridRow {

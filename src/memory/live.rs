@@ -128,7 +128,8 @@ mod tests {
 
     #[test]
     fn parses_nvidia_smi_lines() {
-        let gpus = parse_nvidia_smi("0, NVIDIA H100 80GB HBM3, 81559, 80000\n1, NVIDIA RTX 4090, 24564, 100\nbad line\n");
+        let gpus =
+            parse_nvidia_smi("0, NVIDIA H100 80GB HBM3, 81559, 80000\n1, NVIDIA RTX 4090, 24564, 100\nbad line\n");
         assert_eq!(gpus.len(), 2);
         assert_eq!(gpus[0].name, "NVIDIA H100 80GB HBM3");
         assert_eq!(gpus[0].total, 81559 * 1024 * 1024);
