@@ -1,52 +1,45 @@
+//! Probe: which of the loss's ops leave [N, V] gradients in candle's gradient store after
+//! backward (the estimate's `loss_kept_grads`). Run: cargo run --example lsm_probe
 use candle_core::{Device, Tensor, Var, D};
 use qlora_studio::memory;
+
 #[global_allocator]
 static ALLOC: memory::CountingAllocator = memory::CountingAllocator::new();
-fn main() {
+
+fn probe(name: &str, f: impl Fn(&Tensor) -> Tensor) {
     let (n, v) = (256usize, 4096usize);
     let unit = (n * v * 4) as f64;
-    let w = Var::from_tensor(&Tensor::ones((1, v), candle_core::DType::F32, &Device::Cpu).unwrap()).unwrap();
-    let x = Tensor::ones((n, v), candle_core::DType::F32, &Device::Cpu).unwrap();
-    let xs = x.broadcast_mul(w.as_tensor()).unwrap();
+    let w = Var::from_tensor(&Tensor::ones((n, v), candle_core::DType::F32, &Device::Cpu).unwrap()).unwrap();
+    let xs = w.as_tensor().clone();
     let base = memory::live_bytes() as f64;
-    let max = xs.max_keepdim(D::Minus1).unwrap();
-    let mv = max.broadcast_as((n, v)).unwrap();
-    let diff = xs.sub(&mv).unwrap();
-    let e = diff.exp().unwrap();
-    let sum = e.sum_keepdim(D::Minus1).unwrap();
-    let lg = sum.log().unwrap();
-    let lv = lg.broadcast_as((n, v)).unwrap();
-    let ls = diff.sub(&lv).unwrap();
-    let idx = Tensor::zeros((n, 1), candle_core::DType::U32, &Device::Cpu).unwrap();
-    let picked = ls.gather(&idx, 1).unwrap();
-    let loss = picked.sum_all().unwrap();
+    let loss = f(&xs);
+    let fwd = memory::live_bytes() as f64 - base;
     memory::reset_peak();
     let g = loss.backward().unwrap();
-    let pk = memory::peak_bytes() as f64 - base;
-    println!("bwd peak {:.2}; after {:.2}", pk / unit, (memory::live_bytes() as f64 - base) / unit);
-    let keep =
-        vec![xs.clone(), max.clone(), diff.clone(), e.clone(), sum.clone(), lg.clone(), ls.clone(), picked.clone()];
-    drop((loss, max, mv, diff, e, sum, lg, lv, ls, picked));
-    println!("after dropping the graph but keeping named tensors: {:.2}", (memory::live_bytes() as f64 - base) / unit);
-    drop(keep);
-    println!("after dropping named: {:.2}", (memory::live_bytes() as f64 - base) / unit);
+    let peak = memory::peak_bytes() as f64 - base;
+    // the store holds w's own gradient (one unit) by design
+    let after = memory::live_bytes() as f64 - base;
+    drop(loss);
+    let store = memory::live_bytes() as f64 - base;
     drop(g);
-    println!("after dropping grads: {:.2}", (memory::live_bytes() as f64 - base) / unit);
-    return;
-    #[allow(unreachable_code)]
-    for (name, t) in [
-        ("xs", &xs),
-        ("max", &max),
-        ("diff", &diff),
-        ("e", &e),
-        ("sum", &sum),
-        ("lg", &lg),
-        ("ls", &ls),
-        ("picked", &picked),
-        ("x", &x),
-        ("mv", &mv),
-        ("lv", &lv),
-    ] {
-        println!("{name}: {:?}", g.get(t).map(|t| t.dims().to_vec()));
-    }
+    println!(
+        "{name:<28} forward kept {:.2}, backward peak over it {:.2}, store after backward {:.2} (w's own: 1)",
+        fwd / unit,
+        (peak - fwd) / unit,
+        store / unit
+    );
+    let _ = after;
+}
+
+fn main() {
+    let idx = Tensor::zeros((256, 1), candle_core::DType::U32, &Device::Cpu).unwrap();
+    probe("sum", |x| x.sum_all().unwrap());
+    probe("exp", |x| x.exp().unwrap().sum_all().unwrap());
+    probe("gather", |x| x.gather(&idx, 1).unwrap().sum_all().unwrap());
+    probe("max_keepdim", |x| x.max_keepdim(D::Minus1).unwrap().sum_all().unwrap());
+    probe("broadcast_sub max", |x| x.broadcast_sub(&x.max_keepdim(D::Minus1).unwrap()).unwrap().sum_all().unwrap());
+    probe("sub(a, b)", |x| (x - x.exp().unwrap()).unwrap().sum_all().unwrap());
+    probe("log_softmax + gather", |x| {
+        candle_nn::ops::log_softmax(x, D::Minus1).unwrap().gather(&idx, 1).unwrap().sum_all().unwrap()
+    });
 }

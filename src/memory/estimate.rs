@@ -443,29 +443,32 @@ pub fn estimate(input: &EstimateInput) -> Result<Estimate> {
         + rows * v * f4 * (3.0 + if b > 1.0 { 1.0 } else { 0.0 });
 
     // ------------------------------------------------------- backward working set
-    // Loss backward (candle's backprop.rs): at every step of the log_softmax chain the
-    // incoming gradient, the accumulated gradient of the argument, a zeroed buffer it starts
-    // from and the sum: four [N, V] f32 tensors at once. Beside them the gradient store keeps
-    // three more [N, V] tensors until it is dropped after the optimizer step: measured, not
-    // traced (examples/lsm_probe.rs runs the loss's op sequence alone: the store still holds
-    // them after backward; they go only with it).
-    let loss_kept_grads = 3.0 * rows * v * f4;
-    let loss_backward = 4.0 * rows * v * f4 + loss_kept_grads;
-    // Layer backward: the softmax chain holds four score-sized f32 tensors (incoming
-    // gradient, the op's result, the zeroed buffer, the sum), beside the gradients of the
-    // residual stream and of v. Each layer leaves the gradient of its broadcast mask (an
-    // untracked input) in the store until the step, and with dropout each LoRA module the
-    // gradient of its mask.
+    // candle's backward detaches each incoming gradient, but a gradient computed with a
+    // tracked forward tensor (exp's output, a matmul operand, the max's mask) is itself a
+    // tracked tensor whose op keeps its inputs: the zeroed buffer it was added to, the
+    // product and the incoming gradient, until its node's turn comes (and through that
+    // node's step, since the detached copy shadows it without dropping it).
+    //
+    // Loss backward: after the max node the gradient of the logits holds 4¼ [N, V] tensors
+    // (itself, the previous sum, the f32 and u8 masks, the masked gradient) while the reshape
+    // before it adds a zeroed buffer and a sum: 6¼ traced; examples/lsm_probe.rs runs this op
+    // sequence alone and counts 7.0 over the forward's tensors, the figure used here.
+    let loss_backward = 7.0 * rows * v * f4;
+    // Layer backward: the gradient of the attention probabilities comes from a matmul with v
+    // and holds three score-sized f32 tensors (itself, its zeroed buffer, the product); the
+    // softmax step adds its result, a zeroed buffer and the sum: six at once, beside the
+    // gradients of the residual stream and of v. Each layer leaves the gradient of its
+    // broadcast mask (an untracked input) in the store until the step, and with dropout each
+    // LoRA module the gradient of its mask; the peak is in the first layer (processed last),
+    // with every later layer's leaks.
     let mask_leak = scores * f4;
     let dropout_leak = if input.dropout > 0.0 {
         linears.iter().filter(|l| targeted(l)).map(|l| tok * l.inp as f64 * e).sum::<f64>()
     } else {
         0.0
     };
-    let layer_working = 4.0 * scores * f4 + tok * (h + q_out) * e;
-    // the peak is in the first layer's backward (processed last): every layer's leaked
-    // gradients, its own included, beside the four in flight
-    let layer_backward = loss_kept_grads + layers * (mask_leak + dropout_leak) + first_leaks + layer_working;
+    let layer_working = 6.0 * scores * f4 + tok * (h + q_out) * e;
+    let layer_backward = (layers - 1.0) * (mask_leak + dropout_leak) + first_leaks + layer_working;
     let (backward, peak_at) = if loss_backward >= layer_backward {
         (loss_backward, "loss backward")
     } else {

@@ -79,17 +79,7 @@ pub fn measure_from(point: &GridPoint, baseline: Option<usize>) -> Result<Measur
         let logits = model.forward(&ids, true)?;
         let loss = causal_lm_loss(&logits, &ids)?;
         drop(logits);
-        let (fwd_live, fwd_peak) = (alloc::live_bytes(), alloc::peak_bytes());
         let grads = loss.backward()?;
-        if std::env::var_os("QLS_GRID_DEBUG").is_some() {
-            eprintln!(
-                "fwd live {} fwd peak {} bwd peak {} after bwd {}",
-                fwd_live - before,
-                fwd_peak - before,
-                alloc::peak_bytes() - before,
-                alloc::live_bytes() - before
-            );
-        }
         opt.step(&grads, 1.0)?;
         drop((grads, loss));
         peak = alloc::peak_bytes().saturating_sub(before);
@@ -151,15 +141,6 @@ pub fn estimate_point(point: &GridPoint) -> Result<super::Estimate> {
 pub fn run_point(point: &GridPoint, baseline: Option<usize>) -> Result<GridRow> {
     let est = estimate_point(point)?;
     let measured = measure_from(point, baseline)?;
-    if std::env::var_os("QLS_GRID_DEBUG").is_some() {
-        let stat: u64 = est.terms.iter().take(3).map(|t| t.bytes).sum();
-        eprintln!(
-            "static est {} measured {}; terms {:?}",
-            stat,
-            measured.heap_static,
-            est.terms.iter().map(|t| (t.name, t.bytes)).collect::<Vec<_>>()
-        );
-    }
     let m = measured.heap_peak as f64;
     Ok(GridRow {
         point: point.clone(),
