@@ -24,6 +24,7 @@ fn point(method: Method, seq: usize, batch: usize, rank: usize, targets: &[&str]
         batch,
         rank,
         targets: targets.iter().map(|t| t.to_string()).collect(),
+        dropout: 0.0,
     }
 }
 
@@ -37,6 +38,7 @@ fn tiny_grid_points_lie_in_the_band() {
         point(Method::Lora, 128, 1, 8, &["q_proj", "v_proj"]),
         point(Method::Qlora { double_quant: true }, 256, 2, 16, &["all-linear"]),
         point(Method::Qlora { double_quant: false }, 384, 3, 32, &["q_proj", "v_proj"]),
+        grid::GridPoint { dropout: 0.1, ..point(Method::Lora, 192, 2, 8, &["all-linear"]) },
     ];
     for p in &points {
         let row = grid::run_point(p, Some(baseline)).unwrap();

@@ -408,10 +408,19 @@ pub fn estimate(input: &EstimateInput) -> Result<Estimate> {
     let any_attn_target = attn_in.iter().any(|l| targeted(l));
     let (first_freed, first_leaks) = if any_attn_target {
         let mut freed = 0.0;
-        let mut leaks = tok * h * e; // the residual sum's embedding input
+        // the residual sum's embedding input; with dropout, the first layer's masks (their
+        // gradients are plain there: the input is untracked)
+        let mut leaks = tok * h * e
+            + if input.dropout > 0.0 {
+                attn_in.iter().filter(|l| targeted(l)).map(|l| tok * l.inp as f64 * e).sum::<f64>()
+            } else {
+                0.0
+            };
         for l in &attn_in {
             if targeted(l) {
-                leaks += tok * (l.inp + l.out) as f64 * e; // the LoRA matmul's input, the base output
+                // the gradient of the LoRA matmul's input is computed with A (a Var), so it
+                // keeps its zeroed buffer and the product; the base output's is plain
+                leaks += tok * (3.0 * l.inp as f64 + l.out as f64) * e + tok * r * f4;
             } else {
                 let n = if l.role == Role::Q { nh } else { nkv };
                 // base output and its head copy are freed; kᵀ or the repeated v get a gradient
@@ -462,13 +471,21 @@ pub fn estimate(input: &EstimateInput) -> Result<Estimate> {
     // LoRA module the gradient of its mask; the peak is in the first layer (processed last),
     // with every later layer's leaks.
     let mask_leak = scores * f4;
+    // the dropout mask's gradient is computed with the (tracked) input, so it keeps the
+    // incoming gradient, the product and its zeroed buffer: four [T, in] tensors per module
     let dropout_leak = if input.dropout > 0.0 {
-        linears.iter().filter(|l| targeted(l)).map(|l| tok * l.inp as f64 * e).sum::<f64>()
+        linears.iter().filter(|l| targeted(l)).map(|l| 4.0 * tok * l.inp as f64 * e).sum::<f64>()
     } else {
         0.0
     };
     let layer_working = 6.0 * scores * f4 + tok * (h + q_out) * e;
-    let layer_backward = (layers - 1.0) * (mask_leak + dropout_leak) + first_leaks + layer_working;
+    let later_leaks = (layers - 1.0) * (mask_leak + dropout_leak);
+    // the first layer's own leaks come after its attention core (its q, k, v and LoRA are
+    // processed last), except the residual's, which comes before
+    let first_residual_leak = if any_attn_target { tok * h * e } else { 0.0 };
+    let layer_backward = later_leaks
+        + first_residual_leak
+        + layer_working.max(mask_leak + first_leaks - first_residual_leak + 2.0 * tok * h * e);
     let (backward, peak_at) = if loss_backward >= layer_backward {
         (loss_backward, "loss backward")
     } else {

@@ -22,6 +22,8 @@ pub struct GridPoint {
     pub batch: usize,
     pub rank: usize,
     pub targets: Vec<String>,
+    /// LoRA dropout (its masks are kept for backward).
+    pub dropout: f32,
 }
 
 /// What one step of a grid point used, in bytes.
@@ -61,7 +63,7 @@ pub fn measure_from(point: &GridPoint, baseline: Option<usize>) -> Result<Measur
     let settings = LoraSettings {
         r: point.rank,
         alpha: 2.0 * point.rank as f64,
-        dropout: 0.0,
+        dropout: point.dropout,
         use_rslora: false,
         targets: point.targets.clone(),
     };
@@ -98,6 +100,7 @@ pub fn warm_up() -> Result<()> {
         batch: 1,
         rank: 4,
         targets: vec!["all-linear".into()],
+        dropout: 0.0,
     };
     measure(&p).map(drop)
 }
@@ -134,7 +137,7 @@ impl GridRow {
 pub fn estimate_point(point: &GridPoint) -> Result<super::Estimate> {
     let spec = preset_spec(&point.preset)?;
     let mut input = EstimateInput::new(spec, point.method, point.targets.clone(), point.rank, point.batch, point.seq);
-    input.dropout = 0.0;
+    input.dropout = point.dropout;
     estimate(&input)
 }
 
@@ -167,12 +170,18 @@ pub fn default_grid(quick: bool) -> Vec<GridPoint> {
         batch,
         rank,
         targets,
+        dropout: 0.0,
+    };
+    let with_dropout = |mut point: GridPoint| {
+        point.dropout = 0.05;
+        point
     };
     let mut grid = vec![
         p("tiny", lora, 64, 1, 8, qv()),
         p("tiny", qlora, 256, 2, 16, all()),
         p("tiny", lora, 1024, 1, 64, all()),
         p("tiny", qlora, 512, 4, 8, qv()),
+        with_dropout(p("tiny", lora, 256, 2, 16, all())),
     ];
     if quick {
         grid.push(p("smollm2-135m", qlora, 64, 1, 8, qv()));
@@ -185,6 +194,7 @@ pub fn default_grid(quick: bool) -> Vec<GridPoint> {
         p("smollm2-135m", qlora, 256, 1, 64, all()),
         p("smollm2-135m", lora, 256, 4, 8, all()),
         p("smollm2-135m", qlora, 512, 1, 8, qv()),
+        with_dropout(p("smollm2-135m", qlora, 256, 2, 16, qv())),
         p("smollm2-135m", lora, 512, 2, 32, qv()),
         p("smollm2-135m", qlora, 1024, 1, 16, all()),
     ]);
@@ -197,20 +207,21 @@ pub fn markdown(rows: &[GridRow]) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "| preset | method | seq | batch | rank | targets | low MiB | mid MiB | high MiB | measured MiB | error | in band | peak RSS MiB |"
+        "| preset | method | seq | batch | rank | targets | dropout | low MiB | mid MiB | high MiB | measured MiB | error | in band | peak RSS MiB |"
     );
-    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for r in rows {
         let p = &r.point;
         let _ = writeln!(
             out,
-            "| {} | {} | {} | {} | {} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {:+.1}% | {} | {:.0} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {:+.1}% | {} | {:.0} |",
             p.preset,
             p.method.label(),
             p.seq,
             p.batch,
             p.rank,
             p.targets.join(","),
+            p.dropout,
             mib(r.low),
             mib(r.mid),
             mib(r.high),
