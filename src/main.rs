@@ -9,7 +9,11 @@ use clap::{Parser, Subcommand};
 use qlora_studio::data::DataConfig;
 use qlora_studio::train::console::train_in_terminal;
 use qlora_studio::train::{evaluate_dataset, Mode, RunConfig};
-use qlora_studio::{arch, bench, gui, hub, lora};
+use qlora_studio::{arch, bench, gui, hub, lora, memory};
+
+// Counts live heap bytes: the peak of live tensors on the CPU (bench memory, step events).
+#[global_allocator]
+static ALLOC: memory::CountingAllocator = memory::CountingAllocator::new();
 
 #[derive(Parser)]
 #[command(name = "qlora-studio", version, about = "LoRA and QLoRA fine-tuning of decoder-only LLMs")]
@@ -125,6 +129,8 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         seed: u64,
     },
+    /// Peak memory of a run before launching it, as a breakdown (no weights are loaded).
+    Estimate(memory::cli::EstimateArgs),
     /// Benchmarks, with ratios against a baseline from the same run.
     Bench {
         #[command(subcommand)]
@@ -183,6 +189,16 @@ enum BenchCommand {
         /// Print one JSON line instead of text.
         #[arg(long)]
         json: bool,
+    },
+    /// The memory estimator's validation grid: real training steps on the CPU, their peak of
+    /// live heap bytes against the estimate's band; writes a markdown table.
+    Memory {
+        /// A few points only (about a minute).
+        #[arg(long)]
+        quick: bool,
+        /// Where to write the table (printed too).
+        #[arg(long, default_value = "memory-grid.md")]
+        out: PathBuf,
     },
 }
 
@@ -334,6 +350,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             if !json {
                 bench::print_nf4_table(&rows);
+            }
+            Ok(())
+        }
+        Command::Estimate(args) => {
+            print!("{}", memory::cli::estimate_command(&args)?);
+            Ok(())
+        }
+        Command::Bench { command: BenchCommand::Memory { quick, out } } => {
+            let ok = memory::cli::grid_command(quick, &out)?;
+            if !ok {
+                anyhow::bail!("some grid points are outside the band or more than 10% off");
             }
             Ok(())
         }

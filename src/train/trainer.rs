@@ -447,7 +447,7 @@ impl Trainer {
         loop {
             let micro = self.state.micro_batch;
             let examples = &by_length[..micro.min(by_length.len())];
-            crate::memory::reset_peak();
+            crate::memory::reset_rss_peak();
             let before = crate::memory::process_memory();
             let attempt = (|| -> Result<()> {
                 let (ids, labels) = pad_batch(examples, self.model.device())?;
