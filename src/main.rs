@@ -354,7 +354,20 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Estimate(args) => {
-            print!("{}", memory::cli::estimate_command(&args)?);
+            let text = match &args.config {
+                Some(path) => {
+                    let config = RunConfig::load(path)?;
+                    let input = config.estimate_input()?;
+                    memory::cli::estimate_report(
+                        &input,
+                        &config.model.source,
+                        &config.model.device,
+                        args.memory.as_deref(),
+                    )?
+                }
+                None => memory::cli::estimate_command(&args)?,
+            };
+            print!("{text}");
             Ok(())
         }
         Command::Bench { command: BenchCommand::Memory { quick, out } } => {

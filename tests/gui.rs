@@ -67,6 +67,11 @@ fn choose_tune_start_watch_and_stop() {
     // the picker was filled from the checkpoint, with LLaMA's default targets ticked
     assert_eq!(harness.state().config().lora.targets, vec!["q_proj".to_string(), "v_proj".to_string()]);
     let before = trainable_label(&harness);
+    let estimate =
+        |h: &Harness<'_, StudioApp>| h.state().memory_view.estimate.clone().expect("an estimate").expect("no error");
+    let estimate_before = estimate(&harness);
+    assert!(estimate_before.low <= estimate_before.mid && estimate_before.mid <= estimate_before.high);
+    assert!(harness.query_all_by_label_contains("fits: ").next().is_some(), "a fits / does not fit verdict");
     // per layer r·(in+out): q 8·128 + v 8·96 = 1792, two layers
     assert!(before.contains("3.6 K"), "{before}");
 
@@ -84,6 +89,10 @@ fn choose_tune_start_watch_and_stop() {
     assert_eq!(harness.state().config().lora.r, 16);
     let rank16 = trainable_label(&harness);
     assert!(rank16.contains("10.2 K"), "{rank16}");
+    // the estimate follows: more LoRA parameters, more memory
+    let estimate_after = estimate(&harness);
+    assert!(estimate_after.trainable_params > estimate_before.trainable_params);
+    assert!(estimate_after.mid > estimate_before.mid);
 
     // start: the loss plot gains points
     harness.get_by_label_contains("Start").click();

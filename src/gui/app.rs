@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use super::data_view::DataView;
 use super::export_view::ExportView;
 use super::i18n::{tr, Lang};
+use super::memory_view::MemoryView;
 use super::run_view::RunView;
 use crate::model::inspect::{inspect, ModelInfo};
 use crate::train::checkpoint;
@@ -80,6 +81,7 @@ pub struct StudioApp {
     pub run: Option<RunView>,
     pub export: ExportView,
     pub data_view: DataView,
+    pub memory_view: MemoryView,
     /// A save path that replaces the save dialog (tests, scripted use).
     pub export_target: Option<PathBuf>,
     pub status: Option<(bool, String)>,
@@ -103,7 +105,18 @@ impl StudioApp {
             .unwrap_or_default();
         let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
         let ram = crate::memory::total_memory().map(|b| format!(", {:.1} GiB RAM", b as f64 / 1073741824.0));
-        let device_line = format!("CPU: {cores} cores{}", ram.unwrap_or_default());
+        let gpus = crate::memory::detect_gpus();
+        let gpu_line: Vec<String> = gpus
+            .iter()
+            .map(|g| format!("GPU {}: {}, {} ({} free)", g.index, g.name, human_bytes(g.total), human_bytes(g.free)))
+            .collect();
+        let mut device_line = format!("CPU: {cores} cores{}", ram.unwrap_or_default());
+        if !gpu_line.is_empty() {
+            device_line = format!("{} · {device_line}", gpu_line.join(" · "));
+        }
+        if !cfg!(feature = "cuda") && !gpus.is_empty() {
+            device_line.push_str(" · built without the cuda feature: training runs on the CPU");
+        }
         let sample_prompts_text = settings.config.train.sample_prompts.join("\n");
         let mut app = Self {
             settings,
@@ -114,6 +127,7 @@ impl StudioApp {
             run: None,
             export: ExportView::default(),
             data_view: DataView::default(),
+            memory_view: MemoryView::new(gpus),
             export_target: None,
             status: None,
             family_choice: 0,
@@ -190,7 +204,8 @@ impl StudioApp {
             self.settings.runs.push(out);
         }
         self.save_settings();
-        self.run = Some(RunView::start(config, resume_from, None));
+        self.memory_view.update(&config);
+        self.run = Some(RunView::start(config, resume_from, self.memory_view.estimate_bytes()));
         self.tab = Tab::Run;
     }
 
@@ -279,6 +294,8 @@ impl StudioApp {
         egui::CollapsingHeader::new(tr(lang, "Dataset")).default_open(true).show(ui, |ui| self.dataset_panel(ui));
         egui::CollapsingHeader::new(tr(lang, "LoRA")).default_open(true).show(ui, |ui| self.lora_panel(ui));
         egui::CollapsingHeader::new(tr(lang, "Training")).default_open(false).show(ui, |ui| self.training_panel(ui));
+        self.memory_view.update(&self.settings.config);
+        egui::CollapsingHeader::new(tr(lang, "Memory")).default_open(true).show(ui, |ui| self.memory_view.ui(ui, lang));
     }
 
     fn model_panel(&mut self, ui: &mut egui::Ui) {
@@ -337,6 +354,26 @@ impl StudioApp {
             ui.label(tr(lang, "Mode"));
             ui.radio_value(&mut self.settings.config.model.mode, Mode::Lora, "LoRA");
             ui.radio_value(&mut self.settings.config.model.mode, Mode::Qlora, "QLoRA (NF4)");
+        });
+        ui.horizontal(|ui| {
+            let label = ui.label(tr(lang, "Device"));
+            let device = &mut self.settings.config.model.device;
+            egui::ComboBox::from_id_salt("device")
+                .selected_text(device.clone())
+                .show_ui(ui, |ui| {
+                    ui.selectable_value(device, "cpu".to_string(), "cpu");
+                    if cfg!(feature = "cuda") {
+                        for g in crate::memory::detect_gpus() {
+                            ui.selectable_value(
+                                device,
+                                format!("cuda:{}", g.index),
+                                format!("cuda:{} {}", g.index, g.name),
+                            );
+                        }
+                    }
+                })
+                .response
+                .labelled_by(label.id);
         });
     }
 

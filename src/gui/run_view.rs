@@ -70,7 +70,7 @@ impl RunView {
                 tokens_per_s: f64::NAN,
                 elapsed_s: 0.0,
                 eta_s: 0.0,
-                memory: None,
+                memory: Default::default(),
             })
             .collect();
         Self {
@@ -257,10 +257,16 @@ impl RunView {
             cols[1].label(tr(lang, "Memory (MiB)"));
             Plot::new("memory").height(small).legend(Legend::default()).show(&mut cols[1], |p| {
                 let mib = |b: u64| b as f64 / 1048576.0;
-                p.line(Line::new(
-                    "RSS",
-                    PlotPoints::from(series(&|s| s.memory.map(|m| mib(m.rss)).unwrap_or(f64::NAN))),
-                ));
+                p.line(Line::new("RSS", PlotPoints::from(series(&|s| mib(s.memory.rss)))));
+                // live heap bytes (the tensors) where the counting allocator is installed
+                let heap = series(&|s| s.memory.heap_live.map(mib).unwrap_or(f64::NAN));
+                if !heap.is_empty() {
+                    p.line(Line::new(tr(lang, "live heap"), PlotPoints::from(heap)));
+                }
+                let device = series(&|s| s.memory.device_used.map(mib).unwrap_or(f64::NAN));
+                if !device.is_empty() {
+                    p.line(Line::new("GPU", PlotPoints::from(device)));
+                }
                 if let Some(e) = self.estimate_bytes {
                     p.hline(HLine::new(tr(lang, "Estimate"), mib(e)));
                 }

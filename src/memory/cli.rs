@@ -7,9 +7,13 @@ use super::estimate::{estimate, DeviceKind, Estimate, EstimateInput, Method};
 use super::{fit, grid, presets};
 use crate::{Error, Result};
 
-/// `qlora-studio estimate` (until RunConfig lands, the run is given by flags).
+/// `qlora-studio estimate`: a run config, or the run given by flags.
 #[derive(Debug, Clone, clap::Args)]
 pub struct EstimateArgs {
+    /// A run config (TOML); its model, mode, targets, rank, batch, max length and device are
+    /// used, and the flags below are ignored except --memory.
+    #[arg(long)]
+    pub config: Option<std::path::PathBuf>,
     /// A model folder, its config.json, or a preset (see --list).
     #[arg(long, default_value = "llama-2-7b")]
     pub model: String,
@@ -126,7 +130,7 @@ pub fn estimate_command(args: &EstimateArgs) -> Result<String> {
         return Ok(out);
     }
     let spec = presets::spec_for(&args.model)?;
-    let (device, gpu) = parse_device(&args.device)?;
+    let (device, _) = parse_device(&args.device)?;
     let targets = match &args.targets {
         Some(t) => t.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect(),
         None => spec.default_targets.clone(),
@@ -134,8 +138,16 @@ pub fn estimate_command(args: &EstimateArgs) -> Result<String> {
     let mut input =
         EstimateInput::new(spec, parse_method(&args.mode)?, targets, args.rank, args.batch, args.seq).on(device);
     input.dropout = args.dropout;
-    let est = estimate(&input)?;
-    let (memory, source) = match (&args.memory, gpu) {
+    estimate_report(&input, &args.model, &args.device, args.memory.as_deref())
+}
+
+/// The breakdown of one run's estimate, whether it fits (in `memory`, else the GPU's free
+/// memory, else the available RAM), the largest sequence and batch, and what to change.
+pub fn estimate_report(input: &EstimateInput, model: &str, device_name: &str, memory: Option<&str>) -> Result<String> {
+    let mut out = String::new();
+    let (_, gpu) = parse_device(device_name)?;
+    let est = estimate(input)?;
+    let (memory, source) = match (memory, gpu) {
         (Some(m), _) => (Some(parse_size(m)?), "given".to_string()),
         (None, Some(i)) => match super::detect_gpus().into_iter().find(|g| g.index == i) {
             Some(g) => (Some(g.free), format!("free on {}", g.name)),
@@ -146,9 +158,9 @@ pub fn estimate_command(args: &EstimateArgs) -> Result<String> {
     let _ = writeln!(
         out,
         "{} {} on {}, rank {} on {}, batch {} × seq {}, {:?}",
-        args.model,
+        model,
         input.method.label(),
-        args.device,
+        device_name,
         input.rank,
         input.targets.join(","),
         input.batch,
@@ -162,17 +174,17 @@ pub fn estimate_command(args: &EstimateArgs) -> Result<String> {
     };
     let verdict = if est.fits(memory) { "fits" } else { "does NOT fit" };
     let _ = writeln!(out, "\n{verdict} in {} ({source}); peak at the {}", gib(memory), est.peak_at);
-    match fit::largest_seq(&input, memory) {
+    match fit::largest_seq(input, memory) {
         Some(s) => _ = writeln!(out, "largest sequence at batch {}: {s}", input.batch),
         None => _ = writeln!(out, "no sequence fits at batch {}", input.batch),
     }
-    match fit::largest_batch(&input, memory) {
+    match fit::largest_batch(input, memory) {
         Some(b) => _ = writeln!(out, "largest batch at sequence {}: {b}", input.seq),
         None => _ = writeln!(out, "no batch fits at sequence {}", input.seq),
     }
     if !est.fits(memory) {
         let _ = writeln!(out, "\nto fit:");
-        for s in fit::suggestions(&input, memory) {
+        for s in fit::suggestions(input, memory) {
             let _ = writeln!(
                 out,
                 "  {:<48} {} (band {} – {}){}",

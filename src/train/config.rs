@@ -214,6 +214,48 @@ impl RunConfig {
     }
 }
 
+impl RunConfig {
+    /// What the memory estimator needs, from this config and the model's config.json (no
+    /// weights are read). The sequence is max_length: the longest batch decides the peak.
+    pub fn estimate_input(&self) -> Result<crate::memory::EstimateInput> {
+        use crate::memory::{DeviceKind, EstimateInput, Method};
+        let spec = crate::memory::presets::spec_for(&self.model_config_path()?)?;
+        let method = match self.model.mode {
+            Mode::Lora => Method::Lora,
+            Mode::Qlora => Method::Qlora { double_quant: true },
+        };
+        let targets =
+            if self.lora.targets.is_empty() { spec.default_targets.clone() } else { self.lora.targets.clone() };
+        let device = if self.model.device == "cpu" { DeviceKind::Cpu } else { DeviceKind::Cuda };
+        let mut input =
+            EstimateInput::new(spec, method, targets, self.lora.r, self.train.batch_size, self.data.max_length)
+                .on(device);
+        input.dropout = self.lora.dropout;
+        input.dtype = match self.model.dtype.as_str() {
+            "bf16" => candle_core::DType::BF16,
+            "f16" => candle_core::DType::F16,
+            _ => candle_core::DType::F32,
+        };
+        Ok(input)
+    }
+
+    /// The model's config.json without downloading: a folder, a GGUF import already made, a
+    /// hub id in the local cache, or one of the estimator's preset names.
+    fn model_config_path(&self) -> Result<String> {
+        let source = &self.model.source;
+        if Path::new(source).exists() && !source.ends_with(".gguf") {
+            return Ok(source.clone());
+        }
+        let offline = crate::hub::ResolveOptions { download: None, ..Default::default() };
+        match crate::hub::resolve_with(source, &offline) {
+            Ok(resolved) => Ok(resolved.dir.display().to_string()),
+            // a preset name (the famous shapes), or a clear error naming the source
+            Err(_) if crate::memory::presets::names().iter().any(|n| n == source) => Ok(source.clone()),
+            Err(e) => Err(e),
+        }
+    }
+}
+
 fn line_of(text: &str, byte: usize) -> usize {
     text[..byte.min(text.len())].matches('\n').count() + 1
 }

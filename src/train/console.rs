@@ -54,7 +54,7 @@ pub fn train_in_terminal(config: RunConfig, resume_from: Option<PathBuf>) -> Res
                         s.step, s.total_steps, s.loss, s.lr, s.tokens_per_s
                     ));
                 }
-                let memory = s.memory.map(|m| format!(" rss {:.0} MiB", m.rss as f64 / 1048576.0)).unwrap_or_default();
+                let memory = format!(" rss {:.0} MiB", s.memory.rss as f64 / 1048576.0);
                 bar.set_message(format!(
                     "loss {:.4} lr {:.2e} |g| {:.3} {:.0} tok/s{memory}",
                     s.loss, s.lr, s.grad_norm, s.tokens_per_s

@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use crate::memory::ProcessMemory;
+use crate::memory::MemoryReading;
 
 /// Sent by the trainer thread, in this order: Loading…, Started, then Step / Eval / Sample /
 /// CheckpointSaved / Notice / Paused / Resumed as they happen, and one Finished or Failed last.
@@ -72,7 +72,8 @@ pub struct StepStats {
     pub tokens_per_s: f64,
     pub elapsed_s: f64,
     pub eta_s: f64,
-    pub memory: Option<ProcessMemory>,
+    /// The process's memory after the step (on CUDA also the device's).
+    pub memory: MemoryReading,
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -295,6 +295,15 @@ impl Trainer {
 
         let started = Instant::now();
         let first_step = self.state.step;
+        let gpu = match self.model.device() {
+            Device::Cuda(_) => {
+                Some(self.config.model.device.strip_prefix("cuda:").and_then(|n| n.parse().ok()).unwrap_or(0))
+            }
+            _ => None,
+        };
+        // the readings' peaks count from here
+        crate::memory::reset_peak();
+        let mut monitor = crate::memory::MemoryMonitor::start(gpu);
         let mut last_checkpoint = None;
         let mut stopped = false;
         while self.state.step < self.state.total_steps {
@@ -359,7 +368,7 @@ impl Trainer {
                 tokens_per_s: outcome.tokens as f64 / step_started.elapsed().as_secs_f64().max(1e-9),
                 elapsed_s: elapsed,
                 eta_s: elapsed / done as f64 * (self.state.total_steps - step) as f64,
-                memory: crate::memory::process_memory(),
+                memory: monitor.read(),
             }));
             let t = &self.config.train;
             let last = step == self.state.total_steps;

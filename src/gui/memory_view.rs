@@ -1,0 +1,176 @@
+//! The Memory panel: the estimate of the run's peak as a stacked bar of its parts against the
+//! device's memory, "fits" or "does not fit", the largest sequence and batch that fit, and
+//! what to change when it does not — recomputed whenever the settings change.
+
+use eframe::egui;
+
+use super::app::human_bytes;
+use super::i18n::{tr, Lang};
+use crate::memory::{self, fit, Estimate, EstimateInput};
+use crate::train::RunConfig;
+
+pub struct MemoryView {
+    /// The config the shown estimate belongs to.
+    estimated: Option<RunConfig>,
+    pub input: Option<EstimateInput>,
+    pub estimate: Option<Result<Estimate, String>>,
+    pub suggestions: Vec<fit::Suggestion>,
+    pub largest_seq: Option<usize>,
+    pub largest_batch: Option<usize>,
+    /// The memory the run must fit in, and what it is.
+    pub budget: Option<(u64, String)>,
+    gpus: Vec<memory::GpuInfo>,
+}
+
+impl MemoryView {
+    pub fn new(gpus: Vec<memory::GpuInfo>) -> Self {
+        Self {
+            estimated: None,
+            input: None,
+            estimate: None,
+            suggestions: Vec::new(),
+            largest_seq: None,
+            largest_batch: None,
+            budget: None,
+            gpus,
+        }
+    }
+
+    /// Recompute when the config changed (the estimate is arithmetic on config.json: no weights).
+    pub fn update(&mut self, config: &RunConfig) {
+        if self.estimated.as_ref() == Some(config) {
+            return;
+        }
+        self.estimated = Some(config.clone());
+        self.budget = if config.model.device == "cpu" {
+            memory::cli::available_ram().map(|b| (b, "available RAM".to_string()))
+        } else {
+            let index = config.model.device.strip_prefix("cuda:").and_then(|n| n.parse().ok()).unwrap_or(0);
+            self.gpus.iter().find(|g| g.index == index).map(|g| (g.free, format!("free on {}", g.name)))
+        };
+        let outcome = config.estimate_input().and_then(|input| Ok((memory::estimate(&input)?, input)));
+        match outcome {
+            Ok((est, input)) => {
+                (self.suggestions, self.largest_seq, self.largest_batch) = match &self.budget {
+                    Some((b, _)) => (
+                        if est.fits(*b) { Vec::new() } else { fit::suggestions(&input, *b) },
+                        fit::largest_seq(&input, *b),
+                        fit::largest_batch(&input, *b),
+                    ),
+                    None => (Vec::new(), None, None),
+                };
+                self.estimate = Some(Ok(est));
+                self.input = Some(input);
+            }
+            Err(e) => {
+                self.estimate = Some(Err(e.to_string()));
+                self.input = None;
+            }
+        }
+    }
+
+    /// The middle of the band, for the live memory plot's reference line.
+    pub fn estimate_bytes(&self) -> Option<u64> {
+        match &self.estimate {
+            Some(Ok(e)) => Some(e.mid),
+            _ => None,
+        }
+    }
+
+    pub fn ui(&self, ui: &mut egui::Ui, lang: Lang) {
+        let est = match &self.estimate {
+            Some(Ok(e)) => e,
+            Some(Err(e)) => {
+                ui.colored_label(ui.visuals().error_fg_color, e);
+                return;
+            }
+            None => return,
+        };
+        ui.label(format!(
+            "{}: {} ({} {} – {})",
+            tr(lang, "Estimate"),
+            human_bytes(est.mid),
+            tr(lang, "band"),
+            human_bytes(est.low),
+            human_bytes(est.high)
+        ));
+        stacked_bar(ui, est, self.budget.as_ref().map(|b| b.0));
+        egui::Grid::new("memory_terms").num_columns(3).striped(true).show(ui, |ui| {
+            for (i, t) in est.terms.iter().enumerate() {
+                let (rect, _) = ui.allocate_exact_size(egui::vec2(10.0, 10.0), egui::Sense::hover());
+                ui.painter().rect_filled(rect, 2.0, term_color(i));
+                ui.label(t.name).on_hover_text(&t.detail);
+                ui.label(human_bytes(t.bytes));
+                ui.end_row();
+            }
+        });
+        let Some((budget, what)) = &self.budget else {
+            ui.weak(tr(lang, "No device memory to compare with was found."));
+            return;
+        };
+        let fits = est.fits(*budget);
+        let (text, color) = if fits {
+            (tr(lang, "fits"), egui::Color32::from_rgb(80, 180, 90))
+        } else {
+            (tr(lang, "does not fit"), ui.visuals().error_fg_color)
+        };
+        ui.colored_label(color, egui::RichText::new(format!("{text}: {} ({what})", human_bytes(*budget))).strong());
+        if let Some(s) = self.largest_seq {
+            ui.weak(format!("{}: {s}", tr(lang, "largest sequence that fits")));
+        }
+        if let Some(b) = self.largest_batch {
+            ui.weak(format!("{}: {b}", tr(lang, "largest batch that fits")));
+        }
+        if !self.suggestions.is_empty() {
+            ui.label(egui::RichText::new(tr(lang, "Suggestions")).strong());
+            for s in &self.suggestions {
+                let mark = if s.estimate.fits(*budget) { "✓" } else { " " };
+                ui.label(format!("{mark} {} → {}", s.change, human_bytes(s.estimate.mid)));
+            }
+        }
+    }
+}
+
+fn term_color(i: usize) -> egui::Color32 {
+    const COLORS: [egui::Color32; 10] = [
+        egui::Color32::from_rgb(76, 120, 168),
+        egui::Color32::from_rgb(245, 133, 24),
+        egui::Color32::from_rgb(84, 162, 75),
+        egui::Color32::from_rgb(228, 87, 86),
+        egui::Color32::from_rgb(114, 183, 178),
+        egui::Color32::from_rgb(238, 202, 59),
+        egui::Color32::from_rgb(178, 121, 162),
+        egui::Color32::from_rgb(255, 157, 166),
+        egui::Color32::from_rgb(157, 117, 93),
+        egui::Color32::from_rgb(186, 176, 172),
+    ];
+    COLORS[i % COLORS.len()]
+}
+
+/// The parts side by side in one bar, scaled to the larger of the budget and the band's top,
+/// with the budget as a vertical line.
+fn stacked_bar(ui: &mut egui::Ui, est: &Estimate, budget: Option<u64>) {
+    let width = ui.available_width().max(100.0);
+    let (rect, response) = ui.allocate_exact_size(egui::vec2(width, 22.0), egui::Sense::hover());
+    let scale_max = budget.unwrap_or(0).max(est.high).max(1) as f32;
+    let painter = ui.painter_at(rect);
+    painter.rect_filled(rect, 3.0, ui.visuals().extreme_bg_color);
+    let mut x = rect.left();
+    for (i, t) in est.terms.iter().enumerate() {
+        let w = rect.width() * t.bytes as f32 / scale_max;
+        let part = egui::Rect::from_min_size(egui::pos2(x, rect.top()), egui::vec2(w, rect.height()));
+        painter.rect_filled(part, 0.0, term_color(i));
+        x += w;
+    }
+    let band = |b: u64| rect.left() + rect.width() * b as f32 / scale_max;
+    let stroke = egui::Stroke::new(1.0, ui.visuals().text_color());
+    painter.line_segment([egui::pos2(band(est.low), rect.bottom()), egui::pos2(band(est.high), rect.bottom())], stroke);
+    if let Some(b) = budget {
+        let bx = band(b);
+        painter.line_segment(
+            [egui::pos2(bx, rect.top() - 2.0), egui::pos2(bx, rect.bottom() + 2.0)],
+            egui::Stroke::new(2.0, ui.visuals().warn_fg_color),
+        );
+    }
+    response.on_hover_text(format!("{} of {}", human_bytes(est.mid), budget.map(human_bytes).unwrap_or_default()));
+}
