@@ -58,6 +58,9 @@ fn qlora_run_learns_the_dataset_and_reports_in_order() {
     config.train.max_steps = 40;
     config.train.eval_every = 10;
     config.train.checkpoint_every = 20;
+    config.train.sample_every = 20;
+    config.train.sample_prompts = vec!["What color is the cat ?".into()];
+    config.train.sample_max_tokens = 6;
     let (rx, _commands, handle) = qlora_studio::train::spawn(config, None);
     let events = collect(rx);
     handle.join().unwrap();
@@ -112,6 +115,19 @@ fn qlora_run_learns_the_dataset_and_reports_in_order() {
     }
     assert_eq!(end.checkpoint.as_ref(), Some(last_dir));
     assert!(end.validation_loss.is_some());
+
+    // samples at 20 and 40, generated with the adapter as it was then; by the end the model
+    // answers in the trained form
+    let samples: Vec<(usize, &str, &str)> = events
+        .iter()
+        .filter_map(|e| match e {
+            TrainEvent::Sample { step, prompt, text } => Some((*step, prompt.as_str(), text.as_str())),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(samples.iter().map(|s| s.0).collect::<Vec<_>>(), vec![20, 40]);
+    assert!(samples.iter().all(|s| s.1 == "What color is the cat ?"));
+    assert!(samples[1].2.starts_with("The"), "{samples:?}");
 }
 
 /// Run a config to the end, stopping it after `stop_after` steps when given. The event channel

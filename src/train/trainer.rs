@@ -114,7 +114,7 @@ pub fn run(
     // what exports of this run must carry: the template it was trained with and its stop tokens
     let template = data::ChatTemplate::resolve(&config.data.template, &tokenizer, Some(&model.spec.family)).ok();
     let card = ExportInfo {
-        chat_template: template.map(|t| t.source),
+        chat_template: template.as_ref().map(|t| t.source.clone()),
         stop_tokens: tokenizer.eos_token.iter().cloned().collect(),
         ..Default::default()
     };
@@ -132,7 +132,9 @@ pub fn run(
         )));
     }
 
+    let sampler = template.map(|template| Sampler { tokenizer, template });
     let mut trainer = Trainer::new(config, settings, model, train, validation, resumed, card)?;
+    trainer.sampler = sampler;
     send(TrainEvent::Loading { stage: "ready".into(), fraction: 1.0 });
     trainer.train(&send, commands)
 }
@@ -211,6 +213,30 @@ struct Trainer {
     order: Vec<usize>,
     /// Chat template and stop tokens for the checkpoints' model cards.
     card: ExportInfo,
+    /// Renders and decodes the sample prompts (None when the template could not be resolved).
+    sampler: Option<Sampler>,
+}
+
+/// Generates from the config's sample prompts with the adapter as it is now.
+struct Sampler {
+    tokenizer: ModelTokenizer,
+    template: data::ChatTemplate,
+}
+
+impl Sampler {
+    /// Greedy continuation of `prompt` as a user turn of the chat template.
+    fn sample(&self, model: &Model, prompt: &str, max_tokens: usize) -> Result<String> {
+        let messages = [data::Message::new(data::Role::User, prompt)];
+        let text = self.template.render(&messages, true, &self.tokenizer).map_err(Error::Invalid)?;
+        let ids = self.tokenizer.encode(&text, false)?.ids;
+        let options = crate::model::GenerateOptions {
+            max_new_tokens: max_tokens,
+            eos_ids: self.tokenizer.stop_token_ids.clone(),
+            ..Default::default()
+        };
+        let out = crate::model::generate(model, &ids, &options)?;
+        self.tokenizer.decode(&out, true)
+    }
 }
 
 impl Trainer {
@@ -268,6 +294,7 @@ impl Trainer {
             effective_batch,
             order,
             card,
+            sampler: None,
         })
     }
 
@@ -376,6 +403,14 @@ impl Trainer {
                 let loss = self.evaluate()?;
                 self.state.eval_losses.push((step, loss));
                 send(TrainEvent::Eval { step, loss });
+            }
+            if t.sample_every > 0 && step % t.sample_every == 0 {
+                if let Some(sampler) = &self.sampler {
+                    for prompt in &t.sample_prompts {
+                        let text = sampler.sample(&self.model, prompt, t.sample_max_tokens)?;
+                        send(TrainEvent::Sample { step, prompt: prompt.clone(), text });
+                    }
+                }
             }
             if (t.checkpoint_every > 0 && step % t.checkpoint_every == 0) || last {
                 last_checkpoint = Some(self.save_checkpoint(send)?);
