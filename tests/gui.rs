@@ -115,6 +115,19 @@ fn choose_tune_start_watch_and_stop() {
     assert!(end.stopped && end.step >= 3 && end.step < 500, "{end:?}");
     assert!(end.checkpoint.as_ref().is_some_and(|p| p.join("adapter_model.safetensors").is_file()));
 
+    // try: the same prompt without and with the adapter of the last checkpoint
+    harness.get_by_label("Try").click();
+    harness.step();
+    harness.state_mut().try_view.prompt = "What color is the cat ?".into();
+    harness.state_mut().try_view.max_tokens = 4;
+    harness.step();
+    harness.get_by_label("Generate").click();
+    harness.step();
+    wait_until(&mut harness, "generation", |app| app.try_view.answers.is_some());
+    let (base, tuned) = harness.state().try_view.answers.clone().unwrap();
+    assert!(base.is_ok(), "{base:?}");
+    assert!(tuned.expect("an adapter answer").is_ok());
+
     // export through the save dialog's injected path: a GGUF adapter with its Modelfile
     let gguf = dir.path().join("exported/adapter.gguf");
     std::fs::create_dir_all(gguf.parent().unwrap()).unwrap();

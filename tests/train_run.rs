@@ -210,9 +210,14 @@ fn pause_resume_and_bad_configs() {
     let mut config = setup(dir.path(), Mode::Lora);
     config.train.max_steps = 3;
     config.train.probe = false;
-    let (rx, commands, handle) = qlora_studio::train::spawn(config.clone(), None);
+    // the Pause is queued before the trainer starts, so it pauses before the first step and
+    // nothing moves until Resume
+    let (events_tx, rx) = crossbeam_channel::unbounded();
+    let (commands, commands_rx) = crossbeam_channel::unbounded();
     commands.send(Command::Pause).unwrap();
-    // paused before the first step: nothing moves until Resume
+    let run_config = config.clone();
+    let handle =
+        std::thread::spawn(move || qlora_studio::train::run(run_config, None, &events_tx, &commands_rx).unwrap());
     let mut events = Vec::new();
     for e in rx.iter() {
         let paused = matches!(e, TrainEvent::Paused { .. });

@@ -13,6 +13,7 @@ use super::export_view::ExportView;
 use super::i18n::{tr, Lang};
 use super::memory_view::MemoryView;
 use super::run_view::RunView;
+use super::try_view::TryView;
 use crate::model::inspect::{inspect, ModelInfo};
 use crate::train::checkpoint;
 use crate::train::events::RunFinished;
@@ -82,6 +83,7 @@ pub struct StudioApp {
     pub export: ExportView,
     pub data_view: DataView,
     pub memory_view: MemoryView,
+    pub try_view: TryView,
     /// A save path that replaces the save dialog (tests, scripted use).
     pub export_target: Option<PathBuf>,
     pub status: Option<(bool, String)>,
@@ -128,6 +130,7 @@ impl StudioApp {
             export: ExportView::default(),
             data_view: DataView::default(),
             memory_view: MemoryView::new(gpus),
+            try_view: TryView::default(),
             export_target: None,
             status: None,
             family_choice: 0,
@@ -609,7 +612,9 @@ impl StudioApp {
             },
             Tab::Runs => self.runs_tab(ui),
             Tab::Try => {
-                ui.label(tr(lang, "Try"));
+                let adapter = self.run.as_ref().and_then(|r| r.last_checkpoint());
+                let model = self.settings.config.model.source.clone();
+                self.try_view.ui(ui, lang, &model, adapter);
             }
             Tab::Export => {
                 let last = self.run.as_ref().and_then(|r| r.last_checkpoint());
