@@ -91,10 +91,7 @@ pub fn parse_device(device: &str) -> Result<(DeviceKind, Option<usize>)> {
 
 /// The machine's available memory (Linux: MemAvailable).
 pub fn available_ram() -> Option<u64> {
-    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
-    let kb: u64 = line["MemAvailable:".len()..].trim().trim_end_matches("kB").trim().parse().ok()?;
-    Some(kb * 1024)
+    super::live::available_memory()
 }
 
 pub fn gib(bytes: u64) -> String {

@@ -38,9 +38,19 @@ pub fn reset_rss_peak() {
 
 /// The machine's physical memory in bytes (`None` where /proc is not available).
 pub fn total_memory() -> Option<u64> {
+    meminfo("MemTotal:")
+}
+
+/// The memory the machine can give without swapping (Linux: MemAvailable).
+pub fn available_memory() -> Option<u64> {
+    meminfo("MemAvailable:")
+}
+
+/// A field of /proc/meminfo, in bytes.
+fn meminfo(field: &str) -> Option<u64> {
     let info = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = info.lines().find(|l| l.starts_with("MemTotal:"))?;
-    let kb: u64 = line["MemTotal:".len()..].trim().trim_end_matches("kB").trim().parse().ok()?;
+    let line = info.lines().find(|l| l.starts_with(field))?;
+    let kb: u64 = line[field.len()..].trim().trim_end_matches("kB").trim().parse().ok()?;
     Some(kb * 1024)
 }
 
