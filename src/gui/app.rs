@@ -44,9 +44,14 @@ pub fn demo_config() -> RunConfig {
     c.data.path = assets.join("dataset.jsonl");
     c.data.max_length = 256;
     c.data.validation = crate::data::Validation::Fraction(0.1);
-    c.train.max_steps = 60;
+    // the demo model is small and random: a wide adapter and a brisk rate show learning in seconds
+    c.lora.targets = vec!["all-linear".into()];
+    c.lora.r = 16;
+    c.lora.alpha = 32.0;
+    c.train.max_steps = 80;
     c.train.batch_size = 4;
-    c.train.learning_rate = 5e-3;
+    c.train.learning_rate = 2e-2;
+    c.train.warmup_steps = 5;
     c.train.eval_every = 20;
     c.train.checkpoint_every = 20;
     c.train.output_dir = default_runs_dir().join("demo");
