@@ -42,6 +42,9 @@ fn choose_tune_start_watch_and_stop() {
     {
         let c = app.config_mut();
         c.model.source = model_dir.display().to_string();
+        // no targets chosen: the picker fills in the family's default
+        c.lora.targets = Vec::new();
+        c.lora.r = 8;
         c.data.path = data;
         c.data.max_length = 64;
         c.train.max_steps = 500;

@@ -171,3 +171,61 @@ fn smollm2_gguf_loads_as_nf4_for_qlora() {
     let answer = tok.decode(&generate(&model, &prompt, &options).unwrap(), true).unwrap();
     assert!(answer.contains("Paris"), "NF4 greedy continuation of \"The capital of France is\": {answer:?}");
 }
+
+/// QLoRA fine-tune of the real model on the demo dataset (a made-up island whose every answer
+/// starts "VELMORA FACT:"): the loss falls, and the sample for a training question changes from
+/// the base model's answer to the trained form.
+#[test]
+fn smollm2_qlora_fine_tune_learns_the_trained_format() {
+    let dir = import();
+    let out = tempfile::tempdir().unwrap();
+    let mut config = qlora_studio::train::RunConfig::default();
+    config.model.source = dir.display().to_string();
+    config.model.mode = qlora_studio::train::Mode::Qlora;
+    config.lora.r = 16;
+    config.lora.alpha = 32.0;
+    config.lora.dropout = 0.0;
+    config.data.path = Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/demo/dataset.jsonl");
+    config.data.max_length = 128;
+    config.train.batch_size = 4;
+    config.train.max_steps = 30;
+    config.train.learning_rate = 2e-3;
+    config.train.warmup_steps = 3;
+    config.train.probe = false;
+    config.train.sample_every = 30;
+    config.train.sample_prompts = vec!["What is the capital of Velmora?".into()];
+    config.train.sample_max_tokens = 12;
+    config.train.output_dir = out.path().to_path_buf();
+    let (events, _commands, handle) = qlora_studio::train::spawn(config, None);
+    let events: Vec<_> = events.iter().collect();
+    handle.join().unwrap();
+    use qlora_studio::train::TrainEvent;
+    if let Some(TrainEvent::Failed { message }) = events.last() {
+        panic!("the fine-tune failed: {message}");
+    }
+    let losses: Vec<f64> =
+        events.iter().filter_map(|e| if let TrainEvent::Step(s) = e { Some(s.loss) } else { None }).collect();
+    let first = losses[..3].iter().sum::<f64>() / 3.0;
+    let last = losses[losses.len() - 3..].iter().sum::<f64>() / 3.0;
+    assert!(last < first * 0.5, "loss went from {first:.3} to {last:.3}");
+    let sample = events
+        .iter()
+        .find_map(|e| if let TrainEvent::Sample { text, .. } = e { Some(text.clone()) } else { None })
+        .expect("a sample at the last step");
+    assert!(sample.starts_with("VELMORA FACT"), "after fine-tuning: {sample:?}");
+
+    // and the base model alone does not answer that way
+    let request = hub::try_model::GenerateRequest {
+        model: dir.display().to_string(),
+        adapter: None,
+        prompt: "What is the capital of Velmora?".into(),
+        chat: true,
+        max_new_tokens: 12,
+        temperature: 0.0,
+        top_p: 1.0,
+        seed: 0,
+        resolve: ResolveOptions { download: None, ..Default::default() },
+    };
+    let base = hub::try_model::generate_text(&request, |_| {}).unwrap().text;
+    assert!(!base.contains("VELMORA FACT"), "the base model already answers {base:?}");
+}
