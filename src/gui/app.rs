@@ -98,6 +98,8 @@ pub struct StudioApp {
     sample_prompts_text: String,
     compare: Vec<PathBuf>,
     fonts_installed: bool,
+    /// Models found in the local Hugging Face cache (read once at start).
+    cached_models: Vec<crate::hub::hf_cache::CachedModel>,
     /// Prefer a system CJK font over the bundled subset (tests turn it off to check the subset).
     pub system_fonts: bool,
 }
@@ -144,6 +146,8 @@ impl StudioApp {
             sample_prompts_text,
             compare: Vec::new(),
             fonts_installed: false,
+            cached_models: crate::hub::hf_cache::list_cached_models(&crate::hub::hf_cache::hf_cache_dir())
+                .unwrap_or_default(),
             system_fonts: true,
         };
         app.refresh_model_info();
@@ -326,6 +330,7 @@ impl StudioApp {
             }
         });
         self.family_picker(ui);
+        self.hub_cache_picker(ui);
         self.refresh_model_info();
         match &self.model_info {
             Some(Ok(info)) => {
@@ -377,6 +382,40 @@ impl StudioApp {
                                 format!("cuda:{}", g.index),
                                 format!("cuda:{} {}", g.index, g.name),
                             );
+                        }
+                    }
+                })
+                .response
+                .labelled_by(label.id);
+        });
+    }
+
+    /// The models of the local hub cache, with family, size and whether they are complete.
+    fn hub_cache_picker(&mut self, ui: &mut egui::Ui) {
+        if self.cached_models.is_empty() {
+            return;
+        }
+        let lang = self.lang();
+        ui.horizontal(|ui| {
+            let label = ui.label(tr(lang, "Hub cache"));
+            egui::ComboBox::from_id_salt("hub_cache")
+                .selected_text("…")
+                .show_ui(ui, |ui| {
+                    for m in &self.cached_models {
+                        let text = format!(
+                            "{} · {} · {}{}",
+                            m.repo_id,
+                            m.family.as_deref().unwrap_or("?"),
+                            human_bytes(m.size_bytes),
+                            if m.complete { "" } else { " · incomplete" }
+                        );
+                        let pick = ui.add_enabled(m.complete, egui::Button::selectable(false, text));
+                        let pick = match &m.problem {
+                            Some(p) => pick.on_disabled_hover_text(p),
+                            None => pick,
+                        };
+                        if pick.clicked() {
+                            self.settings.config.model.source = m.snapshot.display().to_string();
                         }
                     }
                 })
