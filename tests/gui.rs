@@ -30,6 +30,25 @@ fn wait_until(harness: &mut Harness<'_, StudioApp>, what: &str, done: impl Fn(&S
     harness.step();
 }
 
+/// On the Export tab: pick `format`, press "Export as…" with `target` standing in for the save
+/// dialog, wait for the worker, and return what the tab reports.
+fn export_through_dialog(
+    harness: &mut Harness<'_, StudioApp>,
+    format: &str,
+    target: &std::path::Path,
+) -> Result<String, String> {
+    harness.state_mut().export_target = Some(target.to_path_buf());
+    harness.get_by_label(format).click();
+    harness.step();
+    harness.get_by_label("Export as…").click();
+    harness.step();
+    assert!(harness.state().export.is_busy() || harness.state().export.result.is_some());
+    wait_until(harness, "the export", |app| !app.export.is_busy());
+    harness.state_mut().export.poll();
+    harness.step();
+    harness.state().export.result.clone().expect("an export result")
+}
+
 #[test]
 fn choose_tune_start_watch_and_stop() {
     let dir = tempfile::tempdir().unwrap();
@@ -134,19 +153,9 @@ fn choose_tune_start_watch_and_stop() {
     // export through the save dialog's injected path: a GGUF adapter with its Modelfile
     let gguf = dir.path().join("exported/adapter.gguf");
     std::fs::create_dir_all(gguf.parent().unwrap()).unwrap();
-    harness.state_mut().export_target = Some(gguf.clone());
     harness.get_by_label("Export").click();
     harness.step();
-    harness.get_by_label("GGUF adapter (llama.cpp, Ollama)").click();
-    harness.step();
-    harness.get_by_label("Export as…").click();
-    harness.step();
-    assert!(harness.state().export.is_busy() || harness.state().export.result.is_some());
-    wait_until(&mut harness, "the export", |app| !app.export.is_busy());
-    harness.state_mut().export.poll();
-    harness.step();
-    let result = harness.state().export.result.clone().expect("an export result");
-    let text = result.unwrap();
+    let text = export_through_dialog(&mut harness, "GGUF adapter (llama.cpp, Ollama)", &gguf).unwrap();
     assert!(text.contains("adapter.gguf") && text.contains("KiB"), "{text}");
     assert!(harness.query_by_label_contains("Exported to").is_some());
     let bytes = std::fs::read(&gguf).unwrap();
@@ -155,15 +164,7 @@ fn choose_tune_start_watch_and_stop() {
 
     // and a PEFT adapter folder
     let peft = dir.path().join("exported/peft");
-    harness.state_mut().export_target = Some(peft.clone());
-    harness.get_by_label("PEFT adapter").click();
-    harness.step();
-    harness.get_by_label("Export as…").click();
-    harness.step();
-    assert!(harness.state().export.is_busy() || harness.state().export.result.is_some());
-    wait_until(&mut harness, "the export", |app| !app.export.is_busy());
-    harness.state_mut().export.poll();
-    assert!(harness.state().export.result.as_ref().unwrap().is_ok());
+    assert!(export_through_dialog(&mut harness, "PEFT adapter", &peft).is_ok());
     let config: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(peft.join("adapter_config.json")).unwrap()).unwrap();
     assert_eq!(config["r"], 16);

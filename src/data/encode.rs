@@ -8,7 +8,7 @@ use super::template::ChatTemplate;
 use super::tokenizer::ModelTokenizer;
 
 /// The label of a token the loss ignores (PyTorch's `ignore_index`).
-pub const IGNORE: i64 = -100;
+pub const IGNORE: i64 = crate::model::IGNORE_INDEX;
 
 /// One training sequence. `labels[i]` is `input_ids[i]` where the token is trained and
 /// [`IGNORE`] elsewhere; the trainer shifts them (position i predicts labels[i + 1]).
