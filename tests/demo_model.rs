@@ -2,7 +2,8 @@
 //! exactly what `hub::demo::write_demo_model` makes.
 
 use candle_core::{DType, Device, Tensor};
-use qlora_studio::hub::{self, chat::ChatMessage, chat::ChatTemplate, demo};
+use qlora_studio::data::{ChatTemplate, Message, ModelTokenizer, Role, TemplateChoice, TemplateOrigin};
+use qlora_studio::hub::{self, demo};
 use qlora_studio::model::{generate, BaseWeights, GenerateOptions, Model};
 
 #[test]
@@ -15,9 +16,11 @@ fn demo_model_loads_and_generates() {
     assert!(size < 5 << 20, "the demo model takes {size} bytes; keep it well under 5 MB");
 
     let model = Model::load(&dir, BaseWeights::Dense(DType::F32), &Device::Cpu).unwrap();
-    let tok = hub::try_model::load_tokenizer(&dir).unwrap();
-    let template = ChatTemplate::from_folder(&dir).unwrap();
-    let text = template.render(&[ChatMessage::new("user", "Hello")], true).unwrap();
+    let tok = ModelTokenizer::from_dir(&dir).unwrap();
+    let template = ChatTemplate::resolve(&TemplateChoice::Auto, &tok, Some("llama")).unwrap();
+    assert_eq!(template.origin, TemplateOrigin::Model);
+    let text = template.render(&[Message::new(Role::User, "Hello")], true, &tok).unwrap();
+    let tok = tok.tokenizer();
     assert_eq!(text, "<|im_start|>user\nHello<|im_end|>\n<|im_start|>assistant\n");
     let ids = tok.encode(text.as_str(), false).unwrap().get_ids().to_vec();
     assert_eq!(ids[0], tok.token_to_id("<|im_start|>").unwrap());

@@ -13,7 +13,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use candle_core::{DType, Device, Tensor};
-use qlora_studio::hub::{self, chat::ChatMessage, chat::ChatTemplate, ResolveOptions, SourceKind};
+use qlora_studio::data::{ChatTemplate, Message, ModelTokenizer, Role, TemplateChoice, TemplateOrigin};
+use qlora_studio::hub::{self, ResolveOptions, SourceKind};
 use qlora_studio::model::{generate, BaseWeights, GenerateOptions, Model};
 use serde_json::Value;
 
@@ -111,15 +112,24 @@ fn smollm2_gguf_matches_transformers() {
 
     // the chat template from the GGUF metadata, rendered as transformers does
     let chat = &reference["chat_template_render"];
-    let messages: Vec<ChatMessage> = chat["messages"]
+    let messages: Vec<Message> = chat["messages"]
         .as_array()
         .unwrap()
         .iter()
-        .map(|m| ChatMessage::new(m["role"].as_str().unwrap(), m["content"].as_str().unwrap()))
+        .map(|m| {
+            let role = match m["role"].as_str().unwrap() {
+                "system" => Role::System,
+                "user" => Role::User,
+                _ => Role::Assistant,
+            };
+            Message::new(role, m["content"].as_str().unwrap())
+        })
         .collect();
-    let template = ChatTemplate::from_folder(&dir).unwrap();
-    assert!(template.template.is_some(), "tokenizer_config.json has no chat_template");
-    let text = template.render(&messages, chat["add_generation_prompt"].as_bool().unwrap()).unwrap();
+    let model_tokenizer = ModelTokenizer::from_dir(&dir).unwrap();
+    let template = ChatTemplate::resolve(&TemplateChoice::Auto, &model_tokenizer, Some("llama")).unwrap();
+    assert_eq!(template.origin, TemplateOrigin::Model, "tokenizer_config.json has no chat_template");
+    let add_generation_prompt = chat["add_generation_prompt"].as_bool().unwrap();
+    let text = template.render(&messages, add_generation_prompt, &model_tokenizer).unwrap();
     assert_eq!(text, chat["text"].as_str().unwrap());
 
     let model = Model::load(&dir, BaseWeights::Dense(DType::F32), &Device::Cpu).unwrap();

@@ -11,10 +11,13 @@ use tokenizers::models::TrainerWrapper;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::{AddedToken, Tokenizer};
 
-use super::chat::CHATML_TEMPLATE;
 use crate::error::{Error, Result};
 use crate::rng::Rng;
 use crate::weights::{f32_bytes, write_safetensors, RawTensor};
+
+/// The demo model's chat template: ChatML, written as hub models write it.
+pub const CHATML_TEMPLATE: &str = "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + \
+     message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
 
 pub const DEMO_SEED: u64 = 20_241_128;
 pub const SPECIAL_TOKENS: [&str; 3] = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"];

@@ -2,7 +2,6 @@
 //! file imported into a folder. `resolve` turns any of them into a local folder that
 //! `Model::load` reads. No model math here.
 
-pub mod chat;
 pub mod demo;
 pub mod download;
 pub mod gguf;

@@ -2,13 +2,12 @@
 //! chat turn through the model's chat template), generate and decode as the tokens come. The
 //! `generate` command and the GUI's try-the-model panel both call `generate_text`.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use candle_core::{DType, Device};
-use tokenizers::Tokenizer;
 
-use super::chat::{ChatMessage, ChatTemplate};
 use super::{resolve_with, ResolveOptions};
+use crate::data::{ChatTemplate, Message, ModelTokenizer, Role, TemplateChoice};
 use crate::error::{Error, Result};
 use crate::model::generate::{generate_streaming, GenerateOptions};
 use crate::model::{BaseWeights, Model};
@@ -20,7 +19,8 @@ pub struct GenerateRequest {
     /// A PEFT adapter folder to put on the model.
     pub adapter: Option<PathBuf>,
     pub prompt: String,
-    /// Wrap the prompt as a user turn with the model's chat template.
+    /// Wrap the prompt as a user turn with the chat template training uses (the model's own,
+    /// else its family's).
     pub chat: bool,
     pub max_new_tokens: usize,
     pub temperature: f64,
@@ -48,24 +48,20 @@ pub fn generate_text(request: &GenerateRequest, mut on_text: impl FnMut(&str)) -
     if let Some(adapter) = &request.adapter {
         model.load_adapter(adapter)?;
     }
-    let tokenizer = load_tokenizer(&dir)?;
-    let template = ChatTemplate::from_folder(&dir)?;
+    let tokenizer = ModelTokenizer::from_dir(&dir)?;
     let prompt_text = if request.chat {
-        template.render(&[ChatMessage::new("user", &request.prompt)], true)?
+        let template = ChatTemplate::resolve(&TemplateChoice::Auto, &tokenizer, Some(&resolved.check.family))?;
+        let turn = [Message::new(Role::User, &request.prompt)];
+        template.render(&turn, true, &tokenizer).map_err(|e| Error::Invalid(format!("chat template: {e}")))?
     } else {
         request.prompt.clone()
     };
     // a chat template writes its own special tokens; a plain prompt gets the tokenizer's
-    let encoding = tokenizer
-        .encode(prompt_text.as_str(), !request.chat)
-        .map_err(|e| Error::Invalid(format!("cannot tokenize the prompt: {e}")))?;
-    let prompt_ids = encoding.get_ids().to_vec();
-    let mut eos_ids = eos_ids(&dir, &tokenizer, &template)?;
+    let prompt_ids = tokenizer.encode(&prompt_text, !request.chat)?.ids;
+    let mut eos_ids = tokenizer.stop_token_ids.clone();
     if request.chat {
         // ChatML turns end with <|im_end|> even where the model's eos is another token
-        if let Some(id) = tokenizer.token_to_id("<|im_end|>") {
-            eos_ids.push(id);
-        }
+        eos_ids.extend(tokenizer.token_to_id("<|im_end|>"));
     }
     let options = GenerateOptions {
         max_new_tokens: request.max_new_tokens,
@@ -93,41 +89,9 @@ pub fn generate_text(request: &GenerateRequest, mut on_text: impl FnMut(&str)) -
     if let Some(e) = decode_error {
         return Err(Error::Invalid(format!("cannot decode the generated tokens: {e}")));
     }
-    let text = tokenizer.decode(&ids, true).map_err(|e| Error::Invalid(format!("cannot decode: {e}")))?;
+    let text = tokenizer.decode(&ids, true)?;
     if text.len() > shown && text.is_char_boundary(shown) {
         on_text(&text[shown..]);
     }
     Ok(GeneratedText { model_dir: dir, prompt_text, prompt_ids, ids, text })
-}
-
-pub fn load_tokenizer(dir: &Path) -> Result<Tokenizer> {
-    let path = dir.join("tokenizer.json");
-    Tokenizer::from_file(&path)
-        .map_err(|e| Error::Invalid(format!("{}: not a readable tokenizer: {e}", path.display())))
-}
-
-/// End-of-sequence ids: generation_config.json's `eos_token_id` (a number or a list), else
-/// config.json's, plus the id of tokenizer_config.json's `eos_token`.
-pub fn eos_ids(dir: &Path, tokenizer: &Tokenizer, template: &ChatTemplate) -> Result<Vec<u32>> {
-    let mut ids = Vec::new();
-    for name in ["generation_config.json", "config.json"] {
-        let path = dir.join(name);
-        let Ok(text) = std::fs::read_to_string(&path) else { continue };
-        let json: serde_json::Value = serde_json::from_str(&text)
-            .map_err(|e| Error::bad_entry(&path, "eos_token_id", format!("not valid JSON: {e}")))?;
-        match json.get("eos_token_id") {
-            Some(serde_json::Value::Number(n)) => ids.extend(n.as_u64().map(|n| n as u32)),
-            Some(serde_json::Value::Array(list)) => {
-                ids.extend(list.iter().filter_map(|v| v.as_u64()).map(|n| n as u32))
-            }
-            _ => continue,
-        }
-        break;
-    }
-    if let Some(id) = tokenizer.token_to_id(&template.eos_token) {
-        ids.push(id);
-    }
-    ids.sort_unstable();
-    ids.dedup();
-    Ok(ids)
 }
