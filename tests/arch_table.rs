@@ -116,3 +116,26 @@ fn fixture_checkpoints_have_the_layout_module_paths() {
         }
     }
 }
+
+/// The table's well-known checkpoints and the estimator's presets agree: each preset's hub id is
+/// a checkpoint of the family its config is recognised as, so picking a size in the GUI finds
+/// the preset's estimate before anything is downloaded.
+#[test]
+fn presets_are_checkpoints_of_the_family_they_are_recognised_as() {
+    let table = arch::table().unwrap();
+    assert_eq!(
+        table.families().iter().find(|f| f.id == "llama2").unwrap().checkpoints.get("7B").map(String::as_str),
+        Some("meta-llama/Llama-2-7b-hf")
+    );
+    for name in qlora_studio::memory::presets::names() {
+        let config = qlora_studio::memory::presets::config(&name).unwrap();
+        let hub_id = config["_name_or_path"].as_str().unwrap_or_else(|| panic!("preset {name} has no hub id"));
+        let family = table.recognise(&config).unwrap().family;
+        assert!(
+            family.checkpoints.values().any(|id| id == hub_id),
+            "{name}: {hub_id} is not a {} checkpoint",
+            family.id
+        );
+        assert_eq!(qlora_studio::memory::presets::config(hub_id).unwrap(), config, "{name} by its hub id");
+    }
+}

@@ -10,7 +10,9 @@ use eframe::egui;
 use egui_kittest::kittest::{NodeT, Queryable};
 use egui_kittest::Harness;
 use qlora_studio::gui::run_view::RunState;
+use qlora_studio::gui::source_view::{SourceState, SourceView};
 use qlora_studio::gui::StudioApp;
+use qlora_studio::hub::{DownloadOptions, ResolveOptions};
 
 fn trainable_label(harness: &Harness<'_, StudioApp>) -> String {
     {
@@ -169,4 +171,72 @@ fn choose_tune_start_watch_and_stop() {
         serde_json::from_str(&std::fs::read_to_string(peft.join("adapter_config.json")).unwrap()).unwrap();
     assert_eq!(config["r"], 16);
     assert_eq!(config["peft_type"], "LORA");
+}
+
+#[test]
+fn a_hub_id_is_estimated_from_its_preset_then_downloaded_with_a_progress_bar() {
+    let dir = tempfile::tempdir().unwrap();
+    let model_dir = dir.path().join("model");
+    TinyLlama::default().write(&model_dir, &["the cat is red".into()]);
+    let files: Vec<(String, Vec<u8>)> = std::fs::read_dir(&model_dir)
+        .unwrap()
+        .flatten()
+        .map(|e| (e.file_name().to_string_lossy().to_string(), std::fs::read(e.path()).unwrap()))
+        .collect();
+    let file_count = files.len();
+    // slow bodies, so the bar is on screen for a few frames
+    let hub = common::fake_hub::serve("test-org/tiny-llama", files, 10, Duration::from_millis(30));
+
+    let mut app = StudioApp::new(None);
+    app.source = SourceView::new(ResolveOptions {
+        hf_cache: dir.path().join("hub"),
+        app_cache: dir.path().join("app"),
+        download: Some(DownloadOptions { endpoint: Some(hub.endpoint.clone()), token: None, retries: Some(0) }),
+        progress: None,
+    });
+    app.config_mut().model.source = "meta-llama/Llama-2-7b-hf".into();
+    app.config_mut().model.device = "cuda:0".into();
+    app.config_mut().lora.targets = Vec::new();
+    app.system_fonts = false;
+    let mut harness = Harness::builder()
+        .with_size(egui::vec2(1400.0, 900.0))
+        .build_ui_state(|ui, app: &mut StudioApp| app.show(ui), app);
+    harness.step();
+
+    // a well-known checkpoint not downloaded: offered for download, estimated from its config
+    assert!(matches!(harness.state().source.state, SourceState::NotDownloaded { .. }));
+    assert!(harness.query_by_label_contains("not in the local Hugging Face cache").is_some());
+    let estimate = harness.state().memory_view.estimate.clone().unwrap().expect("an estimate from the preset");
+    // 7B in NF4 is over 3.5 GB of weights alone
+    assert!(estimate.mid > 3_500_000_000, "{}", estimate.mid);
+
+    // an unknown hub id: no estimate until it is local, and the panel says so
+    harness.state_mut().config_mut().model.source = "test-org/tiny-llama".into();
+    harness.step();
+    harness.step();
+    assert!(harness.query_by_label_contains("The estimate comes once the model is local").is_some());
+
+    harness.get_by_label("Download").click();
+    let start = Instant::now();
+    let mut bar_seen = false;
+    while !matches!(harness.state().source.state, SourceState::Ready { .. }) {
+        assert!(start.elapsed() < Duration::from_secs(60), "download: {:?}", harness.state().source.state);
+        if let SourceState::Failed { message, .. } = &harness.state().source.state {
+            panic!("download failed: {message}");
+        }
+        harness.step();
+        let progress = matches!(&harness.state().source.state, SourceState::Working { progress: Some(p), .. } if p.bytes_total > 0);
+        bar_seen |= progress && harness.query_all_by_label_contains(" files ").next().is_some();
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    harness.step();
+    assert!(bar_seen, "no progress bar while downloading");
+    assert_eq!(hub.bodies_sent.load(std::sync::atomic::Ordering::SeqCst), file_count);
+
+    // now described, with the family's targets and an estimate
+    let info = harness.state().source.info().unwrap().as_ref().unwrap().clone();
+    assert_eq!(info.family_id, "llama");
+    assert_eq!(harness.state().config().lora.targets, vec!["q_proj".to_string(), "v_proj".to_string()]);
+    assert!(harness.query_by_label_contains("Trainable parameters").is_some());
+    assert!(harness.state().memory_view.estimate.clone().unwrap().is_ok());
 }

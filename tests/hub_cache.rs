@@ -163,3 +163,41 @@ fn folder_checks_name_what_is_missing() {
         .to_string();
     assert!(err.contains("not a hub id"), "{err}");
 }
+
+#[test]
+fn a_download_lands_in_the_cache_with_progress_and_is_not_fetched_twice() {
+    let tmp = tempfile::tempdir().unwrap();
+    let files: Vec<(String, Vec<u8>)> = model_files().into_iter().map(|(n, d)| (n.to_string(), d)).collect();
+    let total: u64 = files.iter().map(|(_, d)| d.len() as u64).sum();
+    let hub = common::fake_hub::serve("test-org/tiny", files, 4, std::time::Duration::from_millis(1));
+    let events = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sink = events.clone();
+    let options = ResolveOptions {
+        download: Some(DownloadOptions { endpoint: Some(hub.endpoint.clone()), token: None, retries: Some(0) }),
+        progress: Some(std::sync::Arc::new(move |e| sink.lock().unwrap().push(e))),
+        ..offline(tmp.path())
+    };
+    let resolved = hub::resolve_with("test-org/tiny", &options).unwrap();
+    assert_eq!(resolved.kind, SourceKind::HubDownload { repo_id: "test-org/tiny".into() });
+    assert_eq!(resolved.check.family, "llama");
+    assert!(resolved.dir.ends_with(format!("models--test-org--tiny/snapshots/{}", common::fake_hub::COMMIT)));
+    Model::load(&resolved.dir, BaseWeights::Dense(DType::F32), &Device::Cpu).unwrap();
+
+    let events = events.lock().unwrap().clone();
+    assert_eq!(events.first(), Some(&hub::DownloadEvent::Started { files: 4, bytes: total }), "{events:?}");
+    let last_progress = events.iter().rev().find_map(|e| match e {
+        hub::DownloadEvent::Progress { bytes_done, files_done, .. } => Some((*bytes_done, *files_done)),
+        _ => None,
+    });
+    assert_eq!(last_progress, Some((total, 4)), "{events:?}");
+    assert!(matches!(events.last(), Some(hub::DownloadEvent::Finished { .. })));
+    assert_eq!(hub.bodies_sent.load(std::sync::atomic::Ordering::SeqCst), 4);
+
+    // the second time it comes from the cache, even with the hub reachable
+    let again = hub::resolve_with("test-org/tiny", &options).unwrap();
+    assert!(matches!(again.kind, SourceKind::HubCache { .. }));
+    assert_eq!(again.dir, resolved.dir);
+    assert_eq!(hub.bodies_sent.load(std::sync::atomic::Ordering::SeqCst), 4);
+    let listed = hub::list_cached_models(tmp.path()).unwrap();
+    assert!(listed.iter().any(|m| m.repo_id == "test-org/tiny" && m.complete));
+}

@@ -23,6 +23,9 @@ pub struct Family {
     pub id: String,
     pub name: String,
     pub sizes: Vec<String>,
+    /// Size → the hub id of the family's well-known checkpoint of that size.
+    #[serde(default)]
+    pub checkpoints: BTreeMap<String, String>,
     pub default_targets: Vec<String>,
     pub model_types: Vec<String>,
     #[serde(default)]
@@ -290,6 +293,12 @@ impl ArchTable {
                 if list.is_empty() || list.iter().any(|s| s.trim().is_empty()) {
                     return Err(err(&row, format!("{what} must be a non-empty list of non-empty strings")));
                 }
+            }
+            if let Some(size) = f.checkpoints.keys().find(|s| !f.sizes.contains(s)) {
+                return Err(err(&row, format!("checkpoints names size `{size}`, not one of its sizes")));
+            }
+            if let Some(id) = f.checkpoints.values().find(|id| crate::hub::parse_hub_id(id).is_none()) {
+                return Err(err(&row, format!("checkpoints: `{id}` is not a hub id (owner/name)")));
             }
             let mut layouts = vec![f.layout.as_str()];
             for (model_type, layout) in &f.layout_by_model_type {

@@ -13,8 +13,9 @@ use super::export_view::ExportView;
 use super::i18n::{tr, Lang};
 use super::memory_view::MemoryView;
 use super::run_view::RunView;
+use super::source_view::{SourceState, SourceView};
 use super::try_view::TryView;
-use crate::model::inspect::{inspect, ModelInfo};
+use crate::model::inspect::ModelInfo;
 use crate::train::checkpoint;
 use crate::train::events::RunFinished;
 use crate::train::{Mode, RunConfig, Schedule};
@@ -81,9 +82,8 @@ pub struct StudioApp {
     pub settings: Settings,
     settings_path: Option<PathBuf>,
     pub tab: Tab,
-    /// The inspected model for the current source (None until a source is chosen).
-    pub model_info: Option<Result<ModelInfo, String>>,
-    inspected_source: String,
+    /// The model source made local and inspected.
+    pub source: SourceView,
     pub run: Option<RunView>,
     pub export: ExportView,
     pub data_view: DataView,
@@ -131,8 +131,7 @@ impl StudioApp {
             settings,
             settings_path,
             tab: Tab::Run,
-            model_info: None,
-            inspected_source: String::new(),
+            source: SourceView::default(),
             run: None,
             export: ExportView::default(),
             data_view: DataView::default(),
@@ -177,31 +176,31 @@ impl StudioApp {
         }
     }
 
-    /// Re-read the model's config and headers when its source changed.
+    /// Follow the model source (inspect a folder, pick up an import or download); a newly
+    /// inspected model gets its family's default targets unless the chosen ones exist in it.
     pub fn refresh_model_info(&mut self) {
-        let source = self.settings.config.model.source.clone();
-        if source == self.inspected_source {
+        if !self.source.update(&self.settings.config.model.source) {
             return;
         }
-        self.inspected_source = source.clone();
-        let path = PathBuf::from(&source);
-        self.model_info = if source.trim().is_empty() {
-            None
-        } else if path.is_dir() {
-            let info = inspect(&path).map_err(|e| e.to_string());
-            if let Ok(info) = &info {
-                // the family's default targets, as this checkpoint names them, unless the
-                // user's choice exists in this model
-                let have: Vec<&str> = info.linear_modules.iter().map(|m| m.name.as_str()).collect();
-                let targets = &mut self.settings.config.lora.targets;
-                if targets.is_empty() || !targets.iter().all(|t| t == "all-linear" || have.contains(&t.as_str())) {
-                    *targets = info.default_targets.clone();
-                }
+        if let Some(Ok(info)) = self.source.info() {
+            let have: Vec<&str> = info.linear_modules.iter().map(|m| m.name.as_str()).collect();
+            let targets = &mut self.settings.config.lora.targets;
+            if targets.is_empty() || !targets.iter().all(|t| t == "all-linear" || have.contains(&t.as_str())) {
+                *targets = info.default_targets.clone();
             }
-            Some(info)
-        } else {
-            Some(Err(format!("{source}: not a model folder (choose a folder with config.json and safetensors)")))
-        };
+        }
+    }
+
+    /// The config the memory estimate reads: the source replaced by its local folder once
+    /// there is one (a GGUF import, a download), so the estimate never does that work itself.
+    fn config_for_estimate(&self) -> Option<RunConfig> {
+        let mut config = self.settings.config.clone();
+        match &self.source.state {
+            SourceState::Ready { dir, .. } => config.model.source = dir.display().to_string(),
+            SourceState::NotDownloaded { repo_id } if crate::memory::presets::is_preset(repo_id) => {}
+            _ => return None,
+        }
+        Some(config)
     }
 
     /// Start a run of the current config (or resume from a checkpoint).
@@ -216,7 +215,9 @@ impl StudioApp {
             self.settings.runs.push(out);
         }
         self.save_settings();
-        self.memory_view.update(&config);
+        if let Some(c) = self.config_for_estimate() {
+            self.memory_view.update(&c);
+        }
         self.run = Some(RunView::start(config, resume_from, self.memory_view.estimate_bytes()));
         self.tab = Tab::Run;
     }
@@ -306,7 +307,12 @@ impl StudioApp {
         egui::CollapsingHeader::new(tr(lang, "Dataset")).default_open(true).show(ui, |ui| self.dataset_panel(ui));
         egui::CollapsingHeader::new(tr(lang, "LoRA")).default_open(true).show(ui, |ui| self.lora_panel(ui));
         egui::CollapsingHeader::new(tr(lang, "Training")).default_open(false).show(ui, |ui| self.training_panel(ui));
-        self.memory_view.update(&self.settings.config);
+        match self.config_for_estimate() {
+            Some(c) => self.memory_view.update(&c),
+            None => self
+                .memory_view
+                .clear(tr(lang, "The estimate comes once the model is local (or pick a size from the table).")),
+        }
         egui::CollapsingHeader::new(tr(lang, "Memory")).default_open(true).show(ui, |ui| self.memory_view.ui(ui, lang));
     }
 
@@ -332,7 +338,8 @@ impl StudioApp {
         self.family_picker(ui);
         self.hub_cache_picker(ui);
         self.refresh_model_info();
-        match &self.model_info {
+        self.source.status_ui(ui, lang);
+        match self.source.info() {
             Some(Ok(info)) => {
                 egui::Grid::new("model_info").num_columns(2).show(ui, |ui| {
                     let s = &info.spec;
@@ -359,9 +366,7 @@ impl StudioApp {
             Some(Err(e)) => {
                 ui.colored_label(ui.visuals().error_fg_color, e);
             }
-            None => {
-                ui.weak(tr(lang, "no model chosen"));
-            }
+            None => {}
         }
         ui.horizontal(|ui| {
             ui.label(tr(lang, "Mode"));
@@ -459,7 +464,7 @@ impl StudioApp {
                 })
                 .response
                 .labelled_by(label.id);
-            let hub_id = well_known_hub_id(&family.id, &size);
+            let hub_id = family.checkpoints.get(&size);
             let use_it = ui.add_enabled(hub_id.is_some(), egui::Button::new(tr(lang, "Use")));
             if let Some(id) = hub_id {
                 if use_it.on_hover_text(id).clicked() {
@@ -472,7 +477,7 @@ impl StudioApp {
     fn dataset_panel(&mut self, ui: &mut egui::Ui) {
         let lang = self.lang();
         self.data_view.settings(ui, lang, &mut self.settings.config.data);
-        let (dir, family) = match &self.model_info {
+        let (dir, family) = match self.source.info() {
             Some(Ok(info)) => (Some(info.dir.clone()), Some(info.family_id.clone())),
             _ => (None, None),
         };
@@ -498,7 +503,7 @@ impl StudioApp {
             ui.checkbox(&mut lora.rslora, "α/√r");
             ui.end_row();
         });
-        let Some(Ok(info)) = &self.model_info else { return };
+        let Some(Ok(info)) = self.source.info() else { return };
         ui.label(egui::RichText::new(tr(lang, "Target modules")).strong());
         if let Some(note) = &info.default_targets_note {
             ui.weak(note);
@@ -793,55 +798,6 @@ fn attention_modules(info: &ModelInfo) -> Vec<String> {
         .filter(|m| ATTENTION.contains(&m.name.as_str()) && !m.name.contains("mlp"))
         .map(|m| m.name.clone())
         .collect()
-}
-
-/// The hub id of a family's well-known checkpoint of a given size.
-pub fn well_known_hub_id(family: &str, size: &str) -> Option<&'static str> {
-    Some(match (family, size) {
-        ("llama2", "7B") => "meta-llama/Llama-2-7b-hf",
-        ("llama2", "13B") => "meta-llama/Llama-2-13b-hf",
-        ("llama2", "70B") => "meta-llama/Llama-2-70b-hf",
-        ("llama", "7B") => "huggyllama/llama-7b",
-        ("llama", "13B") => "huggyllama/llama-13b",
-        ("llama", "33B") => "huggyllama/llama-30b",
-        ("llama", "65B") => "huggyllama/llama-65b",
-        ("mistral", "7B") => "mistralai/Mistral-7B-v0.1",
-        ("mixtral", "8x7B") => "mistralai/Mixtral-8x7B-v0.1",
-        ("qwen", "1.8B") => "Qwen/Qwen-1_8B",
-        ("qwen", "7B") => "Qwen/Qwen-7B",
-        ("qwen", "14B") => "Qwen/Qwen-14B",
-        ("qwen", "72B") => "Qwen/Qwen-72B",
-        ("chatglm3", "6B") => "THUDM/chatglm3-6b",
-        ("baichuan", "7B") => "baichuan-inc/Baichuan-7B",
-        ("baichuan", "13B") => "baichuan-inc/Baichuan-13B-Base",
-        ("baichuan2", "7B") => "baichuan-inc/Baichuan2-7B-Base",
-        ("baichuan2", "13B") => "baichuan-inc/Baichuan2-13B-Base",
-        ("bloom", "560M") => "bigscience/bloom-560m",
-        ("bloom", "1.1B") => "bigscience/bloom-1b1",
-        ("bloom", "1.7B") => "bigscience/bloom-1b7",
-        ("bloom", "3B") => "bigscience/bloom-3b",
-        ("bloom", "7.1B") => "bigscience/bloom-7b1",
-        ("bloom", "176B") => "bigscience/bloom",
-        ("bloomz", "560M") => "bigscience/bloomz-560m",
-        ("bloomz", "1.1B") => "bigscience/bloomz-1b1",
-        ("bloomz", "1.7B") => "bigscience/bloomz-1b7",
-        ("bloomz", "3B") => "bigscience/bloomz-3b",
-        ("bloomz", "7.1B") => "bigscience/bloomz-7b1",
-        ("bloomz", "176B") => "bigscience/bloomz",
-        ("falcon", "7B") => "tiiuae/falcon-7b",
-        ("falcon", "40B") => "tiiuae/falcon-40b",
-        ("falcon", "180B") => "tiiuae/falcon-180B",
-        ("internlm", "7B") => "internlm/internlm-7b",
-        ("internlm", "20B") => "internlm/internlm-20b",
-        ("phi", "1.3B") => "microsoft/phi-1_5",
-        ("phi", "2.7B") => "microsoft/phi-2",
-        ("xverse", "7B") => "xverse/XVERSE-7B",
-        ("xverse", "13B") => "xverse/XVERSE-13B",
-        ("xverse", "65B") => "xverse/XVERSE-65B",
-        ("yi", "6B") => "01-ai/Yi-6B",
-        ("yi", "34B") => "01-ai/Yi-34B",
-        _ => return None,
-    })
 }
 
 pub fn human_count(n: usize) -> String {

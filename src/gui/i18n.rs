@@ -118,6 +118,20 @@ pub const ZH: &[(&str, &str)] = &[
     ("step", "步"),
     ("ETA", "预计剩余"),
     ("no model chosen", "未选择模型"),
+    ("Importing the GGUF file…", "正在导入 GGUF 文件…"),
+    ("Downloading", "正在下载"),
+    ("files", "文件"),
+    ("not in the local Hugging Face cache", "不在本地 Hugging Face 缓存中"),
+    ("Download", "下载"),
+    ("Retry download", "重新下载"),
+    (
+        "The memory estimate uses this model's published config until it is downloaded.",
+        "下载完成前，内存估算使用该模型公开的配置。",
+    ),
+    (
+        "The estimate comes once the model is local (or pick a size from the table).",
+        "模型在本地就绪后给出估算（或从架构表中选择一个规模）。",
+    ),
     ("fits", "放得下"),
     ("does not fit", "放不下"),
     ("Estimate", "估计"),
@@ -156,3 +170,30 @@ pub const ZH: &[(&str, &str)] = &[
     ("Error", "错误"),
     ("Warning", "警告"),
 ];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every `tr(lang, "…")` of the GUI's sources has its Chinese text (a missing one would
+    /// show English in the Chinese UI).
+    #[test]
+    fn every_translated_string_has_chinese() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src/gui");
+        let mut missing = Vec::new();
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            let text = std::fs::read_to_string(&path).unwrap();
+            if path.ends_with("i18n.rs") {
+                continue;
+            }
+            for piece in text.split("tr(lang, \"").skip(1) {
+                let english = &piece[..piece.find('"').unwrap()];
+                if !ZH.iter().any(|(en, _)| *en == english) {
+                    missing.push(format!("{}: {english}", path.file_name().unwrap().to_string_lossy()));
+                }
+            }
+        }
+        assert!(missing.is_empty(), "no Chinese for:\n{}", missing.join("\n"));
+    }
+}

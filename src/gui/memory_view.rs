@@ -69,6 +69,15 @@ impl MemoryView {
         }
     }
 
+    /// No estimate now, and why (the model is not local yet).
+    pub fn clear(&mut self, why: &str) {
+        self.estimated = None;
+        self.input = None;
+        self.suggestions.clear();
+        (self.largest_seq, self.largest_batch) = (None, None);
+        self.estimate = Some(Err(why.to_string()));
+    }
+
     /// The middle of the band, for the live memory plot's reference line.
     pub fn estimate_bytes(&self) -> Option<u64> {
         match &self.estimate {

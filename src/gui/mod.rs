@@ -8,6 +8,7 @@ pub mod fonts;
 pub mod i18n;
 pub mod memory_view;
 pub mod run_view;
+pub mod source_view;
 pub mod try_view;
 
 use eframe::egui;

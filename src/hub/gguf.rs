@@ -199,13 +199,19 @@ fn fnv1a(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf29ce484222325u64, |h, &b| (h ^ b as u64).wrapping_mul(0x100000001b3))
 }
 
+/// The folder of an earlier complete import of `gguf`, if there is one (no work done).
+pub fn imported(gguf: &Path, cache_root: &Path) -> Option<PathBuf> {
+    let dir = import_dir_for(gguf, cache_root).ok()?;
+    dir.join(DONE_MARKER).is_file().then_some(dir)
+}
+
 /// Import `gguf` into the cache under `cache_root` (reusing an earlier complete import) and
 /// return the folder.
 pub fn import_cached(gguf: &Path, cache_root: &Path) -> Result<PathBuf> {
-    let dir = import_dir_for(gguf, cache_root)?;
-    if dir.join(DONE_MARKER).is_file() {
+    if let Some(dir) = imported(gguf, cache_root) {
         return Ok(dir);
     }
+    let dir = import_dir_for(gguf, cache_root)?;
     let parent = dir.parent().unwrap_or(cache_root);
     std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
     // Built beside the final name and renamed, so an interrupted import is never reused.

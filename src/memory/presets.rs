@@ -21,10 +21,20 @@ pub fn names() -> Vec<String> {
     all().map(|m| m.keys().cloned().collect()).unwrap_or_default()
 }
 
-/// The config.json of a model preset.
+/// Whether `name` is a preset name or the hub id of one.
+pub fn is_preset(name: &str) -> bool {
+    config(name).is_ok()
+}
+
+/// The config.json of a model preset, by its name or its hub id (`_name_or_path`).
 pub fn config(name: &str) -> Result<Value> {
     let map = all()?;
-    map.get(&name.to_ascii_lowercase()).cloned().ok_or_else(|| {
+    let by_name = map.get(&name.to_ascii_lowercase());
+    let by_hub_id = || {
+        map.values()
+            .find(|c| c.get("_name_or_path").and_then(|n| n.as_str()).is_some_and(|n| n.eq_ignore_ascii_case(name)))
+    };
+    by_name.or_else(by_hub_id).cloned().ok_or_else(|| {
         Error::Invalid(format!(
             "no model preset {name:?}; presets: {}",
             map.keys().cloned().collect::<Vec<_>>().join(", ")

@@ -250,7 +250,7 @@ impl RunConfig {
         match crate::hub::resolve_with(source, &offline) {
             Ok(resolved) => Ok(resolved.dir.display().to_string()),
             // a preset name (the famous shapes), or a clear error naming the source
-            Err(_) if crate::memory::presets::names().iter().any(|n| n == source) => Ok(source.clone()),
+            Err(_) if crate::memory::presets::is_preset(source) => Ok(source.clone()),
             Err(e) => Err(e),
         }
     }

@@ -1,6 +1,7 @@
 //! Shared helpers for integration tests: where the reference fixtures live.
 #![allow(dead_code)]
 
+pub mod fake_hub;
 pub mod tiny_llama;
 pub mod tokenizer;
 
