@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use common::tiny_llama::TinyLlama;
 use eframe::egui;
-use egui_kittest::kittest::{NodeT, Queryable};
+use egui_kittest::kittest::{by, NodeT, Queryable};
 use egui_kittest::Harness;
 use qlora_studio::gui::run_view::RunState;
 use qlora_studio::gui::source_view::{SourceState, SourceView};
@@ -138,6 +138,7 @@ fn choose_tune_start_watch_and_stop() {
     let RunState::Finished(end) = &run.state else { panic!("{:?}", run.state) };
     assert!(end.stopped && end.step >= 3 && end.step < 500, "{end:?}");
     assert!(end.checkpoint.as_ref().is_some_and(|p| p.join("adapter_model.safetensors").is_file()));
+    let stopped_at = end.step;
 
     // try: the same prompt without and with the adapter of the last checkpoint
     harness.get_by_label("Try").click();
@@ -171,6 +172,34 @@ fn choose_tune_start_watch_and_stop() {
         serde_json::from_str(&std::fs::read_to_string(peft.join("adapter_config.json")).unwrap()).unwrap();
     assert_eq!(config["r"], 16);
     assert_eq!(config["peft_type"], "LORA");
+
+    // the run is in the history: compared, reopened with its curve, resumed from its checkpoint
+    harness.get_by_label("Runs").click();
+    harness.step();
+    let out = dir.path().join("out").display().to_string();
+    assert!(harness.query_by_label(&out).is_some(), "the run's folder is listed");
+    assert!(harness.query_by_label(&format!("{stopped_at}/500")).is_some(), "its step count is listed");
+    harness.get_by_label("Compare").click();
+    harness.step();
+    assert!(harness.query_all_by_label("Training loss").count() >= 2, "a titled comparison plot");
+    harness.get_by_label("Reopen").click();
+    harness.step();
+    let reopened = harness.state().run.as_ref().unwrap();
+    assert_eq!(harness.state().tab, qlora_studio::gui::app::Tab::Run);
+    assert_eq!(reopened.steps.len(), stopped_at, "the curve of every step is back");
+    assert!(!reopened.is_active());
+
+    harness.get_by_label("Runs").click();
+    harness.step();
+    harness.get_by_label("Resume from last checkpoint").click();
+    harness.step();
+    wait_until(&mut harness, "a step after the resume", |app| {
+        app.run.as_ref().is_some_and(|r| r.steps.last().is_some_and(|s| s.step > stopped_at))
+    });
+    let resumed = harness.state().run.as_ref().unwrap();
+    assert_eq!(resumed.steps.first().map(|s| s.step), Some(stopped_at + 1), "it goes on from the checkpoint");
+    harness.get_by_label("Stop").click();
+    wait_until(&mut harness, "the resumed run to stop", |app| app.run.as_ref().is_some_and(|r| !r.is_active()));
 }
 
 #[test]
@@ -239,4 +268,99 @@ fn a_hub_id_is_estimated_from_its_preset_then_downloaded_with_a_progress_bar() {
     assert_eq!(harness.state().config().lora.targets, vec!["q_proj".to_string(), "v_proj".to_string()]);
     assert!(harness.query_by_label_contains("Trainable parameters").is_some());
     assert!(harness.state().memory_view.estimate.clone().unwrap().is_ok());
+}
+
+/// The label of the widget that has the keyboard focus.
+fn focused_label(harness: &Harness<'_, StudioApp>) -> String {
+    let nodes: Vec<String> = harness
+        .query_all(by().predicate(|n| n.is_focused()))
+        .map(|n| n.accesskit_node().label().unwrap_or_default())
+        .collect();
+    assert_eq!(nodes.len(), 1, "one focused widget, not {nodes:?}");
+    nodes[0].clone()
+}
+
+/// Press Tab until the widget labelled `label` has the focus.
+fn tab_to(harness: &mut Harness<'_, StudioApp>, label: &str) {
+    for _ in 0..200 {
+        harness.key_press(egui::Key::Tab);
+        harness.step();
+        if focused_label(harness) == label {
+            return;
+        }
+    }
+    panic!("Tab never reached {label}");
+}
+
+#[test]
+fn the_keyboard_reaches_every_control_in_reading_order() {
+    let mut app = StudioApp::new(None);
+    app.system_fonts = false;
+    let mut harness = Harness::builder()
+        .with_size(egui::vec2(1400.0, 900.0))
+        .build_ui_state(|ui, app: &mut StudioApp| app.show(ui), app);
+    harness.step();
+    wait_until(&mut harness, "the dataset preview", |app| app.data_view.preview.is_some() && !app.data_view.is_busy());
+
+    // one full round of Tab: every stop is named, and the order is the page's reading order
+    let mut stops = Vec::new();
+    for _ in 0..200 {
+        harness.key_press(egui::Key::Tab);
+        harness.step();
+        let label = focused_label(&harness);
+        if stops.first() == Some(&label) {
+            break;
+        }
+        stops.push(label);
+    }
+    assert!(stops.iter().all(|l| !l.is_empty()), "a focusable widget without a name: {stops:?}");
+    let reading_order = [
+        "Load config…",
+        "Save config…",
+        "Language",
+        "Model",
+        "From the table",
+        "Size",
+        "QLoRA (NF4)",
+        "Dataset",
+        "Max length",
+        "LoRA",
+        "Rank r",
+        "Alpha",
+        "Training",
+        "Memory",
+        "▶ Start",
+        "Run",
+        "Runs",
+        "Try",
+        "Export",
+    ];
+    let mut at = 0;
+    for want in reading_order {
+        let found = stops[at..].iter().position(|l| l == want);
+        at += found.unwrap_or_else(|| panic!("{want:?} not reached after {:?}; the stops: {stops:?}", stops.get(at)));
+    }
+    // Shift+Tab goes back one stop
+    tab_to(&mut harness, "Alpha");
+    harness.key_press_modifiers(egui::Modifiers::SHIFT, egui::Key::Tab);
+    harness.step();
+    assert_eq!(focused_label(&harness), "Rank r");
+
+    // values change from the keyboard: the rank's number field takes the arrow keys
+    let r = harness.state().config().lora.r;
+    harness.key_press(egui::Key::ArrowUp);
+    harness.step();
+    assert_eq!(harness.state().config().lora.r, r + 1);
+
+    // a check box toggles with Space, a button presses with Enter
+    tab_to(&mut harness, "Packing");
+    let packing = harness.state().config().data.packing;
+    harness.key_press(egui::Key::Space);
+    harness.step();
+    assert_eq!(harness.state().config().data.packing, !packing);
+    tab_to(&mut harness, "Runs");
+    harness.key_press(egui::Key::Enter);
+    harness.step();
+    assert_eq!(harness.state().tab, qlora_studio::gui::app::Tab::Runs);
+    assert!(harness.query_by_label("No runs yet.").is_some());
 }

@@ -98,6 +98,8 @@ pub struct StudioApp {
     sample_prompts_text: String,
     compare: Vec<PathBuf>,
     fonts_installed: bool,
+    /// Width of the header's right-hand group last frame (it is right-aligned by a gap).
+    header_right_width: f32,
     /// Models found in the local Hugging Face cache (read once at start).
     cached_models: Vec<crate::hub::hf_cache::CachedModel>,
     /// Prefer a system CJK font over the bundled subset (tests turn it off to check the subset).
@@ -145,6 +147,7 @@ impl StudioApp {
             sample_prompts_text,
             compare: Vec::new(),
             fonts_installed: false,
+            header_right_width: 0.0,
             cached_models: crate::hub::hf_cache::list_cached_models(&crate::hub::hf_cache::hf_cache_dir())
                 .unwrap_or_default(),
             system_fonts: true,
@@ -254,40 +257,51 @@ impl StudioApp {
                 ui.heading("qlora-studio");
                 ui.separator();
                 ui.label(&self.device_line);
-                ui.with_layout(egui::Layout::right_to_left(egui::Align::Center), |ui| {
-                    let before = self.settings.lang;
-                    // in this right-to-left row the label lands left of the box
-                    egui::ComboBox::from_label(tr(lang, "Language")).selected_text(self.settings.lang.label()).show_ui(
-                        ui,
-                        |ui| {
-                            for l in [Lang::En, Lang::Zh] {
-                                ui.selectable_value(&mut self.settings.lang, l, l.label());
+                // the right-hand group is laid out left to right, after a gap sized from last
+                // frame's group, so that Tab goes through it in the order the eye reads it
+                let gap = ui.available_width() - self.header_right_width;
+                if gap > 0.0 {
+                    ui.add_space(gap);
+                }
+                let start = ui.cursor().min.x;
+                if ui.button(tr(lang, "Load config…")).clicked() {
+                    if let Some(p) = rfd::FileDialog::new().add_filter("run config", &["toml"]).pick_file() {
+                        match RunConfig::load(&p) {
+                            Ok(c) => {
+                                self.sample_prompts_text = c.train.sample_prompts.join("\n");
+                                self.settings.config = c;
+                                self.refresh_model_info();
                             }
-                        },
-                    );
-                    if before != self.settings.lang {
-                        self.save_settings();
-                    }
-                    if ui.button(tr(lang, "Load config…")).clicked() {
-                        if let Some(p) = rfd::FileDialog::new().add_filter("run config", &["toml"]).pick_file() {
-                            match RunConfig::load(&p) {
-                                Ok(c) => {
-                                    self.sample_prompts_text = c.train.sample_prompts.join("\n");
-                                    self.settings.config = c;
-                                    self.refresh_model_info();
-                                }
-                                Err(e) => self.status = Some((true, e.to_string())),
-                            }
+                            Err(e) => self.status = Some((true, e.to_string())),
                         }
                     }
-                    if ui.button(tr(lang, "Save config…")).clicked() {
-                        if let Some(p) = rfd::FileDialog::new().set_file_name("run.toml").save_file() {
-                            if let Err(e) = self.settings.config.save(&p) {
-                                self.status = Some((true, e.to_string()));
-                            }
+                }
+                if ui.button(tr(lang, "Save config…")).clicked() {
+                    if let Some(p) = rfd::FileDialog::new().set_file_name("run.toml").save_file() {
+                        if let Err(e) = self.settings.config.save(&p) {
+                            self.status = Some((true, e.to_string()));
                         }
                     }
-                });
+                }
+                let before = self.settings.lang;
+                let label = ui.label(tr(lang, "Language"));
+                egui::ComboBox::from_id_salt("language")
+                    .selected_text(self.settings.lang.label())
+                    .show_ui(ui, |ui| {
+                        for l in [Lang::En, Lang::Zh] {
+                            ui.selectable_value(&mut self.settings.lang, l, l.label());
+                        }
+                    })
+                    .response
+                    .labelled_by(label.id);
+                if before != self.settings.lang {
+                    self.save_settings();
+                }
+                let width = ui.min_rect().max.x - start;
+                if (width - self.header_right_width).abs() > 0.5 {
+                    self.header_right_width = width;
+                    ui.ctx().request_discard("the header's right-hand group changed width");
+                }
             });
             if let Some((is_error, text)) = self.status.clone() {
                 let color = if is_error { ui.visuals().error_fg_color } else { ui.visuals().text_color() };
@@ -455,6 +469,7 @@ impl StudioApp {
             let family = &families[self.family_choice];
             self.size_choice = self.size_choice.min(family.sizes.len().saturating_sub(1));
             let size = family.sizes.get(self.size_choice).cloned().unwrap_or_default();
+            let size_label = ui.label(tr(lang, "Size"));
             egui::ComboBox::from_id_salt("size")
                 .selected_text(&size)
                 .show_ui(ui, |ui| {
@@ -463,7 +478,7 @@ impl StudioApp {
                     }
                 })
                 .response
-                .labelled_by(label.id);
+                .labelled_by(size_label.id);
             let hub_id = family.checkpoints.get(&size);
             let use_it = ui.add_enabled(hub_id.is_some(), egui::Button::new(tr(lang, "Use")));
             if let Some(id) = hub_id {
@@ -717,13 +732,19 @@ impl StudioApp {
             }
         });
         if !self.compare.is_empty() {
-            egui_plot::Plot::new("compare").height(260.0).legend(egui_plot::Legend::default()).show(ui, |p| {
-                for r in records.iter().filter(|r| self.compare.contains(&r.dir)) {
-                    let points: Vec<[f64; 2]> = r.state.losses.iter().map(|&(s, l)| [s as f64, l]).collect();
-                    let name = r.dir.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
-                    p.line(egui_plot::Line::new(name, egui_plot::PlotPoints::from(points)));
-                }
-            });
+            let title = ui.label(egui::RichText::new(tr(lang, "Training loss")).strong());
+            egui_plot::Plot::new("compare")
+                .height(260.0)
+                .legend(egui_plot::Legend::default())
+                .show(ui, |p| {
+                    for r in records.iter().filter(|r| self.compare.contains(&r.dir)) {
+                        let points: Vec<[f64; 2]> = r.state.losses.iter().map(|&(s, l)| [s as f64, l]).collect();
+                        let name = r.dir.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+                        p.line(egui_plot::Line::new(name, egui_plot::PlotPoints::from(points)));
+                    }
+                })
+                .response
+                .labelled_by(title.id);
         }
         if let Some(r) = reopen {
             let end = RunFinished {

@@ -179,16 +179,21 @@ impl DataView {
                 ui.label(job);
             });
         }
-        ui.label(tr(lang, "Token lengths (the line is the max length)"));
+        let title = ui.label(tr(lang, "Token lengths (the line is the max length)"));
         let bars: Vec<Bar> = p
             .lengths
             .histogram
             .iter()
             .map(|b| Bar::new((b.start + b.end) as f64 / 2.0, b.count as f64).width((b.end - b.start).max(1) as f64))
             .collect();
-        Plot::new("lengths").height(120.0).allow_scroll(false).show(ui, |plot| {
-            plot.bar_chart(BarChart::new(tr(lang, "examples"), bars));
-            plot.vline(VLine::new(tr(lang, "Max length"), p.max_length as f64));
-        });
+        Plot::new("lengths")
+            .height(120.0)
+            .allow_scroll(false)
+            .show(ui, |plot| {
+                plot.bar_chart(BarChart::new(tr(lang, "examples"), bars));
+                plot.vline(VLine::new(tr(lang, "Max length"), p.max_length as f64));
+            })
+            .response
+            .labelled_by(title.id);
     }
 }
