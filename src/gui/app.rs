@@ -186,6 +186,14 @@ impl StudioApp {
             return;
         }
         if let Some(Ok(info)) = self.source.info() {
+            // the table picker shows the chosen model's family
+            if let Some(i) =
+                crate::arch::table().ok().and_then(|t| t.families().iter().position(|f| f.id == info.family_id))
+            {
+                if i != self.family_choice {
+                    (self.family_choice, self.size_choice) = (i, 0);
+                }
+            }
             let have: Vec<&str> = info.linear_modules.iter().map(|m| m.name.as_str()).collect();
             let targets = &mut self.settings.config.lora.targets;
             if targets.is_empty() || !targets.iter().all(|t| t == "all-linear" || have.contains(&t.as_str())) {

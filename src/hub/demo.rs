@@ -20,6 +20,7 @@ pub const CHATML_TEMPLATE: &str = "{% for message in messages %}{{'<|im_start|>'
      message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
 
 pub const DEMO_SEED: u64 = 20_241_128;
+const LM_HEAD_STD: f32 = 0.3;
 pub const SPECIAL_TOKENS: [&str; 3] = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"];
 const VOCAB: usize = 512;
 const HIDDEN: usize = 64;
@@ -95,7 +96,7 @@ pub fn write_demo_model(dir: &Path) -> Result<()> {
         "rope_theta": 10000.0,
         "max_position_embeddings": 512,
         "vocab_size": VOCAB,
-        "tie_word_embeddings": true,
+        "tie_word_embeddings": false,
         "bos_token_id": bos,
         "eos_token_id": eos,
         "pad_token_id": pad,
@@ -123,12 +124,13 @@ pub fn write_demo_model(dir: &Path) -> Result<()> {
     )?;
 
     // seeded normal(0, 0.02) weights, norms at one, each tensor from its own name
-    let normal = |name: &str, shape: &[usize]| RawTensor {
+    let scaled = |name: &str, shape: &[usize], std: f32| RawTensor {
         name: name.to_string(),
         dtype: safetensors::Dtype::F32,
         shape: shape.to_vec(),
-        data: f32_bytes(&Rng::for_key(DEMO_SEED, name).normal(shape.iter().product(), 0.0, 0.02)),
+        data: f32_bytes(&Rng::for_key(DEMO_SEED, name).normal(shape.iter().product(), 0.0, std)),
     };
+    let normal = |name: &str, shape: &[usize]| scaled(name, shape, 0.02);
     let ones = |name: &str| RawTensor {
         name: name.to_string(),
         dtype: safetensors::Dtype::F32,
@@ -136,7 +138,14 @@ pub fn write_demo_model(dir: &Path) -> Result<()> {
         data: f32_bytes(&vec![1.0; HIDDEN]),
     };
     let (q, kv) = (HEADS * head_dim, KV_HEADS * head_dim);
-    let mut tensors = vec![normal("model.embed_tokens.weight", &[VOCAB, HIDDEN]), ones("model.norm.weight")];
+    let mut tensors = vec![
+        normal("model.embed_tokens.weight", &[VOCAB, HIDDEN]),
+        ones("model.norm.weight"),
+        // a separate output layer at a scale whose logits can span a trained model's range
+        // (with the embedding's 0.02, logits stay within about ±1 and LoRA cannot move the loss
+        // far below ln(vocab))
+        scaled("lm_head.weight", &[VOCAB, HIDDEN], LM_HEAD_STD),
+    ];
     for l in 0..LAYERS {
         let p = format!("model.layers.{l}");
         tensors.push(ones(&format!("{p}.input_layernorm.weight")));
