@@ -200,6 +200,26 @@ fn choose_tune_start_watch_and_stop() {
     assert_eq!(resumed.steps.first().map(|s| s.step), Some(stopped_at + 1), "it goes on from the checkpoint");
     harness.get_by_label("Stop").click();
     wait_until(&mut harness, "the resumed run to stop", |app| app.run.as_ref().is_some_and(|r| !r.is_active()));
+
+    // the history shows the run's peak memory, and sends its checkpoint to the Export tab
+    harness.get_by_label("Runs").click();
+    harness.step();
+    assert!(harness.query_all_by_label_contains("(RSS)").next().is_some(), "a peak memory reading");
+    harness.get_by_label("Export…").click();
+    harness.step();
+    assert_eq!(harness.state().tab, qlora_studio::gui::app::Tab::Export);
+    let latest = qlora_studio::train::checkpoint::latest(&dir.path().join("out")).unwrap();
+    assert_eq!(harness.state().export.checkpoint, latest.display().to_string());
+
+    // a new start never writes over that run: it goes to the next free folder and says so
+    harness.get_by_label_contains("Start").click();
+    harness.step();
+    harness.step();
+    assert_eq!(harness.state().config().train.output_dir, dir.path().join("out-2"));
+    assert!(harness.query_by_label_contains("holds an earlier run").is_some());
+    harness.get_by_label("Stop").click();
+    wait_until(&mut harness, "the new run to stop", |app| app.run.as_ref().is_some_and(|r| !r.is_active()));
+    assert_eq!(qlora_studio::train::checkpoint::latest(&dir.path().join("out")), Some(latest));
 }
 
 #[test]

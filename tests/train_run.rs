@@ -176,6 +176,12 @@ fn a_stopped_and_resumed_run_repeats_the_uninterrupted_one() {
     let ck = checkpoint::latest(&config.train.output_dir).expect("the stop saved a checkpoint");
     assert_eq!(ck, checkpoint::checkpoint_dir(&config.train.output_dir, 4));
 
+    // a new run into the same folder is refused: the earlier checkpoints are kept
+    let again = run_with_stop(config.clone(), None, None);
+    let message = failure(&again).expect("a Failed event");
+    assert!(message.contains("already holds checkpoints") && message.contains("--resume"), "{message}");
+    assert_eq!(checkpoint::latest(&config.train.output_dir), Some(ck.clone()));
+
     // the resumed run takes everything from the checkpoint; this config is ignored
     let rest = run_with_stop(RunConfig::default(), Some(ck), None);
     assert_eq!(failure(&rest), None);
@@ -242,6 +248,7 @@ fn pause_resume_and_bad_configs() {
 
     // a model folder that does not exist: one Failed event naming it
     let mut bad = config.clone();
+    bad.train.output_dir = dir.path().join("bad-model");
     bad.model.source = dir.path().join("nowhere").display().to_string();
     let (rx, _c, handle) = qlora_studio::train::spawn(bad, None);
     let events = collect(rx);
@@ -251,6 +258,7 @@ fn pause_resume_and_bad_configs() {
 
     // a target the model lacks
     let mut bad = config;
+    bad.train.output_dir = dir.path().join("bad-target");
     bad.lora.targets = vec!["query_key_value".into()];
     let (rx, _c, handle) = qlora_studio::train::spawn(bad, None);
     let events = collect(rx);

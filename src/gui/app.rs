@@ -98,6 +98,11 @@ pub struct StudioApp {
     sample_prompts_text: String,
     compare: Vec<PathBuf>,
     fonts_installed: bool,
+    /// The Runs tab's records and when (and from which list) they were read.
+    records: Vec<RunRecord>,
+    records_read: Option<(Vec<PathBuf>, std::time::Instant)>,
+    /// The tab drawn last frame (entering the Runs tab re-reads the history).
+    shown_tab: Tab,
     /// Width of the header's right-hand group last frame (it is right-aligned by a gap).
     header_right_width: f32,
     /// Models found in the local Hugging Face cache (read once at start).
@@ -147,6 +152,9 @@ impl StudioApp {
             sample_prompts_text,
             compare: Vec::new(),
             fonts_installed: false,
+            records: Vec::new(),
+            records_read: None,
+            shown_tab: Tab::Run,
             header_right_width: 0.0,
             cached_models: crate::hub::hf_cache::list_cached_models(&crate::hub::hf_cache::hf_cache_dir())
                 .unwrap_or_default(),
@@ -216,10 +224,24 @@ impl StudioApp {
 
     /// Start a run of the current config (or resume from a checkpoint).
     pub fn start_run(&mut self, resume_from: Option<PathBuf>) {
-        let config = self.settings.config.clone();
+        let mut config = self.settings.config.clone();
         if let Err(e) = config.validate() {
             self.status = Some((true, e.to_string()));
             return;
+        }
+        if resume_from.is_none() && checkpoint::latest(&config.train.output_dir).is_some() {
+            // a new run never writes over an earlier one: it gets the next free sibling folder
+            let fresh = next_free_folder(&config.train.output_dir);
+            self.status = Some((
+                false,
+                format!(
+                    "{} holds an earlier run; this one writes to {}",
+                    config.train.output_dir.display(),
+                    fresh.display()
+                ),
+            ));
+            config.train.output_dir = fresh.clone();
+            self.settings.config.train.output_dir = fresh;
         }
         let out = config.train.output_dir.clone();
         if !self.settings.runs.contains(&out) {
@@ -242,6 +264,8 @@ impl StudioApp {
         self.take_dropped_files(ui.ctx());
         if let Some(run) = &mut self.run {
             if let Some(outcome) = run.pump() {
+                // the history has a new last checkpoint to show
+                self.records_read = None;
                 notify(&outcome);
                 if let Ok(f) = &outcome {
                     self.status = Some((false, finished_text(f)));
@@ -669,7 +693,8 @@ impl StudioApp {
             ui.selectable_value(&mut self.tab, Tab::Export, tr(lang, "Export"));
         });
         ui.separator();
-        match self.tab {
+        let tab = self.tab;
+        match tab {
             Tab::Run => match &mut self.run {
                 Some(run) => {
                     run.controls(ui, lang);
@@ -682,7 +707,12 @@ impl StudioApp {
                     ui.label(tr(lang, "Not started"));
                 }
             },
-            Tab::Runs => self.runs_tab(ui),
+            Tab::Runs => {
+                if self.shown_tab != Tab::Runs {
+                    self.records_read = None;
+                }
+                self.runs_tab(ui)
+            }
             Tab::Try => {
                 let adapter = self.run.as_ref().and_then(|r| r.last_checkpoint());
                 let model = self.settings.config.model.source.clone();
@@ -693,20 +723,36 @@ impl StudioApp {
                 self.export.show(ui, lang, last, self.export_target.as_deref());
             }
         }
+        self.shown_tab = tab;
     }
 
-    /// Past runs: reopen their curves, compare them, resume them.
+    /// Past runs: their settings, curves, peak memory and final losses; compared on one plot,
+    /// reopened, resumed from their last checkpoint, or exported.
     fn runs_tab(&mut self, ui: &mut egui::Ui) {
         let lang = self.lang();
-        let records: Vec<RunRecord> = self.settings.runs.iter().rev().filter_map(|d| RunRecord::read(d)).collect();
+        // read from disk when the tab opens and every few seconds (a run may be writing)
+        let stale = self
+            .records_read
+            .as_ref()
+            .is_none_or(|(read, at)| *read != self.settings.runs || at.elapsed() > std::time::Duration::from_secs(3));
+        if stale {
+            let records = self.settings.runs.iter().rev().filter_map(|d| RunRecord::read(d)).collect();
+            self.records_read = Some((self.settings.runs.clone(), std::time::Instant::now()));
+            self.records = records;
+        }
+        let records = self.records.clone();
         if records.is_empty() {
             ui.label(tr(lang, "No runs yet."));
             return;
         }
         let mut reopen = None;
         let mut resume = None;
-        egui::Grid::new("runs").striped(true).num_columns(6).show(ui, |ui| {
-            for h in ["", "Output folder", "Model", "Steps", "Training loss", "Validation loss"] {
+        let mut export = None;
+        let mut use_settings = None;
+        egui::Grid::new("runs").striped(true).num_columns(8).show(ui, |ui| {
+            for h in
+                ["", "Output folder", "Model", "Settings", "Steps", "Training loss", "Validation loss", "Peak memory"]
+            {
                 ui.strong(tr(lang, h));
             }
             ui.end_row();
@@ -721,9 +767,26 @@ impl StudioApp {
                 }
                 ui.label(r.dir.display().to_string());
                 ui.label(&r.config.model.source);
+                let c = &r.config;
+                ui.label(format!(
+                    "{} r={} α={} · lr {:.0e} · batch {}×{}",
+                    if c.model.mode == Mode::Qlora { "QLoRA" } else { "LoRA" },
+                    c.lora.r,
+                    c.lora.alpha,
+                    c.train.learning_rate,
+                    c.train.batch_size,
+                    c.train.grad_accum
+                ))
+                .on_hover_text(c.to_toml());
                 ui.label(format!("{}/{}", r.state.step, r.state.total_steps));
                 ui.label(r.state.losses.last().map(|l| format!("{:.4}", l.1)).unwrap_or_default());
                 ui.label(r.state.eval_losses.last().map(|l| format!("{:.4}", l.1)).unwrap_or_default());
+                let peak = match (r.state.peak_device, r.state.peak_rss) {
+                    (Some(d), _) => format!("{} (GPU)", human_bytes(d)),
+                    (None, 0) => "–".into(),
+                    (None, rss) => format!("{} (RSS)", human_bytes(rss)),
+                };
+                ui.label(peak);
                 ui.end_row();
                 ui.label("");
                 ui.horizontal(|ui| {
@@ -734,6 +797,12 @@ impl StudioApp {
                     if ui.add_enabled(unfinished, egui::Button::new(tr(lang, "Resume from last checkpoint"))).clicked()
                     {
                         resume = Some(r.checkpoint.clone());
+                    }
+                    if ui.button(tr(lang, "Export…")).clicked() {
+                        export = Some(r.checkpoint.clone());
+                    }
+                    if ui.button(tr(lang, "Use its settings")).clicked() {
+                        use_settings = Some(r.config.clone());
                     }
                 });
                 ui.end_row();
@@ -764,6 +833,15 @@ impl StudioApp {
             };
             self.run = Some(RunView::from_history(r.config.clone(), &r.state.losses, &r.state.eval_losses, end));
             self.tab = Tab::Run;
+        }
+        if let Some(ck) = export {
+            self.export.checkpoint = ck.display().to_string();
+            self.tab = Tab::Export;
+        }
+        if let Some(config) = use_settings {
+            self.sample_prompts_text = config.train.sample_prompts.join("\n");
+            self.settings.config = config;
+            self.refresh_model_info();
         }
         if let Some(ck) = resume {
             if let Ok(loaded) = checkpoint::load(&ck, &candle_core::Device::Cpu) {
@@ -827,6 +905,12 @@ fn attention_modules(info: &ModelInfo) -> Vec<String> {
         .filter(|m| ATTENTION.contains(&m.name.as_str()) && !m.name.contains("mlp"))
         .map(|m| m.name.clone())
         .collect()
+}
+
+/// `runs/demo` → the first of `runs/demo-2`, `runs/demo-3`, ... that does not exist.
+fn next_free_folder(dir: &Path) -> PathBuf {
+    let name = dir.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_else(|| "run".into());
+    (2..).map(|n| dir.with_file_name(format!("{name}-{n}"))).find(|d| !d.exists()).expect("an unused name")
 }
 
 pub fn human_count(n: usize) -> String {

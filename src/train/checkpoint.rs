@@ -38,6 +38,12 @@ pub struct TrainerState {
     /// (step, training loss) of every step so far, and (step, validation loss) of every eval.
     pub losses: Vec<(usize, f64)>,
     pub eval_losses: Vec<(usize, f64)>,
+    /// The highest memory readings so far, for the run history: the process's resident set and,
+    /// on CUDA, the device memory in use (0 / None in checkpoints of older versions).
+    #[serde(default)]
+    pub peak_rss: u64,
+    #[serde(default)]
+    pub peak_device: Option<u64>,
 }
 
 /// The folder name of the checkpoint after `step` steps.

@@ -76,7 +76,19 @@ pub fn run(
             config = loaded.config.clone();
             Some(loaded)
         }
-        None => None,
+        None => {
+            // a new run must not write over the checkpoints of an earlier one
+            if let Some(earlier) = checkpoint::latest(&config.train.output_dir) {
+                return Err(Error::Invalid(format!(
+                    "{} already holds checkpoints of an earlier run (the latest: {}); set train.output_dir to a new \
+                     folder, or continue that run with --resume {}",
+                    config.train.output_dir.display(),
+                    earlier.display(),
+                    earlier.display()
+                )));
+            }
+            None
+        }
     };
     config.validate()?;
     let device = device_of(&config.model.device)?;
@@ -279,6 +291,8 @@ impl Trainer {
                 micro_batch: t.batch_size,
                 losses: Vec::new(),
                 eval_losses: Vec::new(),
+                peak_rss: 0,
+                peak_device: None,
             },
         };
         let order = epoch_order(train.len(), t.seed, state.epoch);
@@ -385,6 +399,11 @@ impl Trainer {
             }
             let elapsed = started.elapsed().as_secs_f64();
             let done = step - first_step;
+            let memory = monitor.read();
+            self.state.peak_rss = self.state.peak_rss.max(memory.peak_rss);
+            if let Some(device) = memory.device_peak {
+                self.state.peak_device = Some(self.state.peak_device.unwrap_or(0).max(device));
+            }
             send(TrainEvent::Step(StepStats {
                 step,
                 total_steps: self.state.total_steps,
@@ -395,7 +414,7 @@ impl Trainer {
                 tokens_per_s: outcome.tokens as f64 / step_started.elapsed().as_secs_f64().max(1e-9),
                 elapsed_s: elapsed,
                 eta_s: elapsed / done as f64 * (self.state.total_steps - step) as f64,
-                memory: monitor.read(),
+                memory,
             }));
             let t = &self.config.train;
             let last = step == self.state.total_steps;
