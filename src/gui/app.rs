@@ -711,10 +711,13 @@ impl StudioApp {
                 if self.shown_tab != Tab::Runs {
                     self.records_read = None;
                 }
-                self.runs_tab(ui)
+                egui::ScrollArea::vertical().show(ui, |ui| self.runs_tab(ui));
             }
             Tab::Try => {
-                let adapter = self.run.as_ref().and_then(|r| r.last_checkpoint());
+                let adapter = self.run.as_ref().and_then(|r| r.last_checkpoint()).or_else(|| {
+                    self.refresh_records();
+                    self.records.first().map(|r| r.checkpoint.clone())
+                });
                 let model = self.settings.config.model.source.clone();
                 self.try_view.ui(ui, lang, &model, adapter);
             }
@@ -726,20 +729,24 @@ impl StudioApp {
         self.shown_tab = tab;
     }
 
-    /// Past runs: their settings, curves, peak memory and final losses; compared on one plot,
-    /// reopened, resumed from their last checkpoint, or exported.
-    fn runs_tab(&mut self, ui: &mut egui::Ui) {
-        let lang = self.lang();
-        // read from disk when the tab opens and every few seconds (a run may be writing)
+    /// Read the run history from disk when it was invalidated (a run ended, the Runs tab
+    /// opened) or is a few seconds old (a run may be writing).
+    fn refresh_records(&mut self) {
         let stale = self
             .records_read
             .as_ref()
             .is_none_or(|(read, at)| *read != self.settings.runs || at.elapsed() > std::time::Duration::from_secs(3));
         if stale {
-            let records = self.settings.runs.iter().rev().filter_map(|d| RunRecord::read(d)).collect();
+            self.records = self.settings.runs.iter().rev().filter_map(|d| RunRecord::read(d)).collect();
             self.records_read = Some((self.settings.runs.clone(), std::time::Instant::now()));
-            self.records = records;
         }
+    }
+
+    /// Past runs: their settings, curves, peak memory and final losses; compared on one plot,
+    /// reopened, resumed from their last checkpoint, or exported.
+    fn runs_tab(&mut self, ui: &mut egui::Ui) {
+        let lang = self.lang();
+        self.refresh_records();
         let records = self.records.clone();
         if records.is_empty() {
             ui.label(tr(lang, "No runs yet."));
@@ -749,47 +756,46 @@ impl StudioApp {
         let mut resume = None;
         let mut export = None;
         let mut use_settings = None;
-        egui::Grid::new("runs").striped(true).num_columns(8).show(ui, |ui| {
-            for h in
-                ["", "Output folder", "Model", "Settings", "Steps", "Training loss", "Validation loss", "Peak memory"]
-            {
-                ui.strong(tr(lang, h));
-            }
-            ui.end_row();
-            for r in &records {
-                let mut on = self.compare.contains(&r.dir);
-                if ui.checkbox(&mut on, tr(lang, "Compare")).changed() {
-                    if on {
-                        self.compare.push(r.dir.clone());
-                    } else {
-                        self.compare.retain(|d| d != &r.dir);
+        for r in &records {
+            egui::Frame::group(ui.style()).show(ui, |ui| {
+                ui.set_width(ui.available_width());
+                ui.horizontal_wrapped(|ui| {
+                    let mut on = self.compare.contains(&r.dir);
+                    if ui.checkbox(&mut on, tr(lang, "Compare")).changed() {
+                        if on {
+                            self.compare.push(r.dir.clone());
+                        } else {
+                            self.compare.retain(|d| d != &r.dir);
+                        }
                     }
-                }
-                ui.label(r.dir.display().to_string());
-                ui.label(&r.config.model.source);
-                let c = &r.config;
-                ui.label(format!(
-                    "{} r={} α={} · lr {:.0e} · batch {}×{}",
-                    if c.model.mode == Mode::Qlora { "QLoRA" } else { "LoRA" },
-                    c.lora.r,
-                    c.lora.alpha,
-                    c.train.learning_rate,
-                    c.train.batch_size,
-                    c.train.grad_accum
-                ))
-                .on_hover_text(c.to_toml());
-                ui.label(format!("{}/{}", r.state.step, r.state.total_steps));
-                ui.label(r.state.losses.last().map(|l| format!("{:.4}", l.1)).unwrap_or_default());
-                ui.label(r.state.eval_losses.last().map(|l| format!("{:.4}", l.1)).unwrap_or_default());
-                let peak = match (r.state.peak_device, r.state.peak_rss) {
-                    (Some(d), _) => format!("{} (GPU)", human_bytes(d)),
-                    (None, 0) => "–".into(),
-                    (None, rss) => format!("{} (RSS)", human_bytes(rss)),
-                };
-                ui.label(peak);
-                ui.end_row();
-                ui.label("");
-                ui.horizontal(|ui| {
+                    ui.strong(last_component(&r.dir.display().to_string())).on_hover_text(r.dir.display().to_string());
+                    ui.label(last_component(&r.config.model.source)).on_hover_text(&r.config.model.source);
+                    let c = &r.config;
+                    ui.weak(format!(
+                        "{} r={} α={} · lr {:.0e} · batch {}×{}",
+                        if c.model.mode == Mode::Qlora { "QLoRA" } else { "LoRA" },
+                        c.lora.r,
+                        c.lora.alpha,
+                        c.train.learning_rate,
+                        c.train.batch_size,
+                        c.train.grad_accum
+                    ))
+                    .on_hover_text(c.to_toml());
+                });
+                ui.horizontal_wrapped(|ui| {
+                    ui.label(tr(lang, "Steps"));
+                    ui.label(format!("{}/{}", r.state.step, r.state.total_steps));
+                    let last = |l: &[(usize, f64)]| l.last().map(|l| format!("{:.4}", l.1)).unwrap_or("–".into());
+                    ui.label(format!("· {} {}", tr(lang, "Training loss"), last(&r.state.losses)));
+                    ui.label(format!("· {} {}", tr(lang, "Validation loss"), last(&r.state.eval_losses)));
+                    let peak = match (r.state.peak_device, r.state.peak_rss) {
+                        (Some(d), _) => format!("{} (GPU)", human_bytes(d)),
+                        (None, 0) => "–".into(),
+                        (None, rss) => format!("{} (RSS)", human_bytes(rss)),
+                    };
+                    ui.label(format!("· {} {peak}", tr(lang, "Peak memory")));
+                });
+                ui.horizontal_wrapped(|ui| {
                     if ui.button(tr(lang, "Reopen")).clicked() {
                         reopen = Some(r.clone());
                     }
@@ -805,11 +811,10 @@ impl StudioApp {
                         use_settings = Some(r.config.clone());
                     }
                 });
-                ui.end_row();
-            }
-        });
+            });
+        }
         if !self.compare.is_empty() {
-            let title = ui.label(egui::RichText::new(tr(lang, "Training loss")).strong());
+            let title = ui.label(egui::RichText::new(tr(lang, "Training loss of the compared runs")).strong());
             egui_plot::Plot::new("compare")
                 .height(260.0)
                 .legend(egui_plot::Legend::default())
@@ -905,6 +910,14 @@ fn attention_modules(info: &ModelInfo) -> Vec<String> {
         .filter(|m| ATTENTION.contains(&m.name.as_str()) && !m.name.contains("mlp"))
         .map(|m| m.name.clone())
         .collect()
+}
+
+/// The last part of a path (a hub id stays whole), for narrow columns.
+fn last_component(path: &str) -> String {
+    if crate::hub::parse_hub_id(path).is_some() && !Path::new(path).exists() {
+        return path.to_string();
+    }
+    Path::new(path).file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_else(|| path.to_string())
 }
 
 /// `runs/demo` → the first of `runs/demo-2`, `runs/demo-3`, ... that does not exist.

@@ -144,6 +144,8 @@ pub const ZH: &[(&str, &str)] = &[
     ("Compare", "对比"),
     ("Settings", "设置"),
     ("Steps", "步数"),
+    ("Adapter", "适配器"),
+    ("Training loss of the compared runs", "所选运行的训练损失"),
     ("Peak memory", "内存峰值"),
     ("Export…", "导出…"),
     ("Use its settings", "使用其设置"),
