@@ -714,19 +714,24 @@ impl StudioApp {
                 egui::ScrollArea::vertical().show(ui, |ui| self.runs_tab(ui));
             }
             Tab::Try => {
-                let adapter = self.run.as_ref().and_then(|r| r.last_checkpoint()).or_else(|| {
-                    self.refresh_records();
-                    self.records.first().map(|r| r.checkpoint.clone())
-                });
+                let adapter = self.latest_checkpoint();
                 let model = self.settings.config.model.source.clone();
                 self.try_view.ui(ui, lang, &model, adapter);
             }
             Tab::Export => {
-                let last = self.run.as_ref().and_then(|r| r.last_checkpoint());
+                let last = self.latest_checkpoint();
                 self.export.show(ui, lang, last, self.export_target.as_deref());
             }
         }
         self.shown_tab = tab;
+    }
+
+    /// The newest checkpoint: of the run on screen, else of the newest past run.
+    fn latest_checkpoint(&mut self) -> Option<PathBuf> {
+        self.run.as_ref().and_then(|r| r.last_checkpoint()).or_else(|| {
+            self.refresh_records();
+            self.records.first().map(|r| r.checkpoint.clone())
+        })
     }
 
     /// Read the run history from disk when it was invalidated (a run ended, the Runs tab

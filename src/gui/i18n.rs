@@ -144,6 +144,17 @@ pub const ZH: &[(&str, &str)] = &[
     ("Compare", "对比"),
     ("Settings", "设置"),
     ("Steps", "步数"),
+    // the memory estimate's parts (src/memory/estimate.rs)
+    ("frozen linears", "冻结的线性层"),
+    ("embeddings, lm_head, norms", "词嵌入、lm_head、归一化层"),
+    ("LoRA + grads + AdamW", "LoRA + 梯度 + AdamW"),
+    ("activations", "激活值"),
+    ("logits + loss", "logits + 损失"),
+    ("backward working set", "反向传播工作集"),
+    ("dequantized weight", "反量化权重"),
+    ("CPU runtime buffers", "CPU 运行时缓冲"),
+    ("CUDA context + slack", "CUDA 上下文 + 余量"),
+    ("available RAM", "可用内存"),
     ("Adapter", "适配器"),
     ("Training loss of the compared runs", "所选运行的训练损失"),
     ("Peak memory", "内存峰值"),
@@ -198,6 +209,22 @@ mod tests {
                 let english = &piece[..piece.find('"').unwrap()];
                 if !ZH.iter().any(|(en, _)| *en == english) {
                     missing.push(format!("{}: {english}", path.file_name().unwrap().to_string_lossy()));
+                }
+            }
+        }
+        // the memory estimate's parts, shown through tr()
+        let input = crate::memory::EstimateInput::new(
+            crate::memory::presets::spec_for("llama-2-7b").unwrap(),
+            crate::memory::Method::Qlora { double_quant: true },
+            vec!["q_proj".into()],
+            8,
+            1,
+            64,
+        );
+        for device in [crate::memory::DeviceKind::Cpu, crate::memory::DeviceKind::Cuda] {
+            for t in crate::memory::estimate(&input.clone().on(device)).unwrap().terms {
+                if !ZH.iter().any(|(en, _)| *en == t.name) {
+                    missing.push(format!("memory term: {}", t.name));
                 }
             }
         }

@@ -9,6 +9,8 @@ use super::i18n::{tr, Lang};
 use crate::memory::{self, fit, Estimate, EstimateInput};
 use crate::train::RunConfig;
 
+const AVAILABLE_RAM: &str = "available RAM";
+
 pub struct MemoryView {
     /// The config the shown estimate belongs to.
     estimated: Option<RunConfig>,
@@ -43,7 +45,7 @@ impl MemoryView {
         }
         self.estimated = Some(config.clone());
         self.budget = if config.model.device == "cpu" {
-            memory::cli::available_ram().map(|b| (b, "available RAM".to_string()))
+            memory::cli::available_ram().map(|b| (b, AVAILABLE_RAM.to_string()))
         } else {
             let index = config.model.device.strip_prefix("cuda:").and_then(|n| n.parse().ok()).unwrap_or(0);
             self.gpus.iter().find(|g| g.index == index).map(|g| (g.free, format!("free on {}", g.name)))
@@ -108,7 +110,7 @@ impl MemoryView {
             for (i, t) in est.terms.iter().enumerate() {
                 let (rect, _) = ui.allocate_exact_size(egui::vec2(10.0, 10.0), egui::Sense::hover());
                 ui.painter().rect_filled(rect, 2.0, term_color(i));
-                ui.label(t.name).on_hover_text(&t.detail);
+                ui.label(tr(lang, t.name)).on_hover_text(&t.detail);
                 ui.label(human_bytes(t.bytes));
                 ui.end_row();
             }
@@ -123,6 +125,7 @@ impl MemoryView {
         } else {
             (tr(lang, "does not fit"), ui.visuals().error_fg_color)
         };
+        let what = if what == AVAILABLE_RAM { tr(lang, AVAILABLE_RAM) } else { what.as_str() };
         ui.colored_label(color, egui::RichText::new(format!("{text}: {} ({what})", human_bytes(*budget))).strong());
         if let Some(s) = self.largest_seq {
             ui.weak(format!("{}: {s}", tr(lang, "largest sequence that fits")));
