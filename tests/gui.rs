@@ -256,6 +256,11 @@ fn a_hub_id_is_estimated_from_its_preset_then_downloaded_with_a_progress_bar() {
     // a well-known checkpoint not downloaded: offered for download, estimated from its config
     assert!(matches!(harness.state().source.state, SourceState::NotDownloaded { .. }));
     assert!(harness.query_by_label_contains("not in the local Hugging Face cache").is_some());
+    // described from its published config: q_proj, v_proj ticked, 16·(4096+4096)·2·32 trainable
+    let described = harness.state().source.described().unwrap().as_ref().unwrap().clone();
+    assert_eq!((described.family_id.as_str(), described.spec.layers), ("llama2", 32));
+    assert_eq!(harness.state().config().lora.targets, vec!["q_proj".to_string(), "v_proj".to_string()]);
+    assert!(harness.query_by_label_contains("Trainable parameters: 8.39 M").is_some());
     let estimate = harness.state().memory_view.estimate.clone().unwrap().expect("an estimate from the preset");
     // 7B in NF4 is over 3.5 GB of weights alone
     assert!(estimate.mid > 3_500_000_000, "{}", estimate.mid);

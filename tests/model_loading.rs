@@ -144,3 +144,33 @@ fn wrong_folders_are_clear_errors() {
     let e = Model::load(&dir, BaseWeights::Dense(DType::F32), &Device::Cpu).err().unwrap().to_string();
     assert!(e.contains("model.layers.1.mlp.up_proj.weight") && e.contains("not found"), "{e}");
 }
+
+/// A checkpoint described from its config.json alone (a model not downloaded yet) lists the same
+/// linear modules, shapes and parameter count as the one read from its safetensors headers.
+#[test]
+fn a_config_alone_describes_the_checkpoint_as_its_headers_do() {
+    use qlora_studio::model::inspect::{inspect, inspect_config};
+    let models = common::fixtures_dir().join("models");
+    let mut checked = 0;
+    for entry in std::fs::read_dir(&models).unwrap().flatten() {
+        let dir = entry.path();
+        if dir.file_name().unwrap().to_string_lossy().contains("bnb4") {
+            continue; // packed 4-bit weights: the headers give no [out, in]
+        }
+        let from_headers = inspect(&dir).unwrap();
+        let config: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+        let from_config = inspect_config(&config, "test").unwrap();
+        let name = dir.display();
+        assert_eq!(from_config.family_id, from_headers.family_id, "{name}");
+        assert_eq!(from_config.default_targets, from_headers.default_targets, "{name}");
+        let sorted = |mut v: Vec<qlora_studio::model::inspect::LinearModule>| {
+            v.sort_by(|a, b| a.name.cmp(&b.name));
+            v
+        };
+        assert_eq!(sorted(from_config.linear_modules), sorted(from_headers.linear_modules), "{name}");
+        assert_eq!(from_config.parameters, from_headers.parameters, "{name}: parameters");
+        checked += 1;
+    }
+    assert!(checked >= 19, "{checked} fixture models");
+}

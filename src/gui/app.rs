@@ -193,7 +193,7 @@ impl StudioApp {
         if !self.source.update(&self.settings.config.model.source) {
             return;
         }
-        if let Some(Ok(info)) = self.source.info() {
+        if let Some(Ok(info)) = self.source.described() {
             // the table picker shows the chosen model's family
             if let Some(i) =
                 crate::arch::table().ok().and_then(|t| t.families().iter().position(|f| f.id == info.family_id))
@@ -216,7 +216,7 @@ impl StudioApp {
         let mut config = self.settings.config.clone();
         match &self.source.state {
             SourceState::Ready { dir, .. } => config.model.source = dir.display().to_string(),
-            SourceState::NotDownloaded { repo_id } if crate::memory::presets::is_preset(repo_id) => {}
+            SourceState::NotDownloaded { preview: Some(_), .. } => {}
             _ => return None,
         }
         Some(config)
@@ -385,7 +385,7 @@ impl StudioApp {
         self.hub_cache_picker(ui);
         self.refresh_model_info();
         self.source.status_ui(ui, lang);
-        match self.source.info() {
+        match self.source.described() {
             Some(Ok(info)) => {
                 egui::Grid::new("model_info").num_columns(2).show(ui, |ui| {
                     let s = &info.spec;
@@ -550,7 +550,7 @@ impl StudioApp {
             ui.checkbox(&mut lora.rslora, "α/√r");
             ui.end_row();
         });
-        let Some(Ok(info)) = self.source.info() else { return };
+        let Some(Ok(info)) = self.source.described() else { return };
         ui.label(egui::RichText::new(tr(lang, "Target modules")).strong());
         if let Some(note) = &info.default_targets_note {
             ui.weak(note);

@@ -12,7 +12,7 @@ use eframe::egui;
 use super::app::human_bytes;
 use super::i18n::{tr, Lang};
 use crate::hub::{self, DownloadEvent, ResolveOptions};
-use crate::model::inspect::{inspect, ModelInfo};
+use crate::model::inspect::{inspect, inspect_config, ModelInfo};
 
 /// Where the current source stands.
 #[derive(Debug)]
@@ -28,9 +28,11 @@ pub enum SourceState {
         what: &'static str,
         progress: Option<Progress>,
     },
-    /// A hub id that is not (completely) in the local cache.
+    /// A hub id that is not (completely) in the local cache; for a well-known checkpoint, what
+    /// it is from its published config.
     NotDownloaded {
         repo_id: String,
+        preview: Option<Box<Result<ModelInfo, String>>>,
     },
     Failed {
         message: String,
@@ -88,6 +90,15 @@ impl SourceView {
         }
     }
 
+    /// What the model is: inspected when local, else from its published config (a well-known
+    /// checkpoint not downloaded yet).
+    pub fn described(&self) -> Option<&Result<ModelInfo, String>> {
+        match &self.state {
+            SourceState::NotDownloaded { preview: Some(preview), .. } => Some(&**preview),
+            _ => self.info(),
+        }
+    }
+
     pub fn dir(&self) -> Option<&Path> {
         match &self.state {
             SourceState::Ready { dir, .. } => Some(dir),
@@ -133,7 +144,7 @@ impl SourceView {
         if current != self.source {
             self.source = current.to_string();
             self.state = self.look_at(current);
-            inspected |= matches!(self.state, SourceState::Ready { .. });
+            inspected |= self.described().is_some();
         }
         inspected
     }
@@ -168,7 +179,12 @@ impl SourceView {
         };
         match hub::hf_cache::find_cached(&self.options.hf_cache, repo_id, revision) {
             Ok(Some(cached)) if cached.complete => ready(cached.snapshot),
-            Ok(_) => SourceState::NotDownloaded { repo_id: repo_id.to_string() },
+            Ok(_) => {
+                let preview = crate::memory::presets::config(repo_id)
+                    .ok()
+                    .map(|config| Box::new(inspect_config(&config, repo_id).map_err(|e| e.to_string())));
+                SourceState::NotDownloaded { repo_id: repo_id.to_string(), preview }
+            }
             Err(e) => SourceState::Failed { message: e.to_string(), can_retry: false },
         }
     }
@@ -227,7 +243,7 @@ impl SourceView {
                     )));
                 }
             }
-            SourceState::NotDownloaded { repo_id } => {
+            SourceState::NotDownloaded { repo_id, .. } => {
                 ui.label(format!("{repo_id}: {}", tr(lang, "not in the local Hugging Face cache")));
                 ui.horizontal(|ui| {
                     download = ui.button(tr(lang, "Download")).clicked();

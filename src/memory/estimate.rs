@@ -193,6 +193,33 @@ fn layer_linears(s: &ModelSpec) -> Vec<LinearShape> {
     out
 }
 
+/// The linears of one layer grouped by module name: ([out, in], instances per layer), in the
+/// order the decoder builds them — what a checkpoint would hold, known from the config alone.
+pub fn layer_linear_shapes(spec: &ModelSpec) -> Vec<(String, [usize; 2], usize)> {
+    let mut shapes: Vec<(String, [usize; 2], usize)> = Vec::new();
+    for l in layer_linears(spec) {
+        match shapes.iter_mut().find(|(name, ..)| *name == l.name) {
+            Some((.., count)) => *count += 1,
+            None => shapes.push((l.name, [l.out, l.inp], 1)),
+        }
+    }
+    shapes
+}
+
+/// Parameters of the model the spec describes: linears (with biases), embeddings, the output
+/// layer unless tied, and the norms.
+pub fn parameter_count(spec: &ModelSpec) -> usize {
+    let per_layer: usize = layer_linears(spec).iter().map(|l| l.out * l.inp + if l.bias { l.out } else { 0 }).sum();
+    let (v, h) = (spec.vocab, spec.hidden);
+    let norm = if spec.norm == NormKind::Layer { 2 * h } else { h };
+    let lm_head = if spec.tie_embeddings { 0 } else { v * h };
+    // one norm before attention, one before the MLP unless they share it (Falcon-7B, Phi)
+    let layer_norms = 1 + usize::from(spec.weights.mlp_norm.is_some());
+    let embed_norm = if spec.weights.embed_norm.is_some() { norm } else { 0 };
+    let lm_head_bias = if spec.lm_head_bias { v } else { 0 };
+    spec.layers * (per_layer + layer_norms * norm) + v * h + lm_head + lm_head_bias + norm + embed_norm
+}
+
 /// The module names a run may target on this model.
 pub fn linear_names(spec: &ModelSpec) -> Vec<String> {
     let mut names: Vec<String> = Vec::new();

@@ -50,6 +50,62 @@ impl ModelInfo {
     }
 }
 
+/// What a model is from its config.json alone, for a well-known checkpoint not downloaded yet:
+/// the linear modules and their shapes as the decoder would build them (`dir` stays empty).
+pub fn inspect_config(config: &serde_json::Value, what: &str) -> Result<ModelInfo> {
+    let table = arch::table()?;
+    let recognised = table.recognise(config)?;
+    let spec = ModelSpec::from_config(config, &recognised, what)?;
+    let linear_modules = crate::memory::estimate::layer_linear_shapes(&spec)
+        .into_iter()
+        .map(|(name, shape, per_layer)| LinearModule {
+            fused: fused_parts(&recognised, &name),
+            name,
+            shape: Some(shape),
+            count: per_layer * spec.layers,
+        })
+        .collect();
+    let (default_targets, default_targets_note) = defaults(&recognised);
+    Ok(ModelInfo {
+        dir: PathBuf::new(),
+        family_id: recognised.family.id.clone(),
+        family_name: recognised.family.name.clone(),
+        parameters: crate::memory::estimate::parameter_count(&spec),
+        context_length: context_length(config),
+        spec,
+        linear_modules,
+        default_targets,
+        default_targets_note,
+    })
+}
+
+fn fused_parts(recognised: &arch::Recognised<'_>, name: &str) -> Option<String> {
+    recognised.layout.fused(name).map(|f| match f.split {
+        arch::SplitKind::GateUp => "gate, up".to_string(),
+        _ => "q, k, v".to_string(),
+    })
+}
+
+fn defaults(recognised: &arch::Recognised<'_>) -> (Vec<String>, Option<String>) {
+    let default_targets = recognised.default_targets();
+    let note = (default_targets != recognised.family.default_targets).then(|| {
+        format!(
+            "the table's default for {} is {}; this checkpoint's layout names it {}",
+            recognised.family.name,
+            recognised.family.default_targets.join(","),
+            default_targets.join(",")
+        )
+    });
+    (default_targets, note)
+}
+
+fn context_length(config: &serde_json::Value) -> Option<usize> {
+    ["max_position_embeddings", "seq_length", "n_positions", "model_max_length"]
+        .iter()
+        .find_map(|k| config.get(*k).and_then(|v| v.as_u64()))
+        .map(|v| v as usize)
+}
+
 pub fn inspect(dir: &Path) -> Result<ModelInfo> {
     let config_path = dir.join("config.json");
     let text = std::fs::read_to_string(&config_path).map_err(|e| Error::io(&config_path, e))?;
@@ -61,7 +117,8 @@ pub fn inspect(dir: &Path) -> Result<ModelInfo> {
     let checkpoint = Checkpoint::open(dir)?;
 
     let mut parameters = 0usize;
-    for key in checkpoint.keys() {
+    // buffers some checkpoints carry (rotary frequencies) are not parameters
+    for key in checkpoint.keys().into_iter().filter(|k| !k.ends_with(".inv_freq")) {
         if let Ok(view) = checkpoint.file_of(&key).and_then(|f| f.get(&key)) {
             let n: usize = view.shape().iter().product();
             parameters += if view.dtype() == safetensors::Dtype::U8 { 2 * n } else { n };
@@ -85,26 +142,12 @@ pub fn inspect(dir: &Path) -> Result<ModelInfo> {
                 [o, i] if v.dtype() != safetensors::Dtype::U8 => Some([*o, *i]),
                 _ => None,
             });
-            let fused = recognised.layout.fused(&name).map(|f| match f.split {
-                arch::SplitKind::GateUp => "gate, up".to_string(),
-                _ => "q, k, v".to_string(),
-            });
+            let fused = fused_parts(&recognised, &name);
             linear_modules.push(LinearModule { name, shape, count: 1, fused });
         }
     }
-    let default_targets = recognised.default_targets();
-    let default_targets_note = (default_targets != recognised.family.default_targets).then(|| {
-        format!(
-            "the table's default for {} is {}; this checkpoint's layout names it {}",
-            recognised.family.name,
-            recognised.family.default_targets.join(","),
-            default_targets.join(",")
-        )
-    });
-    let context_length = ["max_position_embeddings", "seq_length", "n_positions", "model_max_length"]
-        .iter()
-        .find_map(|k| config.get(*k).and_then(|v| v.as_u64()))
-        .map(|v| v as usize);
+    let (default_targets, default_targets_note) = defaults(&recognised);
+    let context_length = context_length(&config);
     Ok(ModelInfo {
         dir: dir.to_path_buf(),
         family_id: recognised.family.id.clone(),
