@@ -261,6 +261,8 @@ fn a_hub_id_is_estimated_from_its_preset_then_downloaded_with_a_progress_bar() {
     assert_eq!((described.family_id.as_str(), described.spec.layers), ("llama2", 32));
     assert_eq!(harness.state().config().lora.targets, vec!["q_proj".to_string(), "v_proj".to_string()]);
     assert!(harness.query_by_label_contains("Trainable parameters: 8.39 M").is_some());
+    // the dataset preview needs the model's tokenizer, so it waits for the download
+    assert!(harness.query_by_label_contains("The preview comes once the model is local").is_some());
     let estimate = harness.state().memory_view.estimate.clone().unwrap().expect("an estimate from the preset");
     // 7B in NF4 is over 3.5 GB of weights alone
     assert!(estimate.mid > 3_500_000_000, "{}", estimate.mid);

@@ -32,7 +32,13 @@ impl DataView {
             let job = self.job.take().expect("checked above");
             self.preview = Some(job.join().unwrap_or_else(|_| Err("the preview stopped on an internal error".into())));
         }
-        let Some(model_dir) = model_dir else { return };
+        let Some(model_dir) = model_dir else {
+            // the preview tokenizes with the model's tokenizer: none until the model is local
+            if self.job.is_none() {
+                (self.preview, self.previewed) = (None, None);
+            }
+            return;
+        };
         if data.path.as_os_str().is_empty() || self.job.is_some() {
             return;
         }
@@ -128,7 +134,12 @@ impl DataView {
             });
             ui.ctx().request_repaint_after(std::time::Duration::from_millis(100));
         }
-        let Some(preview) = &self.preview else { return };
+        let Some(preview) = &self.preview else {
+            if !self.is_busy() {
+                ui.weak(tr(lang, "The preview comes once the model is local (it uses the model's tokenizer)."));
+            }
+            return;
+        };
         let p = match preview {
             Ok(p) => p,
             Err(e) => {

@@ -144,6 +144,10 @@ pub const ZH: &[(&str, &str)] = &[
     ("Compare", "对比"),
     ("Settings", "设置"),
     ("Steps", "步数"),
+    (
+        "The preview comes once the model is local (it uses the model's tokenizer).",
+        "模型在本地就绪后显示预览（预览使用模型的分词器）。",
+    ),
     // the memory estimate's parts (src/memory/estimate.rs)
     ("frozen linears", "冻结的线性层"),
     ("embeddings, lm_head, norms", "词嵌入、lm_head、归一化层"),
