@@ -402,3 +402,30 @@ fn the_keyboard_reaches_every_control_in_reading_order() {
     assert_eq!(harness.state().tab, qlora_studio::gui::app::Tab::Runs);
     assert!(harness.query_by_label("No runs yet.").is_some());
 }
+
+#[test]
+fn settings_and_the_run_config_survive_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("settings.toml");
+    let app = StudioApp::new(Some(path.clone()));
+    let mut harness = Harness::builder()
+        .with_size(egui::vec2(1400.0, 900.0))
+        .build_ui_state(|ui, app: &mut StudioApp| app.show(ui), app);
+    harness.step();
+    harness.state_mut().config_mut().lora.r = 24;
+    harness.state_mut().settings.lang = qlora_studio::gui::i18n::Lang::Zh;
+    // saved within a second of the change, without closing the window (a killed app keeps it)
+    std::thread::sleep(Duration::from_millis(1100));
+    harness.step();
+    let again = StudioApp::new(Some(path.clone()));
+    assert_eq!(again.config().lora.r, 24);
+    assert_eq!(again.lang(), qlora_studio::gui::i18n::Lang::Zh);
+
+    // a damaged settings file is not fatal and not lost: moved aside, the defaults, a message
+    std::fs::write(&path, "lang = [").unwrap();
+    let fresh = StudioApp::new(Some(path.clone()));
+    assert_eq!(fresh.config().lora.r, qlora_studio::gui::app::demo_config().lora.r);
+    assert_eq!(std::fs::read_to_string(dir.path().join("settings.toml.damaged")).unwrap(), "lang = [");
+    let (is_error, message) = fresh.status.clone().unwrap();
+    assert!(is_error && message.contains("settings.toml.damaged"), "{message}");
+}

@@ -36,6 +36,25 @@ impl Default for Settings {
     }
 }
 
+/// The settings file, or the defaults. A file that cannot be read is moved aside (never
+/// overwritten) and the message says where it went.
+fn load_settings(path: &Path) -> (Settings, Option<(bool, String)>) {
+    let Ok(text) = std::fs::read_to_string(path) else { return (Settings::default(), None) };
+    match toml::from_str(&text) {
+        Ok(settings) => (settings, None),
+        Err(e) => {
+            let aside = path.with_extension("toml.damaged");
+            let kept = match std::fs::rename(path, &aside) {
+                Ok(()) => format!("kept as {}", aside.display()),
+                Err(r) => format!("and could not be moved aside: {r}"),
+            };
+            let message =
+                format!("{} could not be read ({}); {kept}. Starting from the defaults.", path.display(), e.message());
+            (Settings::default(), Some((true, message)))
+        }
+    }
+}
+
 /// The built-in demo model and dataset, so Start trains at once on first launch.
 pub fn demo_config() -> RunConfig {
     let assets = Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/demo");
@@ -103,6 +122,9 @@ pub struct StudioApp {
     records_read: Option<(Vec<PathBuf>, std::time::Instant)>,
     /// The tab drawn last frame (entering the Runs tab re-reads the history).
     shown_tab: Tab,
+    /// What was last written to the settings file, and when (changes are saved a second later,
+    /// so a killed window loses at most that).
+    saved: Option<(Settings, std::time::Instant)>,
     /// Width of the header's right-hand group last frame (it is right-aligned by a gap).
     header_right_width: f32,
     /// Models found in the local Hugging Face cache (read once at start).
@@ -114,11 +136,10 @@ pub struct StudioApp {
 impl StudioApp {
     /// `settings_path`: where settings load from and save to (None: nowhere).
     pub fn new(settings_path: Option<PathBuf>) -> Self {
-        let settings: Settings = settings_path
-            .as_deref()
-            .and_then(|p| std::fs::read_to_string(p).ok())
-            .and_then(|t| toml::from_str(&t).ok())
-            .unwrap_or_default();
+        let (settings, status) = match settings_path.as_deref() {
+            Some(p) => load_settings(p),
+            None => (Settings::default(), None),
+        };
         let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
         let ram = crate::memory::total_memory().map(|b| format!(", {:.1} GiB RAM", b as f64 / 1073741824.0));
         let gpus = crate::memory::detect_gpus();
@@ -145,7 +166,7 @@ impl StudioApp {
             memory_view: MemoryView::new(gpus),
             try_view: TryView::default(),
             export_target: None,
-            status: None,
+            status,
             family_choice: 0,
             size_choice: 0,
             device_line,
@@ -155,6 +176,7 @@ impl StudioApp {
             records: Vec::new(),
             records_read: None,
             shown_tab: Tab::Run,
+            saved: None,
             header_right_width: 0.0,
             cached_models: crate::hub::hf_cache::list_cached_models(&crate::hub::hf_cache::hf_cache_dir())
                 .unwrap_or_default(),
@@ -176,7 +198,8 @@ impl StudioApp {
         &mut self.settings.config
     }
 
-    pub fn save_settings(&self) {
+    pub fn save_settings(&mut self) {
+        self.saved = Some((self.settings.clone(), std::time::Instant::now()));
         if let Some(p) = &self.settings_path {
             if let Some(dir) = p.parent() {
                 let _ = std::fs::create_dir_all(dir);
@@ -262,6 +285,14 @@ impl StudioApp {
             self.fonts_installed = true;
         }
         self.take_dropped_files(ui.ctx());
+        let changed = self.saved.as_ref().is_none_or(|(s, _)| *s != self.settings);
+        if changed {
+            if self.saved.as_ref().is_none_or(|(_, at)| at.elapsed().as_secs_f32() > 1.0) {
+                self.save_settings();
+            } else {
+                ui.ctx().request_repaint_after(std::time::Duration::from_secs(1));
+            }
+        }
         if let Some(run) = &mut self.run {
             if let Some(outcome) = run.pump() {
                 // the history has a new last checkpoint to show
