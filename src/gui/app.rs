@@ -380,17 +380,33 @@ impl StudioApp {
 
     fn settings_panels(&mut self, ui: &mut egui::Ui) {
         let lang = self.lang();
-        egui::CollapsingHeader::new(tr(lang, "Model")).default_open(true).show(ui, |ui| self.model_panel(ui));
-        egui::CollapsingHeader::new(tr(lang, "Dataset")).default_open(true).show(ui, |ui| self.dataset_panel(ui));
-        egui::CollapsingHeader::new(tr(lang, "LoRA")).default_open(true).show(ui, |ui| self.lora_panel(ui));
-        egui::CollapsingHeader::new(tr(lang, "Training")).default_open(false).show(ui, |ui| self.training_panel(ui));
+        // ids from the English names, so a language switch keeps what is open
+        egui::CollapsingHeader::new(tr(lang, "Model"))
+            .id_salt("Model")
+            .default_open(true)
+            .show(ui, |ui| self.model_panel(ui));
+        egui::CollapsingHeader::new(tr(lang, "Dataset"))
+            .id_salt("Dataset")
+            .default_open(true)
+            .show(ui, |ui| self.dataset_panel(ui));
+        egui::CollapsingHeader::new(tr(lang, "LoRA"))
+            .id_salt("LoRA")
+            .default_open(true)
+            .show(ui, |ui| self.lora_panel(ui));
+        egui::CollapsingHeader::new(tr(lang, "Training"))
+            .id_salt("Training")
+            .default_open(false)
+            .show(ui, |ui| self.training_panel(ui));
         match self.config_for_estimate() {
             Some(c) => self.memory_view.update(&c),
             None => self
                 .memory_view
                 .clear(tr(lang, "The estimate comes once the model is local (or pick a size from the table).")),
         }
-        egui::CollapsingHeader::new(tr(lang, "Memory")).default_open(true).show(ui, |ui| self.memory_view.ui(ui, lang));
+        egui::CollapsingHeader::new(tr(lang, "Memory"))
+            .id_salt("Memory")
+            .default_open(true)
+            .show(ui, |ui| self.memory_view.ui(ui, lang));
     }
 
     fn model_panel(&mut self, ui: &mut egui::Ui) {
@@ -560,7 +576,7 @@ impl StudioApp {
             _ => (None, None),
         };
         self.data_view.update(&self.settings.config.data, dir.as_deref(), family.as_deref());
-        egui::CollapsingHeader::new(tr(lang, "Preview")).default_open(true).show(ui, |ui| {
+        egui::CollapsingHeader::new(tr(lang, "Preview")).id_salt("Preview").default_open(true).show(ui, |ui| {
             self.data_view.preview_ui(ui, lang);
         });
     }
@@ -611,7 +627,7 @@ impl StudioApp {
             let mut on = lora.targets.contains(&m.name);
             let shape = m.shape.map(|[o, i]| format!("{o}×{i}")).unwrap_or_else(|| "packed".into());
             let fused = m.fused.as_ref().map(|f| format!(" · fused {f}")).unwrap_or_default();
-            let default = if info.default_targets.contains(&m.name) { " · default" } else { "" };
+            let default = if info.default_targets.contains(&m.name) { tr(lang, " · default") } else { "" };
             if ui.checkbox(&mut on, format!("{}  [{shape}] ×{}{fused}{default}", m.name, m.count)).changed() {
                 if on {
                     lora.targets.push(m.name.clone());

@@ -144,6 +144,7 @@ pub const ZH: &[(&str, &str)] = &[
     ("Compare", "对比"),
     ("Settings", "设置"),
     ("Steps", "步数"),
+    (" · default", " · 默认"),
     (
         "The preview comes once the model is local (it uses the model's tokenizer).",
         "模型在本地就绪后显示预览（预览使用模型的分词器）。",

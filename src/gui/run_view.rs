@@ -298,7 +298,7 @@ impl RunView {
 
     pub fn samples_and_log(&self, ui: &mut egui::Ui, lang: Lang) {
         if !self.samples.is_empty() {
-            egui::CollapsingHeader::new(tr(lang, "Samples")).default_open(true).show(ui, |ui| {
+            egui::CollapsingHeader::new(tr(lang, "Samples")).id_salt("Samples").default_open(true).show(ui, |ui| {
                 for (step, prompt, text) in self.samples.iter().rev().take(12) {
                     ui.label(egui::RichText::new(format!("{} {step} · {prompt}", tr(lang, "step"))).strong());
                     ui.label(text);
@@ -306,7 +306,7 @@ impl RunView {
                 }
             });
         }
-        egui::CollapsingHeader::new(tr(lang, "Log")).default_open(true).show(ui, |ui| {
+        egui::CollapsingHeader::new(tr(lang, "Log")).id_salt("Log").default_open(true).show(ui, |ui| {
             egui::ScrollArea::vertical().max_height(160.0).stick_to_bottom(true).show(ui, |ui| {
                 for line in &self.log {
                     ui.monospace(line);
