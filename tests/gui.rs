@@ -429,3 +429,41 @@ fn settings_and_the_run_config_survive_a_restart() {
     let (is_error, message) = fresh.status.clone().unwrap();
     assert!(is_error && message.contains("settings.toml.damaged"), "{message}");
 }
+
+#[test]
+fn a_gguf_file_is_imported_off_the_ui_thread_and_described() {
+    let dir = tempfile::tempdir().unwrap();
+    let gguf = dir.path().join("tiny.gguf");
+    common::gguf_writer::write_gguf_from_fixture(&common::fixture("models/llama_gqa_all_linear"), &gguf, "llama");
+    let options = ResolveOptions {
+        hf_cache: dir.path().join("hub"),
+        app_cache: dir.path().join("app"),
+        download: None,
+        progress: None,
+    };
+    let mut app = StudioApp::new(None);
+    app.source = SourceView::new(options.clone());
+    app.config_mut().model.source = gguf.display().to_string();
+    app.system_fonts = false;
+    let mut harness = Harness::builder()
+        .with_size(egui::vec2(1400.0, 900.0))
+        .build_ui_state(|ui, app: &mut StudioApp| app.show(ui), app);
+    harness.step();
+    let start = Instant::now();
+    while !matches!(harness.state().source.state, SourceState::Ready { .. }) {
+        assert!(start.elapsed() < Duration::from_secs(60), "import: {:?}", harness.state().source.state);
+        harness.step();
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    harness.step();
+    let info = harness.state().source.info().unwrap().as_ref().unwrap().clone();
+    assert_eq!(info.family_id, "llama");
+    assert!(info.dir.starts_with(dir.path().join("app/gguf")), "{}", info.dir.display());
+    // the estimate reads the imported folder
+    assert!(harness.state().memory_view.estimate.clone().unwrap().is_ok());
+
+    // chosen again (a new launch), the earlier import is used at once
+    let mut again = SourceView::new(options);
+    again.update(&gguf.display().to_string());
+    assert!(matches!(again.state, SourceState::Ready { .. }), "{:?}", again.state);
+}

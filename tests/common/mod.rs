@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod fake_hub;
+pub mod gguf_writer;
 pub mod tiny_llama;
 pub mod tokenizer;
 
