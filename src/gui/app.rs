@@ -145,7 +145,10 @@ impl StudioApp {
         let gpus = crate::memory::detect_gpus();
         let gpu_line: Vec<String> = gpus
             .iter()
-            .map(|g| format!("GPU {}: {}, {} ({} free)", g.index, g.name, human_bytes(g.total), human_bytes(g.free)))
+            .map(|g| {
+                let cap = g.compute_capability.as_ref().map(|c| format!(", compute {c}")).unwrap_or_default();
+                format!("GPU {}: {}, {} ({} free){cap}", g.index, g.name, human_bytes(g.total), human_bytes(g.free))
+            })
             .collect();
         let mut device_line = format!("CPU: {cores} cores{}", ram.unwrap_or_default());
         if !gpu_line.is_empty() {
@@ -553,7 +556,12 @@ impl StudioApp {
                 .selected_text(&size)
                 .show_ui(ui, |ui| {
                     for (i, s) in family.sizes.iter().enumerate() {
-                        ui.selectable_value(&mut self.size_choice, i, s);
+                        // each size with the hub id of its well-known checkpoint
+                        let text = match family.checkpoints.get(s) {
+                            Some(id) => format!("{s} · {id}"),
+                            None => s.clone(),
+                        };
+                        ui.selectable_value(&mut self.size_choice, i, text);
                     }
                 })
                 .response

@@ -29,6 +29,8 @@ pub struct GpuInfo {
     pub name: String,
     pub total: u64,
     pub free: u64,
+    /// "9.0" for Hopper; `None` from drivers whose nvidia-smi cannot report it.
+    pub compute_capability: Option<String>,
 }
 
 /// Start measuring the peak resident set afresh (Linux: writing 5 to clear_refs resets VmHWM).
@@ -57,28 +59,38 @@ fn meminfo(field: &str) -> Option<u64> {
 /// The GPUs of this machine, by `nvidia-smi` (which ships with the driver, so it is there
 /// wherever CUDA can run); an empty list where there is no NVIDIA GPU or no driver.
 pub fn detect_gpus() -> Vec<GpuInfo> {
-    let out = std::process::Command::new("nvidia-smi")
-        .args(["--query-gpu=index,name,memory.total,memory.free", "--format=csv,noheader,nounits"])
-        .output();
-    match out {
-        Ok(o) if o.status.success() => parse_nvidia_smi(&String::from_utf8_lossy(&o.stdout)),
-        _ => Vec::new(),
+    // compute_cap needs a driver of 2022 or later; older ones refuse the whole query
+    for fields in ["index,name,memory.total,memory.free,compute_cap", "index,name,memory.total,memory.free"] {
+        let out = std::process::Command::new("nvidia-smi")
+            .args([&format!("--query-gpu={fields}"), "--format=csv,noheader,nounits"])
+            .output();
+        match out {
+            Ok(o) if o.status.success() => return parse_nvidia_smi(&String::from_utf8_lossy(&o.stdout)),
+            Ok(_) => continue,
+            Err(_) => return Vec::new(),
+        }
     }
+    Vec::new()
 }
 
-/// Parse `nvidia-smi --query-gpu=index,name,memory.total,memory.free --format=csv,noheader,nounits`
-/// (memory in MiB); lines that do not parse are skipped.
+/// Parse `nvidia-smi --query-gpu=index,name,memory.total,memory.free[,compute_cap]
+/// --format=csv,noheader,nounits` (memory in MiB); lines that do not parse are skipped.
 pub fn parse_nvidia_smi(text: &str) -> Vec<GpuInfo> {
     const MIB: u64 = 1024 * 1024;
     text.lines()
         .filter_map(|line| {
             let f: Vec<&str> = line.split(',').map(str::trim).collect();
-            let [index, name, total, free] = f.as_slice() else { return None };
+            let (index, name, total, free, cap) = match f.as_slice() {
+                [index, name, total, free] => (index, name, total, free, None),
+                [index, name, total, free, cap] => (index, name, total, free, Some(cap.to_string())),
+                _ => return None,
+            };
             Some(GpuInfo {
                 index: index.parse().ok()?,
                 name: name.to_string(),
                 total: total.parse::<u64>().ok()? * MIB,
                 free: free.parse::<u64>().ok()? * MIB,
+                compute_capability: cap.filter(|c| c.contains('.')),
             })
         })
         .collect()
@@ -158,5 +170,9 @@ mod tests {
         assert_eq!(gpus[0].total, 81559 * 1024 * 1024);
         assert_eq!(gpus[1].free, 100 * 1024 * 1024);
         assert_eq!(gpus[1].index, 1);
+        assert_eq!(gpus[0].compute_capability, None);
+        let with_cap = parse_nvidia_smi("0, NVIDIA H200, 143771, 143000, 9.0\n1, Tesla T4, 15360, 15000, [N/A]\n");
+        assert_eq!(with_cap[0].compute_capability.as_deref(), Some("9.0"));
+        assert_eq!(with_cap[1].compute_capability, None);
     }
 }
