@@ -14,6 +14,17 @@ use qlora_studio::gui::source_view::{SourceState, SourceView};
 use qlora_studio::gui::StudioApp;
 use qlora_studio::hub::{DownloadOptions, ResolveOptions};
 
+/// The app in a 1400×900 window, after its first frame; drawn with the bundled font subset, which
+/// must cover every glyph the app draws (kittest panics on a missing one).
+fn window(mut app: StudioApp) -> Harness<'static, StudioApp> {
+    app.system_fonts = false;
+    let mut harness = Harness::builder()
+        .with_size(egui::vec2(1400.0, 900.0))
+        .build_ui_state(|ui, app: &mut StudioApp| app.show(ui), app);
+    harness.step();
+    harness
+}
+
 fn trainable_label(harness: &Harness<'_, StudioApp>) -> String {
     {
         let node = harness.get_by_label_contains("Trainable parameters");
@@ -75,12 +86,7 @@ fn choose_tune_start_watch_and_stop() {
         c.train.output_dir = dir.path().join("out");
     }
     app.refresh_model_info();
-    // the bundled font subset must cover every glyph we draw (kittest panics on a missing one)
-    app.system_fonts = false;
-    let mut harness = Harness::builder()
-        .with_size(egui::vec2(1400.0, 900.0))
-        .build_ui_state(|ui, app: &mut StudioApp| app.show(ui), app);
-    harness.step();
+    let mut harness = window(app);
     // the dataset preview is made on a worker thread; once in, it shows the rendered examples
     wait_until(&mut harness, "the dataset preview", |app| app.data_view.preview.is_some() && !app.data_view.is_busy());
     let preview = harness.state().data_view.preview.clone().unwrap().expect("a preview");
@@ -210,7 +216,7 @@ fn choose_tune_start_watch_and_stop() {
     harness.step();
     assert_eq!(harness.state().tab, qlora_studio::gui::app::Tab::Export);
     let latest = qlora_studio::train::checkpoint::latest(&dir.path().join("out")).unwrap();
-    assert_eq!(harness.state().export.checkpoint, latest.display().to_string());
+    assert_eq!(harness.state().export.checkpoint.path(), Some(latest.clone()));
 
     // a new start never writes over that run: it goes to the next free folder and says so
     harness.get_by_label_contains("Start").click();
@@ -247,11 +253,7 @@ fn a_hub_id_is_estimated_from_its_preset_then_downloaded_with_a_progress_bar() {
     app.config_mut().model.source = "meta-llama/Llama-2-7b-hf".into();
     app.config_mut().model.device = "cuda:0".into();
     app.config_mut().lora.targets = Vec::new();
-    app.system_fonts = false;
-    let mut harness = Harness::builder()
-        .with_size(egui::vec2(1400.0, 900.0))
-        .build_ui_state(|ui, app: &mut StudioApp| app.show(ui), app);
-    harness.step();
+    let mut harness = window(app);
 
     // a well-known checkpoint not downloaded: offered for download, estimated from its config
     assert!(matches!(harness.state().source.state, SourceState::NotDownloaded { .. }));
@@ -329,12 +331,8 @@ fn tab_to(harness: &mut Harness<'_, StudioApp>, label: &str) {
 
 #[test]
 fn the_keyboard_reaches_every_control_in_reading_order() {
-    let mut app = StudioApp::new(None);
-    app.system_fonts = false;
-    let mut harness = Harness::builder()
-        .with_size(egui::vec2(1400.0, 900.0))
-        .build_ui_state(|ui, app: &mut StudioApp| app.show(ui), app);
-    harness.step();
+    let app = StudioApp::new(None);
+    let mut harness = window(app);
     wait_until(&mut harness, "the dataset preview", |app| app.data_view.preview.is_some() && !app.data_view.is_busy());
 
     // one full round of Tab: every stop is named, and the order is the page's reading order
@@ -408,10 +406,7 @@ fn settings_and_the_run_config_survive_a_restart() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("settings.toml");
     let app = StudioApp::new(Some(path.clone()));
-    let mut harness = Harness::builder()
-        .with_size(egui::vec2(1400.0, 900.0))
-        .build_ui_state(|ui, app: &mut StudioApp| app.show(ui), app);
-    harness.step();
+    let mut harness = window(app);
     harness.state_mut().config_mut().lora.r = 24;
     harness.state_mut().settings.lang = qlora_studio::gui::i18n::Lang::Zh;
     // saved within a second of the change, without closing the window (a killed app keeps it)
@@ -444,11 +439,7 @@ fn a_gguf_file_is_imported_off_the_ui_thread_and_described() {
     let mut app = StudioApp::new(None);
     app.source = SourceView::new(options.clone());
     app.config_mut().model.source = gguf.display().to_string();
-    app.system_fonts = false;
-    let mut harness = Harness::builder()
-        .with_size(egui::vec2(1400.0, 900.0))
-        .build_ui_state(|ui, app: &mut StudioApp| app.show(ui), app);
-    harness.step();
+    let mut harness = window(app);
     let start = Instant::now();
     while !matches!(harness.state().source.state, SourceState::Ready { .. }) {
         assert!(start.elapsed() < Duration::from_secs(60), "import: {:?}", harness.state().source.state);

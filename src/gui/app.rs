@@ -900,7 +900,7 @@ impl StudioApp {
             self.tab = Tab::Run;
         }
         if let Some(ck) = export {
-            self.export.checkpoint = ck.display().to_string();
+            self.export.checkpoint.set(&ck);
             self.tab = Tab::Export;
         }
         if let Some(config) = use_settings {

@@ -6,12 +6,13 @@ use std::thread::JoinHandle;
 
 use eframe::egui;
 
+use super::checkpoint_field::CheckpointField;
 use super::i18n::{tr, Lang};
 use crate::lora::export::{export, ExportFormat, ExportInfo, ExportReport, ExportRequest, TensorDType};
 use crate::lora::merge::MergeInto;
 
 pub struct ExportView {
-    pub checkpoint: String,
+    pub checkpoint: CheckpointField,
     pub format: ExportFormat,
     pub half_precision: bool,
     pub merge_into_dequantized: bool,
@@ -23,7 +24,7 @@ pub struct ExportView {
 impl Default for ExportView {
     fn default() -> Self {
         Self {
-            checkpoint: String::new(),
+            checkpoint: CheckpointField::default(),
             format: ExportFormat::Peft,
             half_precision: false,
             merge_into_dequantized: true,
@@ -48,27 +49,7 @@ impl ExportView {
         save_target: Option<&Path>,
     ) {
         self.poll();
-        if self.checkpoint.is_empty() {
-            if let Some(c) = &last_checkpoint {
-                self.checkpoint = c.display().to_string();
-            }
-        }
-        ui.horizontal(|ui| {
-            let label = ui.label(tr(lang, "Checkpoint"));
-            ui.add(egui::TextEdit::singleline(&mut self.checkpoint).desired_width(f32::INFINITY)).labelled_by(label.id);
-        });
-        ui.horizontal(|ui| {
-            if ui.button(tr(lang, "Folder…")).clicked() {
-                if let Some(p) = rfd::FileDialog::new().pick_folder() {
-                    self.checkpoint = p.display().to_string();
-                }
-            }
-            if let Some(c) = &last_checkpoint {
-                if ui.button(tr(lang, "Use the last checkpoint")).clicked() {
-                    self.checkpoint = c.display().to_string();
-                }
-            }
-        });
+        self.checkpoint.ui(ui, lang, "Checkpoint", last_checkpoint.as_deref());
         ui.radio_value(&mut self.format, ExportFormat::Peft, tr(lang, "PEFT adapter"));
         ui.radio_value(&mut self.format, ExportFormat::Gguf, tr(lang, "GGUF adapter (llama.cpp, Ollama)"));
         ui.radio_value(&mut self.format, ExportFormat::Merged, tr(lang, "Merged model"));
@@ -88,7 +69,7 @@ impl ExportView {
                 ui.weak(tr(lang, "A divergence check compares the merged model with base + adapter."));
             }
         }
-        let ready = !self.checkpoint.trim().is_empty() && !self.is_busy();
+        let ready = self.checkpoint.path().is_some() && !self.is_busy();
         if ui.add_enabled(ready, egui::Button::new(tr(lang, "Export as…"))).clicked() {
             let target = match save_target {
                 Some(p) => Some(p.to_path_buf()),
@@ -130,7 +111,7 @@ impl ExportView {
             (_, true) => Some(TensorDType::Bf16),
         };
         let request = ExportRequest {
-            from: PathBuf::from(self.checkpoint.trim()),
+            from: self.checkpoint.path().unwrap_or_default(),
             format: self.format,
             base: None,
             out,

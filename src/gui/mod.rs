@@ -2,6 +2,7 @@
 //! only draws and sends commands; loading, training and exporting run on worker threads.
 
 pub mod app;
+pub mod checkpoint_field;
 pub mod data_view;
 pub mod export_view;
 pub mod fonts;

@@ -6,6 +6,7 @@ use std::thread::JoinHandle;
 
 use eframe::egui;
 
+use super::checkpoint_field::CheckpointField;
 use super::i18n::{tr, Lang};
 use crate::hub::try_model::{generate_text, GenerateRequest};
 
@@ -14,9 +15,7 @@ type Answers = (Result<String, String>, Option<Result<String, String>>);
 pub struct TryView {
     pub prompt: String,
     /// The adapter (checkpoint) folder compared with the base model.
-    pub adapter: String,
-    /// The checkpoint last proposed; while the field still holds it, newer ones replace it.
-    proposed: Option<PathBuf>,
+    pub adapter: CheckpointField,
     pub max_tokens: usize,
     pub chat: bool,
     job: Option<JoinHandle<Answers>>,
@@ -27,8 +26,7 @@ impl Default for TryView {
     fn default() -> Self {
         Self {
             prompt: String::new(),
-            adapter: String::new(),
-            proposed: None,
+            adapter: CheckpointField::default(),
             max_tokens: 64,
             chat: true,
             job: None,
@@ -54,28 +52,8 @@ impl TryView {
     /// proposed until the user picks another adapter.
     pub fn ui(&mut self, ui: &mut egui::Ui, lang: Lang, model: &str, latest: Option<PathBuf>) {
         self.poll();
-        let untouched =
-            self.adapter.is_empty() || self.proposed.as_ref().is_some_and(|p| p.display().to_string() == self.adapter);
-        if untouched && latest.is_some() && latest != self.proposed {
-            self.proposed = latest.clone();
-            self.adapter = latest.as_ref().map(|c| c.display().to_string()).unwrap_or_default();
-        }
-        ui.horizontal(|ui| {
-            let label = ui.label(tr(lang, "Adapter"));
-            ui.add(egui::TextEdit::singleline(&mut self.adapter).desired_width(ui.available_width() - 230.0))
-                .labelled_by(label.id);
-            if ui.button(tr(lang, "Folder…")).clicked() {
-                if let Some(p) = rfd::FileDialog::new().pick_folder() {
-                    self.adapter = p.display().to_string();
-                }
-            }
-            if let Some(c) = &latest {
-                if ui.button(tr(lang, "Use the last checkpoint")).clicked() {
-                    self.adapter = c.display().to_string();
-                }
-            }
-        });
-        let adapter = Some(PathBuf::from(self.adapter.trim())).filter(|p| !p.as_os_str().is_empty());
+        self.adapter.ui(ui, lang, "Adapter", latest.as_deref());
+        let adapter = self.adapter.path();
         let label = ui.label(tr(lang, "Prompt"));
         ui.add(egui::TextEdit::multiline(&mut self.prompt).desired_rows(3).desired_width(f32::INFINITY))
             .labelled_by(label.id);
