@@ -114,7 +114,7 @@ fn inverse_questions_are_consistent() {
     let memory = (24.0 * GIB) as u64;
     assert!(!estimate(&base).unwrap().fits(memory), "LoRA of a 13B model does not fit 24 GiB");
     let suggestions = fit::suggestions(&base, memory);
-    let qlora = suggestions.iter().find(|s| s.change.contains("QLoRA")).expect("QLoRA is suggested");
+    let qlora = suggestions.iter().find(|s| s.change == fit::Change::Qlora).expect("QLoRA is suggested");
     assert!(qlora.estimate.mid < estimate(&base).unwrap().mid);
     let mut q = input("llama-2-7b", Method::Qlora { double_quant: true }, &["q_proj", "v_proj"], 8);
     q.seq = 256;

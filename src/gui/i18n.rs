@@ -124,6 +124,7 @@ pub const ZH: &[(&str, &str)] = &[
     ("not in the local Hugging Face cache", "不在本地 Hugging Face 缓存中"),
     ("Download", "下载"),
     ("Retry download", "重新下载"),
+    ("Cancel", "取消"),
     (
         "The memory estimate uses this model's published config until it is downloaded.",
         "下载完成前，内存估算使用该模型公开的配置。",
@@ -140,6 +141,11 @@ pub const ZH: &[(&str, &str)] = &[
     ("largest sequence that fits", "可容纳的最长序列"),
     ("largest batch that fits", "可容纳的最大批"),
     ("Suggestions", "建议"),
+    // the memory suggestions (src/memory/fit.rs, Change::template)
+    ("QLoRA (NF4 base) instead of LoRA", "改用 QLoRA（NF4 基座）代替 LoRA"),
+    ("batch 1 with {} gradient-accumulation steps", "批大小 1，梯度累积 {} 步"),
+    ("targets {} only", "只训练 {}"),
+    ("sequences of at most {} tokens", "序列最长 {} 个词元"),
     ("Reopen", "打开"),
     ("Compare", "对比"),
     ("Settings", "设置"),
@@ -231,6 +237,14 @@ mod tests {
                 if !ZH.iter().any(|(en, _)| *en == t.name) {
                     missing.push(format!("memory term: {}", t.name));
                 }
+            }
+        }
+        use crate::memory::fit::Change;
+        let changes =
+            [Change::Qlora, Change::BatchOne { accumulation: 2 }, Change::DefaultTargets(vec![]), Change::MaxSeq(2)];
+        for template in changes.iter().map(Change::template) {
+            if !ZH.iter().any(|(en, _)| *en == template) {
+                missing.push(format!("memory suggestion: {template}"));
             }
         }
         assert!(missing.is_empty(), "no Chinese for:\n{}", missing.join("\n"));

@@ -137,7 +137,8 @@ impl MemoryView {
             ui.label(egui::RichText::new(tr(lang, "Suggestions")).strong());
             for s in &self.suggestions {
                 let mark = if s.estimate.fits(*budget) { "✓" } else { " " };
-                ui.label(format!("{mark} {} → {}", s.change, human_bytes(s.estimate.mid)));
+                let change = s.change.describe(|english| tr(lang, english));
+                ui.label(format!("{mark} {change} → {}", human_bytes(s.estimate.mid)));
             }
         }
     }

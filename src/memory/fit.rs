@@ -37,10 +37,53 @@ pub fn largest_batch(input: &EstimateInput, memory: u64) -> Option<usize> {
     largest(1, 1 << 16, |b| fits_with(input, memory, |i| i.batch = b))
 }
 
+/// A change that makes a run smaller.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Change {
+    Qlora,
+    /// Batch 1, with this many accumulation steps to keep the effective batch.
+    BatchOne {
+        accumulation: usize,
+    },
+    /// The architecture table's default targets only.
+    DefaultTargets(Vec<String>),
+    /// Sequences cut to this many tokens.
+    MaxSeq(usize),
+}
+
+impl Change {
+    /// The English sentence, with `{}` where the value goes (the GUI translates these).
+    pub fn template(&self) -> &'static str {
+        match self {
+            Change::Qlora => "QLoRA (NF4 base) instead of LoRA",
+            Change::BatchOne { .. } => "batch 1 with {} gradient-accumulation steps",
+            Change::DefaultTargets(_) => "targets {} only",
+            Change::MaxSeq(_) => "sequences of at most {} tokens",
+        }
+    }
+
+    /// The sentence, its template passed through `translate` first.
+    pub fn describe(&self, translate: impl Fn(&'static str) -> &'static str) -> String {
+        let value = match self {
+            Change::Qlora => String::new(),
+            Change::BatchOne { accumulation } => accumulation.to_string(),
+            Change::DefaultTargets(targets) => targets.join(","),
+            Change::MaxSeq(seq) => seq.to_string(),
+        };
+        translate(self.template()).replace("{}", &value)
+    }
+}
+
+impl std::fmt::Display for Change {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.pad(&self.describe(|english| english))
+    }
+}
+
 /// One way to make a run fit, and its estimate.
 #[derive(Debug, Clone)]
 pub struct Suggestion {
-    pub change: String,
+    pub change: Change,
     pub input: EstimateInput,
     pub estimate: Estimate,
 }
@@ -49,7 +92,7 @@ pub struct Suggestion {
 /// accumulation instead of a large batch, fewer targets, a shorter sequence.
 pub fn suggestions(input: &EstimateInput, memory: u64) -> Vec<Suggestion> {
     let mut out = Vec::new();
-    let mut push = |change: String, i: EstimateInput| {
+    let mut push = |change: Change, i: EstimateInput| {
         if let Ok(estimate) = estimate(&i) {
             out.push(Suggestion { change, input: i, estimate });
         }
@@ -57,24 +100,24 @@ pub fn suggestions(input: &EstimateInput, memory: u64) -> Vec<Suggestion> {
     if input.method == Method::Lora {
         let mut i = input.clone();
         i.method = Method::Qlora { double_quant: true };
-        push("QLoRA (NF4 base) instead of LoRA".into(), i);
+        push(Change::Qlora, i);
     }
     if input.batch > 1 {
         let mut i = input.clone();
         i.batch = 1;
-        push(format!("batch 1 with {} gradient-accumulation steps", input.batch), i);
+        push(Change::BatchOne { accumulation: input.batch }, i);
     }
     let defaults = &input.spec.default_targets;
     if !defaults.is_empty() && *defaults != input.targets {
         let mut i = input.clone();
         i.targets = defaults.clone();
-        push(format!("targets {} only", defaults.join(",")), i);
+        push(Change::DefaultTargets(defaults.clone()), i);
     }
     if let Some(seq) = largest_seq(input, memory) {
         if seq < input.seq {
             let mut i = input.clone();
             i.seq = seq;
-            push(format!("sequences of at most {seq} tokens"), i);
+            push(Change::MaxSeq(seq), i);
         }
     }
     out
