@@ -240,6 +240,8 @@ fn a_hub_id_is_estimated_from_its_preset_then_downloaded_with_a_progress_bar() {
         .map(|e| (e.file_name().to_string_lossy().to_string(), std::fs::read(e.path()).unwrap()))
         .collect();
     let file_count = files.len();
+    // a hub too slow to finish (20 s a file), for Cancel
+    let stuck = common::fake_hub::serve("test-org/tiny-llama", files.clone(), 200, Duration::from_millis(100));
     // slow bodies, so the bar is on screen for a few frames
     let hub = common::fake_hub::serve("test-org/tiny-llama", files, 10, Duration::from_millis(30));
 
@@ -247,7 +249,11 @@ fn a_hub_id_is_estimated_from_its_preset_then_downloaded_with_a_progress_bar() {
     app.source = SourceView::new(ResolveOptions {
         hf_cache: dir.path().join("hub"),
         app_cache: dir.path().join("app"),
-        download: Some(DownloadOptions { endpoint: Some(hub.endpoint.clone()), token: None, retries: Some(0) }),
+        download: Some(DownloadOptions {
+            endpoint: Some(hub.endpoint.clone()),
+            retries: Some(0),
+            ..Default::default()
+        }),
         progress: None,
     });
     app.config_mut().model.source = "meta-llama/Llama-2-7b-hf".into();
@@ -275,6 +281,23 @@ fn a_hub_id_is_estimated_from_its_preset_then_downloaded_with_a_progress_bar() {
     harness.step();
     assert!(harness.query_by_label_contains("The estimate comes once the model is local").is_some());
 
+    // Cancel stops a download at once and offers it again
+    harness.state_mut().source.options.download.as_mut().unwrap().endpoint = Some(stuck.endpoint.clone());
+    harness.get_by_label("Download").click();
+    wait_until(
+        &mut harness,
+        "bytes to arrive",
+        |app| matches!(&app.source.state, SourceState::Working { progress: Some(p), .. } if p.bytes_done > 0),
+    );
+    harness.get_by_label("Cancel").click();
+    let asked = Instant::now();
+    wait_until(&mut harness, "the cancelled download to be offered again", |app| {
+        matches!(app.source.state, SourceState::NotDownloaded { .. })
+    });
+    assert!(asked.elapsed() < Duration::from_secs(5), "cancel took {:?}", asked.elapsed());
+    harness.step();
+
+    harness.state_mut().source.options.download.as_mut().unwrap().endpoint = Some(hub.endpoint.clone());
     harness.get_by_label("Download").click();
     let start = Instant::now();
     let mut bar_seen = false;

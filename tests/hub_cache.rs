@@ -110,7 +110,11 @@ fn without_network_the_error_says_so_and_names_the_local_options() {
     let tmp = tempfile::tempdir().unwrap();
     // a port nothing listens on stands for an unreachable hub
     let options = ResolveOptions {
-        download: Some(DownloadOptions { endpoint: Some("http://127.0.0.1:9".into()), token: None, retries: Some(0) }),
+        download: Some(DownloadOptions {
+            endpoint: Some("http://127.0.0.1:9".into()),
+            retries: Some(0),
+            ..Default::default()
+        }),
         ..offline(tmp.path())
     };
     let err = hub::resolve_with("test-org/not-cached", &options).unwrap_err().to_string();
@@ -122,7 +126,7 @@ fn without_network_the_error_says_so_and_names_the_local_options() {
         "test-org/not-cached".into(),
         None,
         tmp.path().to_path_buf(),
-        DownloadOptions { endpoint: Some("http://127.0.0.1:9".into()), token: None, retries: Some(0) },
+        DownloadOptions { endpoint: Some("http://127.0.0.1:9".into()), retries: Some(0), ..Default::default() },
     );
     let err = handle.join().unwrap().unwrap_err().to_string();
     assert!(err.contains("no network"), "{err}");
@@ -173,7 +177,11 @@ fn a_download_lands_in_the_cache_with_progress_and_is_not_fetched_twice() {
     let events = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let sink = events.clone();
     let options = ResolveOptions {
-        download: Some(DownloadOptions { endpoint: Some(hub.endpoint.clone()), token: None, retries: Some(0) }),
+        download: Some(DownloadOptions {
+            endpoint: Some(hub.endpoint.clone()),
+            retries: Some(0),
+            ..Default::default()
+        }),
         progress: Some(std::sync::Arc::new(move |e| sink.lock().unwrap().push(e))),
         ..offline(tmp.path())
     };
@@ -200,4 +208,50 @@ fn a_download_lands_in_the_cache_with_progress_and_is_not_fetched_twice() {
     assert_eq!(hub.bodies_sent.load(std::sync::atomic::Ordering::SeqCst), 4);
     let listed = hub::list_cached_models(tmp.path()).unwrap();
     assert!(listed.iter().any(|m| m.repo_id == "test-org/tiny" && m.complete));
+}
+
+#[test]
+fn a_cancelled_download_stops_at_once_and_the_next_one_completes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let files: Vec<(String, Vec<u8>)> = model_files().into_iter().map(|(n, d)| (n.to_string(), d)).collect();
+    // each body takes 20 s to send, far longer than the cancel may take
+    let slow = common::fake_hub::serve("test-org/tiny", files.clone(), 200, std::time::Duration::from_millis(100));
+    let cancel = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (tx, rx) = crossbeam_channel::unbounded();
+    let options = ResolveOptions {
+        download: Some(DownloadOptions {
+            endpoint: Some(slow.endpoint.clone()),
+            token: None,
+            retries: Some(0),
+            cancel: Some(cancel.clone()),
+        }),
+        progress: Some(std::sync::Arc::new(move |e| _ = tx.send(e))),
+        ..offline(tmp.path())
+    };
+    let worker = {
+        let options = options.clone();
+        std::thread::spawn(move || hub::resolve_with("test-org/tiny", &options).map(|r| r.dir))
+    };
+    // bytes are arriving: cancel
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !matches!(rx.recv_deadline(deadline), Ok(hub::DownloadEvent::Progress { bytes_done, .. }) if bytes_done > 0) {
+        assert!(std::time::Instant::now() < deadline, "no progress from the hub");
+    }
+    let asked = std::time::Instant::now();
+    cancel.store(true, std::sync::atomic::Ordering::Relaxed);
+    let err = worker.join().unwrap().unwrap_err().to_string();
+    assert!(asked.elapsed() < std::time::Duration::from_secs(5), "cancel took {:?}", asked.elapsed());
+    assert!(err.contains("cancelled") && err.contains("test-org/tiny"), "{err}");
+    let cached = hub::hf_cache::find_cached(tmp.path(), "test-org/tiny", None).unwrap();
+    assert!(cached.is_none_or(|c| !c.complete), "a cancelled download is not a complete snapshot");
+
+    // a later download (a fast hub this time) completes into the same cache
+    let fast = common::fake_hub::serve("test-org/tiny", files, 1, std::time::Duration::ZERO);
+    let options = ResolveOptions {
+        download: Some(DownloadOptions { endpoint: Some(fast.endpoint.clone()), ..Default::default() }),
+        progress: None,
+        ..offline(tmp.path())
+    };
+    let resolved = hub::resolve_with("test-org/tiny", &options).unwrap();
+    Model::load(&resolved.dir, BaseWeights::Dense(DType::F32), &Device::Cpu).unwrap();
 }

@@ -4,6 +4,8 @@
 //! panel describes and the memory estimate reads.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use crossbeam_channel::Receiver;
@@ -50,13 +52,20 @@ pub struct Progress {
     pub file: String,
 }
 
-/// A worker making one source local. Workers whose source is no longer the chosen one run to
-/// their end (hf-hub cannot be interrupted; what they fetched stays in the cache) and are
-/// dropped.
+/// A worker making one source local. A download whose source is no longer the chosen one is
+/// cancelled (the files it finished stay in the cache); an import runs to its end.
 struct Job {
     source: String,
     events: Option<Receiver<DownloadEvent>>,
+    /// Set by the Cancel button or a change of source; downloads only.
+    cancel: Option<Arc<AtomicBool>>,
     handle: JoinHandle<Result<PathBuf, String>>,
+}
+
+impl Job {
+    fn cancelled(&self) -> bool {
+        self.cancel.as_ref().is_some_and(|c| c.load(Ordering::Relaxed))
+    }
 }
 
 pub struct SourceView {
@@ -130,6 +139,7 @@ impl SourceView {
                 continue;
             }
             let job = self.jobs.remove(i);
+            let cancelled = job.cancelled();
             let outcome = job.handle.join().unwrap_or_else(|_| Err("stopped on an internal error".into()));
             if job.source == current && self.source == current {
                 self.state = match outcome {
@@ -137,11 +147,18 @@ impl SourceView {
                         inspected = true;
                         ready(dir)
                     }
+                    // back to where the download was offered
+                    Err(_) if cancelled => self.look_at(current),
                     Err(message) => SourceState::Failed { can_retry: job.events.is_some(), message },
                 };
             }
         }
         if current != self.source {
+            for job in self.jobs.iter().filter(|job| job.source != current) {
+                if let Some(cancel) = &job.cancel {
+                    cancel.store(true, Ordering::Relaxed);
+                }
+            }
             self.source = current.to_string();
             self.state = self.look_at(current);
             inspected |= self.described().is_some();
@@ -195,14 +212,29 @@ impl SourceView {
         self.state = self.spawn(&source, "Downloading", true);
     }
 
+    /// Stop the running download of the current source (the Cancel button).
+    pub fn cancel_download(&mut self) {
+        for job in self.jobs.iter().filter(|job| job.source == self.source) {
+            if let Some(cancel) = &job.cancel {
+                cancel.store(true, Ordering::Relaxed);
+            }
+        }
+    }
+
     fn spawn(&mut self, source: &str, what: &'static str, download: bool) -> SourceState {
         let mut options = self.options.clone();
+        let mut cancel = None;
         let events = if download {
             let (tx, rx) = crossbeam_channel::unbounded();
-            options.progress = Some(std::sync::Arc::new(move |e| {
+            options.progress = Some(Arc::new(move |e| {
                 // the view may be gone (window closed): the download still completes
                 let _ = tx.send(e);
             }));
+            let flag = Arc::new(AtomicBool::new(false));
+            if let Some(download) = &mut options.download {
+                download.cancel = Some(flag.clone());
+            }
+            cancel = Some(flag);
             Some(rx)
         } else {
             // an import never downloads
@@ -213,22 +245,26 @@ impl SourceView {
         let handle = std::thread::spawn(move || {
             hub::resolve_with(&owned, &options).map(|resolved| resolved.dir).map_err(|e| e.to_string())
         });
-        self.jobs.push(Job { source: source.to_string(), events, handle });
+        self.jobs.push(Job { source: source.to_string(), events, cancel, handle });
         SourceState::Working { what, progress: None }
     }
 
     /// The state of the source under the model pickers; the model's details are the caller's.
     pub fn status_ui(&mut self, ui: &mut egui::Ui, lang: Lang) {
-        let mut download = false;
+        let (mut download, mut cancel) = (false, false);
         match &self.state {
             SourceState::Empty => {
                 ui.weak(tr(lang, "no model chosen"));
             }
             SourceState::Ready { .. } => {}
             SourceState::Working { what, progress } => {
+                let download_job = self.jobs.iter().find(|job| job.source == self.source && job.cancel.is_some());
                 ui.horizontal(|ui| {
                     ui.spinner();
                     ui.label(format!("{} {}", tr(lang, what), self.source));
+                    if let Some(job) = download_job {
+                        cancel = ui.add_enabled(!job.cancelled(), egui::Button::new(tr(lang, "Cancel"))).clicked();
+                    }
                 });
                 if let Some(p) = progress {
                     let fraction = if p.bytes_total > 0 { p.bytes_done as f32 / p.bytes_total as f32 } else { 0.0 };
@@ -262,6 +298,9 @@ impl SourceView {
         }
         if download {
             self.start_download();
+        }
+        if cancel {
+            self.cancel_download();
         }
     }
 }

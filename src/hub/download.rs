@@ -6,7 +6,9 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use hf_hub::progress::{DownloadEvent as HubEvent, FileStatus, ProgressEvent, ProgressHandler};
 use hf_hub::{HFClientBuilder, HFError};
@@ -43,6 +45,9 @@ pub struct DownloadOptions {
     pub token: Option<String>,
     /// Retries after a failed request (hf-hub's default when `None`).
     pub retries: Option<usize>,
+    /// Set to stop the download: requests in flight are dropped within a tenth of a second,
+    /// finished files stay in the cache for the next try.
+    pub cancel: Option<Arc<AtomicBool>>,
 }
 
 /// The files a model needs: configs, tokenizer and safetensors weights (never .bin, .h5, .onnx
@@ -124,18 +129,42 @@ pub fn download(
         .clone()
         .or_else(|| std::env::var("HF_ENDPOINT").ok())
         .unwrap_or_else(|| "https://huggingface.co".into());
-    let client = builder.build_sync().map_err(|e| Error::Invalid(format!("hub client for {endpoint}: {e}")))?;
+    let client = builder.build().map_err(|e| Error::Invalid(format!("hub client for {endpoint}: {e}")))?;
     let (owner, name) = hf_hub::split_id(repo_id);
     let tracker = Arc::new(Tracker { state: Mutex::new(TrackerState::default()), on_event: Box::new(on_event) });
     let progress: Arc<dyn ProgressHandler> = tracker.clone();
-    let dir = client
-        .model(owner, name)
+    let repository = client.model(owner, name);
+    let snapshot = repository
         .snapshot_download()
         .maybe_revision(revision.map(str::to_string))
         .allow_patterns(MODEL_FILE_PATTERNS.iter().map(|p| p.to_string()).collect())
         .progress(progress)
-        .send()
-        .map_err(|e| explain(e, repo_id, &endpoint, cache))?;
+        .send();
+    // hf-hub's blocking client cannot be interrupted, so the async one runs on a runtime of
+    // our own, raced against the cancel flag: dropping the download future drops its requests.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Error::Invalid(format!("cannot start the download runtime: {e}")))?;
+    let cancel = options.cancel.clone().unwrap_or_default();
+    let cancelled = async {
+        while !cancel.load(Ordering::Relaxed) {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    let outcome = runtime.block_on(async {
+        match futures::future::select(Box::pin(snapshot), Box::pin(cancelled)).await {
+            futures::future::Either::Left((outcome, _)) => Some(outcome),
+            futures::future::Either::Right(_) => None,
+        }
+    });
+    let Some(outcome) = outcome else {
+        return Err(Error::Invalid(format!(
+            "download of {repo_id} cancelled; the files it finished stay in {} and the next download skips them",
+            cache.display()
+        )));
+    };
+    let dir = outcome.map_err(|e| explain(e, repo_id, &endpoint, cache))?;
     (tracker.on_event)(DownloadEvent::Finished { dir: dir.clone() });
     Ok(dir)
 }
