@@ -874,19 +874,20 @@ impl StudioApp {
             });
         }
         if !self.compare.is_empty() {
-            let title = ui.label(egui::RichText::new(tr(lang, "Training loss of the compared runs")).strong());
-            egui_plot::Plot::new("compare")
-                .height(260.0)
-                .legend(egui_plot::Legend::default())
-                .show(ui, |p| {
-                    for r in records.iter().filter(|r| self.compare.contains(&r.dir)) {
-                        let points: Vec<[f64; 2]> = r.state.losses.iter().map(|&(s, l)| [s as f64, l]).collect();
-                        let name = r.dir.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
-                        p.line(egui_plot::Line::new(name, egui_plot::PlotPoints::from(points)));
-                    }
-                })
-                .response
-                .labelled_by(title.id);
+            let title = egui::RichText::new(tr(lang, "Training loss of the compared runs")).strong();
+            titled_plot(ui, "compare", title, |ui| {
+                egui_plot::Plot::new("compare")
+                    .height(260.0)
+                    .legend(egui_plot::Legend::default())
+                    .show(ui, |p| {
+                        for r in records.iter().filter(|r| self.compare.contains(&r.dir)) {
+                            let points: Vec<[f64; 2]> = r.state.losses.iter().map(|&(s, l)| [s as f64, l]).collect();
+                            let name = r.dir.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+                            p.line(egui_plot::Line::new(name, egui_plot::PlotPoints::from(points)));
+                        }
+                    })
+                    .response
+            });
         }
         if let Some(r) = reopen {
             let end = RunFinished {
@@ -1018,6 +1019,22 @@ fn notify(outcome: &Result<RunFinished, String>) {
         Err(m) => ("qlora-studio: run failed", m.clone()),
     };
     let _ = std::process::Command::new("notify-send").arg(title).arg(body).spawn();
+}
+
+/// A plot under its title, in a scope whose id is fixed by `id`: egui_plot takes its focusable
+/// response from the Ui's running widget count, so a spinner or a status line that comes and
+/// goes above it would change the plot's id and take the keyboard focus away from it.
+pub(crate) fn titled_plot(
+    ui: &mut egui::Ui,
+    id: &str,
+    title: impl Into<egui::WidgetText>,
+    plot: impl FnOnce(&mut egui::Ui) -> egui::Response,
+) {
+    let scope = egui::UiBuilder::new().scope_id(ui.scope_id().with(id));
+    ui.scope_builder(scope, |ui| {
+        let title = ui.label(title);
+        plot(ui).labelled_by(title.id);
+    });
 }
 
 /// A label and the widget it names, so screen readers (and UI tests) know what the widget is.

@@ -8,6 +8,7 @@ use std::thread::JoinHandle;
 use eframe::egui;
 use egui_plot::{Bar, BarChart, Plot, VLine};
 
+use super::app::titled_plot;
 use super::i18n::{tr, Lang};
 use crate::data::{self, DataConfig, DataFormat, ModelTokenizer, Preview, TemplateChoice, Validation};
 
@@ -190,21 +191,22 @@ impl DataView {
                 ui.label(job);
             });
         }
-        let title = ui.label(tr(lang, "Token lengths (the line is the max length)"));
         let bars: Vec<Bar> = p
             .lengths
             .histogram
             .iter()
             .map(|b| Bar::new((b.start + b.end) as f64 / 2.0, b.count as f64).width((b.end - b.start).max(1) as f64))
             .collect();
-        Plot::new("lengths")
-            .height(120.0)
-            .allow_scroll(false)
-            .show(ui, |plot| {
-                plot.bar_chart(BarChart::new(tr(lang, "examples"), bars));
-                plot.vline(VLine::new(tr(lang, "Max length"), p.max_length as f64));
-            })
-            .response
-            .labelled_by(title.id);
+        // the spinner above it comes and goes while a new preview is made
+        titled_plot(ui, "lengths", tr(lang, "Token lengths (the line is the max length)"), |ui| {
+            Plot::new("lengths")
+                .height(120.0)
+                .allow_scroll(false)
+                .show(ui, |plot| {
+                    plot.bar_chart(BarChart::new(tr(lang, "examples"), bars));
+                    plot.vline(VLine::new(tr(lang, "Max length"), p.max_length as f64));
+                })
+                .response
+        });
     }
 }

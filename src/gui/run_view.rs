@@ -8,6 +8,7 @@ use crossbeam_channel::{Receiver, Sender};
 use eframe::egui;
 use egui_plot::{HLine, Legend, Line, Plot, PlotPoints};
 
+use super::app::titled_plot;
 use super::i18n::{tr, Lang};
 use crate::train::events::{RunFinished, RunStarted, StepStats};
 use crate::train::{Command, RunConfig, TrainEvent};
@@ -230,69 +231,69 @@ impl RunView {
             self.steps.iter().map(|s| [s.step as f64, f(s)]).filter(|p| p[1].is_finite()).collect()
         };
         let height = (ui.available_height() * 0.45).clamp(140.0, 320.0);
-        let title = ui.label(egui::RichText::new(tr(lang, "Loss")).strong());
-        Plot::new("loss")
-            .height(height)
-            .legend(Legend::default())
-            .show(ui, |p| {
-                p.line(Line::new(tr(lang, "Training loss"), PlotPoints::from(series(&|s| s.loss))));
-                let evals: Vec<[f64; 2]> = self.evals.iter().map(|&(s, l)| [s as f64, l]).collect();
-                if !evals.is_empty() {
-                    p.line(Line::new(tr(lang, "Validation loss"), PlotPoints::from(evals)));
-                }
-            })
-            .response
-            .labelled_by(title.id);
+        titled_plot(ui, "loss", egui::RichText::new(tr(lang, "Loss")).strong(), |ui| {
+            Plot::new("loss")
+                .height(height)
+                .legend(Legend::default())
+                .show(ui, |p| {
+                    p.line(Line::new(tr(lang, "Training loss"), PlotPoints::from(series(&|s| s.loss))));
+                    let evals: Vec<[f64; 2]> = self.evals.iter().map(|&(s, l)| [s as f64, l]).collect();
+                    if !evals.is_empty() {
+                        p.line(Line::new(tr(lang, "Validation loss"), PlotPoints::from(evals)));
+                    }
+                })
+                .response
+        });
         let small = (height * 0.6).max(110.0);
         ui.columns(2, |cols| {
-            let title = cols[0].label(tr(lang, "Learning rate over steps"));
-            Plot::new("lr")
-                .height(small)
-                .show(&mut cols[0], |p| {
-                    p.line(Line::new("lr", PlotPoints::from(series(&|s| s.lr))));
-                })
-                .response
-                .labelled_by(title.id);
-            let title = cols[1].label(tr(lang, "Gradient norm"));
-            Plot::new("grad_norm")
-                .height(small)
-                .show(&mut cols[1], |p| {
-                    p.line(Line::new("|g|", PlotPoints::from(series(&|s| s.grad_norm))));
-                })
-                .response
-                .labelled_by(title.id);
+            titled_plot(&mut cols[0], "lr", tr(lang, "Learning rate over steps"), |ui| {
+                Plot::new("lr")
+                    .height(small)
+                    .show(ui, |p| {
+                        p.line(Line::new("lr", PlotPoints::from(series(&|s| s.lr))));
+                    })
+                    .response
+            });
+            titled_plot(&mut cols[1], "grad_norm", tr(lang, "Gradient norm"), |ui| {
+                Plot::new("grad_norm")
+                    .height(small)
+                    .show(ui, |p| {
+                        p.line(Line::new("|g|", PlotPoints::from(series(&|s| s.grad_norm))));
+                    })
+                    .response
+            });
         });
         ui.columns(2, |cols| {
-            let title = cols[0].label(tr(lang, "Tokens/s"));
-            Plot::new("throughput")
-                .height(small)
-                .show(&mut cols[0], |p| {
-                    p.line(Line::new("tokens/s", PlotPoints::from(series(&|s| s.tokens_per_s))));
-                })
-                .response
-                .labelled_by(title.id);
-            let title = cols[1].label(tr(lang, "Memory (MiB)"));
-            Plot::new("memory")
-                .height(small)
-                .legend(Legend::default())
-                .show(&mut cols[1], |p| {
-                    let mib = |b: u64| b as f64 / 1048576.0;
-                    p.line(Line::new("RSS", PlotPoints::from(series(&|s| mib(s.memory.rss)))));
-                    // live heap bytes (the tensors) where the counting allocator is installed
-                    let heap = series(&|s| s.memory.heap_live.map(mib).unwrap_or(f64::NAN));
-                    if !heap.is_empty() {
-                        p.line(Line::new(tr(lang, "live heap"), PlotPoints::from(heap)));
-                    }
-                    let device = series(&|s| s.memory.device_used.map(mib).unwrap_or(f64::NAN));
-                    if !device.is_empty() {
-                        p.line(Line::new("GPU", PlotPoints::from(device)));
-                    }
-                    if let Some(e) = self.estimate_bytes {
-                        p.hline(HLine::new(tr(lang, "Estimate"), mib(e)));
-                    }
-                })
-                .response
-                .labelled_by(title.id);
+            titled_plot(&mut cols[0], "throughput", tr(lang, "Tokens/s"), |ui| {
+                Plot::new("throughput")
+                    .height(small)
+                    .show(ui, |p| {
+                        p.line(Line::new("tokens/s", PlotPoints::from(series(&|s| s.tokens_per_s))));
+                    })
+                    .response
+            });
+            titled_plot(&mut cols[1], "memory", tr(lang, "Memory (MiB)"), |ui| {
+                Plot::new("memory")
+                    .height(small)
+                    .legend(Legend::default())
+                    .show(ui, |p| {
+                        let mib = |b: u64| b as f64 / 1048576.0;
+                        p.line(Line::new("RSS", PlotPoints::from(series(&|s| mib(s.memory.rss)))));
+                        // live heap bytes (the tensors) where the counting allocator is installed
+                        let heap = series(&|s| s.memory.heap_live.map(mib).unwrap_or(f64::NAN));
+                        if !heap.is_empty() {
+                            p.line(Line::new(tr(lang, "live heap"), PlotPoints::from(heap)));
+                        }
+                        let device = series(&|s| s.memory.device_used.map(mib).unwrap_or(f64::NAN));
+                        if !device.is_empty() {
+                            p.line(Line::new("GPU", PlotPoints::from(device)));
+                        }
+                        if let Some(e) = self.estimate_bytes {
+                            p.hline(HLine::new(tr(lang, "Estimate"), mib(e)));
+                        }
+                    })
+                    .response
+            });
         });
     }
 
