@@ -590,6 +590,9 @@ fn tokenizer_config_variants_and_missing_files() {
     std::fs::write(empty.path().join("tokenizer.model"), b"x").unwrap();
     let e = error_text(ModelTokenizer::from_dir(empty.path()));
     assert!(e.contains("save_pretrained"), "{e}");
+    std::fs::write(empty.path().join("qwen.tiktoken"), b"x").unwrap();
+    let e = error_text(ModelTokenizer::from_dir(empty.path()));
+    assert!(e.contains("tiktoken") && e.contains("not read"), "{e}");
 
     // chat_template as a list; eos as an object; generation_config with several eos ids.
     let dir = model_dir(

@@ -157,6 +157,10 @@ fn folder_checks_name_what_is_missing() {
     assert!(err.contains("model-00002-of-00002.safetensors") && err.contains("incomplete"), "{err}");
     std::fs::write(dir.join("model-00002-of-00002.safetensors"), b"").unwrap();
     assert!(check(&dir).contains("no tokenizer.json"));
+    // a SentencePiece model alone: the error says how to make tokenizer.json from it
+    std::fs::write(dir.join("tokenizer.model"), b"x").unwrap();
+    let err = check(&dir);
+    assert!(err.contains("no tokenizer.json") && err.contains("save_pretrained(folder)"), "{err}");
     std::fs::write(dir.join("tokenizer.json"), b"{}").unwrap();
     let ok = hub::check_folder(&dir).unwrap();
     assert_eq!(ok.weight_files.len(), 2);

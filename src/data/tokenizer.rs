@@ -49,6 +49,20 @@ impl std::fmt::Debug for ModelTokenizer {
     }
 }
 
+/// What to do about a model folder without tokenizer.json, from what it has instead.
+pub fn missing_tokenizer_hint(dir: &Path) -> &'static str {
+    let has = |name: &str| dir.join(name).is_file();
+    if has("qwen.tiktoken") {
+        "the folder has a tiktoken tokenizer (qwen.tiktoken), which is not read: use a checkpoint that ships \
+         tokenizer.json (Qwen1.5 and later do)"
+    } else if has("tokenizer.model") || has("vocab.json") {
+        "the folder has only a slow tokenizer (tokenizer.model / vocab.json): convert it once with transformers, \
+         `AutoTokenizer.from_pretrained(folder).save_pretrained(folder)`, which writes tokenizer.json"
+    } else {
+        "download the model's tokenizer files (tokenizer.json, tokenizer_config.json) into the folder"
+    }
+}
+
 impl ModelTokenizer {
     /// Reads tokenizer.json (required), tokenizer_config.json, chat_template.jinja /
     /// chat_template.json and generation_config.json (optional) from a model folder.
@@ -59,13 +73,11 @@ impl ModelTokenizer {
         }
         let tok_path = dir.join("tokenizer.json");
         if !tok_path.is_file() {
-            let hint = if dir.join("tokenizer.model").is_file() || dir.join("vocab.json").is_file() {
-                "; the folder has only a slow tokenizer (tokenizer.model / vocab.json): convert it once with transformers, \
-                 `AutoTokenizer.from_pretrained(folder).save_pretrained(folder)`, which writes tokenizer.json"
-            } else {
-                "; download the model's tokenizer files (tokenizer.json, tokenizer_config.json) into the folder"
-            };
-            return Err(Error::Invalid(format!("{}: tokenizer.json is missing{hint}", dir.display())));
+            return Err(Error::Invalid(format!(
+                "{}: tokenizer.json is missing; {}",
+                dir.display(),
+                missing_tokenizer_hint(dir)
+            )));
         }
         let tokenizer = Tokenizer::from_file(&tok_path).map_err(|e| {
             Error::Invalid(format!("{}: not a tokenizer the tokenizers library reads: {e}", tok_path.display()))

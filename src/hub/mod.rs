@@ -120,8 +120,9 @@ pub fn check_folder(dir: &Path) -> Result<FolderCheck> {
     };
     if !dir.join("tokenizer.json").is_file() {
         return Err(Error::Invalid(format!(
-            "{}: no tokenizer.json (a tokenizer.model of SentencePiece is not read); {WHAT_A_FOLDER_NEEDS}",
-            dir.display()
+            "{}: no tokenizer.json; {}; {WHAT_A_FOLDER_NEEDS}",
+            dir.display(),
+            crate::data::missing_tokenizer_hint(dir)
         )));
     }
     Ok(FolderCheck {
