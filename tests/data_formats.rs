@@ -587,7 +587,7 @@ fn tokenizer_config_variants_and_missing_files() {
     let empty = tempfile::tempdir().unwrap();
     let e = error_text(ModelTokenizer::from_dir(empty.path()));
     assert!(e.contains("tokenizer.json is missing"), "{e}");
-    std::fs::write(empty.path().join("tokenizer.model"), b"x").unwrap();
+    std::fs::write(empty.path().join("vocab.json"), b"{}").unwrap();
     let e = error_text(ModelTokenizer::from_dir(empty.path()));
     assert!(e.contains("save_pretrained"), "{e}");
     std::fs::write(empty.path().join("qwen.tiktoken"), b"x").unwrap();
@@ -739,4 +739,55 @@ fn generation_tags_of_transformers_templates_are_accepted() {
     let template = ChatTemplate::resolve(&TemplateChoice::Model, &tok, None).unwrap();
     let text = template.render(&two_turns(None)[..2], false, &tok).unwrap();
     assert_eq!(text, "U1|A1|");
+}
+
+// ---- SentencePiece tokenizer.model (tests/data/sentencepiece, made by its make.py) ----
+
+fn sentencepiece_folder(model: &str, config: Option<serde_json::Value>) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let fixture = data_file("sentencepiece").join(model);
+    std::fs::copy(fixture, dir.path().join("tokenizer.model")).unwrap();
+    if let Some(config) = config {
+        std::fs::write(dir.path().join("tokenizer_config.json"), config.to_string()).unwrap();
+    }
+    dir
+}
+
+#[test]
+fn a_sentencepiece_model_tokenizes_as_sentencepiece_does() {
+    let expected: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(data_file("sentencepiece").join("expected.json")).unwrap())
+            .unwrap();
+    let dir = sentencepiece_folder("tiny.model", None);
+    let tok = ModelTokenizer::from_dir(dir.path()).unwrap();
+    // no tokenizer_config.json: BOS and EOS come from the model file
+    assert_eq!((tok.bos_token.as_deref(), tok.bos_token_id), (Some("<s>"), Some(1)));
+    assert_eq!((tok.eos_token.as_deref(), tok.eos_token_id), (Some("</s>"), Some(2)));
+    for case in expected["texts"].as_array().unwrap() {
+        let text = case["text"].as_str().unwrap();
+        // around a user-defined symbol the reference is transformers (see make.py)
+        let (ids_key, text_key) =
+            if text.contains("<|user|>") { ("transformers_ids", "transformers_decoded") } else { ("ids", "decoded") };
+        let want: Vec<u32> = serde_json::from_value(case[ids_key].clone()).unwrap();
+        let ids = tok.encode(text, false).unwrap().ids;
+        assert_eq!(ids, want, "{text:?}");
+        assert_eq!(tok.decode(&ids, false).unwrap(), case[text_key].as_str().unwrap(), "{text:?}");
+        // with special tokens: LlamaTokenizer's BOS first
+        assert_eq!(tok.encode(text, true).unwrap().ids, [&[1], &want[..]].concat(), "{text:?}");
+    }
+
+    // tokenizer_config.json's add_bos_token is followed
+    let dir = sentencepiece_folder("tiny.model", Some(json!({"add_bos_token": false, "eos_token": "</s>"})));
+    let tok = ModelTokenizer::from_dir(dir.path()).unwrap();
+    assert_eq!(tok.encode("Hello", true).unwrap().ids, tok.encode("Hello", false).unwrap().ids);
+}
+
+#[test]
+fn sentencepiece_models_that_cannot_be_converted_are_clear_errors() {
+    let dir = sentencepiece_folder("unigram.model", None);
+    let e = error_text(ModelTokenizer::from_dir(dir.path()));
+    assert!(e.contains("tokenizer.model") && e.contains("Unigram") && e.contains("save_pretrained"), "{e}");
+    std::fs::write(dir.path().join("tokenizer.model"), b"\xff\xff not protobuf").unwrap();
+    let e = error_text(ModelTokenizer::from_dir(dir.path()));
+    assert!(e.contains("tokenizer.model") && e.contains("not a SentencePiece model file"), "{e}");
 }

@@ -157,8 +157,8 @@ fn folder_checks_name_what_is_missing() {
     assert!(err.contains("model-00002-of-00002.safetensors") && err.contains("incomplete"), "{err}");
     std::fs::write(dir.join("model-00002-of-00002.safetensors"), b"").unwrap();
     assert!(check(&dir).contains("no tokenizer.json"));
-    // a SentencePiece model alone: the error says how to make tokenizer.json from it
-    std::fs::write(dir.join("tokenizer.model"), b"x").unwrap();
+    // a GPT-2 style slow tokenizer alone: the error says how to make tokenizer.json from it
+    std::fs::write(dir.join("vocab.json"), b"{}").unwrap();
     let err = check(&dir);
     assert!(err.contains("no tokenizer.json") && err.contains("save_pretrained(folder)"), "{err}");
     std::fs::write(dir.join("tokenizer.json"), b"{}").unwrap();

@@ -130,6 +130,28 @@ fn qlora_run_learns_the_dataset_and_reports_in_order() {
     assert!(samples[1].2.starts_with("The"), "{samples:?}");
 }
 
+#[test]
+fn a_model_with_only_a_sentencepiece_tokenizer_trains() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = setup(dir.path(), Mode::Qlora);
+    // the same tiny model with the SentencePiece fixture (400 pieces) instead of tokenizer.json
+    let model_dir = dir.path().join("model");
+    TinyLlama { min_vocab: 400, ..TinyLlama::default() }.write(&model_dir, &["colors".to_string()]);
+    std::fs::remove_file(model_dir.join("tokenizer.json")).unwrap();
+    let fixture = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/sentencepiece/tiny.model");
+    std::fs::copy(fixture, model_dir.join("tokenizer.model")).unwrap();
+    config.train.max_steps = 12;
+    // byte pieces make the prompts longer than words do
+    config.data.max_length = 256;
+    let events = run_with_stop(config, None, None);
+    assert_eq!(failure(&events), None);
+    let losses = step_losses(&events);
+    assert_eq!(losses.len(), 12);
+    assert!(losses.iter().all(|(_, l)| l.is_finite()));
+    // it learns
+    assert!(losses[11].1 < losses[0].1, "{losses:?}");
+}
+
 /// Run a config to the end, stopping it after `stop_after` steps when given. The event channel
 /// is a rendezvous, so the Stop is in the queue before the trainer can start the next step.
 fn run_with_stop(config: RunConfig, resume: Option<PathBuf>, stop_after: Option<usize>) -> Vec<TrainEvent> {

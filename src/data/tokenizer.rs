@@ -55,8 +55,8 @@ pub fn missing_tokenizer_hint(dir: &Path) -> &'static str {
     if has("qwen.tiktoken") {
         "the folder has a tiktoken tokenizer (qwen.tiktoken), which is not read: use a checkpoint that ships \
          tokenizer.json (Qwen1.5 and later do)"
-    } else if has("tokenizer.model") || has("vocab.json") {
-        "the folder has only a slow tokenizer (tokenizer.model / vocab.json): convert it once with transformers, \
+    } else if has("vocab.json") {
+        "the folder has only a slow tokenizer (vocab.json, merges.txt): convert it once with transformers, \
          `AutoTokenizer.from_pretrained(folder).save_pretrained(folder)`, which writes tokenizer.json"
     } else {
         "download the model's tokenizer files (tokenizer.json, tokenizer_config.json) into the folder"
@@ -64,26 +64,41 @@ pub fn missing_tokenizer_hint(dir: &Path) -> &'static str {
 }
 
 impl ModelTokenizer {
-    /// Reads tokenizer.json (required), tokenizer_config.json, chat_template.jinja /
+    /// Reads tokenizer.json (or a SentencePiece tokenizer.model), tokenizer_config.json, chat_template.jinja /
     /// chat_template.json and generation_config.json (optional) from a model folder.
     pub fn from_dir(dir: impl AsRef<Path>) -> Result<Self> {
         let dir = dir.as_ref();
         if !dir.is_dir() {
             return Err(Error::Invalid(format!("{}: no such model folder", dir.display())));
         }
+        let config_path = dir.join("tokenizer_config.json");
+        let mut config = if config_path.is_file() { Some(read_json(&config_path)?) } else { None };
         let tok_path = dir.join("tokenizer.json");
-        if !tok_path.is_file() {
+        let sentencepiece_path = dir.join("tokenizer.model");
+        let tokenizer = if tok_path.is_file() {
+            Tokenizer::from_file(&tok_path).map_err(|e| {
+                Error::Invalid(format!("{}: not a tokenizer the tokenizers library reads: {e}", tok_path.display()))
+            })?
+        } else if sentencepiece_path.is_file() {
+            // LlamaTokenizer's default: a BOS before each sequence
+            let add_bos = config.as_ref().and_then(|c| c.get("add_bos_token")).and_then(Value::as_bool).unwrap_or(true);
+            let (tokenizer, bos, eos) = crate::hub::sentencepiece::tokenizer_from_model(&sentencepiece_path, add_bos)?;
+            // a config that names no BOS or EOS gets the model file's
+            if let Some(fields) = config.get_or_insert_with(|| Value::Object(Default::default())).as_object_mut() {
+                for (key, name) in [("bos_token", bos), ("eos_token", eos)] {
+                    if let Some(name) = name {
+                        fields.entry(key).or_insert(Value::String(name));
+                    }
+                }
+            }
+            tokenizer
+        } else {
             return Err(Error::Invalid(format!(
                 "{}: tokenizer.json is missing; {}",
                 dir.display(),
                 missing_tokenizer_hint(dir)
             )));
-        }
-        let tokenizer = Tokenizer::from_file(&tok_path).map_err(|e| {
-            Error::Invalid(format!("{}: not a tokenizer the tokenizers library reads: {e}", tok_path.display()))
-        })?;
-        let config_path = dir.join("tokenizer_config.json");
-        let config = if config_path.is_file() { Some(read_json(&config_path)?) } else { None };
+        };
         let mut tok = Self::from_parts(tokenizer, config.as_ref(), &config_path)?;
         tok.source = dir.to_path_buf();
 

@@ -6,6 +6,7 @@ pub mod demo;
 pub mod download;
 pub mod gguf;
 pub mod hf_cache;
+pub mod sentencepiece;
 pub mod tokenizer;
 pub mod try_model;
 
@@ -73,7 +74,8 @@ pub(crate) fn home_dir() -> PathBuf {
 }
 
 const WHAT_A_FOLDER_NEEDS: &str =
-    "a model folder needs config.json, model.safetensors (or shards with model.safetensors.index.json) and tokenizer.json";
+    "a model folder needs config.json, model.safetensors (or shards with model.safetensors.index.json) and tokenizer.json \
+     (or a SentencePiece BPE tokenizer.model)";
 
 /// Check that `dir` is a model folder the loader and the tokenizer can use, with an error that
 /// names what is missing and what to do.
@@ -118,9 +120,9 @@ pub fn check_folder(dir: &Path) -> Result<FolderCheck> {
         };
         return Err(Error::Invalid(format!("{}: no safetensors weights{hint}; {WHAT_A_FOLDER_NEEDS}", dir.display())));
     };
-    if !dir.join("tokenizer.json").is_file() {
+    if !dir.join("tokenizer.json").is_file() && !dir.join("tokenizer.model").is_file() {
         return Err(Error::Invalid(format!(
-            "{}: no tokenizer.json; {}; {WHAT_A_FOLDER_NEEDS}",
+            "{}: no tokenizer.json (nor a SentencePiece tokenizer.model); {}; {WHAT_A_FOLDER_NEEDS}",
             dir.display(),
             crate::data::missing_tokenizer_hint(dir)
         )));

@@ -303,7 +303,7 @@ pub const ROUND_TRIP_SAMPLES: &[&str] = &[
 pub fn check_round_trips(tokenizer_json: &Value, path: &Path) -> Result<Tokenizer> {
     let text = tokenizer_json.to_string();
     let tok: Tokenizer = text.parse().map_err(|e| {
-        Error::Invalid(format!("{}: the tokenizer rebuilt from the GGUF metadata is invalid: {e}", path.display()))
+        Error::Invalid(format!("{}: the tokenizer rebuilt from this file is invalid: {e}", path.display()))
     })?;
     for sample in ROUND_TRIP_SAMPLES {
         let enc = tok
@@ -314,7 +314,7 @@ pub fn check_round_trips(tokenizer_json: &Value, path: &Path) -> Result<Tokenize
             .map_err(|e| Error::Invalid(format!("{}: cannot decode {sample:?}: {e}", path.display())))?;
         if back != *sample {
             return Err(Error::Invalid(format!(
-                "{}: the tokenizer rebuilt from the GGUF metadata does not round-trip {sample:?} (got {back:?})",
+                "{}: the tokenizer rebuilt from this file does not round-trip {sample:?} (got {back:?})",
                 path.display()
             )));
         }

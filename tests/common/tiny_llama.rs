@@ -15,11 +15,14 @@ pub struct TinyLlama {
     pub kv_heads: usize,
     pub intermediate: usize,
     pub seed: u64,
+    /// At least this many token ids (placeholder words fill the vocabulary), so another
+    /// tokenizer of that size can be swapped in.
+    pub min_vocab: usize,
 }
 
 impl Default for TinyLlama {
     fn default() -> Self {
-        Self { hidden: 64, layers: 2, heads: 4, kv_heads: 2, intermediate: 128, seed: 7 }
+        Self { hidden: 64, layers: 2, heads: 4, kv_heads: 2, intermediate: 128, seed: 7, min_vocab: 0 }
     }
 }
 
@@ -56,6 +59,10 @@ impl TinyLlama {
         for t in SPECIAL_TOKENS.iter().map(|s| s.to_string()).chain(words(texts)) {
             let id = vocab.len() as u32;
             vocab.entry(t).or_insert(id);
+        }
+        while vocab.len() < self.min_vocab {
+            let id = vocab.len() as u32;
+            vocab.insert(format!("<placeholder_{id}>"), id);
         }
         let vocab_size = vocab.len();
         let model = tokenizers::models::wordlevel::WordLevel::builder()
