@@ -45,3 +45,42 @@ fn committed_demo_model_is_what_the_generator_makes() {
         assert!(made == committed, "assets/demo/model/{name} differs from what write_demo_model makes");
     }
 }
+
+/// Every file under `dir`, relative, sorted.
+fn files_under(dir: &std::path::Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).unwrap().flatten() {
+            if entry.path().is_dir() {
+                stack.push(entry.path());
+            } else {
+                out.push(entry.path().strip_prefix(dir).unwrap().to_string_lossy().into_owned());
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn the_binary_carries_the_whole_demo_for_use_away_from_the_repository() {
+    let tmp = tempfile::tempdir().unwrap();
+    let copy = tmp.path().join("demo");
+    demo::write_built_in_demo(&copy).unwrap();
+    let assets = demo::demo_model_dir().parent().unwrap().to_path_buf();
+    assert_eq!(files_under(&copy), files_under(&assets), "assets/demo and the built-in copy hold different files");
+    for name in files_under(&assets) {
+        assert!(std::fs::read(copy.join(&name)).unwrap() == std::fs::read(assets.join(&name)).unwrap(), "{name}");
+    }
+    hub::check_folder(&copy.join("model")).unwrap();
+
+    // a damaged copy (a file cut short) is written again; a complete one is left alone
+    std::fs::write(copy.join("model/config.json"), b"{").unwrap();
+    demo::write_built_in_demo(&copy).unwrap();
+    assert_eq!(
+        std::fs::read(copy.join("model/config.json")).unwrap(),
+        std::fs::read(assets.join("model/config.json")).unwrap()
+    );
+    assert!(!tmp.path().join("demo.partial").exists());
+}

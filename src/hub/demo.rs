@@ -1,7 +1,8 @@
 //! The built-in demo model (assets/demo/model): a tiny LLaMA with seeded random weights and a
 //! small byte-level BPE with a ChatML template, so the app has something to fine-tune offline
 //! at once. `examples/make_demo_model.rs` writes it; a test checks the committed copy is what
-//! this code makes.
+//! this code makes. The binary carries a copy of assets/demo for when it runs away from the
+//! repository.
 
 use std::path::Path;
 
@@ -32,6 +33,54 @@ const INTERMEDIATE: usize = 176;
 /// The folder of the demo model in the repository.
 pub fn demo_model_dir() -> std::path::PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/demo/model")
+}
+
+/// assets/demo, built into the binary: an installed copy (`cargo install`, a package) has no
+/// repository beside it.
+const BUILT_IN: &[(&str, &[u8])] = &[
+    ("dataset.jsonl", include_bytes!("../../assets/demo/dataset.jsonl")),
+    ("README.md", include_bytes!("../../assets/demo/README.md")),
+    ("model/README.md", include_bytes!("../../assets/demo/model/README.md")),
+    ("model/config.json", include_bytes!("../../assets/demo/model/config.json")),
+    ("model/generation_config.json", include_bytes!("../../assets/demo/model/generation_config.json")),
+    ("model/model.safetensors", include_bytes!("../../assets/demo/model/model.safetensors")),
+    ("model/tokenizer.json", include_bytes!("../../assets/demo/model/tokenizer.json")),
+    ("model/tokenizer_config.json", include_bytes!("../../assets/demo/model/tokenizer_config.json")),
+];
+
+/// The demo folder (`model/` and `dataset.jsonl`): the repository's assets/demo when the binary
+/// was built from a checkout that is still there, else the built-in copy, written once under
+/// `app_cache`. `None` when neither is possible (the first run's Start then names the path).
+pub fn demo_assets(app_cache: &Path) -> Option<std::path::PathBuf> {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/demo");
+    if BUILT_IN.iter().all(|(name, _)| repo.join(name).is_file()) {
+        return Some(repo);
+    }
+    let dir = app_cache.join(concat!("demo-", env!("CARGO_PKG_VERSION")));
+    write_built_in_demo(&dir).ok()?;
+    Some(dir)
+}
+
+/// Write the built-in demo to `dir`, unless a complete copy is there. The files go to a
+/// temporary folder first, so an interrupted write never looks complete.
+pub fn write_built_in_demo(dir: &Path) -> Result<()> {
+    let complete = |d: &Path| {
+        BUILT_IN.iter().all(|(name, bytes)| d.join(name).metadata().is_ok_and(|m| m.len() == bytes.len() as u64))
+    };
+    if complete(dir) {
+        return Ok(());
+    }
+    let tmp = dir.with_extension("partial");
+    let _ = std::fs::remove_dir_all(&tmp);
+    for (name, bytes) in BUILT_IN {
+        let path = tmp.join(name);
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+        }
+        std::fs::write(&path, bytes).map_err(|e| Error::io(&path, e))?;
+    }
+    let _ = std::fs::remove_dir_all(dir);
+    std::fs::rename(&tmp, dir).map_err(|e| Error::io(dir, e))
 }
 
 /// The text the demo tokenizer's merges are learned from.
