@@ -35,3 +35,24 @@ pub fn install_cjk_font(ctx: &egui::Context, system_first: bool) -> String {
     ctx.set_fonts(fonts);
     origin
 }
+
+#[cfg(test)]
+mod tests {
+    use skrifa::MetadataProvider;
+
+    /// Every non-ASCII character of the GUI's sources (the Chinese strings, symbols such as ▶)
+    /// has a glyph in the bundled subset; a missing one makes egui panic on drawing it.
+    /// After adding strings, rebuild the subset with assets/fonts/make-subset.sh.
+    #[test]
+    fn the_bundled_subset_draws_every_character_of_the_gui() {
+        let font = skrifa::FontRef::new(super::BUNDLED_CJK).unwrap();
+        let charmap = font.charmap();
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src/gui");
+        let mut missing = std::collections::BTreeSet::new();
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let text = std::fs::read_to_string(entry.unwrap().path()).unwrap();
+            missing.extend(text.chars().filter(|&c| !c.is_ascii() && charmap.map(c).is_none()));
+        }
+        assert!(missing.is_empty(), "not in assets/fonts/cjk-subset.ttf (run make-subset.sh): {missing:?}");
+    }
+}
