@@ -278,11 +278,14 @@ impl RunView {
                     .legend(Legend::default())
                     .show(ui, |p| {
                         let mib = |b: u64| b as f64 / 1048576.0;
-                        p.line(Line::new("RSS", PlotPoints::from(series(&|s| mib(s.memory.rss)))));
-                        // live heap bytes (the tensors) where the counting allocator is installed
+                        // the process, window included: above the estimate on small models
+                        let rss = tr(lang, "RSS (the whole app)");
+                        p.line(Line::new(rss, PlotPoints::from(series(&|s| mib(s.memory.rss)))));
+                        // live heap bytes (the tensors) where the counting allocator is installed:
+                        // what the estimate predicts
                         let heap = series(&|s| s.memory.heap_live.map(mib).unwrap_or(f64::NAN));
                         if !heap.is_empty() {
-                            p.line(Line::new(tr(lang, "live heap"), PlotPoints::from(heap)));
+                            p.line(Line::new(tr(lang, "live heap (tensors)"), PlotPoints::from(heap)));
                         }
                         let device = series(&|s| s.memory.device_used.map(mib).unwrap_or(f64::NAN));
                         if !device.is_empty() {
