@@ -245,33 +245,18 @@ impl RunView {
                 .response
         });
         let small = (height * 0.6).max(110.0);
+        // a small plot of one reading over the steps
+        let one_line = |ui: &mut egui::Ui, id: &str, title: &str, name: &str, f: &dyn Fn(&StepStats) -> f64| {
+            titled_plot(ui, id, title, |ui| {
+                Plot::new(id).height(small).show(ui, |p| p.line(Line::new(name, PlotPoints::from(series(f))))).response
+            });
+        };
         ui.columns(2, |cols| {
-            titled_plot(&mut cols[0], "lr", tr(lang, "Learning rate over steps"), |ui| {
-                Plot::new("lr")
-                    .height(small)
-                    .show(ui, |p| {
-                        p.line(Line::new("lr", PlotPoints::from(series(&|s| s.lr))));
-                    })
-                    .response
-            });
-            titled_plot(&mut cols[1], "grad_norm", tr(lang, "Gradient norm"), |ui| {
-                Plot::new("grad_norm")
-                    .height(small)
-                    .show(ui, |p| {
-                        p.line(Line::new("|g|", PlotPoints::from(series(&|s| s.grad_norm))));
-                    })
-                    .response
-            });
+            one_line(&mut cols[0], "lr", tr(lang, "Learning rate over steps"), "lr", &|s| s.lr);
+            one_line(&mut cols[1], "grad_norm", tr(lang, "Gradient norm"), "|g|", &|s| s.grad_norm);
         });
         ui.columns(2, |cols| {
-            titled_plot(&mut cols[0], "throughput", tr(lang, "Tokens/s"), |ui| {
-                Plot::new("throughput")
-                    .height(small)
-                    .show(ui, |p| {
-                        p.line(Line::new("tokens/s", PlotPoints::from(series(&|s| s.tokens_per_s))));
-                    })
-                    .response
-            });
+            one_line(&mut cols[0], "throughput", tr(lang, "Tokens/s"), "tokens/s", &|s| s.tokens_per_s);
             titled_plot(&mut cols[1], "memory", tr(lang, "Memory (MiB)"), |ui| {
                 Plot::new("memory")
                     .height(small)
