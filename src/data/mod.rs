@@ -53,7 +53,7 @@ pub use template::{
     check_template, family_template_name, named_template, named_templates, ChatTemplate, NamedTemplate, TemplateCheck,
     TemplateChoice, TemplateOrigin,
 };
-pub use tokenizer::{missing_tokenizer_hint, Encoded, ModelTokenizer};
+pub use tokenizer::{missing_tokenizer_hint, Encoded, ModelTokenizer, MAKE_TOKENIZER_JSON};
 
 use crate::error::{Error, Result};
 use crate::rng::Rng;

@@ -49,17 +49,23 @@ impl std::fmt::Debug for ModelTokenizer {
     }
 }
 
+/// The transformers call that writes a folder's tokenizer.json from its slow tokenizer.
+pub const MAKE_TOKENIZER_JSON: &str = "`AutoTokenizer.from_pretrained(folder).save_pretrained(folder)`";
+
 /// What to do about a model folder without tokenizer.json, from what it has instead.
-pub fn missing_tokenizer_hint(dir: &Path) -> &'static str {
+pub fn missing_tokenizer_hint(dir: &Path) -> String {
     let has = |name: &str| dir.join(name).is_file();
     if has("qwen.tiktoken") {
         "the folder has a tiktoken tokenizer (qwen.tiktoken), which is not read: use a checkpoint that ships \
          tokenizer.json (Qwen1.5 and later do)"
+            .into()
     } else if has("vocab.json") {
-        "the folder has only a slow tokenizer (vocab.json, merges.txt): convert it once with transformers, \
-         `AutoTokenizer.from_pretrained(folder).save_pretrained(folder)`, which writes tokenizer.json"
+        format!(
+            "the folder has only a slow tokenizer (vocab.json, merges.txt): convert it once with transformers, \
+             {MAKE_TOKENIZER_JSON}, which writes tokenizer.json"
+        )
     } else {
-        "download the model's tokenizer files (tokenizer.json, tokenizer_config.json) into the folder"
+        "download the model's tokenizer files (tokenizer.json, tokenizer_config.json) into the folder".into()
     }
 }
 

@@ -57,8 +57,7 @@ fn load_settings(path: &Path) -> (Settings, Option<(bool, String)>) {
 
 /// The built-in demo model and dataset, so Start trains at once on first launch.
 pub fn demo_config() -> RunConfig {
-    let assets = crate::hub::demo::demo_assets(&crate::hub::app_cache_dir())
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/demo"));
+    let assets = crate::hub::demo::demo_assets(&crate::hub::app_cache_dir());
     let mut c = RunConfig::default();
     c.model.source = assets.join("model").display().to_string();
     c.model.mode = Mode::Qlora;

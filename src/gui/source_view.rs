@@ -66,6 +66,13 @@ impl Job {
     fn cancelled(&self) -> bool {
         self.cancel.as_ref().is_some_and(|c| c.load(Ordering::Relaxed))
     }
+
+    /// Ask a download to stop (an import has no flag and runs on).
+    fn cancel(&self) {
+        if let Some(cancel) = &self.cancel {
+            cancel.store(true, Ordering::Relaxed);
+        }
+    }
 }
 
 pub struct SourceView {
@@ -154,11 +161,7 @@ impl SourceView {
             }
         }
         if current != self.source {
-            for job in self.jobs.iter().filter(|job| job.source != current) {
-                if let Some(cancel) = &job.cancel {
-                    cancel.store(true, Ordering::Relaxed);
-                }
-            }
+            self.jobs.iter().filter(|job| job.source != current).for_each(Job::cancel);
             self.source = current.to_string();
             self.state = self.look_at(current);
             inspected |= self.described().is_some();
@@ -214,11 +217,7 @@ impl SourceView {
 
     /// Stop the running download of the current source (the Cancel button).
     pub fn cancel_download(&mut self) {
-        for job in self.jobs.iter().filter(|job| job.source == self.source) {
-            if let Some(cancel) = &job.cancel {
-                cancel.store(true, Ordering::Relaxed);
-            }
-        }
+        self.jobs.iter().filter(|job| job.source == self.source).for_each(Job::cancel);
     }
 
     fn spawn(&mut self, source: &str, what: &'static str, download: bool) -> SourceState {

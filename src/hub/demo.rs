@@ -50,15 +50,18 @@ const BUILT_IN: &[(&str, &[u8])] = &[
 
 /// The demo folder (`model/` and `dataset.jsonl`): the repository's assets/demo when the binary
 /// was built from a checkout that is still there, else the built-in copy, written once under
-/// `app_cache`. `None` when neither is possible (the first run's Start then names the path).
-pub fn demo_assets(app_cache: &Path) -> Option<std::path::PathBuf> {
+/// `app_cache`. When neither is possible, the repository's path (the first Start then names it).
+pub fn demo_assets(app_cache: &Path) -> std::path::PathBuf {
     let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/demo");
     if BUILT_IN.iter().all(|(name, _)| repo.join(name).is_file()) {
-        return Some(repo);
+        return repo;
     }
     let dir = app_cache.join(concat!("demo-", env!("CARGO_PKG_VERSION")));
-    write_built_in_demo(&dir).ok()?;
-    Some(dir)
+    if write_built_in_demo(&dir).is_ok() {
+        dir
+    } else {
+        repo
+    }
 }
 
 /// Write the built-in demo to `dir`, unless a complete copy is there. The files go to a

@@ -71,20 +71,20 @@ pub fn tokenizer_from_model(path: &Path, add_bos: bool) -> Result<(Tokenizer, Op
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
     let model = ModelProto::decode(bytes.as_slice())
         .map_err(|e| Error::Invalid(format!("{}: not a SentencePiece model file ({e})", path.display())))?;
-    let vocab = vocabulary(&model, path)?;
+    let vocab = vocabulary(&model, add_bos, path)?;
     let name = |id: Option<u32>| id.map(|i| vocab.tokens[i as usize].clone());
     let (bos, eos) = (name(vocab.bos), name(vocab.eos));
-    let json = build_tokenizer_json(&GgufVocab { add_bos, ..vocab })?;
+    let json = build_tokenizer_json(&vocab)?;
     Ok((check_round_trips(&json, path)?, bos, eos))
 }
 
 /// What a converted tokenizer cannot reproduce is refused, with the way out.
-fn vocabulary(model: &ModelProto, path: &Path) -> Result<GgufVocab> {
+fn vocabulary(model: &ModelProto, add_bos: bool, path: &Path) -> Result<GgufVocab> {
     let unsupported = |what: &str| {
         Error::Invalid(format!(
-            "{}: {what}, which qlora-studio does not convert; make tokenizer.json once with transformers, \
-             `AutoTokenizer.from_pretrained(folder).save_pretrained(folder)`",
-            path.display()
+            "{}: {what}, which qlora-studio does not convert; make tokenizer.json once with transformers, {}",
+            path.display(),
+            crate::data::MAKE_TOKENIZER_JSON
         ))
     };
     let trainer = model.trainer_spec.clone().unwrap_or_default();
@@ -125,7 +125,7 @@ fn vocabulary(model: &ModelProto, path: &Path) -> Result<GgufVocab> {
         eos: id(trainer.eos_id, 2),
         pad: id(trainer.pad_id, -1),
         unk: id(trainer.unk_id, 0),
-        add_bos: true,
+        add_bos,
         tokens,
         token_type,
     })
