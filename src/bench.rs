@@ -7,7 +7,7 @@ use candle_core::{Device, Tensor, Var};
 use serde::Serialize;
 
 use crate::lora::LoraSettings;
-use crate::model::{causal_lm_loss, BaseWeights, Model};
+use crate::model::{BaseWeights, Model};
 use crate::quant::{self, FloatType, FrozenLinear, FrozenWeight};
 use crate::train::optim::{AdamW, AdamWParams};
 use crate::Result;
@@ -166,6 +166,8 @@ pub struct StepBenchRow {
     pub batch: usize,
     pub rank: usize,
     pub targets: String,
+    /// Per-block gradient checkpointing (not a field of the PyTorch baseline's rows).
+    pub gradient_checkpointing: bool,
     pub threads: usize,
     pub tokens_per_s: f64,
     pub step_s_median: f64,
@@ -183,6 +185,7 @@ pub struct StepBench<'a> {
     pub steps: usize,
     pub rank: usize,
     pub targets: Vec<String>,
+    pub checkpointing: bool,
 }
 
 /// Forward + backward + AdamW on a preset-shaped model with generated weights, as the PyTorch
@@ -199,6 +202,7 @@ pub fn step(b: &StepBench<'_>) -> Result<StepBenchRow> {
         targets: b.targets.clone(),
     };
     model.add_lora(&settings, 0)?;
+    model.set_gradient_checkpointing(b.checkpointing);
     let vars = model.trainable().into_iter().map(|(_, v)| v).collect();
     let mut opt = AdamW::new(vars, AdamWParams { lr: 1e-4, ..Default::default() })?;
     let vocab = model.spec.vocab as u32;
@@ -208,9 +212,8 @@ pub fn step(b: &StepBench<'_>) -> Result<StepBenchRow> {
     let (mut times, mut losses) = (Vec::new(), Vec::new());
     for _ in 0..b.steps + 2 {
         let start = Instant::now();
-        let logits = model.forward(&ids, true)?;
-        let loss = causal_lm_loss(&logits, &ids)?;
-        let grads = loss.backward()?;
+        let loss = model.loss(&ids, &ids, true)?;
+        let grads = model.backward(&loss)?;
         opt.step(&grads, 1.0)?;
         losses.push(loss.to_scalar::<f32>()?);
         times.push(start.elapsed().as_secs_f64());
@@ -227,6 +230,7 @@ pub fn step(b: &StepBench<'_>) -> Result<StepBenchRow> {
         batch: b.batch,
         rank: b.rank,
         targets: b.targets.join(","),
+        gradient_checkpointing: b.checkpointing,
         threads: rayon::current_num_threads(),
         tokens_per_s: (b.batch * b.seq * timed.len()) as f64 / timed.iter().sum::<f64>(),
         step_s_median: sorted[sorted.len() / 2],

@@ -15,6 +15,7 @@ pub mod memory;
 pub mod model;
 pub mod quant;
 pub mod rng;
+mod stash;
 pub mod train;
 pub mod weights;
 

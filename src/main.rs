@@ -186,6 +186,9 @@ enum BenchCommand {
         rank: usize,
         #[arg(long, default_value = "q_proj,v_proj")]
         targets: String,
+        /// Recompute each block in the backward (per-block gradient checkpointing).
+        #[arg(long)]
+        checkpointing: bool,
         /// Print one JSON line instead of text.
         #[arg(long)]
         json: bool,
@@ -357,13 +360,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let text = match &args.config {
                 Some(path) => {
                     let config = RunConfig::load(path)?;
-                    let input = config.estimate_input()?;
-                    memory::cli::estimate_report(
-                        &input,
-                        &config.model.source,
-                        &config.model.device,
-                        args.memory.as_deref(),
-                    )?
+                    let budget = memory::cli::memory_budget(&config.model.device, args.memory.as_deref())?;
+                    let input = config.estimate_input(budget.0)?;
+                    memory::cli::estimate_report(&input, &config.model.source, &config.model.device, &budget)?
                 }
                 None => memory::cli::estimate_command(&args)?,
             };
@@ -381,20 +380,24 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{}", serde_json::to_string(&bench::load(&model, &mode)?)?);
             Ok(())
         }
-        Command::Bench { command: BenchCommand::Step { preset, mode, seq, batch, steps, rank, targets, json } } => {
+        Command::Bench {
+            command: BenchCommand::Step { preset, mode, seq, batch, steps, rank, targets, checkpointing, json },
+        } => {
             if steps == 0 || seq < 2 || batch == 0 {
                 anyhow::bail!("--steps and --batch must be at least 1 and --seq at least 2");
             }
             let targets = targets.split(',').map(|t| t.trim().to_string()).filter(|t| !t.is_empty()).collect();
-            let row =
-                bench::step(&bench::StepBench { preset: &preset, mode: &mode, seq, batch, steps, rank, targets })?;
+            let bench =
+                bench::StepBench { preset: &preset, mode: &mode, seq, batch, steps, rank, targets, checkpointing };
+            let row = bench::step(&bench)?;
             if json {
                 println!("{}", serde_json::to_string(&row)?);
             } else {
                 println!(
-                    "{} {} seq {} batch {}: {:.1} tokens/s, median step {:.3} s, peak RSS {:.0} MiB, loss {:.4} → {:.4}",
-                    row.preset, row.mode, row.seq, row.batch, row.tokens_per_s, row.step_s_median, row.peak_rss_mib,
-                    row.loss_first, row.loss_last
+                    "{} {} seq {} batch {}{}: {:.1} tokens/s, median step {:.3} s, peak RSS {:.0} MiB, loss {:.4} → {:.4}",
+                    row.preset, row.mode, row.seq, row.batch,
+                    if row.gradient_checkpointing { " checkpointed" } else { "" },
+                    row.tokens_per_s, row.step_s_median, row.peak_rss_mib, row.loss_first, row.loss_last
                 );
             }
             Ok(())

@@ -97,23 +97,35 @@ fn fixture_adapters_target_modules_the_layout_has() {
 }
 
 #[test]
-fn fixture_checkpoints_have_the_layout_module_paths() {
-    // Every linear module path the layout names for layer 0 exists as a weight in the
-    // fixture checkpoint (BLOOM may be stored without its `transformer.` prefix).
+fn fixture_checkpoints_hold_the_layer_plan() {
+    // Every linear of the layer plan exists as a weight in every layer of the fixture
+    // checkpoint, with the plan's shape (4-bit packed weights have none to compare), and the
+    // checkpoint holds no other linear weight inside the layers.
     let t = arch::table().unwrap();
     for (dir, ..) in FIXTURES {
-        let r = t.recognise_file(&common::fixture(&format!("models/{dir}/config.json"))).unwrap();
+        let config_path = common::fixture(&format!("models/{dir}/config.json"));
+        let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
+        let spec = qlora_studio::model::ModelSpec::from_config(&config, &t.recognise(&config).unwrap(), dir).unwrap();
         let file =
             qlora_studio::weights::SafetensorsFile::open(common::fixture(&format!("models/{dir}/model.safetensors")))
                 .unwrap();
-        let config: serde_json::Value = serde_json::from_str(
-            &std::fs::read_to_string(common::fixture(&format!("models/{dir}/config.json"))).unwrap(),
-        )
-        .unwrap();
-        let experts = config["num_local_experts"].as_u64().unwrap_or(0) as usize;
-        for path in r.layout.layer_module_paths(0, experts) {
-            assert!(file.contains(&format!("{path}.weight")), "{dir}: no {path}.weight in the checkpoint");
+        let mut planned = std::collections::BTreeSet::new();
+        for (_, path, linear) in spec.all_linears() {
+            let key = format!("{path}.weight");
+            let view = file.get(&key).unwrap_or_else(|_| panic!("{dir}: no {key} in the checkpoint"));
+            if view.dtype() != safetensors::Dtype::U8 {
+                assert_eq!(view.shape(), linear.shape(), "{dir}: {key}");
+            }
+            planned.insert(key);
         }
+        let stray: Vec<String> = file
+            .keys()
+            .into_iter()
+            .filter(|k| k.ends_with(".weight") && file.get(k).is_ok_and(|v| v.shape().len() == 2))
+            .filter(|k| (0..spec.layers).any(|i| k.starts_with(&format!("{}.", spec.layer_prefix(i)))))
+            .filter(|k| !planned.contains(k))
+            .collect();
+        assert!(stray.is_empty(), "{dir}: 2-D weights in the layers the plan does not name: {stray:?}");
     }
 }
 

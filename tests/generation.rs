@@ -30,7 +30,7 @@ fn full_logits(model: &Model, ids: &[u32]) -> Tensor {
 /// Feed the sequence in chunks through the cache; the logits must match the full forward.
 fn check_cached_logits(model: &Model, ids: &[u32], name: &str) {
     let full = full_logits(model, ids);
-    let mut cache = KvCache::new(model.layers.len());
+    let mut cache = KvCache::new(model.blocks.len());
     let mut start = 0;
     for chunk in [5usize, 1, 1, 7, 1, 100] {
         let end = (start + chunk).min(ids.len());

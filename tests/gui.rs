@@ -13,6 +13,7 @@ use qlora_studio::gui::run_view::RunState;
 use qlora_studio::gui::source_view::{SourceState, SourceView};
 use qlora_studio::gui::StudioApp;
 use qlora_studio::hub::{DownloadOptions, ResolveOptions};
+use qlora_studio::train::Checkpointing;
 
 /// The app in a 1400×900 window, after its first frame; drawn with the bundled font subset, which
 /// must cover every glyph the app draws (kittest panics on a missing one).
@@ -123,6 +124,24 @@ fn choose_tune_start_watch_and_stop() {
     let estimate_after = estimate(&harness);
     assert!(estimate_after.trainable_params > estimate_before.trainable_params);
     assert!(estimate_after.mid > estimate_before.mid);
+
+    // gradient checkpointing: "auto" leaves it off for a run that fits; switched on, the
+    // estimate says so and the run below recomputes its blocks
+    assert_eq!(harness.state().config().train.gradient_checkpointing, Checkpointing::Auto);
+    assert!(harness.query_by_label("Gradient checkpointing: off").is_some());
+    harness.get_by_label("Training").click_accesskit();
+    harness.step();
+    let switch = |h: &Harness<'_, StudioApp>| {
+        h.get_by_label("Gradient checkpointing").accesskit_node().value().unwrap_or_default().to_string()
+    };
+    assert_eq!(switch(&harness), "auto (on when it would not fit otherwise)");
+    harness.state_mut().config_mut().train.gradient_checkpointing = Checkpointing::On;
+    harness.step();
+    harness.step();
+    assert_eq!(switch(&harness), "on");
+    assert_eq!(harness.state().config().train.gradient_checkpointing, Checkpointing::On);
+    assert!(harness.state().memory_view.input.as_ref().is_some_and(|i| i.checkpointing));
+    assert!(harness.query_by_label("Gradient checkpointing: on").is_some());
 
     // start: the loss plot gains points
     harness.get_by_label_contains("Start").click();

@@ -25,6 +25,7 @@ fn point(method: Method, seq: usize, batch: usize, rank: usize, targets: &[&str]
         rank,
         targets: targets.iter().map(|t| t.to_string()).collect(),
         dropout: 0.0,
+        checkpointing: false,
     }
 }
 
@@ -39,6 +40,11 @@ fn tiny_grid_points_lie_in_the_band() {
         point(Method::Qlora { double_quant: true }, 256, 2, 16, &["all-linear"]),
         point(Method::Qlora { double_quant: false }, 384, 3, 32, &["q_proj", "v_proj"]),
         grid::GridPoint { dropout: 0.1, ..point(Method::Lora, 192, 2, 8, &["all-linear"]) },
+        grid::GridPoint {
+            checkpointing: true,
+            ..point(Method::Qlora { double_quant: true }, 256, 2, 16, &["all-linear"])
+        },
+        grid::GridPoint { checkpointing: true, dropout: 0.1, ..point(Method::Lora, 384, 1, 8, &["q_proj", "v_proj"]) },
     ];
     for p in &points {
         let row = grid::run_point(p, Some(baseline)).unwrap();

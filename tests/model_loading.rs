@@ -174,3 +174,41 @@ fn a_config_alone_describes_the_checkpoint_as_its_headers_do() {
     }
     assert!(checked >= 19, "{checked} fixture models");
 }
+
+/// The LoRA panel's presets pick the modules of their roles and nothing else, and the
+/// trainable-parameter count the panel shows is what the model then trains: on Qwen v1 the
+/// attention preset is c_attn and attn.c_proj, not the MLP's c_proj (which PEFT would also
+/// match by the bare name `c_proj`).
+#[test]
+fn target_presets_select_exactly_their_modules() {
+    use qlora_studio::model::inspect::inspect;
+    use qlora_studio::model::spec::Role;
+    let models = common::fixtures_dir().join("models");
+    for entry in std::fs::read_dir(&models).unwrap().flatten() {
+        let dir = entry.path();
+        let name = dir.file_name().unwrap().to_string_lossy().to_string();
+        if name.contains("bnb4") {
+            continue; // packed: the panel cannot count its parameters from the headers
+        }
+        let info = inspect(&dir).unwrap();
+        type Preset = fn(Role) -> bool;
+        let presets: [(&str, Preset); 2] =
+            [("attention", |r: Role| r.is_attention()), ("all linear", |r: Role| r.in_all_linear())];
+        for (preset, keep) in presets {
+            let targets = info.module_names(keep);
+            let mut model = Model::load(&dir, BaseWeights::Dense(DType::F32), &Device::Cpu).unwrap();
+            let settings = LoraSettings { r: 4, alpha: 8.0, dropout: 0.0, use_rslora: false, targets: targets.clone() };
+            model.add_lora(&settings, 0).unwrap();
+            let roles: std::collections::BTreeMap<String, Role> =
+                model.spec.all_linears().map(|(_, path, l)| (path, l.role)).collect();
+            for lin in model.linears() {
+                assert_eq!(lin.lora.is_some(), keep(roles[&lin.path]), "{name}, {preset}: {} ({targets:?})", lin.path);
+            }
+            let trained: usize = model.trainable().iter().map(|(_, v)| v.elem_count()).sum();
+            assert_eq!(trained, info.lora_parameters(&targets, 4), "{name}, {preset}: {targets:?}");
+        }
+        if name == "qwen" {
+            assert_eq!(info.module_names(|r| r.is_attention()), ["c_attn", "attn.c_proj"]);
+        }
+    }
+}

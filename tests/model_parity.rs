@@ -1,17 +1,21 @@
 //! The generic decoder with LoRA against transformers + PEFT (+ bitsandbytes): logits, loss
-//! and LoRA gradients on every fixture the decoder loads, in f32.
+//! and LoRA gradients on every fixture the decoder loads, in f32; the loss and gradients as the
+//! trainer computes them (chunked loss), with and without gradient checkpointing.
 
 mod common;
 
 use std::collections::BTreeMap;
 
 use candle_core::{DType, Device, Tensor};
+use qlora_studio::lora::set_dropout_seed;
 use qlora_studio::model::{causal_lm_loss, BaseWeights, Model};
 use qlora_studio::weights::SafetensorsFile;
 
 const LOGITS_ABS: f32 = 1e-4;
 const LOSS_ABS: f32 = 1e-5;
 const GRAD_REL: f64 = 1e-3;
+/// Checkpointed against plain: the same computation, only reordered sums.
+const RECOMPUTE_TOL: f64 = 1e-6;
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
     (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
@@ -39,12 +43,15 @@ fn check_fixture(name: &str, base: BaseWeights) {
     let d = max_abs_diff(&logits, &r("lora_logits"));
     assert!(d <= LOGITS_ABS, "{name}: LoRA logits differ by {d}");
 
-    let loss = causal_lm_loss(&logits, &labels).unwrap();
     let want = r("lora_loss").flatten_all().unwrap().to_vec1::<f32>().unwrap()[0];
+    let got = causal_lm_loss(&logits, &labels).unwrap().to_scalar::<f32>().unwrap();
+    assert!((got - want).abs() <= LOSS_ABS, "{name}: loss from the logits {got} vs {want}");
+    // the trainer's loss: chunked through the output layer, the logits never whole
+    let loss = model.loss(&ids, &labels, true).unwrap();
     let got = loss.to_scalar::<f32>().unwrap();
     assert!((got - want).abs() <= LOSS_ABS, "{name}: loss {got} vs {want}");
 
-    let grads = loss.backward().unwrap();
+    let grads = model.backward(&loss).unwrap();
     let trainable: BTreeMap<String, _> = model.trainable().into_iter().collect();
     let expected: Vec<String> =
         reference.keys().into_iter().filter_map(|k| k.strip_prefix("grad.").map(String::from)).collect();
@@ -55,6 +62,35 @@ fn check_fixture(name: &str, base: BaseWeights) {
         let rel = l2(&(g - &want).unwrap()) / l2(&want);
         assert!(rel <= GRAD_REL, "{name}: gradient of {key} off by {rel:.2e} (relative L2)");
         assert!(l2(g) > 0.0, "{name}: zero gradient for {key}");
+    }
+
+    // gradient checkpointing recomputes each block in the backward: the same loss and
+    // gradients, with dropout too (the recomputation draws the forward's masks)
+    for dropout in [0.0, 0.1] {
+        for pair in model.linears_mut().filter_map(|l| l.lora.as_mut()) {
+            pair.dropout = dropout;
+        }
+        let run = |model: &Model| {
+            set_dropout_seed(7);
+            let loss = model.loss(&ids, &labels, true).unwrap();
+            let grads = model.backward(&loss).unwrap();
+            let grads: Vec<Tensor> =
+                trainable.values().map(|v| grads.get(v.as_tensor()).expect("a gradient").clone()).collect();
+            (loss.to_scalar::<f32>().unwrap(), grads)
+        };
+        model.set_gradient_checkpointing(false);
+        let (plain_loss, plain) = run(&model);
+        model.set_gradient_checkpointing(true);
+        let (loss, grads) = run(&model);
+        model.set_gradient_checkpointing(false);
+        assert!(
+            ((loss - plain_loss) as f64).abs() <= RECOMPUTE_TOL,
+            "{name}, dropout {dropout}: checkpointed loss {loss} vs {plain_loss}"
+        );
+        for ((key, _), (g, p)) in trainable.iter().zip(grads.iter().zip(&plain)) {
+            let rel = l2(&(g - p).unwrap()) / l2(p).max(f64::MIN_POSITIVE);
+            assert!(rel <= RECOMPUTE_TOL, "{name}, dropout {dropout}: checkpointed gradient of {key} off by {rel:.2e}");
+        }
     }
 }
 

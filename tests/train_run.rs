@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use common::tiny_llama::TinyLlama;
 use qlora_studio::train::checkpoint;
 use qlora_studio::train::events::{Command, TrainEvent};
-use qlora_studio::train::{Mode, RunConfig, Schedule};
+use qlora_studio::train::{Checkpointing, Mode, RunConfig, Schedule};
 
 fn dataset() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/colors.jsonl")
@@ -187,9 +187,13 @@ fn a_stopped_and_resumed_run_repeats_the_uninterrupted_one() {
     // trainer reads the Stop before it can start step 5
     config.train.checkpoint_every = 4;
 
+    config.train.gradient_checkpointing = Checkpointing::Off;
     let whole = run_with_stop(config.clone(), None, None);
     assert_eq!(failure(&whole), None);
 
+    // the interrupted run recomputes its blocks in the backward: the same steps to 1e-6, and
+    // the setting comes back with the resumed run's config
+    config.train.gradient_checkpointing = Checkpointing::On;
     config.train.output_dir = dir.path().join("interrupted");
     let first = run_with_stop(config.clone(), None, Some(4));
     assert_eq!(failure(&first), None);
@@ -207,6 +211,9 @@ fn a_stopped_and_resumed_run_repeats_the_uninterrupted_one() {
     // the resumed run takes everything from the checkpoint; this config is ignored
     let rest = run_with_stop(RunConfig::default(), Some(ck), None);
     assert_eq!(failure(&rest), None);
+    let checkpointed =
+        |events: &[TrainEvent]| events.iter().any(|e| matches!(e, TrainEvent::Started(s) if s.gradient_checkpointing));
+    assert!(checkpointed(&first) && checkpointed(&rest) && !checkpointed(&whole));
     let mut resumed = step_losses(&first);
     resumed.extend(step_losses(&rest));
     let uninterrupted = step_losses(&whole);

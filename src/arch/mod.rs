@@ -35,6 +35,22 @@ pub struct Family {
     pub layout: String,
     #[serde(default)]
     pub layout_by_model_type: BTreeMap<String, String>,
+    /// The family whose checkpoints this one's are interchangeable with for an adapter.
+    #[serde(default)]
+    pub weights_like: Option<String>,
+    /// Logits use lm_head rows scaled to unit L2 norm (Baichuan2's NormHead).
+    #[serde(default)]
+    pub normalized_lm_head: bool,
+    /// llama.cpp's architecture name, where its converter handles the family.
+    #[serde(default)]
+    pub gguf_arch: Option<String>,
+}
+
+impl Family {
+    /// The group of families an adapter can move between: this one's `weights_like`, or itself.
+    pub fn weights_group(&self) -> &str {
+        self.weights_like.as_deref().unwrap_or(&self.id)
+    }
 }
 
 /// The condition that picks one of several families sharing a model_type.
@@ -88,15 +104,73 @@ pub struct ModuleLayout {
     pub layers: String,
     #[serde(default)]
     pub layers_alt: Vec<String>,
-    pub linear: Vec<String>,
-    #[serde(default)]
-    pub other_linear: Vec<String>,
     #[serde(default)]
     pub default_targets: Option<Vec<String>>,
     #[serde(default)]
     pub fused: Vec<Fused>,
-    /// The weight names the generic decoder reads.
+    /// q, k and v always have biases (Qwen2), whatever the config says.
+    #[serde(default)]
+    pub qkv_bias: bool,
+    /// Overrides the family's llama.cpp architecture name for this layout.
+    #[serde(default)]
+    pub gguf_arch: Option<String>,
+    /// The weight names the generic decoder reads; they also say which linears a layer has.
     pub weights: WeightNames,
+}
+
+/// What a linear module computes in its decoder layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Role {
+    Q,
+    K,
+    V,
+    /// One projection holding q, k and v (split by the layout's `fused` entry).
+    Qkv,
+    /// The attention output projection.
+    O,
+    Gate,
+    Up,
+    /// One projection holding [gate; up] (ChatGLM).
+    GateUp,
+    Down,
+    /// The MoE router: one logit per expert.
+    Router,
+    ExpertGate,
+    ExpertUp,
+    ExpertDown,
+}
+
+impl Role {
+    pub fn is_attention(self) -> bool {
+        matches!(self, Role::Q | Role::K | Role::V | Role::Qkv | Role::O)
+    }
+
+    /// In the "all linear" preset: every linear but the MoE router (as PEFT users pick them).
+    pub fn in_all_linear(self) -> bool {
+        self != Role::Router
+    }
+
+    pub fn is_expert(self) -> bool {
+        matches!(self, Role::ExpertGate | Role::ExpertUp | Role::ExpertDown)
+    }
+}
+
+/// One linear module of a layout's decoder layer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LayoutLinear {
+    pub role: Role,
+    /// The path relative to the layer; an expert's holds `{e}` for its index.
+    pub path: String,
+    /// The name users pick and PEFT matches: the shortest suffix of the path (whole
+    /// components) that no other module of the layer ends with (`q_proj`; Qwen v1's
+    /// `attn.c_proj` and `mlp.c_proj`). The experts of one part share theirs.
+    pub name: String,
+}
+
+/// Does the target module name `target` select the module at `path`? PEFT's rule for a list
+/// of targets: the whole path, or a suffix of it after a dot.
+pub fn target_matches(path: &str, target: &str) -> bool {
+    path == target || (path.ends_with(target) && path[..path.len() - target.len()].ends_with('.'))
 }
 
 /// Where the decoder finds each weight: `embed`, `embed_norm`, `final_norm` and `lm_head` are
@@ -138,6 +212,44 @@ pub struct WeightNames {
 }
 
 impl WeightNames {
+    /// The linear modules of one decoder layer, in the order the decoder builds them: q, k, v
+    /// (or the fused qkv), o, then the MLP's (gate, up, down; or the fused gate/up and down;
+    /// or up and down; or the MoE router and each expert's gate, up and down).
+    pub fn layer_linears(&self) -> Vec<LayoutLinear> {
+        let mut parts: Vec<(Role, String)> = Vec::new();
+        match (&self.qkv, &self.q, &self.k, &self.v) {
+            (Some(qkv), ..) => parts.push((Role::Qkv, qkv.clone())),
+            (None, Some(q), Some(k), Some(v)) => {
+                parts.extend([(Role::Q, q.clone()), (Role::K, k.clone()), (Role::V, v.clone())])
+            }
+            _ => {}
+        }
+        parts.push((Role::O, self.o.clone()));
+        match (&self.experts, &self.router, &self.gate_up, &self.gate) {
+            (Some(experts), Some(router), _, gate) => {
+                parts.push((Role::Router, router.clone()));
+                let gate = gate.as_deref().unwrap_or_default();
+                parts.extend([
+                    (Role::ExpertGate, format!("{experts}.{gate}")),
+                    (Role::ExpertUp, format!("{experts}.{}", self.up)),
+                    (Role::ExpertDown, format!("{experts}.{}", self.down)),
+                ]);
+            }
+            (_, _, Some(gate_up), _) => {
+                parts.extend([(Role::GateUp, gate_up.clone()), (Role::Down, self.down.clone())])
+            }
+            (_, _, None, Some(gate)) => {
+                parts.extend([(Role::Gate, gate.clone()), (Role::Up, self.up.clone()), (Role::Down, self.down.clone())])
+            }
+            _ => parts.extend([(Role::Up, self.up.clone()), (Role::Down, self.down.clone())]),
+        }
+        let paths: Vec<&str> = parts.iter().map(|(_, p)| p.as_str()).collect();
+        parts
+            .iter()
+            .map(|(role, path)| LayoutLinear { role: *role, path: path.clone(), name: unique_suffix(path, &paths) })
+            .collect()
+    }
+
     fn check(&self) -> std::result::Result<(), String> {
         let separate = [&self.q, &self.k, &self.v].iter().filter(|x| x.is_some()).count();
         match (separate, &self.qkv) {
@@ -154,38 +266,48 @@ impl WeightNames {
     }
 }
 
+/// The shortest suffix of `path` (whole components) that no other of `paths` ends with; a path
+/// and the `{e}`-templated path of its experts' siblings never collide, since `{e}` sits before
+/// the last component.
+fn unique_suffix(path: &str, paths: &[&str]) -> String {
+    let parts: Vec<&str> = path.split('.').collect();
+    for n in 1..=parts.len() {
+        let suffix = parts[parts.len() - n..].join(".");
+        if paths.iter().all(|p| *p == path || !target_matches(p, &suffix)) {
+            return suffix;
+        }
+    }
+    path.to_string()
+}
+
 impl ModuleLayout {
-    /// The name of a module path: its last component (what PEFT matches and users pick).
+    /// The last component of a module path.
     pub fn module_name(path: &str) -> &str {
         path.rsplit('.').next().unwrap_or(path)
     }
 
+    /// The linear modules of one layer (`WeightNames::layer_linears`).
+    pub fn layer_linears(&self) -> Vec<LayoutLinear> {
+        self.weights.layer_linears()
+    }
+
     /// The names of the "all linear" preset, in layer order, without duplicates.
     pub fn all_linear_names(&self) -> Vec<String> {
-        dedup_names(self.linear.iter().map(|p| Self::module_name(p)))
+        let linears = self.layer_linears();
+        dedup_names(linears.iter().filter(|l| l.role.in_all_linear()).map(|l| l.name.as_str()))
     }
 
     /// Every linear module name a layer has, routers included.
     pub fn linear_names(&self) -> Vec<String> {
-        dedup_names(self.linear.iter().chain(&self.other_linear).map(|p| Self::module_name(p)))
+        dedup_names(self.layer_linears().iter().map(|l| l.name.as_str()))
     }
 
-    /// Module paths of layer `layer` (and every expert of `n_experts` for MoE paths).
-    pub fn layer_module_paths(&self, layer: usize, n_experts: usize) -> Vec<String> {
-        let prefix = self.layers.replace("{i}", &layer.to_string());
-        let mut out = Vec::new();
-        for rel in self.linear.iter().chain(&self.other_linear) {
-            if rel.contains("{e}") {
-                for e in 0..n_experts {
-                    out.push(format!("{prefix}.{}", rel.replace("{e}", &e.to_string())));
-                }
-            } else {
-                out.push(format!("{prefix}.{rel}"));
-            }
-        }
-        out
+    /// Does `target` select at least one linear module of a layer?
+    pub fn has_target(&self, target: &str) -> bool {
+        self.layer_linears().iter().any(|l| target_matches(&l.path, target))
     }
 
+    /// The fused projection whose name (the last path component) is `name`.
     pub fn fused(&self, name: &str) -> Option<&Fused> {
         self.fused.iter().find(|f| f.module == name)
     }
@@ -232,11 +354,17 @@ impl Recognised<'_> {
         self.layout.all_linear_names()
     }
 
+    /// llama.cpp's architecture name for checkpoints of this family and layout.
+    pub fn gguf_arch(&self) -> Option<&str> {
+        self.layout.gguf_arch.as_deref().or(self.family.gguf_arch.as_deref())
+    }
+
     /// Checks that every target names a linear module of this model; the error lists the ones
     /// it has.
     pub fn check_targets(&self, targets: &[String]) -> Result<()> {
         let have = self.linear_names();
-        let missing: Vec<&String> = targets.iter().filter(|t| !have.contains(t)).collect();
+        let missing: Vec<&String> =
+            targets.iter().filter(|t| *t != "all-linear" && !self.layout.has_target(t)).collect();
         if targets.is_empty() {
             return Err(Error::Invalid(format!(
                 "no LoRA target modules chosen; {} has: {}",
@@ -278,6 +406,30 @@ impl ArchTable {
 
     fn validate(&self) -> Result<()> {
         let err = |row: &str, message: String| Error::Table { row: row.to_string(), message };
+        for (name, layout) in &self.layouts {
+            let row = format!("layout `{name}`");
+            if !layout.layers.contains("{i}") || layout.layers_alt.iter().any(|l| !l.contains("{i}")) {
+                return Err(err(&row, "layer paths must contain {i}".into()));
+            }
+            layout.weights.check().map_err(|m| err(&row, m))?;
+            let linears = layout.layer_linears();
+            for l in &linears {
+                if l.path.is_empty() || l.path.split('.').any(str::is_empty) || l.path.contains("{i}") {
+                    return Err(err(&row, format!("`{}` is not a module path relative to the layer", l.path)));
+                }
+            }
+            for f in &layout.fused {
+                let fused_roles = [Role::Qkv, Role::GateUp];
+                if !linears.iter().any(|l| fused_roles.contains(&l.role) && Self::last(&l.path) == f.module) {
+                    return Err(err(&row, format!("fused module `{}` is not the layout's qkv or gate_up", f.module)));
+                }
+            }
+            if let Some(t) = &layout.default_targets {
+                if let Some(bad) = t.iter().find(|t| !layout.has_target(t)) {
+                    return Err(err(&row, format!("default target `{bad}` is not a linear module of the layout")));
+                }
+            }
+        }
         let mut ids = BTreeSet::new();
         for f in &self.families {
             let row = format!("family `{}`", f.id);
@@ -293,6 +445,9 @@ impl ArchTable {
                 if list.is_empty() || list.iter().any(|s| s.trim().is_empty()) {
                     return Err(err(&row, format!("{what} must be a non-empty list of non-empty strings")));
                 }
+            }
+            if let Some(like) = f.weights_like.as_deref().filter(|like| !self.families.iter().any(|g| g.id == *like)) {
+                return Err(err(&row, format!("weights_like names `{like}`, not a family of the table")));
             }
             if let Some(size) = f.checkpoints.keys().find(|s| !f.sizes.contains(s)) {
                 return Err(err(&row, format!("checkpoints names size `{size}`, not one of its sizes")));
@@ -316,34 +471,8 @@ impl ArchTable {
                     .get(name)
                     .ok_or_else(|| err(&row, format!("layout `{name}` is not defined under [layouts]")))?;
                 let targets = layout.default_targets.as_ref().unwrap_or(&f.default_targets);
-                let have = layout.linear_names();
-                if let Some(t) = targets.iter().find(|t| !have.contains(t)) {
+                if let Some(t) = targets.iter().find(|t| !layout.has_target(t)) {
                     return Err(err(&row, format!("default target `{t}` is not a linear module of layout `{name}`")));
-                }
-            }
-        }
-        for (name, layout) in &self.layouts {
-            let row = format!("layout `{name}`");
-            if !layout.layers.contains("{i}") || layout.layers_alt.iter().any(|l| !l.contains("{i}")) {
-                return Err(err(&row, "layer paths must contain {i}".into()));
-            }
-            if layout.linear.is_empty() {
-                return Err(err(&row, "linear must list the layer's linear modules".into()));
-            }
-            for path in layout.linear.iter().chain(&layout.other_linear) {
-                if path.is_empty() || path.split('.').any(str::is_empty) || path.contains("{i}") {
-                    return Err(err(&row, format!("`{path}` is not a module path relative to the layer")));
-                }
-            }
-            for f in &layout.fused {
-                if !layout.linear_names().contains(&f.module) {
-                    return Err(err(&row, format!("fused module `{}` is not in linear", f.module)));
-                }
-            }
-            layout.weights.check().map_err(|m| err(&row, m))?;
-            if let Some(t) = &layout.default_targets {
-                if let Some(bad) = t.iter().find(|t| !layout.linear_names().contains(t)) {
-                    return Err(err(&row, format!("default target `{bad}` is not in linear")));
                 }
             }
         }
@@ -368,6 +497,10 @@ impl ArchTable {
             }
         }
         Ok(())
+    }
+
+    fn last(path: &str) -> &str {
+        ModuleLayout::module_name(path)
     }
 
     pub fn families(&self) -> &[Family] {
@@ -498,9 +631,9 @@ mod tests {
 
     #[test]
     fn malformed_rows_are_clear_errors() {
-        let base = "[layouts.l]\nlayers = \"model.layers.{i}\"\nlinear = [\"self_attn.q_proj\"]\n\
+        let base = "[layouts.l]\nlayers = \"model.layers.{i}\"\n\
                     [layouts.l.weights]\nembed = \"e\"\nfinal_norm = \"n\"\nlm_head = \"h\"\nattn_norm = \"a\"\n\
-                    q = \"q\"\nk = \"k\"\nv = \"v\"\no = \"o\"\nup = \"u\"\ndown = \"d\"\n";
+                    q = \"self_attn.q_proj\"\nk = \"k\"\nv = \"v\"\no = \"o\"\nup = \"u\"\ndown = \"d\"\n";
         let row = |extra: &str| {
             format!(
                 "[[family]]\nid = \"x\"\nname = \"X\"\nsizes = [\"1B\"]\ndefault_targets = [\"q_proj\"]\nmodel_types = [\"x\"]\nlayout = \"l\"\n{extra}\n{base}"
@@ -516,7 +649,7 @@ mod tests {
         assert!(e.contains("`nope`"), "{e}");
         let e = ArchTable::parse(&row("").replace("model.layers.{i}", "model.layers")).unwrap_err().to_string();
         assert!(e.contains("{i}"), "{e}");
-        let e = ArchTable::parse(&row("").replace("q = \"q\"\n", "")).unwrap_err().to_string();
+        let e = ArchTable::parse(&row("").replace("q = \"self_attn.q_proj\"\n", "")).unwrap_err().to_string();
         assert!(e.contains("layout `l`") && e.contains("q, k, v"), "{e}");
         let e = ArchTable::parse("[[family]]\nid = 3").unwrap_err().to_string();
         assert!(e.contains("architectures.toml"), "{e}");
@@ -530,7 +663,26 @@ mod tests {
         assert!(!r.all_linear_names().contains(&"gate".to_string()), "the router is not in all-linear");
         let e = r.check_targets(&["query_key_value".into()]).unwrap_err().to_string();
         assert!(e.contains("query_key_value") && e.contains("q_proj"), "{e}");
-        let paths = r.layout.layer_module_paths(1, 2);
-        assert!(paths.contains(&"model.layers.1.block_sparse_moe.experts.1.w3".to_string()));
+        let experts: Vec<String> =
+            r.layout.layer_linears().into_iter().filter(|l| l.role.is_expert()).map(|l| l.path).collect();
+        assert_eq!(
+            experts,
+            ["block_sparse_moe.experts.{e}.w1", "block_sparse_moe.experts.{e}.w3", "block_sparse_moe.experts.{e}.w2"]
+        );
+    }
+
+    #[test]
+    fn names_are_the_shortest_suffix_that_tells_modules_apart() {
+        let t = table().unwrap();
+        let names = |model_type: &str| t.recognise(&json!({ "model_type": model_type })).unwrap().linear_names();
+        assert_eq!(names("llama"), ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]);
+        // Qwen v1 has a c_proj in attention and in the MLP: each is named by its parent too
+        assert_eq!(names("qwen"), ["c_attn", "attn.c_proj", "w2", "w1", "mlp.c_proj"]);
+        assert!(target_matches("transformer.h.0.attn.c_proj", "c_proj"));
+        assert!(target_matches("transformer.h.0.attn.c_proj", "attn.c_proj"));
+        assert!(!target_matches("transformer.h.0.mlp.c_proj", "attn.c_proj"));
+        assert!(!target_matches("transformer.h.0.attn.xc_proj", "c_proj"));
+        let qwen = t.recognise(&json!({ "model_type": "qwen" })).unwrap();
+        qwen.check_targets(&["c_proj".into(), "attn.c_proj".into()]).unwrap();
     }
 }

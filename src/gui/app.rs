@@ -15,10 +15,11 @@ use super::memory_view::MemoryView;
 use super::run_view::RunView;
 use super::source_view::{SourceState, SourceView};
 use super::try_view::TryView;
-use crate::model::inspect::ModelInfo;
+use crate::model::inspect::LinearModule;
+use crate::model::ModelSpec;
 use crate::train::checkpoint;
 use crate::train::events::RunFinished;
-use crate::train::{Mode, RunConfig, Schedule};
+use crate::train::{Checkpointing, Mode, RunConfig, Schedule};
 
 /// What persists between launches.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -615,7 +616,7 @@ impl StudioApp {
                 lora.targets = info.default_targets.clone();
             }
             if ui.button(tr(lang, "Attention")).clicked() {
-                lora.targets = attention_modules(info);
+                lora.targets = info.module_names(|role| role.is_attention());
             }
             if ui.button(tr(lang, "All linear")).clicked() {
                 lora.targets = vec!["all-linear".into()];
@@ -624,24 +625,28 @@ impl StudioApp {
         let all = lora.targets.iter().any(|t| t == "all-linear");
         if all {
             // expand the preset into its modules so single boxes can be unticked
-            lora.targets = info
-                .linear_modules
-                .iter()
-                .filter(|m| m.name != "gate" || m.shape.is_some())
-                .map(|m| m.name.clone())
-                .collect();
+            lora.targets = info.module_names(|role| role.in_all_linear());
         }
+        let selected = |targets: &[String], m: &LinearModule| ModelSpec::targets_select(targets, &m.path);
         for m in &info.linear_modules {
-            let mut on = lora.targets.contains(&m.name);
+            let mut on = selected(&lora.targets, m);
             let shape = m.shape.map(|[o, i]| format!("{o}×{i}")).unwrap_or_else(|| "packed".into());
             let fused = m.fused.as_ref().map(|f| format!(" · fused {f}")).unwrap_or_default();
-            let default = if info.default_targets.contains(&m.name) { tr(lang, " · default") } else { "" };
+            let default = if info.default_targets.iter().any(|t| selected(std::slice::from_ref(t), m)) {
+                tr(lang, " · default")
+            } else {
+                ""
+            };
             if ui.checkbox(&mut on, format!("{}  [{shape}] ×{}{fused}{default}", m.name, m.count)).changed() {
-                if on {
-                    lora.targets.push(m.name.clone());
-                } else {
-                    lora.targets.retain(|t| t != &m.name);
-                }
+                // one name per ticked module: a target that selects several (Qwen's `c_proj`)
+                // is split so that this box alone changes
+                let targets = lora.targets.clone();
+                lora.targets = info
+                    .linear_modules
+                    .iter()
+                    .filter(|x| if x.name == m.name { on } else { selected(&targets, x) })
+                    .map(|x| x.name.clone())
+                    .collect();
             }
         }
         let params = info.lora_parameters(&lora.targets, lora.r);
@@ -691,6 +696,27 @@ impl StudioApp {
             ui.end_row();
             labelled(ui, tr(lang, "Gradient accumulation"), |ui| {
                 ui.add(egui::DragValue::new(&mut t.grad_accum).range(1..=512))
+            });
+            ui.end_row();
+            labelled(ui, tr(lang, "Gradient checkpointing"), |ui| {
+                let name = |c: Checkpointing| match c {
+                    Checkpointing::Off => tr(lang, "off"),
+                    Checkpointing::On => tr(lang, "on"),
+                    Checkpointing::Auto => tr(lang, "auto (on when it would not fit otherwise)"),
+                };
+                egui::ComboBox::from_id_salt("gradient_checkpointing")
+                    .selected_text(name(t.gradient_checkpointing))
+                    .show_ui(ui, |ui| {
+                        for c in [Checkpointing::Auto, Checkpointing::On, Checkpointing::Off] {
+                            ui.selectable_value(&mut t.gradient_checkpointing, c, name(c));
+                        }
+                    })
+                    .response
+                    .on_hover_text(tr(
+                        lang,
+                        "Keeps only each layer's input and recomputes the layer in the backward: the same \
+                         results with far less memory, for about a third more time per step.",
+                    ))
             });
             ui.end_row();
             labelled(ui, tr(lang, "Seed"), |ui| ui.add(egui::DragValue::new(&mut t.seed)));
@@ -950,27 +976,6 @@ impl RunRecord {
         let state = serde_json::from_str(&text).ok()?;
         Some(Self { dir: dir.to_path_buf(), checkpoint: ck, config, state })
     }
-}
-
-fn attention_modules(info: &ModelInfo) -> Vec<String> {
-    const ATTENTION: &[&str] = &[
-        "q_proj",
-        "k_proj",
-        "v_proj",
-        "o_proj",
-        "W_pack",
-        "query_key_value",
-        "c_attn",
-        "Wqkv",
-        "dense",
-        "out_proj",
-        "c_proj",
-    ];
-    info.linear_modules
-        .iter()
-        .filter(|m| ATTENTION.contains(&m.name.as_str()) && !m.name.contains("mlp"))
-        .map(|m| m.name.clone())
-        .collect()
 }
 
 /// The last part of a path (a hub id stays whole), for narrow columns.

@@ -87,6 +87,14 @@ pub const ZH: &[(&str, &str)] = &[
     ("Max steps (0 = from epochs)", "最大步数（0 = 按轮数）"),
     ("Batch size", "批大小"),
     ("Gradient accumulation", "梯度累积"),
+    ("Gradient checkpointing", "梯度检查点"),
+    ("off", "关"),
+    ("on", "开"),
+    ("auto (on when it would not fit otherwise)", "自动（放不下时开启）"),
+    (
+        "Keeps only each layer's input and recomputes the layer in the backward: the same results with far less memory, for about a third more time per step.",
+        "只保留每一层的输入，反向传播时重新计算该层：结果相同，内存少得多，每步约多用三分之一的时间。",
+    ),
     ("Seed", "随机种子"),
     ("Evaluate every", "每隔多少步验证"),
     ("Checkpoint every", "每隔多少步保存"),
@@ -143,6 +151,7 @@ pub const ZH: &[(&str, &str)] = &[
     ("largest batch that fits", "可容纳的最大批"),
     ("Suggestions", "建议"),
     // the memory suggestions (src/memory/fit.rs, Change::template)
+    ("gradient checkpointing (each block recomputed in the backward)", "梯度检查点（反向传播时重新计算每一层）"),
     ("QLoRA (NF4 base) instead of LoRA", "改用 QLoRA（NF4 基座）代替 LoRA"),
     ("batch 1 with {} gradient-accumulation steps", "批大小 1，梯度累积 {} 步"),
     ("targets {} only", "只训练 {}"),

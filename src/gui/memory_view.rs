@@ -50,7 +50,8 @@ impl MemoryView {
             let index = config.model.device.strip_prefix("cuda:").and_then(|n| n.parse().ok()).unwrap_or(0);
             self.gpus.iter().find(|g| g.index == index).map(|g| (g.free, format!("free on {}", g.name)))
         };
-        let outcome = config.estimate_input().and_then(|input| Ok((memory::estimate(&input)?, input)));
+        let budget = self.budget.as_ref().map(|b| b.0);
+        let outcome = config.estimate_input(budget).and_then(|input| Ok((memory::estimate(&input)?, input)));
         match outcome {
             Ok((est, input)) => {
                 (self.suggestions, self.largest_seq, self.largest_batch) = match &self.budget {
@@ -105,6 +106,10 @@ impl MemoryView {
             human_bytes(est.low),
             human_bytes(est.high)
         ));
+        if let Some(input) = &self.input {
+            let state = if input.checkpointing { tr(lang, "on") } else { tr(lang, "off") };
+            ui.weak(format!("{}: {state}", tr(lang, "Gradient checkpointing")));
+        }
         stacked_bar(ui, est, self.budget.as_ref().map(|b| b.0));
         egui::Grid::new("memory_terms").num_columns(3).striped(true).show(ui, |ui| {
             for (i, t) in est.terms.iter().enumerate() {

@@ -348,42 +348,18 @@ pub fn base_dir(adapter: &PeftAdapter, adapter_dir: &Path, explicit: Option<&Pat
 /// Check that the adapter fits the base of `spec` without loading weights: every pair's
 /// module is a linear of the base, with the shapes the base's config implies.
 pub fn check_adapter_fits(adapter: &PeftAdapter, spec: &ModelSpec, base: &Path) -> Result<()> {
-    let table = crate::arch::table()?;
-    let config = base.join("config.json");
-    let recognised = table.recognise_file(&config)?;
-    let names = recognised.linear_names();
-    let targets: Vec<String> = adapter.settings.targets.iter().filter(|t| *t != "all-linear").cloned().collect();
-    let foreign: Vec<&str> = targets.iter().filter(|t| !names.contains(t)).map(String::as_str).collect();
+    let foreign = spec.unknown_targets(&adapter.settings.targets);
     if !foreign.is_empty() {
         return Err(Error::Invalid(format!(
             "the adapter targets {}, which {} ({}) does not have (its linear modules: {}); is --model the \
              adapter's base model?",
             foreign.join(", "),
             base.display(),
-            recognised.family.name,
-            names.join(", ")
+            spec.family_name(),
+            spec.linear_names().join(", ")
         )));
     }
-    let n_experts = match spec.mlp {
-        crate::model::spec::MlpKind::Moe { experts, .. } => experts,
-        _ => 0,
-    };
-    let paths: BTreeSet<String> = (0..spec.layers)
-        .flat_map(|i| {
-            let prefix = spec.layer_prefix(i);
-            recognised
-                .layout
-                .linear
-                .iter()
-                .chain(&recognised.layout.other_linear)
-                .flat_map(|rel| match rel.contains("{e}") {
-                    true => (0..n_experts).map(|e| rel.replace("{e}", &e.to_string())).collect::<Vec<_>>(),
-                    false => vec![rel.clone()],
-                })
-                .map(|rel| format!("{prefix}.{rel}"))
-                .collect::<Vec<_>>()
-        })
-        .collect();
+    let paths: BTreeSet<String> = spec.all_linears().map(|(_, path, _)| path).collect();
     if let Some(p) = adapter.pairs.keys().find(|p| !paths.contains(*p)) {
         return Err(Error::Invalid(format!(
             "the adapter has LoRA on {p}, which is not a linear module of {} ({} layers); is --model the \

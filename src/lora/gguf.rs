@@ -15,7 +15,7 @@ use candle_core::Tensor;
 use super::peft::PeftAdapter;
 use crate::arch::SplitKind;
 use crate::error::{Error, Result};
-use crate::model::spec::{MlpKind, ModelSpec};
+use crate::model::spec::{MlpKind, ModelSpec, Role};
 
 /// The tensor type of the LoRA tensors in a GGUF adapter.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -59,26 +59,13 @@ enum RowTransform {
 
 /// llama.cpp's name for the architecture of `spec`'s family, or a clear error for families
 /// its converter does not handle.
-pub fn llama_cpp_arch(spec: &ModelSpec) -> Result<&'static str> {
-    let fused_qkv = spec.weights.qkv.is_some();
-    Ok(match spec.family.as_str() {
-        // InternLM v1 has no converter of its own; converting it as LlamaForCausalLM is the
-        // usual route (the llama arch takes q/k/v/o biases), and gives this adapter's base.
-        "llama" | "llama2" | "mistral" | "yi" | "mixtral" | "internlm" => "llama",
-        "xverse" => "xverse",
-        "qwen" if fused_qkv => "qwen",
-        "qwen" => "qwen2",
-        "baichuan" | "baichuan2" => "baichuan",
-        "bloom" | "bloomz" => "bloom",
-        "falcon" => "falcon",
-        "chatglm3" => "chatglm",
-        "phi" => "phi2",
-        other => {
-            return Err(Error::Invalid(format!(
-                "GGUF export: llama.cpp has no converter for the {other} family, so there is no base GGUF an \
-                 adapter could apply to; export a PEFT adapter or a merged model instead"
-            )))
-        }
+pub fn llama_cpp_arch(spec: &ModelSpec) -> Result<&str> {
+    spec.gguf_arch.as_deref().ok_or_else(|| {
+        Error::Invalid(format!(
+            "GGUF export: llama.cpp has no converter for the {} family, so there is no base GGUF an adapter \
+             could apply to; export a PEFT adapter or a merged model instead",
+            spec.family_name()
+        ))
     })
 }
 
@@ -126,12 +113,12 @@ fn values(t: &Tensor) -> Result<Vec<f32>> {
     Ok(t.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
 }
 
-/// The adapter's tensors as llama.cpp names and lays them out for a base of `spec`.
+/// The adapter's tensors as llama.cpp names and lays them out for a base of `spec`, module by
+/// module of the layer plan.
 pub fn gguf_tensors(adapter: &PeftAdapter, spec: &ModelSpec) -> Result<Vec<GgufTensor>> {
     let arch = llama_cpp_arch(spec)?;
     let permutes = matches!(arch, "llama" | "xverse" | "baichuan");
     let (nh, nkv, hd) = (spec.heads, spec.kv_heads, spec.head_dim);
-    let w = &spec.weights;
     let mut out = Vec::new();
     let mut push = |name: String, a: &Tensor, b: Tensor| -> Result<()> {
         out.push(GgufTensor { name: format!("{name}.weight.lora_a"), dims: a.dims().to_vec(), values: values(a)? });
@@ -139,26 +126,33 @@ pub fn gguf_tensors(adapter: &PeftAdapter, spec: &ModelSpec) -> Result<Vec<GgufT
         Ok(())
     };
     let mut used = 0usize;
+    let n_experts = match spec.mlp {
+        MlpKind::Moe { experts, .. } => experts,
+        _ => 0,
+    };
     for layer in 0..spec.layers {
-        let prefix = format!("{}.", spec.layer_prefix(layer));
         let blk = format!("blk.{layer}");
         let mut experts: BTreeMap<&'static str, Vec<(usize, &Tensor, &Tensor)>> = BTreeMap::new();
-        for (path, (a, b)) in adapter.pairs.iter().filter(|(p, _)| p.starts_with(&prefix)) {
+        for planned in &spec.linears {
+            let path = spec.linear_path(layer, planned);
+            let Some((a, b)) = adapter.pairs.get(&path) else { continue };
             used += 1;
-            let rel = &path[prefix.len()..];
             let rows: Vec<usize> = (0..b.dim(0)?).collect();
-            let is = |name: &Option<String>| name.as_deref() == Some(rel);
-            if is(&w.q) {
-                let t = if permutes { RowTransform::Permute(nh) } else { RowTransform::None };
-                push(format!("{blk}.attn_q"), a, transformed_rows(b, &rows, t)?)?;
-            } else if is(&w.k) {
-                let t =
-                    if permutes { RowTransform::Permute(k_permute_heads(arch, nh, nkv)) } else { RowTransform::None };
-                push(format!("{blk}.attn_k"), a, transformed_rows(b, &rows, t)?)?;
-            } else if is(&w.v) {
-                push(format!("{blk}.attn_v"), a, b.clone())?;
-            } else if is(&w.qkv) {
-                match (arch, spec.qkv_split) {
+            match planned.role {
+                Role::Q => {
+                    let t = if permutes { RowTransform::Permute(nh) } else { RowTransform::None };
+                    push(format!("{blk}.attn_q"), a, transformed_rows(b, &rows, t)?)?;
+                }
+                Role::K => {
+                    let t = if permutes {
+                        RowTransform::Permute(k_permute_heads(arch, nh, nkv))
+                    } else {
+                        RowTransform::None
+                    };
+                    push(format!("{blk}.attn_k"), a, transformed_rows(b, &rows, t)?)?;
+                }
+                Role::V => push(format!("{blk}.attn_v"), a, b.clone())?,
+                Role::Qkv => match (arch, planned.split) {
                     // W_pack becomes three pairs sharing A; q and k thirds permuted
                     ("baichuan", _) => {
                         let parts = SplitKind::QkvContiguous.qkv_rows(nh, nkv, hd)?;
@@ -181,39 +175,29 @@ pub fn gguf_tensors(adapter: &PeftAdapter, spec: &ModelSpec) -> Result<Vec<GgufT
                             "GGUF export: no llama.cpp mapping for the fused projection {path} ({arch}, {split:?})"
                         )))
                     }
-                }
-            } else if rel == w.o {
-                push(format!("{blk}.attn_output"), a, b.clone())?;
-            } else if w.gate_up.as_deref() == Some(rel) {
+                },
+                Role::O => push(format!("{blk}.attn_output"), a, b.clone())?,
                 // ChatGLM's [gate; up] stays fused in llama.cpp
-                push(format!("{blk}.ffn_up"), a, b.clone())?;
-            } else if w.router.as_deref() == Some(rel) {
-                return Err(Error::Invalid(format!(
-                    "GGUF export: LoRA on the MoE router ({path}) cannot be expressed in a llama.cpp adapter; \
-                     train without the router among the targets, or export a PEFT adapter or a merged model"
-                )));
-            } else if let Some((e, part)) = expert_part(spec, rel) {
-                let name = match part {
-                    ExpertPart::Gate => "ffn_gate_exps",
-                    ExpertPart::Up => "ffn_up_exps",
-                    ExpertPart::Down => "ffn_down_exps",
-                };
-                experts.entry(name).or_default().push((e, a, b));
-            } else if is(&w.gate) {
-                push(format!("{blk}.ffn_gate"), a, b.clone())?;
-            } else if rel == w.up {
-                push(format!("{blk}.ffn_up"), a, b.clone())?;
-            } else if rel == w.down {
-                push(format!("{blk}.ffn_down"), a, b.clone())?;
-            } else {
-                return Err(Error::Invalid(format!("GGUF export: no llama.cpp tensor for the module {path}")));
+                Role::GateUp | Role::Up => push(format!("{blk}.ffn_up"), a, b.clone())?,
+                Role::Gate => push(format!("{blk}.ffn_gate"), a, b.clone())?,
+                Role::Down => push(format!("{blk}.ffn_down"), a, b.clone())?,
+                Role::Router => {
+                    return Err(Error::Invalid(format!(
+                        "GGUF export: LoRA on the MoE router ({path}) cannot be expressed in a llama.cpp adapter; \
+                         train without the router among the targets, or export a PEFT adapter or a merged model"
+                    )));
+                }
+                role @ (Role::ExpertGate | Role::ExpertUp | Role::ExpertDown) => {
+                    let name = match role {
+                        Role::ExpertGate => "ffn_gate_exps",
+                        Role::ExpertUp => "ffn_up_exps",
+                        _ => "ffn_down_exps",
+                    };
+                    experts.entry(name).or_default().push((planned.expert.unwrap_or(0), a, b));
+                }
             }
         }
         // llama.cpp holds all experts of a layer in one 3-D tensor; their LoRAs stack the same way
-        let n_experts = match spec.mlp {
-            MlpKind::Moe { experts, .. } => experts,
-            _ => 0,
-        };
         for (name, mut parts) in experts {
             parts.sort_by_key(|p| p.0);
             if parts.len() != n_experts {
@@ -229,45 +213,14 @@ pub fn gguf_tensors(adapter: &PeftAdapter, spec: &ModelSpec) -> Result<Vec<GgufT
         }
     }
     if used != adapter.pairs.len() {
-        let stray = adapter
-            .pairs
-            .keys()
-            .find(|p| !(0..spec.layers).any(|i| p.starts_with(&format!("{}.", spec.layer_prefix(i)))))
-            .cloned()
-            .unwrap_or_default();
+        let planned: std::collections::BTreeSet<String> = spec.all_linears().map(|(_, path, _)| path).collect();
+        let stray = adapter.pairs.keys().find(|p| !planned.contains(*p)).cloned().unwrap_or_default();
         return Err(Error::Invalid(format!(
-            "GGUF export: the module {stray} is not inside a decoder layer of this model; llama.cpp adapters \
-             cannot hold embedding or lm_head LoRA"
+            "GGUF export: the module {stray} is not a linear module inside a decoder layer of this model; llama.cpp \
+             adapters cannot hold embedding or lm_head LoRA"
         )));
     }
     Ok(out)
-}
-
-enum ExpertPart {
-    Gate,
-    Up,
-    Down,
-}
-
-/// `block_sparse_moe.experts.3.w1` → (3, Gate) for a MoE layout.
-fn expert_part(spec: &ModelSpec, rel: &str) -> Option<(usize, ExpertPart)> {
-    let w = &spec.weights;
-    let template = w.experts.as_deref()?;
-    let (before, after) = template.split_once("{e}")?;
-    let rest = rel.strip_prefix(before)?;
-    let (index, rest) = rest.split_once('.')?;
-    let e: usize = index.parse().ok()?;
-    let name = rest.strip_prefix(after.trim_start_matches('.')).map(|r| r.trim_start_matches('.'))?;
-    let part = if Some(name) == w.gate.as_deref() {
-        ExpertPart::Gate
-    } else if name == w.up {
-        ExpertPart::Up
-    } else if name == w.down {
-        ExpertPart::Down
-    } else {
-        return None;
-    };
-    Some((e, part))
 }
 
 /// A GGUF metadata value (the kinds an adapter needs).

@@ -9,10 +9,11 @@ pub mod peft;
 
 use std::cell::Cell;
 
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{CpuStorage, CudaStorage, CustomOp1, DType, Device, Layout, Shape, Tensor, Var};
 
 use crate::quant::FrozenLinear;
 use crate::rng::Rng;
+use crate::stash::Stash;
 
 /// How LoRA is applied: rank, alpha, dropout, rsLoRA and the target module names.
 #[derive(Debug, Clone, PartialEq)]
@@ -100,11 +101,46 @@ pub fn set_dropout_seed(seed: u64) {
     DROPOUT_SEED.with(|s| s.set(seed));
 }
 
+/// The seed the next LoRA dropout masks on this thread are drawn from (a recomputed block
+/// restores the one its forward ran with).
+pub fn dropout_seed() -> u64 {
+    DROPOUT_SEED.with(Cell::get)
+}
+
 /// Inverted dropout with a mask drawn from this thread's seed and the module's path.
 fn seeded_dropout(x: &Tensor, p: f32, path: &str) -> candle_core::Result<Tensor> {
     let mut rng = Rng::for_key(DROPOUT_SEED.with(Cell::get), path);
     let keep = 1.0 / (1.0 - p);
     let mask: Vec<f32> = (0..x.elem_count()).map(|_| if rng.next_f64() as f32 >= p { keep } else { 0.0 }).collect();
     let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
-    x * mask
+    let y = (x.detach() * &mask)?;
+    if !x.track_op() {
+        return Ok(y);
+    }
+    x.apply_op1(Dropout { mask, output: Stash::new(y) })
+}
+
+/// x ⊙ mask with the mask a constant: candle's multiply would also compute the mask's
+/// gradient (four [T, in] tensors per module, kept in the gradient store until the step).
+struct Dropout {
+    mask: Tensor,
+    output: Stash,
+}
+
+impl CustomOp1 for Dropout {
+    fn name(&self) -> &'static str {
+        "lora-dropout"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        self.output.cpu_fwd()
+    }
+
+    fn cuda_fwd(&self, _: &CudaStorage, _: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
+        self.output.cuda_fwd()
+    }
+
+    fn bwd(&self, _x: &Tensor, _y: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some((grad.detach() * &self.mask)?))
+    }
 }

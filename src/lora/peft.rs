@@ -148,20 +148,6 @@ impl PeftAdapter {
     }
 }
 
-/// Families whose checkpoints are interchangeable for an adapter (same layout, same
-/// weights; only the name or the context length tells them apart).
-fn same_family(a: &str, b: &str) -> bool {
-    let group = |f: &str| {
-        match f {
-            "llama" | "llama2" | "yi" => "llama",
-            "bloom" | "bloomz" => "bloom",
-            other => other,
-        }
-        .to_string()
-    };
-    group(a) == group(b)
-}
-
 impl PeftAdapter {
     /// The adapter on `model`'s LoRA pairs, with the settings they were made with.
     pub fn from_model(model: &crate::model::Model, settings: &LoraSettings) -> Result<Self> {
@@ -189,19 +175,14 @@ impl PeftAdapter {
         candidates.into_iter().find(|c| c.join("config.json").is_file())
     }
 
-    /// Check that this adapter (read from `dir`) was made for a model like `spec`, whose
-    /// linear modules are `linear_names`: every target must be one of its modules, and when
-    /// adapter_config.json names a local base folder, that base must be of the same family.
-    /// Shapes are checked when the pairs are applied.
-    pub fn check_base(&self, spec: &ModelSpec, linear_names: &[String], dir: &Path) -> Result<()> {
+    /// Check that this adapter (read from `dir`) was made for a model like `spec`: every
+    /// target must select one of its linear modules, and when adapter_config.json names a
+    /// local base folder, that base must be of a family with interchangeable weights. Shapes
+    /// are checked when the pairs are applied.
+    pub fn check_base(&self, spec: &ModelSpec, dir: &Path) -> Result<()> {
         let config_path = dir.join("adapter_config.json");
-        let foreign: Vec<&str> = self
-            .settings
-            .targets
-            .iter()
-            .filter(|t| *t != "all-linear" && !linear_names.contains(t))
-            .map(String::as_str)
-            .collect();
+        let linear_names = spec.linear_names();
+        let foreign = spec.unknown_targets(&self.settings.targets);
         if !foreign.is_empty() {
             return Err(Error::bad_entry(
                 &config_path,
@@ -216,8 +197,10 @@ impl PeftAdapter {
             ));
         }
         if let (Some(base), Some(base_dir)) = (self.base_model.as_deref(), self.local_base(dir)) {
-            if let Ok(recognised) = crate::arch::table()?.recognise_file(&base_dir.join("config.json")) {
-                if !same_family(&recognised.family.id, &spec.family) {
+            let table = crate::arch::table()?;
+            if let Ok(recognised) = table.recognise_file(&base_dir.join("config.json")) {
+                let ours = table.family(&spec.family).map_or(spec.family.as_str(), |f| f.weights_group());
+                if recognised.family.weights_group() != ours {
                     return Err(Error::bad_entry(
                         &config_path,
                         "base_model_name_or_path",

@@ -31,6 +31,10 @@ pub struct EstimateArgs {
     pub targets: Option<String>,
     #[arg(long, default_value_t = 0.0)]
     pub dropout: f32,
+    /// Per-block gradient checkpointing: off, on, or auto (on when the run does not fit
+    /// otherwise).
+    #[arg(long, default_value = "off")]
+    pub checkpointing: String,
     /// cpu or cuda[:N]
     #[arg(long, default_value = "cpu")]
     pub device: String,
@@ -135,26 +139,45 @@ pub fn estimate_command(args: &EstimateArgs) -> Result<String> {
     let mut input =
         EstimateInput::new(spec, parse_method(&args.mode)?, targets, args.rank, args.batch, args.seq).on(device);
     input.dropout = args.dropout;
-    estimate_report(&input, &args.model, &args.device, args.memory.as_deref())
+    let budget = memory_budget(&args.device, args.memory.as_deref())?;
+    input.checkpointing = match args.checkpointing.as_str() {
+        "off" => false,
+        "on" => true,
+        "auto" => budget.0.is_some_and(|b| estimate(&input).is_ok_and(|e| !e.fits(b))),
+        other => return Err(Error::Invalid(format!("--checkpointing {other:?}: use off, on or auto"))),
+    };
+    estimate_report(&input, &args.model, &args.device, &budget)
 }
 
-/// The breakdown of one run's estimate, whether it fits (in `memory`, else the GPU's free
-/// memory, else the available RAM), the largest sequence and batch, and what to change.
-pub fn estimate_report(input: &EstimateInput, model: &str, device_name: &str, memory: Option<&str>) -> Result<String> {
-    let mut out = String::new();
-    let (_, gpu) = parse_device(device_name)?;
-    let est = estimate(input)?;
-    let (memory, source) = match (memory, gpu) {
+/// The memory a run on `device` must fit in, and where the figure comes from: `memory` when
+/// given, else the GPU's free memory, else the available RAM.
+pub fn memory_budget(device: &str, memory: Option<&str>) -> Result<(Option<u64>, String)> {
+    let (_, gpu) = parse_device(device)?;
+    Ok(match (memory, gpu) {
         (Some(m), _) => (Some(parse_size(m)?), "given".to_string()),
         (None, Some(i)) => match super::detect_gpus().into_iter().find(|g| g.index == i) {
             Some(g) => (Some(g.free), format!("free on {}", g.name)),
             None => (None, String::new()),
         },
         (None, None) => (available_ram(), "available RAM".to_string()),
-    };
+    })
+}
+
+/// The breakdown of one run's estimate, whether it fits in the `budget` (`memory_budget`), the
+/// largest sequence and batch, and what to change.
+pub fn estimate_report(
+    input: &EstimateInput,
+    model: &str,
+    device_name: &str,
+    budget: &(Option<u64>, String),
+) -> Result<String> {
+    let mut out = String::new();
+    let (_, gpu) = parse_device(device_name)?;
+    let est = estimate(input)?;
+    let (memory, source) = (budget.0, &budget.1);
     let _ = writeln!(
         out,
-        "{} {} on {}, rank {} on {}, batch {} × seq {}, {:?}",
+        "{} {} on {}, rank {} on {}, batch {} × seq {}, {:?}, gradient checkpointing {}",
         model,
         input.method.label(),
         device_name,
@@ -162,7 +185,8 @@ pub fn estimate_report(input: &EstimateInput, model: &str, device_name: &str, me
         input.targets.join(","),
         input.batch,
         input.seq,
-        input.dtype
+        input.dtype,
+        if input.checkpointing { "on" } else { "off" }
     );
     out.push_str(&breakdown_table(&est));
     let Some(memory) = memory else {

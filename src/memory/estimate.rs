@@ -11,7 +11,7 @@
 use candle_core::DType;
 use serde::Serialize;
 
-use crate::model::spec::{Activation, MlpKind, ModelSpec, NormKind, Position};
+use crate::model::spec::{Activation, MlpKind, ModelSpec, NormKind, PlannedLinear, Position, Role};
 use crate::{Error, Result};
 
 /// LoRA on a dense base, or QLoRA on an NF4 base.
@@ -64,12 +64,25 @@ pub struct EstimateInput {
     /// Compute dtype (f32 on the CPU, bf16 on CUDA).
     pub dtype: DType,
     pub device: DeviceKind,
+    /// Per-block gradient checkpointing (only each block's input kept for the backward).
+    pub checkpointing: bool,
 }
 
 impl EstimateInput {
     /// A run with the device's default dtype, no dropout.
     pub fn new(spec: ModelSpec, method: Method, targets: Vec<String>, rank: usize, batch: usize, seq: usize) -> Self {
-        Self { spec, method, targets, rank, dropout: 0.0, batch, seq, dtype: DType::F32, device: DeviceKind::Cpu }
+        Self {
+            spec,
+            method,
+            targets,
+            rank,
+            dropout: 0.0,
+            batch,
+            seq,
+            dtype: DType::F32,
+            device: DeviceKind::Cpu,
+            checkpointing: false,
+        }
     }
 
     pub fn on(mut self, device: DeviceKind) -> Self {
@@ -111,126 +124,6 @@ impl Estimate {
     }
 }
 
-/// One linear of a decoder layer: its module name, output and input features, and how many
-/// tokens of a batch pass through it (`share` of T; below 1 for MoE experts).
-#[derive(Debug, Clone)]
-struct LinearShape {
-    name: String,
-    out: usize,
-    inp: usize,
-    role: Role,
-    bias: bool,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq)]
-enum Role {
-    Q,
-    K,
-    V,
-    Qkv,
-    O,
-    Gate,
-    Up,
-    GateUp,
-    Down,
-    Router,
-    ExpertGate,
-    ExpertUp,
-    ExpertDown,
-}
-
-fn last(path: &str) -> String {
-    path.rsplit('.').next().unwrap_or(path).to_string()
-}
-
-/// The linears of one layer, as `Model::from_source` builds them.
-fn layer_linears(s: &ModelSpec) -> Vec<LinearShape> {
-    let (h, hd) = (s.hidden, s.head_dim);
-    let (q_out, kv_out) = (s.heads * hd, s.kv_heads * hd);
-    let w = &s.weights;
-    let f = s.intermediate;
-    let lin = |name: &str, out: usize, inp: usize, role: Role, bias: bool| LinearShape {
-        name: last(name),
-        out,
-        inp,
-        role,
-        bias,
-    };
-    let mut out = Vec::new();
-    match (&w.qkv, &w.q, &w.k, &w.v) {
-        (Some(qkv), ..) => out.push(lin(qkv, q_out + 2 * kv_out, h, Role::Qkv, s.qkv_bias)),
-        (None, Some(q), Some(k), Some(v)) => {
-            out.push(lin(q, q_out, h, Role::Q, s.qkv_bias));
-            out.push(lin(k, kv_out, h, Role::K, s.qkv_bias));
-            out.push(lin(v, kv_out, h, Role::V, s.qkv_bias));
-        }
-        _ => {}
-    }
-    out.push(lin(&w.o, h, q_out, Role::O, s.o_bias));
-    match s.mlp {
-        MlpKind::Gated(_) if w.gate_up.is_some() => {
-            out.push(lin(w.gate_up.as_deref().unwrap_or_default(), 2 * f, h, Role::GateUp, s.mlp_bias));
-            out.push(lin(&w.down, h, f, Role::Down, s.mlp_bias));
-        }
-        MlpKind::Gated(_) => {
-            out.push(lin(w.gate.as_deref().unwrap_or_default(), f, h, Role::Gate, s.mlp_bias));
-            out.push(lin(&w.up, f, h, Role::Up, s.mlp_bias));
-            out.push(lin(&w.down, h, f, Role::Down, s.mlp_bias));
-        }
-        MlpKind::Plain(_) => {
-            out.push(lin(&w.up, f, h, Role::Up, s.mlp_bias));
-            out.push(lin(&w.down, h, f, Role::Down, s.mlp_bias));
-        }
-        MlpKind::Moe { experts, .. } => {
-            out.push(lin(w.router.as_deref().unwrap_or_default(), experts, h, Role::Router, false));
-            for _ in 0..experts {
-                out.push(lin(w.gate.as_deref().unwrap_or_default(), f, h, Role::ExpertGate, false));
-                out.push(lin(&w.up, f, h, Role::ExpertUp, false));
-                out.push(lin(&w.down, h, f, Role::ExpertDown, false));
-            }
-        }
-    }
-    out
-}
-
-/// The linears of one layer grouped by module name: ([out, in], instances per layer), in the
-/// order the decoder builds them — what a checkpoint would hold, known from the config alone.
-pub fn layer_linear_shapes(spec: &ModelSpec) -> Vec<(String, [usize; 2], usize)> {
-    let mut shapes: Vec<(String, [usize; 2], usize)> = Vec::new();
-    for l in layer_linears(spec) {
-        match shapes.iter_mut().find(|(name, ..)| *name == l.name) {
-            Some((.., count)) => *count += 1,
-            None => shapes.push((l.name, [l.out, l.inp], 1)),
-        }
-    }
-    shapes
-}
-
-/// Parameters of the model the spec describes: linears (with biases), embeddings, the output
-/// layer unless tied, and the norms.
-pub fn parameter_count(spec: &ModelSpec) -> usize {
-    let per_layer: usize = layer_linears(spec).iter().map(|l| l.out * l.inp + if l.bias { l.out } else { 0 }).sum();
-    let (v, h) = (spec.vocab, spec.hidden);
-    let norm = if spec.norm == NormKind::Layer { 2 * h } else { h };
-    let lm_head = if spec.tie_embeddings { 0 } else { v * h };
-    // one norm before attention, one before the MLP unless they share it (Falcon-7B, Phi)
-    let layer_norms = 1 + usize::from(spec.weights.mlp_norm.is_some());
-    let embed_norm = if spec.weights.embed_norm.is_some() { norm } else { 0 };
-    let lm_head_bias = if spec.lm_head_bias { v } else { 0 };
-    spec.layers * (per_layer + layer_norms * norm) + v * h + lm_head + lm_head_bias + norm + embed_norm
-}
-
-/// The module names a run may target on this model.
-pub fn linear_names(spec: &ModelSpec) -> Vec<String> {
-    let mut names: Vec<String> = Vec::new();
-    for l in layer_linears(spec) {
-        if !names.contains(&l.name) {
-            names.push(l.name);
-        }
-    }
-    names
-}
-
 /// NF4 bytes of a weight of n elements, as `Nf4Tensor::storage_bytes` counts them: packed
 /// codes (two per byte) and f32 absmax per block of 64, or with double quantization u8 codes
 /// per block, an f32 per 256 blocks, the 256-entry f32 code table and the offset.
@@ -242,7 +135,7 @@ pub fn nf4_bytes(n: usize, double_quant: bool) -> u64 {
 }
 
 /// Bytes the CPU runtime allocates once per process (gemm packing buffers, thread pool).
-pub const CPU_RUNTIME: f64 = 6.0 * 1024.0 * 1024.0;
+pub const CPU_RUNTIME: f64 = 3.0 * 1024.0 * 1024.0;
 
 const GIB: f64 = 1024.0 * 1024.0 * 1024.0;
 
@@ -255,19 +148,9 @@ pub fn estimate(input: &EstimateInput) -> Result<Estimate> {
     if input.rank == 0 {
         return Err(Error::Invalid("LoRA rank r must be at least 1".into()));
     }
-    let linears = layer_linears(s);
-    let names = linear_names(s);
-    let all = input.targets.iter().any(|t| t == "all-linear");
-    if let Some(bad) = input.targets.iter().find(|t| *t != "all-linear" && !names.contains(t)) {
-        return Err(Error::Invalid(format!(
-            "no linear module named {bad}; this model's linear modules are: {}",
-            names.join(", ")
-        )));
-    }
-    if input.targets.is_empty() {
-        return Err(Error::Invalid("no LoRA target chosen".into()));
-    }
-    let targeted = |l: &LinearShape| all || input.targets.contains(&l.name);
+    let linears = &s.linears;
+    s.check_targets(&input.targets)?;
+    let targeted = |l: &PlannedLinear| ModelSpec::targets_select(&input.targets, &s.linear_path(0, l));
 
     let e = input.dtype.size_in_bytes() as f64;
     let f4 = 4.0;
@@ -282,24 +165,23 @@ pub fn estimate(input: &EstimateInput) -> Result<Estimate> {
     let (q_out, kv_out) = (nh * hd, nkv * hd);
     let layers = s.layers as f64;
     let r = input.rank as f64;
-    let n_rep = s.heads / s.kv_heads.max(1);
 
     // ------------------------------------------------------------------ static terms
     let mut frozen = 0f64;
     let mut biases = 0f64;
     let mut max_linear = 0usize;
     let mut lora_params = 0f64;
-    for l in &linears {
+    for l in linears {
         frozen += match input.method {
-            Method::Lora => (l.out * l.inp) as f64 * e,
-            Method::Qlora { double_quant } => nf4_bytes(l.out * l.inp, double_quant) as f64,
+            Method::Lora => (l.out_features * l.in_features) as f64 * e,
+            Method::Qlora { double_quant } => nf4_bytes(l.out_features * l.in_features, double_quant) as f64,
         };
         if l.bias {
-            biases += l.out as f64 * e;
+            biases += l.out_features as f64 * e;
         }
-        max_linear = max_linear.max(l.out * l.inp);
+        max_linear = max_linear.max(l.out_features * l.in_features);
         if targeted(l) {
-            lora_params += r * (l.out + l.inp) as f64;
+            lora_params += r * (l.out_features + l.in_features) as f64;
         }
     }
     frozen *= layers;
@@ -331,8 +213,8 @@ pub fn estimate(input: &EstimateInput) -> Result<Estimate> {
     let base_out = |out: f64| tok * out * e * if cpu { 1.0 } else { 2.0 };
     // LoRA branch (lora/mod.rs): [dropout mask and output], x in f32, x·Aᵀ, ·Bᵀ, ·scale,
     // back in the compute dtype, and the sum with the base output
-    let lora_out = |l: &LinearShape| -> f64 {
-        let (out, inp) = (l.out as f64, l.inp as f64);
+    let lora_out = |l: &PlannedLinear| -> f64 {
+        let (out, inp) = (l.out_features as f64, l.in_features as f64);
         let mut bytes = tok * r * f4 + 2.0 * tok * out * f4 + tok * out * e;
         if e != f4 {
             bytes += tok * out * e + tok * inp * f4;
@@ -342,7 +224,7 @@ pub fn estimate(input: &EstimateInput) -> Result<Estimate> {
         }
         bytes
     };
-    let linear_kept = |l: &LinearShape| base_out(l.out as f64) + if targeted(l) { lora_out(l) } else { 0.0 };
+    let linear_kept = |l: &PlannedLinear| base_out(l.out_features as f64) + if targeted(l) { lora_out(l) } else { 0.0 };
     let rope = |n: f64| -> f64 {
         let Position::Rope { rotary_dim, interleaved, .. } = s.position else { return 0.0 };
         let rd = rotary_dim as f64;
@@ -363,7 +245,6 @@ pub fn estimate(input: &EstimateInput) -> Result<Estimate> {
         let per_token = n * rd * rot + if partial { n * hd } else { 0.0 };
         tok * per_token * e
     };
-    let scores = b * nh * t * t;
     let attention_core = {
         // heads(): transpose(1, 2) copies (a single head is already contiguous)
         let mut bytes = 0.0;
@@ -374,15 +255,8 @@ pub fn estimate(input: &EstimateInput) -> Result<Estimate> {
             bytes += tok * (q_out + 2.0 * kv_out) * e;
         }
         bytes += rope(nh) + rope(nkv);
-        if n_rep > 1 {
-            bytes += 2.0 * tok * q_out * e; // repeat_kv copies k and v
-        }
-        bytes += tok * q_out * e; // kᵀ made contiguous
-                                  // scores, ·1/√d, [to f32], + mask, softmax (fused: its output; composite: diff,
-                                  // exp, quotient), [back to the compute dtype]
-        let softmax = if fused { 1.0 } else { 3.0 };
-        bytes += scores * (2.0 * e + (1.0 + softmax) * f4 + if e != f4 { f4 + e } else { 0.0 });
-        // probs·v and its [b, t, heads·d] copy
+        // the chunked attention (model/attention.rs) keeps only its inputs: its output and
+        // the output's [b, t, heads·d] copy for the output projection
         bytes += tok * q_out * e * if nh > 1.0 { 2.0 } else { 1.0 };
         bytes
     };
@@ -411,7 +285,7 @@ pub fn estimate(input: &EstimateInput) -> Result<Estimate> {
         }
     };
     let mut linear_sum = 0.0;
-    for l in &linears {
+    for l in linears {
         let share = match (s.mlp, l.role) {
             (MlpKind::Moe { experts, top_k, .. }, Role::ExpertGate | Role::ExpertUp | Role::ExpertDown) => {
                 top_k as f64 / experts as f64
@@ -429,17 +303,18 @@ pub fn estimate(input: &EstimateInput) -> Result<Estimate> {
 
     // The first layer's input (the embedding) is not tracked: tensors computed from it alone
     // (the frozen projections that carry no LoRA) are freed in the forward, but the backward
-    // gives a gradient to each untracked input of a tracked op, kept until the step.
-    let attn_in: Vec<&LinearShape> =
+    // gives a gradient to each untracked input of a tracked op, kept until the step. With
+    // checkpointing the recomputed block's input is a variable, so this does not happen.
+    let attn_in: Vec<&PlannedLinear> =
         linears.iter().filter(|l| matches!(l.role, Role::Q | Role::K | Role::V | Role::Qkv)).collect();
     let any_attn_target = attn_in.iter().any(|l| targeted(l));
-    let (first_freed, first_leaks) = if any_attn_target {
+    let (first_freed, first_leaks) = if any_attn_target && !input.checkpointing {
         let mut freed = 0.0;
-        // the residual sum's embedding input; with dropout, the first layer's masks (their
-        // gradients are plain there: the input is untracked)
+        // the residual sum's embedding input; with dropout, the first layer's dropout outputs
+        // (untracked there, as the input is, and given a gradient by the LoRA matmul)
         let mut leaks = tok * h * e
             + if input.dropout > 0.0 {
-                attn_in.iter().filter(|l| targeted(l)).map(|l| tok * l.inp as f64 * e).sum::<f64>()
+                attn_in.iter().filter(|l| targeted(l)).map(|l| tok * l.in_features as f64 * e).sum::<f64>()
             } else {
                 0.0
             };
@@ -447,15 +322,16 @@ pub fn estimate(input: &EstimateInput) -> Result<Estimate> {
             if targeted(l) {
                 // the gradient of the LoRA matmul's input is computed with A (a Var), so it
                 // keeps its zeroed buffer and the product; the base output's is plain
-                leaks += tok * (3.0 * l.inp as f64 + l.out as f64) * e + tok * r * f4;
+                leaks += tok * (3.0 * l.in_features as f64 + l.out_features as f64) * e + tok * r * f4;
             } else {
+                // the base output is freed (and its head copy where RoPE makes a new tensor);
+                // the attention op's untracked argument gets a gradient
                 let n = if l.role == Role::Q { nh } else { nkv };
-                // base output and its head copy are freed; kᵀ or the repeated v get a gradient
-                freed += base_out(l.out as f64) + if n > 1.0 { tok * l.out as f64 * e } else { 0.0 };
-                if l.role == Role::K || l.role == Role::Q {
-                    freed += rope(n);
+                freed += base_out(l.out_features as f64);
+                if l.role != Role::V && n > 1.0 && rope(n) > 0.0 {
+                    freed += tok * l.out_features as f64 * e;
                 }
-                leaks += tok * q_out * e;
+                leaks += tok * l.out_features as f64 * e;
             }
         }
         (freed, leaks)
@@ -463,60 +339,67 @@ pub fn estimate(input: &EstimateInput) -> Result<Estimate> {
         (0.0, 0.0)
     };
 
-    // position terms: the causal mask [t, t] and the additive mask used in attention
-    // ([1, t, t], or [heads, t, t] with ALiBi), RoPE tables
-    let positions = t * t * f4 * if s.position == Position::Alibi { 1.0 + nh } else { 2.0 };
-    let activations = layers * layer_kept - first_freed + positions;
+    // RoPE tables: cos and sin [t, rotary_dim / 2]
+    let positions = match s.position {
+        Position::Rope { rotary_dim, .. } => t * rotary_dim as f64 * e,
+        Position::Alibi => 0.0,
+    };
+    // Without checkpointing every layer's tensors are kept; with it only each block's input
+    // (model/recompute.rs), and one block's tensors exist again while it is recomputed.
+    let activations = if input.checkpointing {
+        // the blocks' inputs and the last block's output (the final norm's input)
+        (layers + 1.0) * tok * h * e + positions
+    } else {
+        layers * layer_kept - first_freed + positions
+    };
 
     // --------------------------------------------------------------- logits and loss
-    // final norm, lm_head output (f32 on the CPU; on CUDA the bf16 output, its attach copy
-    // and the f32 cast), and in the loss (model/loss.rs) the shifted view — a copy when the
-    // batch has more than one row — and candle's composite log_softmax: x − max, exp(·) and
-    // the log-probabilities, each [N, V] in f32
-    let rows = b * (t - 1.0);
-    let logits_fwd = norm_out(tok * h)
-        + tok * v * if cpu && e == f4 { f4 } else { 2.0 * e + f4 }
-        + rows * v * f4 * (3.0 + if b > 1.0 { 1.0 } else { 0.0 });
+    // The chunked loss (model/loss.rs) keeps only the final norm's output; the logits of one
+    // chunk of positions exist at a time: with their per-row losses in the forward, with
+    // their gradient in the backward (model/ops.rs cross_entropy_*), which then goes through
+    // the output layer into the [T, hidden] gradient, assembled from the chunks' parts.
+    let logits_fwd = norm_out(tok * h);
+    let loss_rows = tok.min(crate::model::loss::loss_chunk_rows(s.vocab) as f64);
+    let loss_backward = 2.0 * loss_rows * v * f4 + 2.0 * tok * h * e;
 
     // ------------------------------------------------------- backward working set
     // candle's backward detaches each incoming gradient, but a gradient computed with a
-    // tracked forward tensor (exp's output, a matmul operand, the max's mask) is itself a
-    // tracked tensor whose op keeps its inputs: the zeroed buffer it was added to, the
-    // product and the incoming gradient, until its node's turn comes (and through that
-    // node's step, since the detached copy shadows it without dropping it).
+    // tracked forward tensor (a LoRA matmul with its A or B) is itself tracked and keeps its
+    // inputs until its node's turn comes.
     //
-    // Loss backward: after the max node the gradient of the logits holds 4¼ [N, V] tensors
-    // (itself, the previous sum, the f32 and u8 masks, the masked gradient) while the reshape
-    // before it adds a zeroed buffer and a sum: 6¼ traced; examples/lsm_probe.rs runs this op
-    // sequence alone and counts 7.0 over the forward's tensors, the figure used here.
-    let loss_backward = 7.0 * rows * v * f4;
-    // Layer backward: the gradient of the attention probabilities comes from a matmul with v
-    // and holds three score-sized f32 tensors (itself, its zeroed buffer, the product); the
-    // softmax step adds its result, a zeroed buffer and the sum: six at once, beside the
-    // gradients of the residual stream and of v. Each layer leaves the gradient of its
-    // broadcast mask (an untracked input) in the store until the step, and with dropout each
-    // LoRA module the gradient of its mask; the peak is in the first layer (processed last),
-    // with every later layer's leaks.
-    let mask_leak = scores * f4;
-    // the dropout mask's gradient is computed with the (tracked) input, so it keeps the
-    // incoming gradient, the product and its zeroed buffer: four [T, in] tensors per module
-    let dropout_leak = if input.dropout > 0.0 {
-        linears.iter().filter(|l| targeted(l)).map(|l| 4.0 * tok * l.inp as f64 * e).sum::<f64>()
+    // A layer's backward. candle hands each gradient an op returns to the store through a
+    // zeroed buffer and a sum (`or_insert` + `add`), so a gradient of n elements passes
+    // through three such tensors at a moment, beside the one being processed. Measured
+    // alone on the CPU (SmolLM2's shapes, 2048 and 4096 tokens, examples in the grid):
+    // - attention (model/attention.rs): one chunk's probabilities, their gradient and the
+    //   scores' gradient, plus about 6 query-sized and 7 key-sized f32 tensors per token (the
+    //   f32 key and value accumulators, the query gradient's chunks and their concatenation,
+    //   the gradients handed back for q, k and v with their buffers and sums);
+    // - a gated MLP: about 7 [T, f] tensors (the silu gate's incoming gradient, its two
+    //   results and the product it makes, each result's buffer and sum); 5 for an ungated one.
+    // Beside them run the gradients of the residual stream; the peak is in the first layer
+    // (processed last), whose untracked input leaves gradients in the store.
+    let chunk_queries = crate::model::attention::query_chunk(input.batch, s.heads, input.seq, input.seq) as f64;
+    let score_chunk = b * nh * chunk_queries * t * f4;
+    let attention_backward = 3.0 * score_chunk + tok * (6.0 * q_out + 7.0 * kv_out) * f4;
+    let mlp_backward = tok * f * e * if matches!(s.mlp, MlpKind::Plain(_)) { 5.0 } else { 7.0 };
+    let layer_working = attention_backward.max(mlp_backward) + tok * (h + q_out) * e;
+    let (layer_backward, backward_detail) = if input.checkpointing {
+        // one block recomputed (its kept tensors), its backward, the incoming gradient and
+        // the gradient of its input, the input's copy as a variable and its output times the
+        // incoming gradient (the nested backward's root)
+        (layer_kept + layer_working + 4.0 * tok * h * e, "recomputed block")
     } else {
-        0.0
+        // the first layer's own leaks come after its attention (its q, k, v and LoRA are
+        // processed last), except the residual's, which comes before
+        let first_residual_leak = if any_attn_target { tok * h * e } else { 0.0 };
+        let working = layer_working.max(first_leaks - first_residual_leak + 2.0 * tok * h * e);
+        (first_residual_leak + working, "layer backward")
     };
-    let layer_working = 6.0 * scores * f4 + tok * (h + q_out) * e;
-    let later_leaks = (layers - 1.0) * (mask_leak + dropout_leak);
-    // the first layer's own leaks come after its attention core (its q, k, v and LoRA are
-    // processed last), except the residual's, which comes before
-    let first_residual_leak = if any_attn_target { tok * h * e } else { 0.0 };
-    let layer_backward = later_leaks
-        + first_residual_leak
-        + layer_working.max(mask_leak + first_leaks - first_residual_leak + 2.0 * tok * h * e);
     let (backward, peak_at) = if loss_backward >= layer_backward {
         (loss_backward, "loss backward")
     } else {
-        (layer_backward, "layer backward")
+        (layer_backward, backward_detail)
     };
 
     // ------------------------------------------------------------------ transients
@@ -554,7 +437,11 @@ pub fn estimate(input: &EstimateInput) -> Result<Estimate> {
             bytes: activations as u64,
             detail: format!("{:.1} KiB/token/layer", layer_kept / tok / 1024.0),
         },
-        Term { name: "logits + loss", bytes: logits_fwd as u64, detail: format!("{} × {} vocab", rows, s.vocab) },
+        Term {
+            name: "logits + loss",
+            bytes: logits_fwd as u64,
+            detail: format!("chunks of {} positions × {} vocab", loss_rows, s.vocab),
+        },
         Term { name: "backward working set", bytes: backward as u64, detail: peak_at.to_string() },
         Term { name: "dequantized weight", bytes: dequant as u64, detail: "largest frozen linear".into() },
     ];
@@ -567,7 +454,8 @@ pub fn estimate(input: &EstimateInput) -> Result<Estimate> {
     let mut high = mid + 0.25 * backward + 0.05 * dynamic;
     if cpu {
         // the matmul library's per-thread packing buffers and the thread pool, made once per
-        // process and sized by the CPU's caches and threads (measured: 6.4 MB on 2 threads)
+        // process and sized by the CPU's caches, threads and the shapes multiplied (measured: 3.05 MiB
+        // on 2 threads after the grid's warm-up step)
         terms.push(Term {
             name: "CPU runtime buffers",
             bytes: CPU_RUNTIME as u64,

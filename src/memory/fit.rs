@@ -40,6 +40,8 @@ pub fn largest_batch(input: &EstimateInput, memory: u64) -> Option<usize> {
 /// A change that makes a run smaller.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Change {
+    /// Per-block gradient checkpointing on.
+    Checkpointing,
     Qlora,
     /// Batch 1, with this many accumulation steps to keep the effective batch.
     BatchOne {
@@ -55,6 +57,7 @@ impl Change {
     /// The English sentence, with `{}` where the value goes (the GUI translates these).
     pub fn template(&self) -> &'static str {
         match self {
+            Change::Checkpointing => "gradient checkpointing (each block recomputed in the backward)",
             Change::Qlora => "QLoRA (NF4 base) instead of LoRA",
             Change::BatchOne { .. } => "batch 1 with {} gradient-accumulation steps",
             Change::DefaultTargets(_) => "targets {} only",
@@ -65,7 +68,7 @@ impl Change {
     /// The sentence, its template passed through `translate` first.
     pub fn describe(&self, translate: impl Fn(&'static str) -> &'static str) -> String {
         let value = match self {
-            Change::Qlora => String::new(),
+            Change::Checkpointing | Change::Qlora => String::new(),
             Change::BatchOne { accumulation } => accumulation.to_string(),
             Change::DefaultTargets(targets) => targets.join(","),
             Change::MaxSeq(seq) => seq.to_string(),
@@ -88,8 +91,9 @@ pub struct Suggestion {
     pub estimate: Estimate,
 }
 
-/// What to change when the run does not fit in `memory`: QLoRA instead of LoRA, gradient
-/// accumulation instead of a large batch, fewer targets, a shorter sequence.
+/// What to change when the run does not fit in `memory`: gradient checkpointing, QLoRA
+/// instead of LoRA, gradient accumulation instead of a large batch, fewer targets, a shorter
+/// sequence.
 pub fn suggestions(input: &EstimateInput, memory: u64) -> Vec<Suggestion> {
     let mut out = Vec::new();
     let mut push = |change: Change, i: EstimateInput| {
@@ -97,6 +101,11 @@ pub fn suggestions(input: &EstimateInput, memory: u64) -> Vec<Suggestion> {
             out.push(Suggestion { change, input: i, estimate });
         }
     };
+    if !input.checkpointing {
+        let mut i = input.clone();
+        i.checkpointing = true;
+        push(Change::Checkpointing, i);
+    }
     if input.method == Method::Lora {
         let mut i = input.clone();
         i.method = Method::Qlora { double_quant: true };

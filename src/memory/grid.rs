@@ -9,7 +9,7 @@ use serde::Serialize;
 use super::estimate::{estimate, EstimateInput, Method};
 use super::{alloc, process_memory};
 use crate::lora::LoraSettings;
-use crate::model::{causal_lm_loss, BaseWeights, Model};
+use crate::model::{BaseWeights, Model};
 use crate::train::optim::{AdamW, AdamWParams};
 use crate::{Error, Result};
 
@@ -24,6 +24,8 @@ pub struct GridPoint {
     pub targets: Vec<String>,
     /// LoRA dropout (its masks are kept for backward).
     pub dropout: f32,
+    /// Per-block gradient checkpointing.
+    pub checkpointing: bool,
 }
 
 /// What one step of a grid point used, in bytes.
@@ -58,6 +60,8 @@ pub fn measure_from(point: &GridPoint, baseline: Option<usize>) -> Result<Measur
         Method::Lora => BaseWeights::Dense(candle_core::DType::F32),
         Method::Qlora { double_quant } => BaseWeights::Nf4 { double_quant, compute: candle_core::DType::F32 },
     };
+    // each point carries its own dequantization buffer, not the largest of the points before
+    crate::quant::frozen_linear::release_dequantize_buffer();
     let before = baseline.unwrap_or_else(alloc::live_bytes);
     let mut model = Model::from_preset(&point.preset, base, &device)?;
     let settings = LoraSettings {
@@ -68,6 +72,7 @@ pub fn measure_from(point: &GridPoint, baseline: Option<usize>) -> Result<Measur
         targets: point.targets.clone(),
     };
     model.add_lora(&settings, 0)?;
+    model.set_gradient_checkpointing(point.checkpointing);
     let vars = model.trainable().into_iter().map(|(_, v)| v).collect();
     let mut opt = AdamW::new(vars, AdamWParams { lr: 1e-4, ..Default::default() })?;
     let mut rng = crate::rng::Rng::new(1);
@@ -78,10 +83,8 @@ pub fn measure_from(point: &GridPoint, baseline: Option<usize>) -> Result<Measur
     let mut peak = 0;
     for _ in 0..3 {
         alloc::reset_peak();
-        let logits = model.forward(&ids, true)?;
-        let loss = causal_lm_loss(&logits, &ids)?;
-        drop(logits);
-        let grads = loss.backward()?;
+        let loss = model.loss(&ids, &ids, true)?;
+        let grads = model.backward(&loss)?;
         opt.step(&grads, 1.0)?;
         drop((grads, loss));
         peak = alloc::peak_bytes().saturating_sub(before);
@@ -101,6 +104,7 @@ pub fn warm_up() -> Result<()> {
         rank: 4,
         targets: vec!["all-linear".into()],
         dropout: 0.0,
+        checkpointing: false,
     };
     measure(&p).map(drop)
 }
@@ -138,6 +142,7 @@ pub fn estimate_point(point: &GridPoint) -> Result<super::Estimate> {
     let spec = preset_spec(&point.preset)?;
     let mut input = EstimateInput::new(spec, point.method, point.targets.clone(), point.rank, point.batch, point.seq);
     input.dropout = point.dropout;
+    input.checkpointing = point.checkpointing;
     estimate(&input)
 }
 
@@ -171,9 +176,14 @@ pub fn default_grid(quick: bool) -> Vec<GridPoint> {
         rank,
         targets,
         dropout: 0.0,
+        checkpointing: false,
     };
     let with_dropout = |mut point: GridPoint| {
         point.dropout = 0.05;
+        point
+    };
+    let checkpointed = |mut point: GridPoint| {
+        point.checkpointing = true;
         point
     };
     let mut grid = vec![
@@ -182,9 +192,11 @@ pub fn default_grid(quick: bool) -> Vec<GridPoint> {
         p("tiny", lora, 1024, 1, 64, all()),
         p("tiny", qlora, 512, 4, 8, qv()),
         with_dropout(p("tiny", lora, 256, 2, 16, all())),
+        checkpointed(p("tiny", qlora, 512, 2, 16, all())),
     ];
     if quick {
         grid.push(p("smollm2-135m", qlora, 64, 1, 8, qv()));
+        grid.push(checkpointed(p("smollm2-135m", qlora, 256, 1, 16, all())));
         return grid;
     }
     grid.extend([
@@ -197,6 +209,12 @@ pub fn default_grid(quick: bool) -> Vec<GridPoint> {
         with_dropout(p("smollm2-135m", qlora, 256, 2, 16, qv())),
         p("smollm2-135m", lora, 512, 2, 32, qv()),
         p("smollm2-135m", qlora, 1024, 1, 16, all()),
+        checkpointed(p("tiny", lora, 1024, 4, 32, all())),
+        checkpointed(with_dropout(p("tiny", qlora, 256, 2, 8, all()))),
+        checkpointed(p("smollm2-135m", qlora, 512, 2, 16, qv())),
+        checkpointed(p("smollm2-135m", lora, 256, 4, 8, all())),
+        checkpointed(p("smollm2-135m", qlora, 1024, 1, 16, all())),
+        checkpointed(p("smollm2-135m", qlora, 2048, 1, 16, all())),
     ]);
     grid
 }
@@ -207,14 +225,14 @@ pub fn markdown(rows: &[GridRow]) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "| preset | method | seq | batch | rank | targets | dropout | low MiB | mid MiB | high MiB | measured MiB | error | in band | peak RSS MiB |"
+        "| preset | method | seq | batch | rank | targets | dropout | checkpointing | low MiB | mid MiB | high MiB | measured MiB | error | in band | peak RSS MiB |"
     );
-    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for r in rows {
         let p = &r.point;
         let _ = writeln!(
             out,
-            "| {} | {} | {} | {} | {} | {} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {:+.1}% | {} | {:.0} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {:+.1}% | {} | {:.0} |",
             p.preset,
             p.method.label(),
             p.seq,
@@ -222,6 +240,7 @@ pub fn markdown(rows: &[GridRow]) -> String {
             p.rank,
             p.targets.join(","),
             p.dropout,
+            if p.checkpointing { "on" } else { "off" },
             mib(r.low),
             mib(r.mid),
             mib(r.high),

@@ -51,7 +51,7 @@ pub fn generate_streaming(
         return Err(Error::Invalid(format!("prompt token id {bad} is outside the model's vocabulary of {vocab}")));
     }
     let mut rng = Rng::new(options.seed);
-    let mut cache = KvCache::new(model.layers.len());
+    let mut cache = KvCache::new(model.blocks.len());
     let mut out = Vec::new();
     let mut input = Tensor::new(prompt_ids, model.device())?.unsqueeze(0)?;
     while out.len() < options.max_new_tokens {

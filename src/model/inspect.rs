@@ -7,12 +7,16 @@ use std::path::{Path, PathBuf};
 use crate::arch;
 use crate::error::{Error, Result};
 use crate::model::checkpoint::Checkpoint;
+use crate::model::spec::{PlannedLinear, Role};
 use crate::model::ModelSpec;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct LinearModule {
     /// The module name targets use (`q_proj`, `W_pack`, ...).
     pub name: String,
+    /// The full path of its first instance (layer 0, expert 0), which targets are matched on.
+    pub path: String,
+    pub role: Role,
     /// [out, in] of one instance; `None` when stored packed (4-bit checkpoints).
     pub shape: Option<[usize; 2]>,
     /// How many instances the model has (layers × experts).
@@ -39,12 +43,16 @@ pub struct ModelInfo {
 }
 
 impl ModelInfo {
+    /// The names of the modules whose role passes `keep`, in plan order (the target presets).
+    pub fn module_names(&self, keep: impl Fn(Role) -> bool) -> Vec<String> {
+        self.linear_modules.iter().filter(|m| keep(m.role)).map(|m| m.name.clone()).collect()
+    }
+
     /// Trainable parameters of LoRA with rank `r` on `targets` ("all-linear" for all).
     pub fn lora_parameters(&self, targets: &[String], r: usize) -> usize {
-        let all = targets.iter().any(|t| t == "all-linear");
         self.linear_modules
             .iter()
-            .filter(|m| all || targets.contains(&m.name))
+            .filter(|m| ModelSpec::targets_select(targets, &m.path))
             .filter_map(|m| m.shape.map(|[o, i]| r * (o + i) * m.count))
             .sum()
     }
@@ -56,21 +64,13 @@ pub fn inspect_config(config: &serde_json::Value, what: &str) -> Result<ModelInf
     let table = arch::table()?;
     let recognised = table.recognise(config)?;
     let spec = ModelSpec::from_config(config, &recognised, what)?;
-    let linear_modules = crate::memory::estimate::layer_linear_shapes(&spec)
-        .into_iter()
-        .map(|(name, shape, per_layer)| LinearModule {
-            fused: fused_parts(&recognised, &name),
-            name,
-            shape: Some(shape),
-            count: per_layer * spec.layers,
-        })
-        .collect();
+    let linear_modules = planned_modules(&spec, |_, l| Some(l.shape()));
     let (default_targets, default_targets_note) = defaults(&recognised);
     Ok(ModelInfo {
         dir: PathBuf::new(),
         family_id: recognised.family.id.clone(),
         family_name: recognised.family.name.clone(),
-        parameters: crate::memory::estimate::parameter_count(&spec),
+        parameters: spec.parameter_count(),
         context_length: context_length(config),
         spec,
         linear_modules,
@@ -79,11 +79,27 @@ pub fn inspect_config(config: &serde_json::Value, what: &str) -> Result<ModelInf
     })
 }
 
-fn fused_parts(recognised: &arch::Recognised<'_>, name: &str) -> Option<String> {
-    recognised.layout.fused(name).map(|f| match f.split {
-        arch::SplitKind::GateUp => "gate, up".to_string(),
-        _ => "q, k, v".to_string(),
-    })
+/// The layer plan's modules grouped by name, each with the shape `shape_of` gives its first
+/// instance (layer 0) and the count of all instances (layers × experts).
+fn planned_modules(
+    spec: &ModelSpec,
+    shape_of: impl Fn(&str, &PlannedLinear) -> Option<[usize; 2]>,
+) -> Vec<LinearModule> {
+    let mut modules: Vec<LinearModule> = Vec::new();
+    for l in &spec.linears {
+        if let Some(m) = modules.iter_mut().find(|m| m.name == l.name) {
+            m.count += spec.layers;
+            continue;
+        }
+        let fused = l.split.map(|split| match split {
+            arch::SplitKind::GateUp => "gate, up".to_string(),
+            _ => "q, k, v".to_string(),
+        });
+        let path = spec.linear_path(0, l);
+        let shape = shape_of(&path, l);
+        modules.push(LinearModule { name: l.name.clone(), path, role: l.role, shape, count: spec.layers, fused });
+    }
+    modules
 }
 
 fn defaults(recognised: &arch::Recognised<'_>) -> (Vec<String>, Option<String>) {
@@ -125,27 +141,14 @@ pub fn inspect(dir: &Path) -> Result<ModelInfo> {
         }
     }
 
-    let n_experts = match &spec.mlp {
-        crate::model::spec::MlpKind::Moe { experts, .. } => *experts,
-        _ => 0,
-    };
-    let mut linear_modules: Vec<LinearModule> = Vec::new();
-    for layer in 0..spec.layers {
-        for path in recognised.layout.layer_module_paths(layer, n_experts) {
-            let name = arch::ModuleLayout::module_name(&path).to_string();
-            if let Some(m) = linear_modules.iter_mut().find(|m| m.name == name) {
-                m.count += 1;
-                continue;
-            }
-            let key = format!("{path}.weight");
-            let shape = checkpoint.file_of(&key).and_then(|f| f.get(&key)).ok().and_then(|v| match v.shape() {
-                [o, i] if v.dtype() != safetensors::Dtype::U8 => Some([*o, *i]),
-                _ => None,
-            });
-            let fused = fused_parts(&recognised, &name);
-            linear_modules.push(LinearModule { name, shape, count: 1, fused });
-        }
-    }
+    // shapes as stored (4-bit packed weights have none)
+    let linear_modules = planned_modules(&spec, |path, _| {
+        let key = format!("{path}.weight");
+        checkpoint.file_of(&key).and_then(|f| f.get(&key)).ok().and_then(|v| match v.shape() {
+            [o, i] if v.dtype() != safetensors::Dtype::U8 => Some([*o, *i]),
+            _ => None,
+        })
+    });
     let (default_targets, default_targets_note) = defaults(&recognised);
     let context_length = context_length(&config);
     Ok(ModelInfo {

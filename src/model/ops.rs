@@ -401,19 +401,198 @@ impl<F: Fn(f32, f32) -> f32 + Sync> CustomOp2 for MapPair<F> {
     }
 }
 
+// ------------------------------------------------------- attention and loss (outside the graph)
+//
+// The chunked attention (model::attention) and the chunked loss (model::loss) compute their
+// forward and backward outside candle's graph, one chunk at a time. These kernels do each
+// chunk's elementwise work in one pass and one allocation; elsewhere their composite twins
+// run (the same arithmetic in candle ops, with a few more temporaries).
+
+/// Which keys the rows of a chunk of attention scores see, and how scores are scaled and
+/// biased: row (…, head, i) is the query at position `query_start + i`; column j the key at
+/// `key_start + j`, visible when it is not after the query and, with a window, less than
+/// `window` positions before it. ALiBi adds `slopes[head] · key position`.
+#[derive(Clone, Debug)]
+pub struct ScoreMask {
+    pub scale: f64,
+    pub query_start: usize,
+    pub key_start: usize,
+    pub window: Option<usize>,
+    pub slopes: Option<Vec<f32>>,
+}
+
+impl ScoreMask {
+    /// The visible key columns [lo, hi) of the query at `query`, among `keys` columns.
+    fn visible(&self, query: usize, keys: usize) -> (usize, usize) {
+        let hi = (query + 1).saturating_sub(self.key_start).min(keys);
+        let lo = self.window.map_or(0, |w| (query + 1).saturating_sub(w).saturating_sub(self.key_start)).min(hi);
+        (lo, hi)
+    }
+}
+
+/// softmax(scores · scale + mask + ALiBi) over the last dimension of scores
+/// [b, kv_heads, group, queries, keys] (query head = kv_head · group + g); f32 probabilities,
+/// exactly 0 on hidden keys. No backward: used outside the graph.
+pub fn masked_softmax(scores: &Tensor, mask: &ScoreMask) -> Res<Tensor> {
+    let (_, kv, group, queries, keys) = scores.dims5()?;
+    if fused_ok(scores) {
+        return scores.contiguous()?.apply_op1_no_bwd(&MaskedSoftmax {
+            mask: mask.clone(),
+            heads: kv * group,
+            queries,
+        });
+    }
+    let device = scores.device();
+    let s = (scores * mask.scale)?.to_dtype(DType::F32)?;
+    let mut bias = vec![f32::NEG_INFINITY; queries * keys];
+    for i in 0..queries {
+        let (lo, hi) = mask.visible(mask.query_start + i, keys);
+        bias[i * keys + lo..i * keys + hi].fill(0.0);
+    }
+    let mut s = s.broadcast_add(&Tensor::from_vec(bias, (queries, keys), device)?)?;
+    if let Some(slopes) = &mask.slopes {
+        let positions =
+            Tensor::arange(mask.key_start as u32, (mask.key_start + keys) as u32, device)?.to_dtype(DType::F32)?;
+        let slopes = Tensor::new(slopes.as_slice(), device)?.reshape((kv, group, 1, 1))?;
+        s = s.broadcast_add(&slopes.broadcast_mul(&positions.reshape((1, 1, 1, keys))?)?)?;
+    }
+    candle_nn::ops::softmax_last_dim(&s)
+}
+
+struct MaskedSoftmax {
+    mask: ScoreMask,
+    heads: usize,
+    queries: usize,
+}
+
+impl CustomOp1 for MaskedSoftmax {
+    fn name(&self) -> &'static str {
+        "masked-softmax"
+    }
+
+    fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout) -> Res<(CpuStorage, Shape)> {
+        let x = slice(xs, xl)?;
+        let n = *xl.dims().last().unwrap_or(&1);
+        let scale = self.mask.scale as f32;
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(n).zip(x.par_chunks(n)).enumerate().for_each(|(row, (y, x))| {
+            let (lo, hi) = self.mask.visible(self.mask.query_start + row % self.queries, n);
+            let slope = self.mask.slopes.as_ref().map_or(0.0, |s| s[(row / self.queries) % self.heads]);
+            let key0 = self.mask.key_start as f32;
+            let value = |j: usize| x[j] * scale + slope * (key0 + j as f32);
+            let max = (lo..hi).fold(f32::NEG_INFINITY, |m, j| m.max(value(j)));
+            let mut sum = 0f32;
+            for (j, y) in y.iter_mut().enumerate().take(hi).skip(lo) {
+                *y = (value(j) - max).exp();
+                sum += *y;
+            }
+            y[lo..hi].iter_mut().for_each(|v| *v /= sum);
+        });
+        Ok((CpuStorage::F32(y), xl.shape().clone()))
+    }
+}
+
+/// The input gradient of a softmax from its output y and the output's gradient g:
+/// y · (g − Σ g·y) over the last dimension. No backward: used outside the graph.
+pub fn softmax_backward(y: &Tensor, g: &Tensor) -> Res<Tensor> {
+    if fused_ok(y) && g.dtype() == DType::F32 {
+        return y.contiguous()?.apply_op2_no_bwd(&g.contiguous()?, &SoftmaxBwd);
+    }
+    let dot = (g * y)?.sum_keepdim(D::Minus1)?;
+    y * g.broadcast_sub(&dot)?
+}
+
+/// Per row of logits [rows, vocab] (f32): log Σ exp(logits) − logits[target], the token's
+/// negative log-likelihood. No backward: used outside the graph.
+pub fn cross_entropy_rows(logits: &Tensor, targets: &[u32]) -> Res<Tensor> {
+    let (rows, vocab) = logits.dims2()?;
+    if targets.len() != rows || targets.iter().any(|&t| t as usize >= vocab) {
+        candle_core::bail!("cross entropy: {} targets for {rows} rows of {vocab}", targets.len());
+    }
+    if fused_ok(logits) {
+        return logits.contiguous()?.apply_op1_no_bwd(&CrossEntropyRows { targets: targets.to_vec() });
+    }
+    let t = Tensor::new(targets, logits.device())?.unsqueeze(1)?;
+    logits.log_sum_exp(D::Minus1)? - logits.gather(&t, 1)?.squeeze(1)?
+}
+
+/// d loss / d logits for rows of logits [rows, vocab] (f32) whose loss is Σ weight · nll:
+/// (softmax(logits) − one-hot(target)) · weight; rows of weight 0 are all zero. No backward.
+pub fn cross_entropy_grad(logits: &Tensor, targets: &[u32], weights: &[f32]) -> Res<Tensor> {
+    let (rows, vocab) = logits.dims2()?;
+    if targets.len() != rows || weights.len() != rows || targets.iter().any(|&t| t as usize >= vocab) {
+        candle_core::bail!("cross entropy: {} targets and {} weights for {rows} rows", targets.len(), weights.len());
+    }
+    if fused_ok(logits) {
+        let op = CrossEntropyGrad { targets: targets.to_vec(), weights: weights.to_vec() };
+        return logits.contiguous()?.apply_op1_no_bwd(&op);
+    }
+    let device = logits.device();
+    let t = Tensor::new(targets, device)?.unsqueeze(1)?;
+    let minus_one = Tensor::full(-1f32, (rows, 1), device)?.to_dtype(logits.dtype())?;
+    let d = candle_nn::ops::softmax_last_dim(logits)?.scatter_add(&t, &minus_one, 1)?;
+    d.broadcast_mul(&Tensor::new(weights, device)?.to_dtype(logits.dtype())?.unsqueeze(1)?)
+}
+
+struct CrossEntropyRows {
+    targets: Vec<u32>,
+}
+
+fn log_sum_exp_row(x: &[f32]) -> f32 {
+    let max = x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+    max + x.iter().map(|v| (v - max).exp()).sum::<f32>().ln()
+}
+
+impl CustomOp1 for CrossEntropyRows {
+    fn name(&self) -> &'static str {
+        "cross-entropy-rows"
+    }
+
+    fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout) -> Res<(CpuStorage, Shape)> {
+        let x = slice(xs, xl)?;
+        let n = *xl.dims().last().unwrap_or(&1);
+        let mut y = vec![0f32; self.targets.len()];
+        y.par_iter_mut().zip(x.par_chunks(n)).zip(&self.targets).for_each(|((y, x), &t)| {
+            *y = log_sum_exp_row(x) - x[t as usize];
+        });
+        Ok((CpuStorage::F32(y), Shape::from(self.targets.len())))
+    }
+}
+
+struct CrossEntropyGrad {
+    targets: Vec<u32>,
+    weights: Vec<f32>,
+}
+
+impl CustomOp1 for CrossEntropyGrad {
+    fn name(&self) -> &'static str {
+        "cross-entropy-grad"
+    }
+
+    fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout) -> Res<(CpuStorage, Shape)> {
+        let x = slice(xs, xl)?;
+        let n = *xl.dims().last().unwrap_or(&1);
+        let mut d = vec![0f32; x.len()];
+        d.par_chunks_mut(n).zip(x.par_chunks(n)).enumerate().for_each(|(row, (d, x))| {
+            let w = self.weights[row];
+            if w == 0.0 {
+                return;
+            }
+            let lse = log_sum_exp_row(x);
+            for (d, x) in d.iter_mut().zip(x) {
+                *d = (x - lse).exp() * w;
+            }
+            d[self.targets[row] as usize] -= w;
+        });
+        Ok((CpuStorage::F32(d), xl.shape().clone()))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{Device, Var};
-
-    fn rand(shape: &[usize], seed: u64) -> Tensor {
-        let n = shape.iter().product();
-        Tensor::from_vec(crate::rng::Rng::new(seed).normal(n, 0.0, 1.0), shape, &Device::Cpu).unwrap()
-    }
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
-    }
+    use crate::model::testing::{max_diff, rand};
+    use candle_core::Var;
 
     /// Forward values and input gradients of `fused` and `composite` agree, with a random
     /// upstream gradient.
@@ -473,6 +652,45 @@ mod tests {
                 (t[0].silu().unwrap() * &t[1]).unwrap()
             }
         });
+    }
+
+    #[test]
+    fn attention_and_loss_kernels_match_their_composite_twins() {
+        // the composite path runs for non-f32 input: compare on f64 copies
+        let twin = |t: &Tensor| t.to_dtype(DType::F64).unwrap();
+        let scores = rand(&[2, 2, 3, 5, 9], 1);
+        for mask in [
+            ScoreMask { scale: 0.5, query_start: 4, key_start: 0, window: None, slopes: None },
+            ScoreMask {
+                scale: 0.3,
+                query_start: 6,
+                key_start: 2,
+                window: Some(4),
+                slopes: Some(vec![0.5, 0.25, 0.1, 0.05, 0.02, 0.01]),
+            },
+        ] {
+            let fused = masked_softmax(&scores, &mask).unwrap();
+            let composite = masked_softmax(&twin(&scores), &mask).unwrap().to_dtype(DType::F32).unwrap();
+            assert!(max_diff(&fused, &composite) < 1e-6, "masked softmax: {}", max_diff(&fused, &composite));
+            // a hidden key has probability 0: the query at position 4 sees keys 0..=4 only
+            if mask.window.is_none() {
+                let row = fused.flatten_to(3).unwrap().get(0).unwrap().to_vec1::<f32>().unwrap();
+                assert!(row[5..].iter().all(|&p| p == 0.0) && row[..5].iter().all(|&p| p > 0.0), "{row:?}");
+            }
+            let g = rand(fused.dims(), 2);
+            let d = softmax_backward(&fused, &g).unwrap();
+            let dc = softmax_backward(&twin(&fused), &twin(&g)).unwrap().to_dtype(DType::F32).unwrap();
+            assert!(max_diff(&d, &dc) < 1e-6);
+        }
+        let logits = rand(&[4, 11], 3);
+        let targets = [3u32, 0, 10, 7];
+        let nll = cross_entropy_rows(&logits, &targets).unwrap();
+        let nll_c = cross_entropy_rows(&twin(&logits), &targets).unwrap().to_dtype(DType::F32).unwrap();
+        assert!(max_diff(&nll, &nll_c) < 1e-5);
+        let weights = [0.5f32, 0.0, 0.25, 1.0];
+        let d = cross_entropy_grad(&logits, &targets, &weights).unwrap();
+        let dc = cross_entropy_grad(&twin(&logits), &targets, &weights).unwrap().to_dtype(DType::F32).unwrap();
+        assert!(max_diff(&d, &dc) < 1e-6);
     }
 
     #[test]

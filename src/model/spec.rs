@@ -3,7 +3,8 @@
 
 use serde_json::Value;
 
-use crate::arch::{ModuleLayout, Recognised, SplitKind, WeightNames};
+pub use crate::arch::Role;
+use crate::arch::{target_matches, LayoutLinear, ModuleLayout, Recognised, SplitKind, WeightNames};
 use crate::error::{Error, Result};
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -52,6 +53,30 @@ pub enum MlpKind {
     Moe { experts: usize, top_k: usize, act: Activation },
 }
 
+/// One linear module of a decoder layer with its shape: the layer plan. The loader, the memory
+/// estimate, inspect, the exporters and the GUI's target presets all read it, so what a layer
+/// holds is written down once.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PlannedLinear {
+    pub role: Role,
+    /// The path relative to the layer prefix (an expert's with its index).
+    pub path: String,
+    /// The name targets use (`LayoutLinear::name`).
+    pub name: String,
+    pub out_features: usize,
+    pub in_features: usize,
+    pub bias: bool,
+    pub expert: Option<usize>,
+    /// How a fused projection's output rows split.
+    pub split: Option<SplitKind>,
+}
+
+impl PlannedLinear {
+    pub fn shape(&self) -> [usize; 2] {
+        [self.out_features, self.in_features]
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct ModelSpec {
     pub family: String,
@@ -84,6 +109,10 @@ pub struct ModelSpec {
     pub weights: WeightNames,
     /// The family's default LoRA targets as this layout names them.
     pub default_targets: Vec<String>,
+    /// The linear modules of every layer (they are alike), in the order the decoder builds them.
+    pub linears: Vec<PlannedLinear>,
+    /// llama.cpp's architecture name for the checkpoint, where its converter handles it.
+    pub gguf_arch: Option<String>,
 }
 
 /// Typed access to config.json fields, with errors that name the key.
@@ -177,8 +206,11 @@ impl ModelSpec {
             layer_prefix: recognised.layout.layers.clone(),
             weights: weights.clone(),
             default_targets: recognised.default_targets(),
+            linears: Vec::new(),
+            gguf_arch: recognised.gguf_arch().map(str::to_string),
         };
         match layout {
+            // one config dialect for LLaMA, Qwen2 and Mixtral checkpoints
             "llama" | "qwen2" | "mixtral" => {
                 spec.kv_heads = c.opt_usize(&["num_key_value_heads"])?.unwrap_or(heads);
                 spec.head_dim = c.opt_usize(&["head_dim"])?.unwrap_or(spec.head_dim);
@@ -190,12 +222,12 @@ impl ModelSpec {
                 }
                 let bias = c.bool_or(&["attention_bias", "bias"], false);
                 // Qwen2 has biases on q, k and v only
-                spec.qkv_bias = layout == "qwen2" || bias;
-                spec.o_bias = layout != "qwen2" && bias;
+                spec.qkv_bias = recognised.layout.qkv_bias || bias;
+                spec.o_bias = !recognised.layout.qkv_bias && bias;
                 spec.mlp_bias = c.bool_or(&["mlp_bias"], false);
                 let act =
                     Activation::from_name(c.get(&["hidden_act"]).and_then(Value::as_str).unwrap_or("silu"), what)?;
-                spec.mlp = if layout == "mixtral" {
+                spec.mlp = if weights.experts.is_some() {
                     MlpKind::Moe {
                         experts: c.usize(&["num_local_experts"])?,
                         top_k: c.usize(&["num_experts_per_tok"])?,
@@ -286,7 +318,6 @@ impl ModelSpec {
                 if config.get("max_position_embeddings").is_none() {
                     spec.position = Position::Alibi;
                 }
-                spec.normalized_lm_head = recognised.family.id == "baichuan2";
             }
             "qwen" => {
                 // intermediate_size is twice the width of each MLP branch
@@ -352,12 +383,133 @@ impl ModelSpec {
                 )));
             }
         }
+        spec.normalized_lm_head = recognised.family.normalized_lm_head;
+        spec.linears = spec.plan(&weights.layer_linears());
         spec.weights = weights;
         Ok(spec)
     }
 
+    /// The layer plan: the layout's linears with their shapes, biases and splits from the
+    /// config, each expert's part once per expert.
+    fn plan(&self, layout: &[LayoutLinear]) -> Vec<PlannedLinear> {
+        let (h, f) = (self.hidden, self.intermediate);
+        let (q_out, kv_out) = (self.heads * self.head_dim, self.kv_heads * self.head_dim);
+        let experts = match self.mlp {
+            MlpKind::Moe { experts, .. } => experts,
+            _ => 0,
+        };
+        let planned = |l: &LayoutLinear, expert: Option<usize>| {
+            let ([out_features, in_features], bias) = match l.role {
+                Role::Q => ([q_out, h], self.qkv_bias),
+                Role::K | Role::V => ([kv_out, h], self.qkv_bias),
+                Role::Qkv => ([q_out + 2 * kv_out, h], self.qkv_bias),
+                Role::O => ([h, q_out], self.o_bias),
+                Role::Gate | Role::Up => ([f, h], self.mlp_bias),
+                Role::GateUp => ([2 * f, h], self.mlp_bias),
+                Role::Down => ([h, f], self.mlp_bias),
+                Role::Router => ([experts, h], false),
+                Role::ExpertGate | Role::ExpertUp => ([f, h], false),
+                Role::ExpertDown => ([h, f], false),
+            };
+            let split = match l.role {
+                Role::Qkv => self.qkv_split,
+                Role::GateUp => Some(SplitKind::GateUp),
+                _ => None,
+            };
+            let path = match expert {
+                Some(e) => l.path.replace("{e}", &e.to_string()),
+                None => l.path.clone(),
+            };
+            PlannedLinear { role: l.role, path, name: l.name.clone(), out_features, in_features, bias, expert, split }
+        };
+        let mut out: Vec<PlannedLinear> =
+            layout.iter().filter(|l| !l.role.is_expert()).map(|l| planned(l, None)).collect();
+        // expert-major: every part of expert 0, then of expert 1, ...
+        let parts: Vec<&LayoutLinear> = layout.iter().filter(|l| l.role.is_expert()).collect();
+        for e in 0..experts {
+            out.extend(parts.iter().map(|l| planned(l, Some(e))));
+        }
+        out
+    }
+
+    /// The family's display name from the table ("LLaMA-2"), or its id.
+    pub fn family_name(&self) -> String {
+        crate::arch::table().ok().and_then(|t| t.family(&self.family)).map_or(self.family.clone(), |f| f.name.clone())
+    }
+
     pub fn layer_prefix(&self, i: usize) -> String {
         self.layer_prefix.replace("{i}", &i.to_string())
+    }
+
+    /// The full path of a planned linear in layer `i`.
+    pub fn linear_path(&self, i: usize, linear: &PlannedLinear) -> String {
+        format!("{}.{}", self.layer_prefix(i), linear.path)
+    }
+
+    /// Every linear module of the model: (layer, full path, plan entry).
+    pub fn all_linears(&self) -> impl Iterator<Item = (usize, String, &PlannedLinear)> + '_ {
+        (0..self.layers).flat_map(move |i| self.linears.iter().map(move |l| (i, self.linear_path(i, l), l)))
+    }
+
+    /// The names of the layer's linear modules whose role passes `keep`, in plan order, each
+    /// once (experts share theirs).
+    pub fn names_where(&self, keep: impl Fn(Role) -> bool) -> Vec<String> {
+        let mut names: Vec<String> = Vec::new();
+        for l in self.linears.iter().filter(|l| keep(l.role)) {
+            if !names.contains(&l.name) {
+                names.push(l.name.clone());
+            }
+        }
+        names
+    }
+
+    /// Every name a layer's linear modules are picked by.
+    pub fn linear_names(&self) -> Vec<String> {
+        self.names_where(|_| true)
+    }
+
+    /// Does the target list (module names, PEFT-style suffixes, or `all-linear`) select the
+    /// module at `path`?
+    pub fn targets_select(targets: &[String], path: &str) -> bool {
+        targets.iter().any(|t| t == "all-linear" || target_matches(path, t))
+    }
+
+    /// Targets that select no linear module of this model.
+    pub fn unknown_targets<'a>(&self, targets: &'a [String]) -> Vec<&'a str> {
+        targets
+            .iter()
+            .filter(|t| *t != "all-linear" && !self.all_linears().any(|(_, path, _)| target_matches(&path, t)))
+            .map(String::as_str)
+            .collect()
+    }
+
+    /// Checks a target list: not empty, and every target selects a linear module; the error
+    /// lists the modules this model has.
+    pub fn check_targets(&self, targets: &[String]) -> Result<()> {
+        let unknown = self.unknown_targets(targets);
+        if !unknown.is_empty() || targets.is_empty() {
+            return Err(Error::Invalid(format!(
+                "no linear module named {}; this model's linear modules are: {}",
+                if unknown.is_empty() { "(none chosen)".to_string() } else { unknown.join(", ") },
+                self.linear_names().join(", ")
+            )));
+        }
+        Ok(())
+    }
+
+    /// Parameters of the model: linears (with biases), embeddings, the output layer unless
+    /// tied, and the norms.
+    pub fn parameter_count(&self) -> usize {
+        let per_layer: usize =
+            self.linears.iter().map(|l| l.out_features * l.in_features + if l.bias { l.out_features } else { 0 }).sum();
+        let (v, h) = (self.vocab, self.hidden);
+        let norm = if self.norm == NormKind::Layer { 2 * h } else { h };
+        let lm_head = if self.tie_embeddings { 0 } else { v * h };
+        // one norm before attention, one before the MLP unless they share it (Falcon-7B, Phi)
+        let layer_norms = 1 + usize::from(self.weights.mlp_norm.is_some());
+        let embed_norm = if self.weights.embed_norm.is_some() { norm } else { 0 };
+        let lm_head_bias = if self.lm_head_bias { v } else { 0 };
+        self.layers * (per_layer + layer_norms * norm) + v * h + lm_head + lm_head_bias + norm + embed_norm
     }
 }
 

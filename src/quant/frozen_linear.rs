@@ -107,6 +107,17 @@ impl FrozenLinear {
         self.weight.dims().0
     }
 
+    /// The input gradient grad_y · W of a 2-D grad_y [rows, out], outside any graph; an NF4
+    /// weight is dequantized again (into the reused buffer on the CPU).
+    pub fn input_grad(&self, grad_y: &Tensor) -> candle_core::Result<Tensor> {
+        match &self.weight {
+            FrozenWeight::Nf4(q) if grad_y.device().is_cpu() => {
+                grad_y.contiguous()?.apply_op1_no_bwd(&Nf4MatmulT(q.clone()))
+            }
+            weight => grad_y.matmul(&weight.to_dense(grad_y.dtype(), grad_y.device())?),
+        }
+    }
+
     /// x: [..., in] → [..., out]
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         self.forward_with(x, x.device().is_cpu())
@@ -205,20 +216,27 @@ struct FrozenMatmul {
     bias: Option<Tensor>,
 }
 
-/// Runs `f` on an NF4 weight dequantized into a CPU buffer of `dtype`.
-///
-/// The buffer is kept per thread and reused: a fresh allocation of a large weight costs more
-/// in page faults than the dequantization itself. The training thread therefore holds one
-/// buffer the size of its largest frozen linear, which the memory model counts as the
-/// transient dequantized weight.
+// The dequantization buffer is kept per thread and reused: a fresh allocation of a large
+// weight costs more in page faults than the dequantization itself. The training thread
+// therefore holds one buffer the size of its largest frozen linear, which the memory model
+// counts as the transient dequantized weight.
+thread_local! {
+    static SCRATCH: std::cell::RefCell<Option<CpuStorage>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Free this thread's dequantization buffer (it keeps the size of the largest weight seen,
+/// which a later, smaller model would otherwise carry: the memory grid measures models one
+/// after another on one thread).
+pub fn release_dequantize_buffer() {
+    SCRATCH.with(|s| s.borrow_mut().take());
+}
+
+/// Runs `f` on an NF4 weight dequantized into this thread's CPU buffer of `dtype`.
 fn with_dequantized<R>(
     q: &Nf4Tensor,
     dtype: DType,
     f: impl FnOnce(&CpuStorage) -> candle_core::Result<R>,
 ) -> candle_core::Result<R> {
-    thread_local! {
-        static SCRATCH: std::cell::RefCell<Option<CpuStorage>> = const { std::cell::RefCell::new(None) };
-    }
     fn fill<T: Copy + Default + Send>(buf: &mut Vec<T>, q: &Nf4Tensor, convert: impl Fn(f32) -> T + Sync) {
         // truncate keeps the capacity; resize zeroes only what it adds
         buf.truncate(q.numel());
@@ -304,12 +322,8 @@ impl CustomOp1 for FrozenMatmul {
 
     fn bwd(&self, x: &Tensor, _y: &Tensor, grad_y: &Tensor) -> candle_core::Result<Option<Tensor>> {
         // grad_x = grad_y · W, with W dequantized again for NF4; nothing for W or the bias.
-        let grad_x = match &self.weight {
-            FrozenWeight::Nf4(q) if grad_y.device().is_cpu() => {
-                grad_y.contiguous()?.apply_op1_no_bwd(&Nf4MatmulT(q.clone()))?
-            }
-            weight => grad_y.matmul(&weight.to_dense(grad_y.dtype(), grad_y.device())?)?,
-        };
+        let linear = FrozenLinear { weight: self.weight.clone(), bias: None };
+        let grad_x = linear.input_grad(grad_y)?;
         debug_assert_eq!(grad_x.dims(), x.dims());
         Ok(Some(grad_x))
     }

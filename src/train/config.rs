@@ -27,6 +27,18 @@ pub enum Schedule {
     Constant,
 }
 
+/// Per-block gradient checkpointing: keep only each block's input and recompute the block in
+/// the backward (the same losses and gradients, far less memory, about a third more time).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Checkpointing {
+    Off,
+    On,
+    /// On when the memory estimate says the run would not fit otherwise.
+    #[default]
+    Auto,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ModelConfig {
@@ -101,6 +113,8 @@ pub struct TrainConfig {
     /// Measure one forward+backward on the longest batch first, and shrink the micro-batch if
     /// it does not fit.
     pub probe: bool,
+    /// "off", "on" or "auto" (on when the run would not fit in memory otherwise).
+    pub gradient_checkpointing: Checkpointing,
 }
 
 impl Default for TrainConfig {
@@ -123,6 +137,7 @@ impl Default for TrainConfig {
             sample_max_tokens: 48,
             output_dir: PathBuf::from("runs/run"),
             probe: true,
+            gradient_checkpointing: Checkpointing::Auto,
         }
     }
 }
@@ -217,9 +232,31 @@ impl RunConfig {
 impl RunConfig {
     /// What the memory estimator needs, from this config and the model's config.json (no
     /// weights are read). The sequence is max_length: the longest batch decides the peak.
-    pub fn estimate_input(&self) -> Result<crate::memory::EstimateInput> {
-        use crate::memory::{DeviceKind, EstimateInput, Method};
+    /// Gradient checkpointing is as `checkpointing_in` decides for the memory `budget`.
+    pub fn estimate_input(&self, budget: Option<u64>) -> Result<crate::memory::EstimateInput> {
         let spec = crate::memory::presets::spec_for(&self.model_config_path()?)?;
+        let mut input = self.estimate_input_for(spec);
+        input.checkpointing = self.checkpointing_in(&input, budget);
+        Ok(input)
+    }
+
+    /// Whether the run checkpoints: as set, or with "auto" when the estimate without it does
+    /// not fit in `budget` (off when the budget is unknown).
+    pub fn checkpointing_in(&self, input: &crate::memory::EstimateInput, budget: Option<u64>) -> bool {
+        match self.train.gradient_checkpointing {
+            Checkpointing::Off => false,
+            Checkpointing::On => true,
+            Checkpointing::Auto => budget.is_some_and(|b| {
+                let mut plain = input.clone();
+                plain.checkpointing = false;
+                crate::memory::estimate(&plain).is_ok_and(|e| !e.fits(b))
+            }),
+        }
+    }
+
+    /// The estimator's input for a model of `spec`, without checkpointing.
+    pub fn estimate_input_for(&self, spec: crate::model::ModelSpec) -> crate::memory::EstimateInput {
+        use crate::memory::{DeviceKind, EstimateInput, Method};
         let method = match self.model.mode {
             Mode::Lora => Method::Lora,
             Mode::Qlora => Method::Qlora { double_quant: true },
@@ -236,7 +273,7 @@ impl RunConfig {
             "f16" => candle_core::DType::F16,
             _ => candle_core::DType::F32,
         };
-        Ok(input)
+        input
     }
 
     /// The model's config.json without downloading: a folder, a GGUF import already made, a
@@ -272,6 +309,28 @@ mod tests {
         c.train.sample_prompts = vec!["Hello".into()];
         let back = RunConfig::from_toml_str(&c.to_toml(), "test").unwrap();
         assert_eq!(back, c);
+    }
+
+    #[test]
+    fn auto_checkpointing_turns_on_only_when_the_run_would_not_fit() {
+        let spec = crate::memory::grid::preset_spec("smollm2-135m").unwrap();
+        let mut c = RunConfig::default();
+        c.data.max_length = 1024;
+        let input = c.estimate_input_for(spec);
+        let plain = crate::memory::estimate(&input).unwrap();
+        assert!(!input.checkpointing);
+        c.train.gradient_checkpointing = Checkpointing::Auto;
+        assert!(c.checkpointing_in(&input, Some(plain.high / 2)), "does not fit: on");
+        assert!(!c.checkpointing_in(&input, Some(plain.high * 2)), "fits: off");
+        assert!(!c.checkpointing_in(&input, None), "no budget known: off");
+        c.train.gradient_checkpointing = Checkpointing::On;
+        assert!(c.checkpointing_in(&input, Some(u64::MAX)));
+        c.train.gradient_checkpointing = Checkpointing::Off;
+        assert!(!c.checkpointing_in(&input, Some(1)));
+        let back = RunConfig::from_toml_str("[train]\ngradient_checkpointing = \"on\"\n", "t").unwrap();
+        assert_eq!(back.train.gradient_checkpointing, Checkpointing::On);
+        let e = RunConfig::from_toml_str("[train]\ngradient_checkpointing = \"yes\"\n", "t").unwrap_err();
+        assert!(e.to_string().contains("line 2"), "{e}");
     }
 
     #[test]

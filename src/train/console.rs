@@ -30,7 +30,7 @@ pub fn train_in_terminal(config: RunConfig, resume_from: Option<PathBuf>) -> Res
                 bar.set_position(s.first_step as u64);
                 log(format!(
                     "training {} of {} parameters ({:.3}%) on {} examples ({} tokens), {} validation; \
-                     {} steps, micro-batch {} × {} accumulation{}",
+                     {} steps, micro-batch {} × {} accumulation{}{}",
                     s.trainable_params,
                     s.total_params,
                     100.0 * s.trainable_params as f64 / s.total_params.max(1) as f64,
@@ -40,6 +40,7 @@ pub fn train_in_terminal(config: RunConfig, resume_from: Option<PathBuf>) -> Res
                     s.total_steps,
                     s.micro_batch,
                     s.grad_accum,
+                    if s.gradient_checkpointing { ", gradient checkpointing" } else { "" },
                     s.probe_peak_bytes
                         .map(|b| format!("; probe peak {:.0} MiB", b as f64 / 1048576.0))
                         .unwrap_or_default()

@@ -57,6 +57,8 @@ pub struct RunStarted {
     pub grad_accum: usize,
     /// Peak memory the probe step measured, in bytes, when a probe ran.
     pub probe_peak_bytes: Option<u64>,
+    /// Whether blocks are recomputed in the backward (gradient checkpointing).
+    pub gradient_checkpointing: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]

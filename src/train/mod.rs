@@ -9,6 +9,6 @@ pub mod optim;
 pub mod schedule;
 pub mod trainer;
 
-pub use config::{Mode, RunConfig, Schedule};
+pub use config::{Checkpointing, Mode, RunConfig, Schedule};
 pub use events::{Command, TrainEvent};
 pub use trainer::{evaluate_dataset, preview_run, run, spawn, EvalReport};

@@ -18,7 +18,7 @@ use crate::data::{self, Example, ModelTokenizer};
 use crate::error::{Error, Result};
 use crate::lora::export::ExportInfo;
 use crate::lora::LoraSettings;
-use crate::model::{causal_lm_loss, BaseWeights, Model};
+use crate::model::{BaseWeights, Model};
 use crate::rng::Rng;
 
 /// Start a run on its own thread. `resume_from` continues from a checkpoint folder (its own
@@ -97,6 +97,9 @@ pub fn run(
     let model_dir = resolve_model(&config.model.source, Some(events))?;
     let mut model = Model::load(&model_dir, base_weights(&config)?, &device)?;
     let settings = config.lora.settings(&model.spec.default_targets);
+    if let Some(notice) = choose_checkpointing(&config, &mut model, &settings) {
+        send(TrainEvent::Notice(notice));
+    }
     match &resumed {
         Some(ck) => {
             model.load_adapter(&ck.dir)?;
@@ -149,6 +152,29 @@ pub fn run(
     trainer.sampler = sampler;
     send(TrainEvent::Loading { stage: "ready".into(), fraction: 1.0 });
     trainer.train(&send, commands)
+}
+
+/// Turn gradient checkpointing on as the config says ("auto": when the estimate without it does
+/// not fit in the device's memory); returns a notice when "auto" turned it on.
+fn choose_checkpointing(config: &RunConfig, model: &mut Model, settings: &LoraSettings) -> Option<String> {
+    let mut input = config.estimate_input_for(model.spec.clone());
+    input.targets = settings.targets.clone();
+    let budget = crate::memory::cli::memory_budget(&config.model.device, None).unwrap_or((None, String::new()));
+    let on = config.checkpointing_in(&input, budget.0);
+    model.set_gradient_checkpointing(on);
+    if !on || config.train.gradient_checkpointing != super::config::Checkpointing::Auto {
+        return None;
+    }
+    let plain = crate::memory::estimate(&input).ok()?;
+    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+    Some(format!(
+        "gradient checkpointing is on: without it the run would need about {:.1} GiB (up to {:.1}), more than the \
+         {:.1} GiB of {}",
+        gib(plain.mid),
+        gib(plain.high),
+        gib(budget.0.unwrap_or(0)),
+        budget.1
+    ))
 }
 
 fn device_of(name: &str) -> Result<Device> {
@@ -329,6 +355,7 @@ impl Trainer {
             micro_batch: self.state.micro_batch,
             grad_accum: self.effective_batch.div_ceil(self.state.micro_batch),
             probe_peak_bytes: probe_peak,
+            gradient_checkpointing: self.model.gradient_checkpointing(),
         }));
         if self.state.step > 0 {
             send(TrainEvent::Notice(format!("resumed at step {} of {}", self.state.step, self.state.total_steps)));
@@ -460,13 +487,12 @@ impl Trainer {
             let micro_trained: usize = examples.iter().map(|e| trained_tokens(e)).sum();
             tokens += examples.iter().map(|e| e.input_ids.len()).sum::<usize>();
             let (ids, labels) = pad_batch(&examples, self.model.device())?;
-            let logits = self.model.forward(&ids, true)?;
-            let loss = causal_lm_loss(&logits, &labels)?;
+            let loss = self.model.loss(&ids, &labels, true)?;
             loss_sum += loss.to_scalar::<f32>()? as f64 * micro_trained as f64;
             // Each micro-batch's mean, weighted by its share of the step's trained tokens, so
             // the step's gradient is that of the mean over all of them whatever the split.
             let weighted = (loss * (micro_trained as f64 / total_trained as f64))?;
-            let micro_grads = self.optimizer.grads_of(&weighted.backward()?);
+            let micro_grads = self.optimizer.grads_of(&self.model.backward(&weighted)?);
             for (acc, g) in grads.iter_mut().zip(micro_grads) {
                 *acc = match (acc.take(), g) {
                     (Some(a), Some(g)) => Some((a + g)?),
@@ -514,8 +540,8 @@ impl Trainer {
             let before = crate::memory::process_memory();
             let attempt = (|| -> Result<()> {
                 let (ids, labels) = pad_batch(examples, self.model.device())?;
-                let loss = causal_lm_loss(&self.model.forward(&ids, true)?, &labels)?;
-                loss.backward()?;
+                let loss = self.model.loss(&ids, &labels, true)?;
+                self.model.backward(&loss)?;
                 Ok(())
             })();
             let after = crate::memory::process_memory();
@@ -595,7 +621,7 @@ pub fn mean_loss(model: &Model, examples: &[Example], micro_batch: usize) -> Res
         }
         let n: usize = chunk.iter().map(|e| trained_tokens(e)).sum();
         let (ids, labels) = pad_batch(&chunk, model.device())?;
-        let loss = causal_lm_loss(&model.forward(&ids, false)?, &labels)?;
+        let loss = model.loss(&ids, &labels, false)?;
         sum += loss.to_scalar::<f32>()? as f64 * n as f64;
         count += n;
     }
