@@ -313,7 +313,7 @@ impl ModuleLayout {
     }
 }
 
-fn dedup_names<'a>(names: impl Iterator<Item = &'a str>) -> Vec<String> {
+pub(crate) fn dedup_names<'a>(names: impl Iterator<Item = &'a str>) -> Vec<String> {
     let mut seen = BTreeSet::new();
     names.filter(|n| seen.insert(*n)).map(str::to_string).collect()
 }

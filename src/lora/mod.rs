@@ -9,11 +9,11 @@ pub mod peft;
 
 use std::cell::Cell;
 
-use candle_core::{CpuStorage, CudaStorage, CustomOp1, DType, Device, Layout, Shape, Tensor, Var};
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CudaStorage, CustomOp2, DType, Device, Layout, Shape, Tensor, Var};
 
 use crate::quant::FrozenLinear;
 use crate::rng::Rng;
-use crate::stash::Stash;
 
 /// How LoRA is applied: rank, alpha, dropout, rsLoRA and the target module names.
 #[derive(Debug, Clone, PartialEq)]
@@ -113,34 +113,45 @@ fn seeded_dropout(x: &Tensor, p: f32, path: &str) -> candle_core::Result<Tensor>
     let keep = 1.0 / (1.0 - p);
     let mask: Vec<f32> = (0..x.elem_count()).map(|_| if rng.next_f64() as f32 >= p { keep } else { 0.0 }).collect();
     let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
-    let y = (x.detach() * &mask)?;
-    if !x.track_op() {
-        return Ok(y);
-    }
-    x.apply_op1(Dropout { mask, output: Stash::new(y) })
+    x.apply_op2(&mask, Dropout)
 }
 
 /// x ⊙ mask with the mask a constant: candle's multiply would also compute the mask's
 /// gradient (four [T, in] tensors per module, kept in the gradient store until the step).
-struct Dropout {
-    mask: Tensor,
-    output: Stash,
-}
+struct Dropout;
 
-impl CustomOp1 for Dropout {
+impl CustomOp2 for Dropout {
     fn name(&self) -> &'static str {
         "lora-dropout"
     }
 
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        self.output.cpu_fwd()
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        lx: &Layout,
+        m: &CpuStorage,
+        lm: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        Ok((x.binary_impl::<candle_core::op::Mul>(m, lx, lm)?, lx.shape().clone()))
     }
 
-    fn cuda_fwd(&self, _: &CudaStorage, _: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
-        self.output.cuda_fwd()
+    fn cuda_fwd(
+        &self,
+        x: &CudaStorage,
+        lx: &Layout,
+        m: &CudaStorage,
+        lm: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        Ok((x.binary_impl::<candle_core::op::Mul>(m, lx, lm)?, lx.shape().clone()))
     }
 
-    fn bwd(&self, _x: &Tensor, _y: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        Ok(Some((grad.detach() * &self.mask)?))
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        mask: &Tensor,
+        _y: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        Ok((Some((grad.detach() * mask)?), None))
     }
 }

@@ -218,40 +218,40 @@ impl CustomOp3 for AttentionOp {
     }
 }
 
-/// Eager attention with the whole score matrix, for tests: the plain twin of `attention`.
-pub fn attention_eager(q: &Tensor, k: &Tensor, v: &Tensor, mask: &AttentionMask) -> Res<Tensor> {
-    let (b, heads, t, d) = q.dims4()?;
-    let kv_heads = k.dim(1)?;
-    let keys = k.dim(2)?;
-    let repeat = |x: &Tensor| -> Res<Tensor> {
-        let n = heads / kv_heads;
-        x.unsqueeze(2)?.broadcast_as((b, kv_heads, n, keys, d))?.reshape((b, heads, keys, d))
-    };
-    let (k, v) = (repeat(k)?, repeat(v)?);
-    let s = (q.matmul(&k.t()?.contiguous()?)? * (1.0 / (d as f64).sqrt()))?.to_dtype(DType::F32)?;
-    let mut bias = vec![0f32; t * keys];
-    for i in 0..t {
-        for j in 0..keys {
-            let pos = mask.offset + i;
-            if j > pos || mask.window.is_some_and(|w| pos - j >= w) {
-                bias[i * keys + j] = f32::NEG_INFINITY;
-            }
-        }
-    }
-    let mut s = s.broadcast_add(&Tensor::from_vec(bias, (t, keys), q.device())?)?;
-    if let Some(slopes) = &mask.alibi {
-        let j = Tensor::arange(0u32, keys as u32, q.device())?.to_dtype(DType::F32)?;
-        let slopes = Tensor::new(slopes.as_slice(), q.device())?;
-        s = s.broadcast_add(&slopes.reshape((heads, 1, 1))?.broadcast_mul(&j.reshape((1, 1, keys))?)?)?;
-    }
-    let p = candle_nn::ops::softmax(&s, candle_core::D::Minus1)?.to_dtype(q.dtype())?;
-    p.matmul(&v)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::model::testing::{max_diff, rand};
+
+    /// Eager attention with the whole score matrix, for tests: the plain twin of `attention`.
+    fn attention_eager(q: &Tensor, k: &Tensor, v: &Tensor, mask: &AttentionMask) -> Res<Tensor> {
+        let (b, heads, t, d) = q.dims4()?;
+        let kv_heads = k.dim(1)?;
+        let keys = k.dim(2)?;
+        let repeat = |x: &Tensor| -> Res<Tensor> {
+            let n = heads / kv_heads;
+            x.unsqueeze(2)?.broadcast_as((b, kv_heads, n, keys, d))?.reshape((b, heads, keys, d))
+        };
+        let (k, v) = (repeat(k)?, repeat(v)?);
+        let s = (q.matmul(&k.t()?.contiguous()?)? * (1.0 / (d as f64).sqrt()))?.to_dtype(DType::F32)?;
+        let mut bias = vec![0f32; t * keys];
+        for i in 0..t {
+            for j in 0..keys {
+                let pos = mask.offset + i;
+                if j > pos || mask.window.is_some_and(|w| pos - j >= w) {
+                    bias[i * keys + j] = f32::NEG_INFINITY;
+                }
+            }
+        }
+        let mut s = s.broadcast_add(&Tensor::from_vec(bias, (t, keys), q.device())?)?;
+        if let Some(slopes) = &mask.alibi {
+            let j = Tensor::arange(0u32, keys as u32, q.device())?.to_dtype(DType::F32)?;
+            let slopes = Tensor::new(slopes.as_slice(), q.device())?;
+            s = s.broadcast_add(&slopes.reshape((heads, 1, 1))?.broadcast_mul(&j.reshape((1, 1, keys))?)?)?;
+        }
+        let p = candle_nn::ops::softmax(&s, candle_core::D::Minus1)?.to_dtype(q.dtype())?;
+        p.matmul(&v)
+    }
     use candle_core::Var;
 
     /// Outputs and the gradients of q, k and v equal eager attention's, with chunks set by hand

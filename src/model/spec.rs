@@ -454,13 +454,7 @@ impl ModelSpec {
     /// The names of the layer's linear modules whose role passes `keep`, in plan order, each
     /// once (experts share theirs).
     pub fn names_where(&self, keep: impl Fn(Role) -> bool) -> Vec<String> {
-        let mut names: Vec<String> = Vec::new();
-        for l in self.linears.iter().filter(|l| keep(l.role)) {
-            if !names.contains(&l.name) {
-                names.push(l.name.clone());
-            }
-        }
-        names
+        crate::arch::dedup_names(self.linears.iter().filter(|l| keep(l.role)).map(|l| l.name.as_str()))
     }
 
     /// Every name a layer's linear modules are picked by.

@@ -49,6 +49,17 @@ impl FrozenWeight {
         }
     }
 
+    /// grad_y · W for a 2-D grad_y [rows, out]; an NF4 weight is dequantized again (into the
+    /// reused buffer on the CPU).
+    pub fn input_grad(&self, grad_y: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            FrozenWeight::Nf4(q) if grad_y.device().is_cpu() => {
+                grad_y.contiguous()?.apply_op1_no_bwd(&Nf4MatmulT(q.clone()))
+            }
+            weight => grad_y.matmul(&weight.to_dense(grad_y.dtype(), grad_y.device())?),
+        }
+    }
+
     /// Bytes the frozen weight occupies in memory.
     pub fn storage_bytes(&self) -> usize {
         match self {
@@ -107,15 +118,9 @@ impl FrozenLinear {
         self.weight.dims().0
     }
 
-    /// The input gradient grad_y · W of a 2-D grad_y [rows, out], outside any graph; an NF4
-    /// weight is dequantized again (into the reused buffer on the CPU).
+    /// The input gradient grad_y · W of a 2-D grad_y [rows, out], outside any graph.
     pub fn input_grad(&self, grad_y: &Tensor) -> candle_core::Result<Tensor> {
-        match &self.weight {
-            FrozenWeight::Nf4(q) if grad_y.device().is_cpu() => {
-                grad_y.contiguous()?.apply_op1_no_bwd(&Nf4MatmulT(q.clone()))
-            }
-            weight => grad_y.matmul(&weight.to_dense(grad_y.dtype(), grad_y.device())?),
-        }
+        self.weight.input_grad(grad_y)
     }
 
     /// x: [..., in] → [..., out]
@@ -322,8 +327,7 @@ impl CustomOp1 for FrozenMatmul {
 
     fn bwd(&self, x: &Tensor, _y: &Tensor, grad_y: &Tensor) -> candle_core::Result<Option<Tensor>> {
         // grad_x = grad_y · W, with W dequantized again for NF4; nothing for W or the bias.
-        let linear = FrozenLinear { weight: self.weight.clone(), bias: None };
-        let grad_x = linear.input_grad(grad_y)?;
+        let grad_x = self.weight.input_grad(grad_y)?;
         debug_assert_eq!(grad_x.dims(), x.dims());
         Ok(Some(grad_x))
     }
