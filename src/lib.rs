@@ -6,6 +6,8 @@
 
 pub mod arch;
 pub mod bench;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod data;
 pub mod error;
 pub mod gui;

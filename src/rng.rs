@@ -4,6 +4,15 @@
 
 pub struct Rng(u64);
 
+const GOLDEN: u64 = 0x9E37_79B9_7F4A_7C15;
+
+#[inline]
+fn mix(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
 impl Rng {
     pub fn new(seed: u64) -> Self {
         Rng(seed)
@@ -11,17 +20,25 @@ impl Rng {
 
     /// A generator for one named tensor, independent of the order tensors are made in.
     pub fn for_key(seed: u64, key: &str) -> Self {
-        // FNV-1a of the key, mixed with the seed
-        let h = key.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));
-        Rng(seed ^ h)
+        Rng(Self::key(seed, key))
+    }
+
+    /// The starting state for one named stream: FNV-1a of the name, mixed with the seed.
+    pub fn key(seed: u64, key: &str) -> u64 {
+        seed ^ key.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3))
+    }
+
+    /// The i-th output (from 0) of the generator that starts at `state`, without drawing the
+    /// ones before it: SplitMix64 is counter-based, which lets a GPU kernel draw element i of
+    /// a mask on its own thread (kernels/qls.cu, splitmix64_nth, computes the same).
+    #[inline]
+    pub fn nth(state: u64, i: u64) -> u64 {
+        mix(state.wrapping_add(i.wrapping_add(1).wrapping_mul(GOLDEN)))
     }
 
     pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
+        self.0 = self.0.wrapping_add(GOLDEN);
+        mix(self.0)
     }
 
     /// Uniform in [0, 1).
@@ -61,6 +78,10 @@ mod tests {
     fn repeatable_and_roughly_normal() {
         assert_eq!(Rng::new(7).normal(5, 0.0, 1.0), Rng::new(7).normal(5, 0.0, 1.0));
         assert_ne!(Rng::for_key(7, "a").next_u64(), Rng::for_key(7, "b").next_u64());
+        let mut r = Rng::for_key(7, "a");
+        for i in 0..5 {
+            assert_eq!(r.next_u64(), Rng::nth(Rng::key(7, "a"), i));
+        }
         let v = Rng::new(1).normal(20_000, 0.0, 2.0);
         let mean = v.iter().sum::<f32>() / v.len() as f32;
         let var = v.iter().map(|x| (x - mean).powi(2)).sum::<f32>() / v.len() as f32;

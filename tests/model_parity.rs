@@ -6,7 +6,7 @@ mod common;
 
 use std::collections::BTreeMap;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 use qlora_studio::lora::set_dropout_seed;
 use qlora_studio::model::{causal_lm_loss, BaseWeights, Model};
 use qlora_studio::weights::SafetensorsFile;
@@ -26,7 +26,12 @@ fn l2(t: &Tensor) -> f64 {
 }
 
 fn check_fixture(name: &str, base: BaseWeights) {
-    let dev = Device::Cpu;
+    check_fixture_in(name, base, false);
+}
+
+/// `device_form`: NF4 weights held as a GPU holds them (on the CPU device here).
+fn check_fixture_in(name: &str, base: BaseWeights, device_form: bool) {
+    let dev = common::test_device();
     let dir = common::fixture(&format!("models/{name}"));
     let reference = SafetensorsFile::open(dir.join("reference.safetensors")).unwrap();
     let r = |k: &str| reference.tensor(k, &dev).unwrap();
@@ -37,6 +42,13 @@ fn check_fixture(name: &str, base: BaseWeights) {
     let logits = model.forward(&ids, false).unwrap();
     let d = max_abs_diff(&logits, &r("logits"));
     assert!(d <= LOGITS_ABS, "{name}: base logits differ by {d}");
+    if device_form {
+        // the GPU's form of the NF4 weights (device tensors, dequantized by the kernel's
+        // twin) gives the same logits, bit for bit; the rest of the test runs on it
+        model.use_device_form_nf4().unwrap();
+        let d = max_abs_diff(&model.forward(&ids, false).unwrap(), &logits);
+        assert_eq!(d, 0.0, "{name}: NF4 in the device form changes the logits by {d}");
+    }
 
     model.load_adapter(&dir.join("adapter")).unwrap_or_else(|e| panic!("{name}: {e}"));
     let logits = model.forward(&ids, false).unwrap();
@@ -135,6 +147,13 @@ fn internlm_biases() {
 fn llama_bnb4_qlora() {
     // the 4-bit checkpoint as saved: NF4 weights read as they are
     check_fixture("llama_bnb4", BaseWeights::Nf4 { double_quant: true, compute: DType::F32 });
+}
+
+#[test]
+fn llama_bnb4_qlora_device_form() {
+    // what a GPU run holds and computes: NF4 on the device, dequantized there (here by the
+    // kernel's CPU twin), with checkpointing and dropout masks drawn from a seed
+    check_fixture_in("llama_bnb4", BaseWeights::Nf4 { double_quant: true, compute: DType::F32 }, true);
 }
 
 #[test]

@@ -489,6 +489,23 @@ impl StudioApp {
                 })
                 .response
                 .labelled_by(label.id);
+            let label = ui.label(tr(lang, "Compute"));
+            let dtype = &mut self.settings.config.model.dtype;
+            let auto = if self.settings.config.model.device == "cpu" { "auto (f32)" } else { "auto (bf16)" };
+            egui::ComboBox::from_id_salt("compute_dtype")
+                .selected_text(if dtype == "auto" { auto.to_string() } else { dtype.clone() })
+                .show_ui(ui, |ui| {
+                    ui.selectable_value(dtype, "auto".to_string(), auto);
+                    for d in ["bf16", "f16", "f32"] {
+                        ui.selectable_value(dtype, d.to_string(), d);
+                    }
+                })
+                .response
+                .labelled_by(label.id)
+                .on_hover_text(tr(
+                    lang,
+                    "The dtype of the frozen weights and activations. LoRA weights and optimizer state stay f32.",
+                ));
         });
     }
 

@@ -272,9 +272,16 @@ impl RunView {
                         if !heap.is_empty() {
                             p.line(Line::new(tr(lang, "live heap (tensors)"), PlotPoints::from(heap)));
                         }
+                        // on a GPU: our tensors' peak within each step (the pool's high-water
+                        // mark: what the estimate predicts) and the card's use (context and
+                        // other processes included)
+                        let pool = series(&|s| s.memory.pool_peak.map(mib).unwrap_or(f64::NAN));
+                        if !pool.is_empty() {
+                            p.line(Line::new(tr(lang, "GPU: tensors, peak of the step"), PlotPoints::from(pool)));
+                        }
                         let device = series(&|s| s.memory.device_used.map(mib).unwrap_or(f64::NAN));
                         if !device.is_empty() {
-                            p.line(Line::new("GPU", PlotPoints::from(device)));
+                            p.line(Line::new(tr(lang, "GPU: used on the card"), PlotPoints::from(device)));
                         }
                         if let Some(e) = self.estimate_bytes {
                             p.hline(HLine::new(tr(lang, "Estimate"), mib(e)));

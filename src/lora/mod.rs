@@ -9,8 +9,10 @@ pub mod peft;
 
 use std::cell::Cell;
 
+#[cfg(feature = "cuda")]
+use candle_core::CudaStorage;
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CudaStorage, CustomOp2, DType, Device, Layout, Shape, Tensor, Var};
+use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Tensor, Var};
 
 use crate::quant::FrozenLinear;
 use crate::rng::Rng;
@@ -82,11 +84,13 @@ impl LoraLinear {
         let y = self.base.forward(x)?;
         let Some(lora) = &self.lora else { return Ok(y) };
         let h = if train && lora.dropout > 0.0 { seeded_dropout(x, lora.dropout, &self.path)? } else { x.clone() };
-        // LoRA parameters stay f32; the branch runs in f32 and returns in the input's dtype.
-        let h = h.to_dtype(DType::F32)?;
-        let z = h.broadcast_matmul(&lora.a.as_tensor().t()?)?.broadcast_matmul(&lora.b.as_tensor().t()?)?;
-        let dtype = y.dtype();
-        y + (z * lora.scale)?.to_dtype(dtype)?
+        // LoRA parameters stay f32 (and so do their gradients and AdamW state); the branch runs
+        // in the compute dtype, as PEFT's under autocast: casting the small A and B costs less
+        // than an f32 copy of every input.
+        let dtype = x.dtype();
+        let (a, b) = (lora.a.as_tensor().to_dtype(dtype)?, lora.b.as_tensor().to_dtype(dtype)?);
+        let z = h.broadcast_matmul(&a.t()?)?.broadcast_matmul(&b.t()?)?;
+        y + (z * lora.scale)?
     }
 }
 
@@ -107,51 +111,92 @@ pub fn dropout_seed() -> u64 {
     DROPOUT_SEED.with(Cell::get)
 }
 
-/// Inverted dropout with a mask drawn from this thread's seed and the module's path.
-fn seeded_dropout(x: &Tensor, p: f32, path: &str) -> candle_core::Result<Tensor> {
-    let mut rng = Rng::for_key(DROPOUT_SEED.with(Cell::get), path);
-    let keep = 1.0 / (1.0 - p);
-    let mask: Vec<f32> = (0..x.elem_count()).map(|_| if rng.next_f64() as f32 >= p { keep } else { 0.0 }).collect();
-    let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
-    x.apply_op2(&mask, Dropout)
+/// Inverted dropout with a mask drawn from this thread's seed and the module's path, on the
+/// device that holds x. The mask is never stored: the backward draws it again.
+pub fn seeded_dropout(x: &Tensor, p: f32, path: &str) -> candle_core::Result<Tensor> {
+    x.contiguous()?.apply_op1(SeededDropout { key: Rng::key(DROPOUT_SEED.with(Cell::get), path), p })
 }
 
-/// x ⊙ mask with the mask a constant: candle's multiply would also compute the mask's
-/// gradient (four [T, in] tensors per module, kept in the gradient store until the step).
-struct Dropout;
+/// Whether element i of the mask drawn from `key` is kept: the top 24 bits of the i-th
+/// SplitMix64 output, as a fraction of 2^24 (exact in f32), at least p.
+#[inline]
+pub fn dropout_keeps(key: u64, i: u64, p: f32) -> bool {
+    (Rng::nth(key, i) >> 40) as f32 * (1.0 / 16_777_216.0) >= p
+}
 
-impl CustomOp2 for Dropout {
+/// x ⊙ mask · 1/(1-p): kept elements scaled in f32, then rounded to x's dtype. The CPU twin of
+/// kernels/qls.cu's dropout_mul, which computes the same bits.
+pub fn dropout_mul_cpu(x: &CpuStorage, layout: &Layout, key: u64, p: f32) -> candle_core::Result<CpuStorage> {
+    use half::{bf16, f16};
+    use rayon::prelude::*;
+    fn run<T: Copy + Send + Sync>(x: &[T], key: u64, p: f32, to: impl Fn(f32) -> T + Sync, from: impl Fn(T) -> f32 + Sync) -> Vec<T> {
+        let scale = 1.0 / (1.0 - p);
+        let mut y: Vec<T> = x.to_vec();
+        const CHUNK: usize = 1 << 14;
+        y.par_chunks_mut(CHUNK).enumerate().for_each(|(c, ys)| {
+            for (j, v) in ys.iter_mut().enumerate() {
+                let keep = dropout_keeps(key, (c * CHUNK + j) as u64, p);
+                *v = if keep { to(from(*v) * scale) } else { to(0.0) };
+            }
+        });
+        y
+    }
+    let Some((a, b)) = layout.contiguous_offsets() else { candle_core::bail!("dropout: non-contiguous input") };
+    Ok(match x {
+        CpuStorage::F32(v) => CpuStorage::F32(run(&v[a..b], key, p, |v| v, |v| v)),
+        CpuStorage::BF16(v) => CpuStorage::BF16(run(&v[a..b], key, p, bf16::from_f32, bf16::to_f32)),
+        CpuStorage::F16(v) => CpuStorage::F16(run(&v[a..b], key, p, f16::from_f32, f16::to_f32)),
+        other => candle_core::bail!("dropout takes f32, bf16 or f16, not {:?}", other.dtype()),
+    })
+}
+
+/// Dropout whose mask is a function of (key, element index): the forward and the backward
+/// (and a checkpointed block's recomputation) draw the same mask with nothing kept between
+/// them, on the CPU and on a GPU alike. A plain multiply by a mask tensor would also keep the
+/// mask and compute its gradient.
+struct SeededDropout {
+    key: u64,
+    p: f32,
+}
+
+impl CustomOp1 for SeededDropout {
     fn name(&self) -> &'static str {
         "lora-dropout"
     }
 
-    fn cpu_fwd(
-        &self,
-        x: &CpuStorage,
-        lx: &Layout,
-        m: &CpuStorage,
-        lm: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        Ok((x.binary_impl::<candle_core::op::Mul>(m, lx, lm)?, lx.shape().clone()))
+    fn cpu_fwd(&self, x: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        Ok((dropout_mul_cpu(x, layout, self.key, self.p)?, layout.shape().clone()))
     }
 
-    fn cuda_fwd(
-        &self,
-        x: &CudaStorage,
-        lx: &Layout,
-        m: &CudaStorage,
-        lm: &Layout,
-    ) -> candle_core::Result<(CudaStorage, Shape)> {
-        Ok((x.binary_impl::<candle_core::op::Mul>(m, lx, lm)?, lx.shape().clone()))
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, x: &CudaStorage, layout: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
+        Ok((crate::cuda::dropout_mul(x, layout, self.key, self.p)?, layout.shape().clone()))
     }
 
-    fn bwd(
-        &self,
-        _x: &Tensor,
-        mask: &Tensor,
-        _y: &Tensor,
-        grad: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        Ok((Some((grad.detach() * mask)?), None))
+    fn bwd(&self, _x: &Tensor, _y: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        // d(x ⊙ m)/dx = m: the gradient goes through the same mask
+        Ok(Some(grad.contiguous()?.apply_op1_no_bwd(&SeededDropout { key: self.key, p: self.p })?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dropout_keeps_about_one_minus_p_and_scales_the_kept() {
+        let x = Tensor::ones(10_000, DType::F32, &Device::Cpu).unwrap();
+        set_dropout_seed(3);
+        let y = seeded_dropout(&x, 0.25, "m").unwrap().to_vec1::<f32>().unwrap();
+        let kept = y.iter().filter(|&&v| v != 0.0).count();
+        assert!((7200..7800).contains(&kept), "{kept} of 10000 kept at p = 0.25");
+        assert!(y.iter().all(|&v| v == 0.0 || v == 1.0 / 0.75));
+        // the same seed and module draw the same mask; another module, another one
+        assert_eq!(seeded_dropout(&x, 0.25, "m").unwrap().to_vec1::<f32>().unwrap(), y);
+        assert_ne!(seeded_dropout(&x, 0.25, "n").unwrap().to_vec1::<f32>().unwrap(), y);
+        // the gradient passes through the kept elements only, scaled alike
+        let v = candle_core::Var::from_tensor(&x).unwrap();
+        let grads = seeded_dropout(v.as_tensor(), 0.25, "m").unwrap().sum_all().unwrap().backward().unwrap();
+        assert_eq!(grads.get(v.as_tensor()).unwrap().to_vec1::<f32>().unwrap(), y);
     }
 }

@@ -111,9 +111,18 @@ pub struct Estimate {
     /// Where the peak falls: "loss backward" or "layer backward".
     pub peak_at: &'static str,
     pub trainable_params: u64,
+    /// On CUDA, the part of `mid` outside candle's memory pool (context, cuBLAS, reserve);
+    /// 0 on the CPU.
+    pub outside_pool: u64,
 }
 
 impl Estimate {
+    /// On CUDA, the predicted high-water mark of the memory pool our tensors come from (the
+    /// reading `pool_peak` of a step).
+    pub fn pool_peak(&self) -> u64 {
+        self.mid - self.outside_pool
+    }
+
     pub fn term(&self, name: &str) -> u64 {
         self.terms.iter().filter(|t| t.name == name).map(|t| t.bytes).sum()
     }
@@ -208,19 +217,15 @@ pub fn estimate(input: &EstimateInput) -> Result<Estimate> {
             x * (16.0 + 3.0 * e)
         }
     };
-    // frozen linear: its output; on CUDA the attach op copies it and keeps both
-    // (FrozenLinear::forward_on_device)
-    let base_out = |out: f64| tok * out * e * if cpu { 1.0 } else { 2.0 };
-    // LoRA branch (lora/mod.rs): [dropout mask and output], x in f32, x·Aᵀ, ·Bᵀ, ·scale,
-    // back in the compute dtype, and the sum with the base output
+    // frozen linear: its output (quant/frozen_linear.rs, one op on every device)
+    let base_out = |out: f64| tok * out * e;
+    // LoRA branch (lora/mod.rs), in the compute dtype: [the dropout output; its mask is drawn
+    // again in the backward, not kept], x·Aᵀ, ·Bᵀ, ·scale and the sum with the base output
     let lora_out = |l: &PlannedLinear| -> f64 {
         let (out, inp) = (l.out_features as f64, l.in_features as f64);
-        let mut bytes = tok * r * f4 + 2.0 * tok * out * f4 + tok * out * e;
-        if e != f4 {
-            bytes += tok * out * e + tok * inp * f4;
-        }
+        let mut bytes = tok * r * e + 3.0 * tok * out * e;
         if input.dropout > 0.0 {
-            bytes += 2.0 * tok * inp * e;
+            bytes += tok * inp * e;
         }
         bytes
     };
@@ -465,16 +470,20 @@ pub fn estimate(input: &EstimateInput) -> Result<Estimate> {
         low += 0.5 * CPU_RUNTIME;
         high += 1.5 * CPU_RUNTIME;
     }
+    let mut outside_pool = 0.0;
     if !cpu {
-        // CUDA context and cuBLAS workspace outside the pool; the pool's fragmentation
-        // (docs/memory-model.md §3.5)
+        // Every tensor above comes from the stream-ordered pool candle allocates from: its
+        // high-water mark is what the terms above predict (gpu-check compares the two). Outside
+        // it: the CUDA context with the loaded kernels (candle's and ours), cuBLAS/cuBLASLt
+        // workspaces, and the pool's reserve beyond its use (docs/memory-model.md §3.5).
         let ctx = 0.45 * GIB;
         terms.push(Term {
-            name: "CUDA context + slack",
+            name: "CUDA context, cuBLAS, pool reserve",
             bytes: (ctx + 0.1 * dynamic) as u64,
-            detail: "0.3–0.6 GiB + 5–15%".into(),
+            detail: "outside the pool: 0.3–0.6 GiB + 5–15%".into(),
         });
-        mid += ctx + 0.1 * dynamic;
+        outside_pool = ctx + 0.1 * dynamic;
+        mid += outside_pool;
         low += 0.3 * GIB + 0.05 * dynamic;
         high += 0.6 * GIB + 0.15 * dynamic;
     }
@@ -485,6 +494,7 @@ pub fn estimate(input: &EstimateInput) -> Result<Estimate> {
         high: high as u64,
         peak_at,
         trainable_params: lora_params as u64,
+        outside_pool: outside_pool as u64,
     })
 }
 

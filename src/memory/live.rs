@@ -56,9 +56,24 @@ fn meminfo(field: &str) -> Option<u64> {
     Some(kb * 1024)
 }
 
-/// The GPUs of this machine, by `nvidia-smi` (which ships with the driver, so it is there
-/// wherever CUDA can run); an empty list where there is no NVIDIA GPU or no driver.
+/// The GPUs of this machine, in CUDA's device order (the order `cuda:N` means, after
+/// CUDA_VISIBLE_DEVICES): from the driver itself in a build with the `cuda` feature; else from
+/// `nvidia-smi`, which only serves to tell the user that this build cannot use them. An empty
+/// list where there is no NVIDIA GPU or no driver. Called once for the window's header and the
+/// device list, never per step.
 pub fn detect_gpus() -> Vec<GpuInfo> {
+    #[cfg(feature = "cuda")]
+    {
+        cuda_probe::gpus()
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        gpus_from_nvidia_smi()
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+fn gpus_from_nvidia_smi() -> Vec<GpuInfo> {
     // compute_cap needs a driver of 2022 or later; older ones refuse the whole query
     for fields in ["index,name,memory.total,memory.free,compute_cap", "index,name,memory.total,memory.free"] {
         let out = std::process::Command::new("nvidia-smi")
@@ -106,31 +121,43 @@ pub struct MemoryReading {
     /// is installed (the binary installs it).
     pub heap_live: Option<u64>,
     pub heap_peak: Option<u64>,
-    /// On CUDA: the device's used and free memory, and the most used seen since the run
-    /// started (sampled at each reading).
+    /// On CUDA: the device's used and free memory now (cuMemGetInfo: every process, the CUDA
+    /// context and the pool's cached blocks included).
     pub device_used: Option<u64>,
     pub device_free: Option<u64>,
+    /// On CUDA: the most our tensors held at once since the previous reading (the high-water
+    /// mark of the stream-ordered pool candle allocates from; one step, as the trainer reads
+    /// once per step) and the most over the run. What the estimate predicts, less the context.
+    pub pool_peak: Option<u64>,
     pub device_peak: Option<u64>,
 }
 
 /// Takes `MemoryReading`s over a run, keeping the device's peak between readings.
 #[derive(Debug, Default)]
 pub struct MemoryMonitor {
-    /// The GPU index to read, `None` for a CPU run.
-    pub gpu: Option<usize>,
+    #[cfg(feature = "cuda")]
+    gpu: Option<cuda_probe::PoolProbe>,
+    #[cfg(feature = "cuda")]
     device_peak: u64,
 }
 
 impl MemoryMonitor {
-    /// Starts a run: the heap peak restarts from what is live now.
-    pub fn start(gpu: Option<usize>) -> Self {
+    /// Starts a run on `device`: the heap peak (and on CUDA the pool's) restarts from now.
+    pub fn start(device: &candle_core::Device) -> Self {
         alloc::reset_peak();
-        Self { gpu, device_peak: 0 }
+        let _ = device;
+        Self {
+            #[cfg(feature = "cuda")]
+            gpu: cuda_probe::PoolProbe::new(device),
+            #[cfg(feature = "cuda")]
+            device_peak: 0,
+        }
     }
 
     pub fn read(&mut self) -> MemoryReading {
         let process = process_memory();
         let counting = alloc::counting_installed();
+        #[allow(unused_mut)]
         let mut reading = MemoryReading {
             rss: process.map_or(0, |p| p.rss),
             peak_rss: process.map_or(0, |p| p.peak_rss),
@@ -138,16 +165,103 @@ impl MemoryMonitor {
             heap_peak: counting.then(|| alloc::peak_bytes() as u64),
             ..Default::default()
         };
-        if let Some(index) = self.gpu {
-            if let Some(g) = detect_gpus().into_iter().find(|g| g.index == index) {
-                let used = g.total.saturating_sub(g.free);
-                self.device_peak = self.device_peak.max(used);
-                reading.device_used = Some(used);
-                reading.device_free = Some(g.free);
+        #[cfg(feature = "cuda")]
+        if let Some(gpu) = &self.gpu {
+            if let Some((free, total)) = gpu.mem_info() {
+                reading.device_used = Some(total.saturating_sub(free) as u64);
+                reading.device_free = Some(free as u64);
+            }
+            if let Some(peak) = gpu.take_peak() {
+                self.device_peak = self.device_peak.max(peak);
+                reading.pool_peak = Some(peak);
                 reading.device_peak = Some(self.device_peak);
             }
         }
         reading
+    }
+}
+
+/// GPU readings through the CUDA driver (cudarc, as candle re-exports it): no process spawned.
+#[cfg(feature = "cuda")]
+mod cuda_probe {
+    use std::sync::Arc;
+
+    use candle_core::cuda_backend::cudarc::driver::{result, sys, CudaContext};
+
+    use super::GpuInfo;
+
+    /// Every device the driver sees, with its free memory read in its primary context (retained
+    /// for the reading and released, so a CPU run leaves the GPUs as they were).
+    pub fn gpus() -> Vec<GpuInfo> {
+        if result::init().is_err() {
+            return Vec::new();
+        }
+        let count = result::device::get_count().unwrap_or(0).max(0) as usize;
+        (0..count).filter_map(|index| gpu(index).ok()).collect()
+    }
+
+    fn gpu(index: usize) -> Result<GpuInfo, result::DriverError> {
+        let dev = result::device::get(index as i32)?;
+        let name = result::device::get_name(dev)?;
+        // SAFETY: `dev` came from device::get; the attribute values are plain ints.
+        let (total, major, minor) = unsafe {
+            (
+                result::device::total_mem(dev)?,
+                result::device::get_attribute(dev, sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?,
+                result::device::get_attribute(dev, sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?,
+            )
+        };
+        let free = CudaContext::new(index).ok().and_then(|ctx| ctx.mem_get_info().ok()).map_or(0, |(free, _)| free);
+        Ok(GpuInfo {
+            index,
+            name,
+            total: total as u64,
+            free: free as u64,
+            compute_capability: Some(format!("{major}.{minor}")),
+        })
+    }
+
+    /// The device memory figures of a run on one GPU.
+    #[derive(Debug)]
+    pub struct PoolProbe {
+        ctx: Arc<CudaContext>,
+        pool: sys::CUmemoryPool,
+    }
+
+    // SAFETY: a CUmemoryPool handle may be used from any thread of the process.
+    unsafe impl Send for PoolProbe {}
+
+    impl PoolProbe {
+        pub fn new(device: &candle_core::Device) -> Option<Self> {
+            let candle_core::Device::Cuda(dev) = device else { return None };
+            let ctx = dev.cuda_stream().context().clone();
+            // candle allocates with cuMemAllocAsync, from the device's current pool
+            // SAFETY: cu_device is the context's own device.
+            let pool = unsafe { result::device::get_mem_pool(ctx.cu_device()) }.ok()?;
+            let probe = Self { ctx, pool };
+            probe.take_peak();
+            Some(probe)
+        }
+
+        /// (free, total) device memory now.
+        pub fn mem_info(&self) -> Option<(usize, usize)> {
+            self.ctx.mem_get_info().ok()
+        }
+
+        /// The pool's high-water mark of used bytes since the last call, and a restart from
+        /// what is in use now.
+        pub fn take_peak(&self) -> Option<u64> {
+            let attr = sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH;
+            let mut high: u64 = 0;
+            let mut zero: u64 = 0;
+            // SAFETY: the pool handle is valid while the context lives; USED_MEM_HIGH is a
+            // cuuint64_t, and setting it takes 0 (reset to the current use).
+            unsafe {
+                result::mem_pool::get_attribute(self.pool, attr, &mut high as *mut u64 as *mut _).ok()?;
+                result::mem_pool::set_attribute(self.pool, attr, &mut zero as *mut u64 as *mut _).ok()?;
+            }
+            Some(high)
+        }
     }
 }
 

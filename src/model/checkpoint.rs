@@ -123,7 +123,7 @@ impl WeightSource for Checkpoint {
             if q.shape != shape {
                 return Err(wrong_shape(&q.shape));
             }
-            return Ok(FrozenWeight::Nf4(std::sync::Arc::new(q)));
+            return Ok(FrozenWeight::nf4(q, device)?);
         }
         match base {
             BaseWeights::Dense(dtype) => Ok(FrozenWeight::Dense(self.tensor(&weight_key, &shape, dtype, device)?)),
@@ -140,7 +140,7 @@ impl WeightSource for Checkpoint {
                     return Err(wrong_shape(&got));
                 }
                 let q = nf4::quantize(&values, &shape, stored, nf4::BLOCKSIZE, double_quant)?;
-                Ok(FrozenWeight::Nf4(std::sync::Arc::new(q)))
+                Ok(FrozenWeight::nf4(q, device)?)
             }
         }
     }

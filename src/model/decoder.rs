@@ -132,6 +132,16 @@ impl Model {
         self.blocks.iter_mut().flat_map(|b| b.linears_mut())
     }
 
+    /// Holds every host NF4 weight in the device form instead (what a GPU run loads), so that
+    /// the CPU tests run the GPU's code path: dequantization from device tensors.
+    pub fn use_device_form_nf4(&mut self) -> Result<()> {
+        let device = self.device().clone();
+        for l in self.linears_mut() {
+            l.base = l.base.clone().into_device_form(&device)?;
+        }
+        Ok(())
+    }
+
     /// Put fresh LoRA pairs on every linear a target selects (module names, PEFT path
     /// suffixes, or "all-linear"), initialised from `seed`.
     pub fn add_lora(&mut self, settings: &LoraSettings, seed: u64) -> Result<()> {

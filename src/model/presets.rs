@@ -68,7 +68,7 @@ impl WeightSource for RandomWeights {
             BaseWeights::Nf4 { double_quant, .. } => {
                 let values = w.flatten_all()?.to_vec1::<f32>()?;
                 let q = nf4::quantize(&values, &shape, FloatType::F32, nf4::BLOCKSIZE, double_quant)?;
-                FrozenWeight::Nf4(std::sync::Arc::new(q))
+                FrozenWeight::nf4(q, device)?
             }
         })
     }

@@ -8,10 +8,13 @@
 use std::sync::Arc;
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CudaStorage, CustomOp1, CustomOp2, DType, Device, Layout, Shape, Storage, Tensor};
+#[cfg(feature = "cuda")]
+use candle_core::CudaStorage;
+use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Storage, Tensor};
 use half::{bf16, f16};
 
 use super::nf4::Nf4Tensor;
+use super::nf4_device::Nf4OnDevice;
 use crate::error::{Error, Result};
 
 /// A frozen weight of shape [out, in].
@@ -19,16 +22,39 @@ use crate::error::{Error, Result};
 pub enum FrozenWeight {
     /// A dense tensor in the compute dtype (f32, bf16 or f16).
     Dense(Tensor),
-    /// Packed NF4, dequantized to the input's dtype on every use.
+    /// Packed NF4 in host memory, for CPU compute: dequantized on every use by the threaded
+    /// CPU kernel into a reused buffer.
     Nf4(Arc<Nf4Tensor>),
+    /// Packed NF4 uploaded once to the compute device (a GPU), dequantized there on every use.
+    Nf4OnDevice(Arc<Nf4OnDevice>),
 }
 
 impl FrozenWeight {
+    /// An NF4 weight in the form for `device`: kept in host memory for the CPU, uploaded once
+    /// for any other device.
+    pub fn nf4(q: Nf4Tensor, device: &Device) -> candle_core::Result<Self> {
+        if device.is_cpu() {
+            Ok(FrozenWeight::Nf4(Arc::new(q)))
+        } else {
+            Ok(FrozenWeight::Nf4OnDevice(Arc::new(Nf4OnDevice::upload(&q, device)?)))
+        }
+    }
+
+    /// This weight with a host NF4 tensor moved into the device form on `device` (what a GPU
+    /// run holds; on the CPU it lets the tests run the GPU's code path).
+    pub fn into_device_form(self, device: &Device) -> candle_core::Result<Self> {
+        match self {
+            FrozenWeight::Nf4(q) => Ok(FrozenWeight::Nf4OnDevice(Arc::new(Nf4OnDevice::upload(&q, device)?))),
+            other => Ok(other),
+        }
+    }
+
     /// (out_features, in_features)
     pub fn dims(&self) -> (usize, usize) {
         match self {
             FrozenWeight::Dense(w) => (w.dims()[0], w.dims()[1]),
             FrozenWeight::Nf4(q) => (q.shape[0], q.shape[1]),
+            FrozenWeight::Nf4OnDevice(q) => q.shape,
         }
     }
 
@@ -46,18 +72,14 @@ impl FrozenWeight {
                 };
                 Ok(t)
             }
+            FrozenWeight::Nf4OnDevice(q) => q.dequantize(dtype)?.to_device(device),
         }
     }
 
-    /// grad_y · W for a 2-D grad_y [rows, out]; an NF4 weight is dequantized again (into the
-    /// reused buffer on the CPU).
+    /// grad_y · W for a 2-D grad_y [rows, out], outside any graph; an NF4 weight is
+    /// dequantized again (into the reused buffer on the CPU, on the device on a GPU).
     pub fn input_grad(&self, grad_y: &Tensor) -> candle_core::Result<Tensor> {
-        match self {
-            FrozenWeight::Nf4(q) if grad_y.device().is_cpu() => {
-                grad_y.contiguous()?.apply_op1_no_bwd(&Nf4MatmulT(q.clone()))
-            }
-            weight => grad_y.matmul(&weight.to_dense(grad_y.dtype(), grad_y.device())?),
-        }
+        grad_y.contiguous()?.apply_op1_no_bwd(&FrozenMatmulT(self.clone()))
     }
 
     /// Bytes the frozen weight occupies in memory.
@@ -65,6 +87,59 @@ impl FrozenWeight {
         match self {
             FrozenWeight::Dense(w) => w.elem_count() * w.dtype().size_in_bytes(),
             FrozenWeight::Nf4(q) => q.storage_bytes(),
+            FrozenWeight::Nf4OnDevice(q) => q.storage_bytes(),
+        }
+    }
+
+    /// Runs `f` on this weight as a CPU storage of `dtype` laid out [out, in]: a dense weight
+    /// borrowed in place, an NF4 one dequantized for the call.
+    fn with_cpu<R>(&self, dtype: DType, f: impl FnOnce(&CpuStorage, &Layout) -> candle_core::Result<R>) -> candle_core::Result<R> {
+        let dense_layout = Layout::contiguous(self.dims());
+        match self {
+            FrozenWeight::Dense(w) => {
+                if w.dtype() != dtype {
+                    candle_core::bail!("frozen linear: input is {dtype:?} but the weight is {:?}", w.dtype());
+                }
+                let (storage, layout) = w.storage_and_layout();
+                let Storage::Cpu(ws) = &*storage else {
+                    candle_core::bail!("frozen linear: input on the CPU, weight on {:?}", w.device());
+                };
+                f(ws, layout)
+            }
+            FrozenWeight::Nf4(q) => with_dequantized(q, dtype, |w| f(w, &dense_layout)),
+            FrozenWeight::Nf4OnDevice(q) => f(&q.dequantize_cpu(dtype)?, &dense_layout),
+        }
+    }
+
+    /// The CUDA counterpart of `with_cpu`: an NF4 weight is dequantized on the device by our
+    /// kernel into a buffer freed (back to the stream's pool) when the call returns.
+    #[cfg(feature = "cuda")]
+    fn with_cuda<R>(
+        &self,
+        dtype: DType,
+        dev: &candle_core::CudaDevice,
+        f: impl FnOnce(&CudaStorage, &Layout) -> candle_core::Result<R>,
+    ) -> candle_core::Result<R> {
+        let dense_layout = Layout::contiguous(self.dims());
+        match self {
+            FrozenWeight::Dense(w) => {
+                if w.dtype() != dtype {
+                    candle_core::bail!("frozen linear: input is {dtype:?} but the weight is {:?}", w.dtype());
+                }
+                let (storage, layout) = w.storage_and_layout();
+                let Storage::Cuda(ws) = &*storage else {
+                    candle_core::bail!("frozen linear: input on the GPU, weight on {:?}", w.device());
+                };
+                f(ws, layout)
+            }
+            FrozenWeight::Nf4OnDevice(q) => f(&crate::cuda::dequantize_nf4(q, dtype, dev)?, &dense_layout),
+            // not what a loaded model holds (the loader uploads NF4 once), but correct
+            FrozenWeight::Nf4(_) => {
+                let w = self.to_dense(dtype, &Device::Cuda(dev.clone()))?;
+                let (storage, _) = w.storage_and_layout();
+                let Storage::Cuda(ws) = &*storage else { unreachable!("uploaded to CUDA") };
+                f(ws, &dense_layout)
+            }
         }
     }
 }
@@ -88,6 +163,7 @@ impl FrozenLinear {
                 return Err(Error::Invalid(format!("a linear weight must be 2-D, got shape {:?}", q.shape)));
             }
         }
+        // (an Nf4OnDevice weight is 2-D by construction)
         let (out_f, _) = weight.dims();
         if let Some(b) = &bias {
             if b.dims() != [out_f] {
@@ -123,18 +199,13 @@ impl FrozenLinear {
         self.weight.input_grad(grad_y)
     }
 
+    /// Moves a host NF4 weight to the device form (uploaded once to `device`).
+    pub fn into_device_form(self, device: &Device) -> candle_core::Result<Self> {
+        Ok(Self { weight: self.weight.into_device_form(device)?, bias: self.bias })
+    }
+
     /// x: [..., in] → [..., out]
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        self.forward_with(x, x.device().is_cpu())
-    }
-
-    /// The device-generic path (what CUDA runs), callable on any device so that the CPU tests
-    /// cover it too.
-    pub fn forward_generic(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        self.forward_with(x, false)
-    }
-
-    fn forward_with(&self, x: &Tensor, cpu_op: bool) -> candle_core::Result<Tensor> {
         let (out_f, in_f) = self.weight.dims();
         let dims = x.dims();
         let Some((&last, lead)) = dims.split_last() else {
@@ -145,73 +216,14 @@ impl FrozenLinear {
         }
         let rows: usize = lead.iter().product();
         let x2 = x.reshape((rows, in_f))?.contiguous()?;
-        let y = if cpu_op {
-            x2.apply_op1(FrozenMatmul { weight: self.weight.clone(), bias: self.bias.clone() })?
-        } else {
-            self.forward_on_device(&x2)?
+        let bias = match &self.bias {
+            Some(b) => Some(b.to_dtype(x.dtype())?.to_device(x.device())?),
+            None => None,
         };
+        let y = x2.apply_op1(FrozenMatmul { weight: self.weight.clone(), bias })?;
         let mut out_dims = lead.to_vec();
         out_dims.push(out_f);
         y.reshape(out_dims)
-    }
-}
-
-impl FrozenLinear {
-    /// For devices without a kernel of ours (CUDA for now): compute y with plain tensor ops on
-    /// a detached input, so no graph is recorded, then attach the input gradient only. Costs
-    /// one output-sized tensor per linear kept until backward; NF4 weights are dequantized on
-    /// the host and copied over until the CUDA kernel lands.
-    fn forward_on_device(&self, x2: &Tensor) -> candle_core::Result<Tensor> {
-        let w = self.weight.to_dense(x2.dtype(), x2.device())?;
-        let mut y = x2.detach().matmul(&w.t()?)?;
-        drop(w);
-        if let Some(b) = &self.bias {
-            y = y.broadcast_add(&b.to_dtype(x2.dtype())?.to_device(x2.device())?)?;
-        }
-        x2.apply_op2(&y.contiguous()?, AttachInputGrad { weight: self.weight.clone() })
-    }
-}
-
-/// Returns its second argument unchanged; its backward gives the first argument (x) the
-/// gradient grad_y · W and nothing else.
-struct AttachInputGrad {
-    weight: FrozenWeight,
-}
-
-impl CustomOp2 for AttachInputGrad {
-    fn name(&self) -> &'static str {
-        "frozen-linear-attach"
-    }
-
-    fn cpu_fwd(
-        &self,
-        _x: &CpuStorage,
-        _lx: &Layout,
-        y: &CpuStorage,
-        ly: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        Ok((y.try_clone(ly)?, ly.shape().clone()))
-    }
-
-    fn cuda_fwd(
-        &self,
-        _x: &CudaStorage,
-        _lx: &Layout,
-        y: &CudaStorage,
-        ly: &Layout,
-    ) -> candle_core::Result<(CudaStorage, Shape)> {
-        Ok((y.try_clone(ly)?, ly.shape().clone()))
-    }
-
-    fn bwd(
-        &self,
-        _x: &Tensor,
-        _y: &Tensor,
-        _res: &Tensor,
-        grad_y: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let w = self.weight.to_dense(grad_y.dtype(), grad_y.device())?;
-        Ok((Some(grad_y.matmul(&w)?), None))
     }
 }
 
@@ -272,23 +284,45 @@ fn with_dequantized<R>(
     result
 }
 
-/// grad_x = grad_y · W for an NF4 weight on the CPU, dequantizing into the reused buffer.
-struct Nf4MatmulT(Arc<Nf4Tensor>);
+/// grad_x = grad_y · W on a contiguous [rows, out] gradient (no graph).
+struct FrozenMatmulT(FrozenWeight);
 
-impl CustomOp1 for Nf4MatmulT {
+impl FrozenMatmulT {
+    fn shapes(&self, l: &Layout) -> candle_core::Result<(usize, usize, usize)> {
+        let (out_f, in_f) = self.0.dims();
+        match l.dims() {
+            &[rows, g] if g == out_f => Ok((rows, out_f, in_f)),
+            d => candle_core::bail!("frozen linear backward: expected a [rows, {out_f}] gradient, got {d:?}"),
+        }
+    }
+}
+
+impl CustomOp1 for FrozenMatmulT {
     fn name(&self) -> &'static str {
-        "frozen-linear-nf4-backward"
+        "frozen-linear-backward"
     }
 
-    fn cpu_fwd(&self, g: &CpuStorage, g_layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let &[rows, out_f] = g_layout.dims() else {
-            candle_core::bail!("frozen linear backward: expected a 2-D gradient, got {:?}", g_layout.dims());
-        };
-        let in_f = self.0.shape[1];
-        let grad_x = with_dequantized(&self.0, g.dtype(), |w| {
-            g.matmul(w, (1, rows, in_f, out_f), g_layout, &Layout::contiguous((out_f, in_f)))
-        })?;
+    fn cpu_fwd(&self, g: &CpuStorage, gl: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (rows, out_f, in_f) = self.shapes(gl)?;
+        let grad_x = self.0.with_cpu(g.dtype(), |w, wl| g.matmul(w, (1, rows, in_f, out_f), gl, wl))?;
         Ok((grad_x, Shape::from((rows, in_f))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, g: &CudaStorage, gl: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
+        let (rows, out_f, in_f) = self.shapes(gl)?;
+        let grad_x = self.0.with_cuda(g.dtype(), &g.device, |w, wl| g.matmul(w, (1, rows, in_f, out_f), gl, wl))?;
+        Ok((grad_x, Shape::from((rows, in_f))))
+    }
+}
+
+impl FrozenMatmul {
+    fn shapes(&self, l: &Layout) -> candle_core::Result<(usize, usize, usize)> {
+        let (out_f, in_f) = self.weight.dims();
+        match l.dims() {
+            &[rows, i] if i == in_f => Ok((rows, out_f, in_f)),
+            d => candle_core::bail!("frozen linear: expected a [rows, {in_f}] input, got {d:?}"),
+        }
     }
 }
 
@@ -298,30 +332,30 @@ impl CustomOp1 for FrozenMatmul {
     }
 
     fn cpu_fwd(&self, x: &CpuStorage, x_layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let &[rows, in_f] = x_layout.dims() else {
-            candle_core::bail!("frozen linear: expected a 2-D input, got {:?}", x_layout.dims());
-        };
-        let (out_f, _) = self.weight.dims();
-        let mut y = match &self.weight {
-            FrozenWeight::Dense(w) => {
-                if w.dtype() != x.dtype() {
-                    candle_core::bail!("frozen linear: input is {:?} but the weight is {:?}", x.dtype(), w.dtype());
-                }
-                // Borrow the weight's storage in place: no copy of a dense weight per call.
-                let (storage, layout) = w.storage_and_layout();
-                let Storage::Cpu(ws) = &*storage else {
-                    candle_core::bail!("frozen linear: input on the CPU, weight on {:?}", w.device());
-                };
-                x.matmul(ws, (1, rows, out_f, in_f), x_layout, &layout.transpose(0, 1)?)?
-            }
-            FrozenWeight::Nf4(q) => {
-                let w_t = Layout::contiguous((out_f, in_f)).transpose(0, 1)?;
-                with_dequantized(q, x.dtype(), |w| x.matmul(w, (1, rows, out_f, in_f), x_layout, &w_t))?
-            }
-        };
+        let (rows, out_f, in_f) = self.shapes(x_layout)?;
+        let mut y = self.weight.with_cpu(x.dtype(), |w, wl| {
+            x.matmul(w, (1, rows, out_f, in_f), x_layout, &wl.transpose(0, 1)?)
+        })?;
         if let Some(bias) = &self.bias {
             add_bias_rows(&mut y, bias, out_f)?;
         }
+        Ok((y, Shape::from((rows, out_f))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, x: &CudaStorage, x_layout: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
+        let (rows, out_f, in_f) = self.shapes(x_layout)?;
+        let y = self.weight.with_cuda(x.dtype(), &x.device, |w, wl| {
+            x.matmul(w, (1, rows, out_f, in_f), x_layout, &wl.transpose(0, 1)?)
+        })?;
+        let y = match &self.bias {
+            Some(bias) => {
+                let (storage, bl) = bias.storage_and_layout();
+                let Storage::Cuda(b) = &*storage else { candle_core::bail!("frozen linear: bias not on the GPU") };
+                y.binary_impl::<candle_core::op::Add>(b, &Layout::contiguous((rows, out_f)), &bl.broadcast_as((rows, out_f))?)?
+            }
+            None => y,
+        };
         Ok((y, Shape::from((rows, out_f))))
     }
 

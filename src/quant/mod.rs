@@ -4,6 +4,7 @@
 pub mod bnb;
 pub mod frozen_linear;
 pub mod nf4;
+pub mod nf4_device;
 
 pub use frozen_linear::{FrozenLinear, FrozenWeight};
 pub use nf4::{quantize, quantize_bf16, Absmax, DoubleQuant, FloatType, Nf4Tensor, BLOCKSIZE, NF4_CODE};

@@ -45,15 +45,30 @@ pub struct ModelConfig {
     /// A model folder, a hub id (`owner/name`) or a GGUF file.
     pub source: String,
     pub mode: Mode,
-    /// Compute dtype of the frozen weights: "f32", "bf16" or "f16".
+    /// Compute dtype of the frozen weights and activations: "auto" (bf16 on a GPU, f32 on the
+    /// CPU), "f32", "bf16" or "f16". LoRA weights and the optimizer state are f32 in every case.
     pub dtype: String,
     /// "cpu", "cuda" or "cuda:N".
     pub device: String,
 }
 
+impl ModelConfig {
+    /// The compute dtype this run uses: "auto" is bf16 on a GPU (tensor cores; Ampere and newer
+    /// have it) and f32 on the CPU.
+    pub fn compute_dtype(&self) -> candle_core::DType {
+        use candle_core::DType;
+        match self.dtype.as_str() {
+            "bf16" => DType::BF16,
+            "f16" => DType::F16,
+            "auto" if self.device != "cpu" => DType::BF16,
+            _ => DType::F32,
+        }
+    }
+}
+
 impl Default for ModelConfig {
     fn default() -> Self {
-        Self { source: String::new(), mode: Mode::Qlora, dtype: "f32".into(), device: "cpu".into() }
+        Self { source: String::new(), mode: Mode::Qlora, dtype: "auto".into(), device: "cpu".into() }
     }
 }
 
@@ -197,7 +212,10 @@ impl RunConfig {
         };
         let (m, l, t) = (&self.model, &self.lora, &self.train);
         check(!m.source.trim().is_empty(), "model.source is empty: give a model folder, a hub id or a GGUF file");
-        check(["f32", "bf16", "f16"].contains(&m.dtype.as_str()), "model.dtype must be \"f32\", \"bf16\" or \"f16\"");
+        check(
+            ["auto", "f32", "bf16", "f16"].contains(&m.dtype.as_str()),
+            "model.dtype must be \"auto\", \"f32\", \"bf16\" or \"f16\"",
+        );
         check(
             m.device == "cpu"
                 || m.device == "cuda"
@@ -268,11 +286,7 @@ impl RunConfig {
             EstimateInput::new(spec, method, targets, self.lora.r, self.train.batch_size, self.data.max_length)
                 .on(device);
         input.dropout = self.lora.dropout;
-        input.dtype = match self.model.dtype.as_str() {
-            "bf16" => candle_core::DType::BF16,
-            "f16" => candle_core::DType::F16,
-            _ => candle_core::DType::F32,
-        };
+        input.dtype = self.model.compute_dtype();
         input
     }
 

@@ -124,13 +124,14 @@ impl AdamW {
     }
 }
 
-/// The global L2 norm of a set of gradients.
+/// The global L2 norm of a set of gradients: the squares summed on their device, read once.
 pub fn global_norm(grads: &[Option<Tensor>]) -> candle_core::Result<f64> {
-    let mut sq = 0f64;
-    for g in grads.iter().flatten() {
-        sq += g.to_dtype(DType::F32)?.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
+    let squares: Vec<Tensor> =
+        grads.iter().flatten().map(|g| g.to_dtype(DType::F32)?.sqr()?.sum_all()).collect::<candle_core::Result<_>>()?;
+    if squares.is_empty() {
+        return Ok(0.0);
     }
-    Ok(sq.sqrt())
+    Ok((Tensor::stack(&squares, 0)?.sum_all()?.to_scalar::<f32>()? as f64).sqrt())
 }
 
 /// The scale that clips a gradient of norm `norm` to at most `max_norm` (1 when it is within).

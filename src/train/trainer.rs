@@ -190,11 +190,7 @@ fn device_of(name: &str) -> Result<Device> {
 }
 
 fn base_weights(config: &RunConfig) -> Result<BaseWeights> {
-    let compute = match config.model.dtype.as_str() {
-        "bf16" => DType::BF16,
-        "f16" => DType::F16,
-        _ => DType::F32,
-    };
+    let compute = config.model.compute_dtype();
     Ok(match config.model.mode {
         Mode::Lora => BaseWeights::Dense(compute),
         Mode::Qlora => BaseWeights::Nf4 { double_quant: true, compute },
@@ -363,15 +359,9 @@ impl Trainer {
 
         let started = Instant::now();
         let first_step = self.state.step;
-        let gpu = match self.model.device() {
-            Device::Cuda(_) => {
-                Some(self.config.model.device.strip_prefix("cuda:").and_then(|n| n.parse().ok()).unwrap_or(0))
-            }
-            _ => None,
-        };
         // the readings' peaks count from here
         crate::memory::reset_peak();
-        let mut monitor = crate::memory::MemoryMonitor::start(gpu);
+        let mut monitor = crate::memory::MemoryMonitor::start(self.model.device());
         let mut last_checkpoint = None;
         let mut stopped = false;
         while self.state.step < self.state.total_steps {
@@ -480,7 +470,8 @@ impl Trainer {
         self.optimizer.set_learning_rate(lr);
         let total_trained: usize = batch.iter().map(|&i| trained_tokens(&self.train[i])).sum();
         let mut grads: Vec<Option<Tensor>> = vec![None; self.trainable_keys.len()];
-        let (mut loss_sum, mut tokens) = (0.0f64, 0usize);
+        // the loss stays on the device until the step ends: one read per optimizer step
+        let (mut loss_sum, mut tokens) = (None::<Tensor>, 0usize);
         for (micro_index, micro) in batch.chunks(self.state.micro_batch).enumerate() {
             crate::lora::set_dropout_seed(dropout_seed(t.seed, self.state.step, micro_index));
             let examples: Vec<&Example> = micro.iter().map(|&i| &self.train[i]).collect();
@@ -488,7 +479,11 @@ impl Trainer {
             tokens += examples.iter().map(|e| e.input_ids.len()).sum::<usize>();
             let (ids, labels) = pad_batch(&examples, self.model.device())?;
             let loss = self.model.loss(&ids, &labels, true)?;
-            loss_sum += loss.to_scalar::<f32>()? as f64 * micro_trained as f64;
+            let part = (loss.detach() * micro_trained as f64)?;
+            loss_sum = Some(match loss_sum {
+                Some(sum) => (sum + part)?,
+                None => part,
+            });
             // Each micro-batch's mean, weighted by its share of the step's trained tokens, so
             // the step's gradient is that of the mean over all of them whatever the split.
             let weighted = (loss * (micro_trained as f64 / total_trained as f64))?;
@@ -501,6 +496,10 @@ impl Trainer {
             }
         }
         let grad_norm = global_norm(&grads)?;
+        let loss_sum = match loss_sum {
+            Some(sum) => sum.to_dtype(DType::F64)?.to_scalar::<f64>()?,
+            None => 0.0,
+        };
         let loss = loss_sum / total_trained as f64;
         if loss.is_finite() && grad_norm.is_finite() {
             self.optimizer.step_with(&grads, clip_scale(grad_norm, self.config.train.max_grad_norm))?;
@@ -685,7 +684,8 @@ fn dropout_seed(seed: u64, step: usize, micro: usize) -> u64 {
 }
 
 /// Right-pad a micro-batch: pad positions get label -100, and causal attention keeps them from
-/// changing the positions before them.
+/// changing the positions before them. The ids go to the device; the labels stay in host
+/// memory, where the loss reads them to pick its chunks (no device round trip).
 fn pad_batch(examples: &[&Example], device: &Device) -> Result<(Tensor, Tensor)> {
     let len = examples.iter().map(|e| e.input_ids.len()).max().unwrap_or(0);
     let mut ids = Vec::with_capacity(examples.len() * len);
@@ -697,7 +697,7 @@ fn pad_batch(examples: &[&Example], device: &Device) -> Result<(Tensor, Tensor)>
         labels.extend(std::iter::repeat_n(crate::model::IGNORE_INDEX, len - e.labels.len()));
     }
     let shape = (examples.len(), len);
-    Ok((Tensor::from_vec(ids, shape, device)?, Tensor::from_vec(labels, shape, device)?))
+    Ok((Tensor::from_vec(ids, shape, device)?, Tensor::from_vec(labels, shape, &Device::Cpu)?))
 }
 
 fn is_out_of_memory(e: &Error) -> bool {

@@ -1,0 +1,111 @@
+//! Launching our own kernels (kernels/qls.cu, compiled to PTX by build.rs) on candle's CUDA
+//! device, on its stream, so they run in order with candle's work. Only with the `cuda` feature.
+//! Each launcher's CPU twin sits beside its caller and is what the CPU tests check.
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::{CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::WrapErr;
+use candle_core::{CudaDevice, CudaStorage, DType, Layout, Storage, Tensor};
+use half::{bf16, f16};
+
+use crate::quant::nf4_device::{DeviceScales, Nf4OnDevice};
+
+type Res<T> = candle_core::Result<T>;
+
+const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/qls.ptx"));
+const MODULE: &str = "qls";
+
+/// A grid-stride launch over `n` items: enough blocks to fill any card, never more than needed.
+fn grid(n: usize) -> LaunchConfig {
+    let threads = 256u32;
+    let blocks = n.div_ceil(threads as usize).clamp(1, 65_535) as u32;
+    LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 }
+}
+
+fn suffix(dtype: DType) -> Res<&'static str> {
+    match dtype {
+        DType::F32 => Ok("f32"),
+        DType::BF16 => Ok("bf16"),
+        DType::F16 => Ok("f16"),
+        other => candle_core::bail!("our CUDA kernels take f32, bf16 or f16, not {other:?}"),
+    }
+}
+
+/// The CUDA slice behind a tensor on `dev` (whole, contiguous from its start).
+fn with_slice<T: candle_core::cuda_backend::CudaDType, R>(t: &Tensor, f: impl FnOnce(&CudaSlice<T>) -> Res<R>) -> Res<R> {
+    let (storage, layout) = t.storage_and_layout();
+    let Storage::Cuda(s) = &*storage else { candle_core::bail!("expected a CUDA tensor, found one on {:?}", t.device()) };
+    if !layout.is_contiguous() || layout.start_offset() != 0 {
+        candle_core::bail!("expected a whole contiguous tensor");
+    }
+    f(s.as_cuda_slice::<T>()?)
+}
+
+/// NF4 → `dtype` on the device, into a fresh buffer from candle's stream-ordered pool.
+pub fn dequantize_nf4(q: &Nf4OnDevice, dtype: DType, dev: &CudaDevice) -> Res<CudaStorage> {
+    fn run<T: DeviceRepr + candle_core::cuda_backend::CudaDType>(q: &Nf4OnDevice, dtype: DType, dev: &CudaDevice) -> Res<CudaStorage> {
+        let n = q.numel();
+        // SAFETY: every element is written by the kernel below.
+        let out = unsafe { dev.alloc::<T>(n)? };
+        let (n64, bs) = (n as u64, q.blocksize as u32);
+        with_slice::<u8, _>(&q.packed, |packed| match &q.scales {
+            DeviceScales::Plain(absmax) => with_slice::<f32, _>(absmax, |absmax| {
+                let func = dev.get_or_load_custom_func(&format!("nf4_dequant_plain_{}", suffix(dtype)?), MODULE, PTX)?;
+                let mut b = func.builder();
+                b.arg(packed).arg(absmax).arg(&n64).arg(&bs).arg(&out);
+                // SAFETY: argument types match the kernel's signature in kernels/qls.cu.
+                unsafe { b.launch(grid(n.div_ceil(2))) }.w()?;
+                Ok(())
+            }),
+            DeviceScales::Double { codes, nested_absmax, nested_code, nested_blocksize, offset } => {
+                with_slice::<u8, _>(codes, |codes| {
+                    with_slice::<f32, _>(nested_absmax, |nested| {
+                        with_slice::<f32, _>(nested_code, |table| {
+                            let name = format!("nf4_dequant_double_{}", suffix(dtype)?);
+                            let func = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
+                            let nb = *nested_blocksize as u32;
+                            let mut b = func.builder();
+                            b.arg(packed).arg(codes).arg(nested).arg(table).arg(offset).arg(&nb).arg(&n64).arg(&bs).arg(&out);
+                            // SAFETY: argument types match the kernel's signature in kernels/qls.cu.
+                            unsafe { b.launch(grid(n.div_ceil(2))) }.w()?;
+                            Ok(())
+                        })
+                    })
+                })
+            }
+        })?;
+        Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+    }
+    match dtype {
+        DType::F32 => run::<f32>(q, dtype, dev),
+        DType::BF16 => run::<bf16>(q, dtype, dev),
+        DType::F16 => run::<f16>(q, dtype, dev),
+        other => candle_core::bail!("NF4 weights dequantize to f32, bf16 or f16, not {other:?}"),
+    }
+}
+
+/// y = x ⊙ mask(key) · 1/(1-p), the mask drawn on the device from the module's key
+/// (twin: lora::dropout_mul_cpu).
+pub fn dropout_mul(x: &CudaStorage, layout: &Layout, key: u64, p: f32) -> Res<CudaStorage> {
+    fn run<T: DeviceRepr + candle_core::cuda_backend::CudaDType>(x: &CudaStorage, layout: &Layout, key: u64, p: f32) -> Res<CudaStorage> {
+        let Some((start, end)) = layout.contiguous_offsets() else { candle_core::bail!("dropout: non-contiguous input") };
+        let dev = &x.device;
+        let src = x.as_cuda_slice::<T>()?.slice(start..end);
+        let n = end - start;
+        // SAFETY: every element is written by the kernel below.
+        let out = unsafe { dev.alloc::<T>(n)? };
+        let func = dev.get_or_load_custom_func(&format!("dropout_mul_{}", suffix(x.dtype())?), MODULE, PTX)?;
+        let (n64, keep) = (n as u64, 1.0f32 / (1.0 - p));
+        let mut b = func.builder();
+        b.arg(&src).arg(&out).arg(&n64).arg(&key).arg(&p).arg(&keep);
+        // SAFETY: argument types match the kernel's signature in kernels/qls.cu.
+        unsafe { b.launch(grid(n)) }.w()?;
+        Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+    }
+    match x.dtype() {
+        DType::F32 => run::<f32>(x, layout, key, p),
+        DType::BF16 => run::<bf16>(x, layout, key, p),
+        DType::F16 => run::<f16>(x, layout, key, p),
+        other => candle_core::bail!("dropout takes f32, bf16 or f16, not {other:?}"),
+    }
+}
