@@ -102,3 +102,92 @@ __device__ void dropout_mul(const T *x, T *y, uint64_t n, uint64_t key, float p,
 DROPOUT_KERNEL(f32, float)
 DROPOUT_KERNEL(bf16, __nv_bfloat16)
 DROPOUT_KERNEL(f16, __half)
+
+// ------------------------------------------------------------------------ attention softmax
+// Twin: MaskedSoftmax and SoftmaxBwd (src/model/ops.rs). One block per row of scores
+// [rows, keys]; row r is the query at query_start + r % queries of head (r / queries) % heads.
+// Keys after the query, or `window` or more positions before it, get probability exactly 0;
+// ALiBi adds slope[head] · key position. Probabilities are f32 whatever the scores' dtype.
+
+#define SOFTMAX_THREADS 256
+
+// The reduction of one value per thread over the block (max or sum), returned to every thread.
+template <bool MAX> __device__ float block_reduce(float v) {
+    __shared__ float partial[32];
+    for (int o = 16; o > 0; o >>= 1) {
+        float other = __shfl_xor_sync(0xffffffff, v, o);
+        v = MAX ? fmaxf(v, other) : v + other;
+    }
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    __syncthreads(); // partial may still be read by a previous call
+    if (lane == 0) partial[warp] = v;
+    __syncthreads();
+    int warps = (blockDim.x + 31) >> 5;
+    v = lane < warps ? partial[lane] : (MAX ? -INFINITY : 0.0f);
+    for (int o = 16; o > 0; o >>= 1) {
+        float other = __shfl_xor_sync(0xffffffff, v, o);
+        v = MAX ? fmaxf(v, other) : v + other;
+    }
+    return v;
+}
+
+template <typename T>
+__device__ void masked_softmax(const T *x, float *y, uint32_t keys, uint32_t queries, uint32_t heads,
+                               uint64_t query_start, uint64_t key_start, uint64_t window, float scale,
+                               const float *slopes, uint32_t has_slopes) {
+    uint64_t row = blockIdx.x;
+    const T *xr = x + row * keys;
+    float *yr = y + row * keys;
+    uint64_t q1 = query_start + row % queries + 1; // one past the query's position
+    uint64_t hi = q1 > key_start ? q1 - key_start : 0;
+    if (hi > keys) hi = keys;
+    uint64_t lo = 0;
+    if (window > 0) {
+        uint64_t first = q1 > window ? q1 - window : 0;
+        lo = first > key_start ? first - key_start : 0;
+        if (lo > hi) lo = hi;
+    }
+    float slope = has_slopes ? slopes[(row / queries) % heads] : 0.0f;
+    float key0 = (float)key_start;
+    float m = -INFINITY;
+    for (uint64_t j = lo + threadIdx.x; j < hi; j += blockDim.x) {
+        float v = __fadd_rn(__fmul_rn(to_f32(xr[j]), scale), __fmul_rn(slope, __fadd_rn(key0, (float)j)));
+        m = fmaxf(m, v);
+    }
+    m = block_reduce<true>(m);
+    float sum = 0.0f;
+    for (uint64_t j = lo + threadIdx.x; j < hi; j += blockDim.x) {
+        float v = __fadd_rn(__fmul_rn(to_f32(xr[j]), scale), __fmul_rn(slope, __fadd_rn(key0, (float)j)));
+        float e = expf(v - m);
+        yr[j] = e;
+        sum += e;
+    }
+    sum = block_reduce<false>(sum);
+    for (uint64_t j = threadIdx.x; j < keys; j += blockDim.x) {
+        yr[j] = (j >= lo && j < hi) ? yr[j] / sum : 0.0f;
+    }
+}
+
+#define SOFTMAX_KERNEL(NAME, T)                                                                     \
+    extern "C" __global__ void masked_softmax_##NAME(const T *x, float *y, uint32_t keys, uint32_t queries, \
+                                                     uint32_t heads, uint64_t query_start,           \
+                                                     uint64_t key_start, uint64_t window, float scale, \
+                                                     const float *slopes, uint32_t has_slopes) {     \
+        masked_softmax<T>(x, y, keys, queries, heads, query_start, key_start, window, scale, slopes,   \
+                          has_slopes);                                                              \
+    }
+
+SOFTMAX_KERNEL(f32, float)
+SOFTMAX_KERNEL(bf16, __nv_bfloat16)
+SOFTMAX_KERNEL(f16, __half)
+
+// dx = y · (g − Σ g·y) per row, all f32.
+extern "C" __global__ void softmax_backward_f32(const float *y, const float *g, float *dx, uint32_t n) {
+    uint64_t row = blockIdx.x;
+    const float *yr = y + row * n, *gr = g + row * n;
+    float *dr = dx + row * n;
+    float dot = 0.0f;
+    for (uint32_t j = threadIdx.x; j < n; j += blockDim.x) dot += yr[j] * gr[j];
+    dot = block_reduce<false>(dot);
+    for (uint32_t j = threadIdx.x; j < n; j += blockDim.x) dr[j] = yr[j] * (gr[j] - dot);
+}

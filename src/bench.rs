@@ -174,25 +174,72 @@ pub struct StepBenchRow {
     pub peak_rss_mib: f64,
     pub loss_first: f32,
     pub loss_last: f32,
+    /// Every step's loss, the two warm-up steps included.
+    pub losses: Vec<f32>,
+    pub device: String,
+    pub dtype: String,
+    /// Model FLOPs utilisation on a GPU: 4 × parameters × tokens per second (forward and input
+    /// gradients; frozen weights get no weight gradient; recomputation not counted) over the
+    /// card's dense bf16/f16 peak. Absent where the card's peak is not known.
+    pub mfu: Option<f64>,
+    /// GPU: the pool's high-water mark over the timed steps (our tensors) and the card's used
+    /// memory after them (cuMemGetInfo), MiB.
+    pub pool_peak_mib: Option<f64>,
+    pub device_used_mib: Option<f64>,
+    /// The memory estimate of this run (middle; on a GPU also its pool part), MiB.
+    pub estimate_mib: f64,
+    pub estimate_pool_mib: f64,
+}
+
+/// Dense bf16 tensor-core peak (TFLOP/s, no sparsity) of the cards users train on, by name.
+pub fn bf16_peak_tflops(gpu_name: &str) -> Option<f64> {
+    let n = gpu_name.to_ascii_uppercase();
+    let table: [(&str, f64); 9] = [
+        ("H200", 989.0),
+        ("H100 PCIE", 756.0),
+        ("H100", 989.0),
+        ("A100", 312.0),
+        ("L40S", 362.0),
+        ("A6000", 155.0),
+        ("4090", 165.0),
+        ("3090", 71.0),
+        ("L4", 121.0),
+    ];
+    table.iter().find(|(k, _)| n.contains(k)).map(|&(_, t)| t)
 }
 
 pub struct StepBench<'a> {
     pub preset: &'a str,
     /// "lora" (dense f32 base) or "qlora" (NF4 base with double quantization)
     pub mode: &'a str,
-    pub seq: usize,
-    pub batch: usize,
+    /// Every combination of these is run on the one loaded model.
+    pub seqs: Vec<usize>,
+    pub batches: Vec<usize>,
     pub steps: usize,
     pub rank: usize,
     pub targets: Vec<String>,
     pub checkpointing: bool,
+    /// "cpu", "cuda" or "cuda:N"
+    pub device: &'a str,
+    /// "auto" (bf16 on a GPU, f32 on the CPU), "f32", "bf16" or "f16"
+    pub dtype: &'a str,
 }
 
 /// Forward + backward + AdamW on a preset-shaped model with generated weights, as the PyTorch
 /// baseline does it: LoRA alpha 2r, lr 1e-4, labels = inputs, two warm-up steps not timed.
-pub fn step(b: &StepBench<'_>) -> Result<StepBenchRow> {
-    let device = Device::Cpu;
-    let base = base_weights(b.mode)?;
+pub fn step(b: &StepBench<'_>) -> Result<Vec<StepBenchRow>> {
+    let model_config = crate::train::ModelConfig {
+        source: b.preset.into(),
+        mode: if b.mode == "lora" { crate::train::Mode::Lora } else { crate::train::Mode::Qlora },
+        dtype: b.dtype.into(),
+        device: b.device.into(),
+    };
+    let dtype = model_config.compute_dtype();
+    let device = crate::train::device_of(b.device)?;
+    let base = match base_weights(b.mode)? {
+        BaseWeights::Dense(_) => BaseWeights::Dense(dtype),
+        BaseWeights::Nf4 { double_quant, .. } => BaseWeights::Nf4 { double_quant, compute: dtype },
+    };
     let mut model = Model::from_preset(b.preset, base, &device)?;
     let settings = LoraSettings {
         r: b.rank,
@@ -203,40 +250,104 @@ pub fn step(b: &StepBench<'_>) -> Result<StepBenchRow> {
     };
     model.add_lora(&settings, 0)?;
     model.set_gradient_checkpointing(b.checkpointing);
+    let mut rows = Vec::new();
+    for &seq in &b.seqs {
+        for &batch in &b.batches {
+            rows.push(step_run(b, &model, dtype, &device, seq, batch)?);
+        }
+    }
+    Ok(rows)
+}
+
+/// One (sequence, batch) setting on a loaded model, with a fresh optimizer.
+fn step_run(
+    b: &StepBench<'_>,
+    model: &Model,
+    dtype: candle_core::DType,
+    device: &Device,
+    seq: usize,
+    batch: usize,
+) -> Result<StepBenchRow> {
     let vars = model.trainable().into_iter().map(|(_, v)| v).collect();
     let mut opt = AdamW::new(vars, AdamWParams { lr: 1e-4, ..Default::default() })?;
     let vocab = model.spec.vocab as u32;
     let mut rng = crate::rng::Rng::new(1);
-    let ids: Vec<u32> = (0..b.batch * b.seq).map(|_| rng.below(vocab as u64) as u32).collect();
-    let ids = Tensor::from_vec(ids, (b.batch, b.seq), &device)?;
+    let ids: Vec<u32> = (0..batch * seq).map(|_| rng.below(vocab as u64) as u32).collect();
+    let labels = Tensor::from_vec(ids.clone(), (batch, seq), &Device::Cpu)?;
+    let ids = Tensor::from_vec(ids, (batch, seq), device)?;
     let (mut times, mut losses) = (Vec::new(), Vec::new());
-    for _ in 0..b.steps + 2 {
+    let mut monitor = crate::memory::MemoryMonitor::start(device);
+    let (mut pool_peak, mut device_used) = (None::<u64>, None);
+    for i in 0..b.steps + 2 {
+        if i == 2 {
+            monitor.read(); // the timed steps' peak starts here
+        }
         let start = Instant::now();
-        let loss = model.loss(&ids, &ids, true)?;
+        let loss = model.loss(&ids, &labels, true)?;
         let grads = model.backward(&loss)?;
         opt.step(&grads, 1.0)?;
-        losses.push(loss.to_scalar::<f32>()?);
+        // reading the loss waits for the device: the step's time is its work
+        losses.push(loss.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>()?);
         times.push(start.elapsed().as_secs_f64());
+        if i >= 2 {
+            let m = monitor.read();
+            pool_peak = m.pool_peak.max(pool_peak);
+            device_used = m.device_used.max(device_used);
+        }
     }
     let timed = &times[2..];
     let mut sorted = timed.to_vec();
     sorted.sort_by(|x, y| x.total_cmp(y));
-    let peak = crate::memory::process_memory().map_or(0.0, |m| m.peak_rss as f64 / (1024.0 * 1024.0));
+    let mib = |b: f64| b / (1024.0 * 1024.0);
+    let peak = crate::memory::process_memory().map_or(0.0, |m| mib(m.peak_rss as f64));
+    let tokens_per_s = (batch * seq * timed.len()) as f64 / timed.iter().sum::<f64>();
+    let gpu_name = match device {
+        Device::Cuda(_) => {
+            let ordinal = b.device.strip_prefix("cuda:").and_then(|n| n.parse().ok()).unwrap_or(0);
+            crate::memory::detect_gpus().into_iter().find(|g| g.index == ordinal).map(|g| g.name)
+        }
+        _ => None,
+    };
+    let params = model.spec.parameter_count() as f64;
+    let mfu = gpu_name.as_deref().and_then(bf16_peak_tflops).map(|peak| 4.0 * params * tokens_per_s / (peak * 1e12));
+    let mut input = crate::memory::EstimateInput::new(
+        model.spec.clone(),
+        match b.mode {
+            "lora" => crate::memory::Method::Lora,
+            _ => crate::memory::Method::Qlora { double_quant: true },
+        },
+        b.targets.clone(),
+        b.rank,
+        batch,
+        seq,
+    )
+    .on(if device.is_cpu() { crate::memory::DeviceKind::Cpu } else { crate::memory::DeviceKind::Cuda });
+    input.dtype = dtype;
+    input.checkpointing = b.checkpointing;
+    let estimate = crate::memory::estimate(&input)?;
     Ok(StepBenchRow {
         implementation: "qlora-studio".into(),
         preset: b.preset.into(),
         mode: b.mode.into(),
-        seq: b.seq,
-        batch: b.batch,
+        seq,
+        batch,
         rank: b.rank,
         targets: b.targets.join(","),
         gradient_checkpointing: b.checkpointing,
         threads: rayon::current_num_threads(),
-        tokens_per_s: (b.batch * b.seq * timed.len()) as f64 / timed.iter().sum::<f64>(),
+        tokens_per_s,
         step_s_median: sorted[sorted.len() / 2],
         peak_rss_mib: peak,
         loss_first: losses[0],
         loss_last: *losses.last().unwrap_or(&f32::NAN),
+        losses: losses.clone(),
+        device: gpu_name.unwrap_or_else(|| b.device.to_string()),
+        dtype: crate::memory::estimate::dtype_name(dtype).into(),
+        mfu,
+        pool_peak_mib: pool_peak.map(|b| mib(b as f64)),
+        device_used_mib: device_used.map(|b| mib(b as f64)),
+        estimate_mib: mib(estimate.mid as f64),
+        estimate_pool_mib: mib(estimate.pool_peak() as f64),
     })
 }
 

@@ -88,10 +88,9 @@ pub fn dequantize_nf4(q: &Nf4OnDevice, dtype: DType, dev: &CudaDevice) -> Res<Cu
 /// (twin: lora::dropout_mul_cpu).
 pub fn dropout_mul(x: &CudaStorage, layout: &Layout, key: u64, p: f32) -> Res<CudaStorage> {
     fn run<T: DeviceRepr + candle_core::cuda_backend::CudaDType>(x: &CudaStorage, layout: &Layout, key: u64, p: f32) -> Res<CudaStorage> {
-        let Some((start, end)) = layout.contiguous_offsets() else { candle_core::bail!("dropout: non-contiguous input") };
         let dev = &x.device;
-        let src = x.as_cuda_slice::<T>()?.slice(start..end);
-        let n = end - start;
+        let src = contiguous::<T>(x, layout)?;
+        let n = layout.shape().elem_count();
         // SAFETY: every element is written by the kernel below.
         let out = unsafe { dev.alloc::<T>(n)? };
         let func = dev.get_or_load_custom_func(&format!("dropout_mul_{}", suffix(x.dtype())?), MODULE, PTX)?;
@@ -108,4 +107,79 @@ pub fn dropout_mul(x: &CudaStorage, layout: &Layout, key: u64, p: f32) -> Res<Cu
         DType::F16 => run::<f16>(x, layout, key, p),
         other => candle_core::bail!("dropout takes f32, bf16 or f16, not {other:?}"),
     }
+}
+
+/// The rows of a contiguous storage as a kernel reads them: (slice from the layout's start).
+fn contiguous<'a, T: candle_core::cuda_backend::CudaDType>(
+    s: &'a CudaStorage,
+    layout: &Layout,
+) -> Res<candle_core::cuda_backend::cudarc::driver::CudaView<'a, T>> {
+    let Some((start, end)) = layout.contiguous_offsets() else { candle_core::bail!("our kernels take contiguous tensors") };
+    Ok(s.as_cuda_slice::<T>()?.slice(start..end))
+}
+
+fn rows_launch(rows: usize) -> LaunchConfig {
+    LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }
+}
+
+/// softmax(scores · scale + mask + ALiBi) by rows, f32 probabilities (twin: ops::MaskedSoftmax).
+pub fn masked_softmax(
+    x: &CudaStorage,
+    layout: &Layout,
+    mask: &crate::model::ops::ScoreMask,
+    heads: usize,
+    queries: usize,
+) -> Res<CudaStorage> {
+    fn run<T: DeviceRepr + candle_core::cuda_backend::CudaDType>(
+        x: &CudaStorage,
+        layout: &Layout,
+        mask: &crate::model::ops::ScoreMask,
+        heads: usize,
+        queries: usize,
+    ) -> Res<CudaStorage> {
+        let dev = &x.device;
+        let keys = *layout.dims().last().unwrap_or(&1);
+        let rows = layout.shape().elem_count() / keys.max(1);
+        let input = contiguous::<T>(x, layout)?;
+        // SAFETY: every element is written by the kernel below.
+        let out = unsafe { dev.alloc::<f32>(rows * keys)? };
+        // without ALiBi the kernel reads no slope: any f32 buffer stands in
+        let slopes = match &mask.slopes {
+            Some(s) => dev.clone_htod(s.as_slice())?,
+            None => dev.alloc_zeros::<f32>(1)?,
+        };
+        let func = dev.get_or_load_custom_func(&format!("masked_softmax_{}", suffix(x.dtype())?), MODULE, PTX)?;
+        let (keys32, queries32, heads32) = (keys as u32, queries as u32, heads as u32);
+        let (qs, ks, window) = (mask.query_start as u64, mask.key_start as u64, mask.window.unwrap_or(0) as u64);
+        let (scale, has_slopes) = (mask.scale as f32, mask.slopes.is_some() as u32);
+        let mut b = func.builder();
+        b.arg(&input).arg(&out).arg(&keys32).arg(&queries32).arg(&heads32).arg(&qs).arg(&ks).arg(&window);
+        b.arg(&scale).arg(&slopes).arg(&has_slopes);
+        // SAFETY: argument types match the kernel's signature in kernels/qls.cu.
+        unsafe { b.launch(rows_launch(rows)) }.w()?;
+        Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+    }
+    match x.dtype() {
+        DType::F32 => run::<f32>(x, layout, mask, heads, queries),
+        DType::BF16 => run::<bf16>(x, layout, mask, heads, queries),
+        DType::F16 => run::<f16>(x, layout, mask, heads, queries),
+        other => candle_core::bail!("masked softmax takes f32, bf16 or f16, not {other:?}"),
+    }
+}
+
+/// y · (g − Σ g·y) by rows, f32 (twin: ops::SoftmaxBwd).
+pub fn softmax_backward(y: &CudaStorage, ly: &Layout, g: &CudaStorage, lg: &Layout) -> Res<CudaStorage> {
+    let dev = &y.device;
+    let n = *ly.dims().last().unwrap_or(&1);
+    let rows = ly.shape().elem_count() / n.max(1);
+    let (yv, gv) = (contiguous::<f32>(y, ly)?, contiguous::<f32>(g, lg)?);
+    // SAFETY: every element is written by the kernel below.
+    let out = unsafe { dev.alloc::<f32>(rows * n)? };
+    let func = dev.get_or_load_custom_func("softmax_backward_f32", MODULE, PTX)?;
+    let n32 = n as u32;
+    let mut b = func.builder();
+    b.arg(&yv).arg(&gv).arg(&out).arg(&n32);
+    // SAFETY: argument types match the kernel's signature in kernels/qls.cu.
+    unsafe { b.launch(rows_launch(rows)) }.w()?;
+    Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
 }

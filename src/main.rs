@@ -175,10 +175,12 @@ enum BenchCommand {
         /// lora (dense f32 base) or qlora (NF4 base, double quantization)
         #[arg(long, default_value = "qlora")]
         mode: String,
-        #[arg(long, default_value_t = 256)]
-        seq: usize,
-        #[arg(long, default_value_t = 1)]
-        batch: usize,
+        /// Sequence lengths, comma-separated: every (seq, batch) pair runs on one loaded model.
+        #[arg(long, default_value = "256", value_delimiter = ',')]
+        seq: Vec<usize>,
+        /// Micro-batch sizes, comma-separated.
+        #[arg(long, default_value = "1", value_delimiter = ',')]
+        batch: Vec<usize>,
         /// Timed steps, after two warm-up steps.
         #[arg(long, default_value_t = 6)]
         steps: usize,
@@ -189,7 +191,13 @@ enum BenchCommand {
         /// Recompute each block in the backward (per-block gradient checkpointing).
         #[arg(long)]
         checkpointing: bool,
-        /// Print one JSON line instead of text.
+        /// cpu, cuda or cuda:N
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        /// auto (bf16 on a GPU, f32 on the CPU), f32, bf16 or f16
+        #[arg(long, default_value = "auto")]
+        dtype: String,
+        /// Print one JSON line per run instead of text.
         #[arg(long)]
         json: bool,
     },
@@ -381,24 +389,38 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Bench {
-            command: BenchCommand::Step { preset, mode, seq, batch, steps, rank, targets, checkpointing, json },
+            command:
+                BenchCommand::Step { preset, mode, seq, batch, steps, rank, targets, checkpointing, device, dtype, json },
         } => {
-            if steps == 0 || seq < 2 || batch == 0 {
+            if steps == 0 || seq.iter().any(|&s| s < 2) || batch.contains(&0) {
                 anyhow::bail!("--steps and --batch must be at least 1 and --seq at least 2");
             }
             let targets = targets.split(',').map(|t| t.trim().to_string()).filter(|t| !t.is_empty()).collect();
-            let bench =
-                bench::StepBench { preset: &preset, mode: &mode, seq, batch, steps, rank, targets, checkpointing };
-            let row = bench::step(&bench)?;
-            if json {
-                println!("{}", serde_json::to_string(&row)?);
-            } else {
-                println!(
-                    "{} {} seq {} batch {}{}: {:.1} tokens/s, median step {:.3} s, peak RSS {:.0} MiB, loss {:.4} → {:.4}",
-                    row.preset, row.mode, row.seq, row.batch,
-                    if row.gradient_checkpointing { " checkpointed" } else { "" },
-                    row.tokens_per_s, row.step_s_median, row.peak_rss_mib, row.loss_first, row.loss_last
-                );
+            let bench = bench::StepBench {
+                preset: &preset,
+                mode: &mode,
+                seqs: seq,
+                batches: batch,
+                steps,
+                rank,
+                targets,
+                checkpointing,
+                device: &device,
+                dtype: &dtype,
+            };
+            for row in bench::step(&bench)? {
+                if json {
+                    println!("{}", serde_json::to_string(&row)?);
+                } else {
+                    println!(
+                        "{} {} {} seq {} batch {}{}: {:.1} tokens/s, median step {:.3} s, peak RSS {:.0} MiB{}, loss {:.4} → {:.4}",
+                        row.preset, row.mode, row.dtype, row.seq, row.batch,
+                        if row.gradient_checkpointing { " checkpointed" } else { "" },
+                        row.tokens_per_s, row.step_s_median, row.peak_rss_mib,
+                        row.pool_peak_mib.map(|p| format!(", GPU pool peak {p:.0} MiB")).unwrap_or_default(),
+                        row.loss_first, row.loss_last
+                    );
+                }
             }
             Ok(())
         }

@@ -80,3 +80,29 @@ fn dropout_masks_on_the_gpu_are_the_cpus() {
         assert!(bits(&cpu) == bits(&gpu), "{dtype:?}: the GPU's mask or scaling differs");
     }
 }
+
+#[test]
+fn attention_softmax_kernels_match_the_cpus() {
+    use qlora_studio::model::ops::{masked_softmax, softmax_backward, ScoreMask};
+    let (b, kv, group, queries, keys) = (2, 2, 3, 37, 300);
+    let n = b * kv * group * queries * keys;
+    let scores = Tensor::from_vec(values(n, 12), (b, kv, group, queries, keys), &Device::Cpu).unwrap();
+    let g = Tensor::from_vec(values(n, 13), (b, kv, group, queries, keys), &Device::Cpu).unwrap();
+    for (window, slopes) in [(None, None), (Some(50), None), (None, Some(vec![0.5f32, 0.25, 0.125, 0.1, 0.05, 0.01]))] {
+        let mask = ScoreMask { scale: 0.125, query_start: 263, key_start: 0, window, slopes };
+        let cpu = masked_softmax(&scores, &mask).unwrap();
+        let on_gpu = masked_softmax(&scores.to_device(&gpu()).unwrap(), &mask).unwrap();
+        let diff = |a: &Tensor, b: &Tensor| (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let d = diff(&on_gpu.to_device(&Device::Cpu).unwrap(), &cpu);
+        assert!(d < 1e-6, "masked softmax ({window:?}): GPU and CPU differ by {d}");
+        let dx_cpu = softmax_backward(&cpu, &g).unwrap();
+        let dx_gpu = softmax_backward(&on_gpu, &g.to_device(&gpu()).unwrap()).unwrap().to_device(&Device::Cpu).unwrap();
+        let d = diff(&dx_gpu, &dx_cpu);
+        assert!(d < 1e-6, "softmax backward: GPU and CPU differ by {d}");
+        // bf16 scores: the same probabilities as the CPU computes from the f32 copy of them
+        let bf = scores.to_dtype(DType::BF16).unwrap();
+        let from_bf = masked_softmax(&bf.to_device(&gpu()).unwrap(), &mask).unwrap().to_device(&Device::Cpu).unwrap();
+        let want = masked_softmax(&bf.to_dtype(DType::F32).unwrap(), &mask).unwrap();
+        assert!(diff(&from_bf, &want) < 1e-6, "bf16 masked softmax differs by {}", diff(&from_bf, &want));
+    }
+}

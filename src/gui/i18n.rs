@@ -178,7 +178,7 @@ pub const ZH: &[(&str, &str)] = &[
     ("backward working set", "反向传播工作集"),
     ("dequantized weight", "反量化权重"),
     ("CPU runtime buffers", "CPU 运行时缓冲"),
-    ("CUDA context + slack", "CUDA 上下文 + 余量"),
+    ("CUDA context, cuBLAS, pool reserve", "CUDA 上下文、cuBLAS、内存池余量"),
     ("available RAM", "可用内存"),
     ("Adapter", "适配器"),
     ("Training loss of the compared runs", "所选运行的训练损失"),

@@ -498,7 +498,7 @@ pub fn estimate(input: &EstimateInput) -> Result<Estimate> {
     })
 }
 
-fn dtype_name(d: DType) -> &'static str {
+pub fn dtype_name(d: DType) -> &'static str {
     match d {
         DType::F32 => "f32",
         DType::BF16 => "bf16",

@@ -276,6 +276,17 @@ impl CustomOp2 for SoftmaxBwd {
         });
         Ok((CpuStorage::F32(dx), yl.shape().clone()))
     }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        ys: &candle_core::CudaStorage,
+        yl: &Layout,
+        gs: &candle_core::CudaStorage,
+        gl: &Layout,
+    ) -> Res<(candle_core::CudaStorage, Shape)> {
+        Ok((crate::cuda::softmax_backward(ys, yl, gs, gl)?, yl.shape().clone()))
+    }
 }
 
 // ------------------------------------------------------------------------------------- RoPE
@@ -435,7 +446,8 @@ impl ScoreMask {
 /// exactly 0 on hidden keys. No backward: used outside the graph.
 pub fn masked_softmax(scores: &Tensor, mask: &ScoreMask) -> Res<Tensor> {
     let (_, kv, group, queries, keys) = scores.dims5()?;
-    if fused_ok(scores) {
+    // our kernel: the CPU's for f32, the GPU's for any float dtype (no mask built on the host)
+    if fused_ok(scores) || scores.device().is_cuda() {
         return scores.contiguous()?.apply_op1_no_bwd(&MaskedSoftmax {
             mask: mask.clone(),
             heads: kv * group,
@@ -490,12 +502,17 @@ impl CustomOp1 for MaskedSoftmax {
         });
         Ok((CpuStorage::F32(y), xl.shape().clone()))
     }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, xs: &candle_core::CudaStorage, xl: &Layout) -> Res<(candle_core::CudaStorage, Shape)> {
+        Ok((crate::cuda::masked_softmax(xs, xl, &self.mask, self.heads, self.queries)?, xl.shape().clone()))
+    }
 }
 
 /// The input gradient of a softmax from its output y and the output's gradient g:
 /// y · (g − Σ g·y) over the last dimension. No backward: used outside the graph.
 pub fn softmax_backward(y: &Tensor, g: &Tensor) -> Res<Tensor> {
-    if fused_ok(y) && g.dtype() == DType::F32 {
+    if (fused_ok(y) || (y.device().is_cuda() && y.dtype() == DType::F32)) && g.dtype() == DType::F32 {
         return y.contiguous()?.apply_op2_no_bwd(&g.contiguous()?, &SoftmaxBwd);
     }
     let dot = (g * y)?.sum_keepdim(D::Minus1)?;

@@ -9,6 +9,6 @@ pub mod optim;
 pub mod schedule;
 pub mod trainer;
 
-pub use config::{Checkpointing, Mode, RunConfig, Schedule};
+pub use config::{Checkpointing, Mode, ModelConfig, RunConfig, Schedule};
 pub use events::{Command, TrainEvent};
-pub use trainer::{evaluate_dataset, preview_run, run, spawn, EvalReport};
+pub use trainer::{device_of, evaluate_dataset, preview_run, run, spawn, EvalReport};

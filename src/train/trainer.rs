@@ -177,7 +177,8 @@ fn choose_checkpointing(config: &RunConfig, model: &mut Model, settings: &LoraSe
     ))
 }
 
-fn device_of(name: &str) -> Result<Device> {
+/// The candle device of a `model.device` value ("cpu", "cuda" or "cuda:N").
+pub fn device_of(name: &str) -> Result<Device> {
     if name == "cpu" {
         return Ok(Device::Cpu);
     }
