@@ -32,9 +32,14 @@ fn suffix(dtype: DType) -> Res<&'static str> {
 }
 
 /// The CUDA slice behind a tensor on `dev` (whole, contiguous from its start).
-fn with_slice<T: candle_core::cuda_backend::CudaDType, R>(t: &Tensor, f: impl FnOnce(&CudaSlice<T>) -> Res<R>) -> Res<R> {
+fn with_slice<T: candle_core::cuda_backend::CudaDType, R>(
+    t: &Tensor,
+    f: impl FnOnce(&CudaSlice<T>) -> Res<R>,
+) -> Res<R> {
     let (storage, layout) = t.storage_and_layout();
-    let Storage::Cuda(s) = &*storage else { candle_core::bail!("expected a CUDA tensor, found one on {:?}", t.device()) };
+    let Storage::Cuda(s) = &*storage else {
+        candle_core::bail!("expected a CUDA tensor, found one on {:?}", t.device())
+    };
     if !layout.is_contiguous() || layout.start_offset() != 0 {
         candle_core::bail!("expected a whole contiguous tensor");
     }
@@ -43,14 +48,19 @@ fn with_slice<T: candle_core::cuda_backend::CudaDType, R>(t: &Tensor, f: impl Fn
 
 /// NF4 → `dtype` on the device, into a fresh buffer from candle's stream-ordered pool.
 pub fn dequantize_nf4(q: &Nf4OnDevice, dtype: DType, dev: &CudaDevice) -> Res<CudaStorage> {
-    fn run<T: DeviceRepr + candle_core::cuda_backend::CudaDType>(q: &Nf4OnDevice, dtype: DType, dev: &CudaDevice) -> Res<CudaStorage> {
+    fn run<T: DeviceRepr + candle_core::cuda_backend::CudaDType>(
+        q: &Nf4OnDevice,
+        dtype: DType,
+        dev: &CudaDevice,
+    ) -> Res<CudaStorage> {
         let n = q.numel();
         // SAFETY: every element is written by the kernel below.
         let out = unsafe { dev.alloc::<T>(n)? };
         let (n64, bs) = (n as u64, q.blocksize as u32);
         with_slice::<u8, _>(&q.packed, |packed| match &q.scales {
             DeviceScales::Plain(absmax) => with_slice::<f32, _>(absmax, |absmax| {
-                let func = dev.get_or_load_custom_func(&format!("nf4_dequant_plain_{}", suffix(dtype)?), MODULE, PTX)?;
+                let func =
+                    dev.get_or_load_custom_func(&format!("nf4_dequant_plain_{}", suffix(dtype)?), MODULE, PTX)?;
                 let mut b = func.builder();
                 b.arg(packed).arg(absmax).arg(&n64).arg(&bs).arg(&out);
                 // SAFETY: argument types match the kernel's signature in kernels/qls.cu.
@@ -65,7 +75,15 @@ pub fn dequantize_nf4(q: &Nf4OnDevice, dtype: DType, dev: &CudaDevice) -> Res<Cu
                             let func = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
                             let nb = *nested_blocksize as u32;
                             let mut b = func.builder();
-                            b.arg(packed).arg(codes).arg(nested).arg(table).arg(offset).arg(&nb).arg(&n64).arg(&bs).arg(&out);
+                            b.arg(packed)
+                                .arg(codes)
+                                .arg(nested)
+                                .arg(table)
+                                .arg(offset)
+                                .arg(&nb)
+                                .arg(&n64)
+                                .arg(&bs)
+                                .arg(&out);
                             // SAFETY: argument types match the kernel's signature in kernels/qls.cu.
                             unsafe { b.launch(grid(n.div_ceil(2))) }.w()?;
                             Ok(())
@@ -87,7 +105,12 @@ pub fn dequantize_nf4(q: &Nf4OnDevice, dtype: DType, dev: &CudaDevice) -> Res<Cu
 /// y = x ⊙ mask(key) · 1/(1-p), the mask drawn on the device from the module's key
 /// (twin: lora::dropout_mul_cpu).
 pub fn dropout_mul(x: &CudaStorage, layout: &Layout, key: u64, p: f32) -> Res<CudaStorage> {
-    fn run<T: DeviceRepr + candle_core::cuda_backend::CudaDType>(x: &CudaStorage, layout: &Layout, key: u64, p: f32) -> Res<CudaStorage> {
+    fn run<T: DeviceRepr + candle_core::cuda_backend::CudaDType>(
+        x: &CudaStorage,
+        layout: &Layout,
+        key: u64,
+        p: f32,
+    ) -> Res<CudaStorage> {
         let dev = &x.device;
         let src = contiguous::<T>(x, layout)?;
         let n = layout.shape().elem_count();
@@ -114,7 +137,9 @@ fn contiguous<'a, T: candle_core::cuda_backend::CudaDType>(
     s: &'a CudaStorage,
     layout: &Layout,
 ) -> Res<candle_core::cuda_backend::cudarc::driver::CudaView<'a, T>> {
-    let Some((start, end)) = layout.contiguous_offsets() else { candle_core::bail!("our kernels take contiguous tensors") };
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        candle_core::bail!("our kernels take contiguous tensors")
+    };
     Ok(s.as_cuda_slice::<T>()?.slice(start..end))
 }
 

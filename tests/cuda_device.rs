@@ -19,8 +19,12 @@ fn values(n: usize, seed: u64) -> Vec<f32> {
 fn bits(t: &Tensor) -> Vec<u32> {
     match t.dtype() {
         DType::F32 => t.flatten_all().unwrap().to_vec1::<f32>().unwrap().into_iter().map(f32::to_bits).collect(),
-        DType::BF16 => t.flatten_all().unwrap().to_vec1::<half::bf16>().unwrap().into_iter().map(|v| v.to_bits() as u32).collect(),
-        DType::F16 => t.flatten_all().unwrap().to_vec1::<half::f16>().unwrap().into_iter().map(|v| v.to_bits() as u32).collect(),
+        DType::BF16 => {
+            t.flatten_all().unwrap().to_vec1::<half::bf16>().unwrap().into_iter().map(|v| v.to_bits() as u32).collect()
+        }
+        DType::F16 => {
+            t.flatten_all().unwrap().to_vec1::<half::f16>().unwrap().into_iter().map(|v| v.to_bits() as u32).collect()
+        }
         d => panic!("{d:?}"),
     }
 }
@@ -52,7 +56,8 @@ fn frozen_nf4_linear_on_the_gpu_matches_the_cpu() {
     let x = Tensor::from_vec(values(rows * in_f, 7), (rows, in_f), &Device::Cpu).unwrap();
     let g = Tensor::from_vec(values(rows * out_f, 8), (rows, out_f), &Device::Cpu).unwrap();
     let run = |dev: &Device| {
-        let lin = FrozenLinear::new(FrozenWeight::nf4(q.clone(), dev).unwrap(), Some(bias.to_device(dev).unwrap())).unwrap();
+        let lin =
+            FrozenLinear::new(FrozenWeight::nf4(q.clone(), dev).unwrap(), Some(bias.to_device(dev).unwrap())).unwrap();
         let xv = Var::from_tensor(&x.to_device(dev).unwrap()).unwrap();
         let y = lin.forward(xv.as_tensor()).unwrap();
         let grads = (&y * g.to_device(dev).unwrap()).unwrap().sum_all().unwrap().backward().unwrap();
@@ -73,10 +78,11 @@ fn dropout_masks_on_the_gpu_are_the_cpus() {
         let x = Tensor::from_vec(values(100_003, 9), 100_003, &Device::Cpu).unwrap().to_dtype(dtype).unwrap();
         qlora_studio::lora::set_dropout_seed(11);
         let cpu = qlora_studio::lora::seeded_dropout(&x, 0.1, "model.layers.0.self_attn.q_proj").unwrap();
-        let gpu = qlora_studio::lora::seeded_dropout(&x.to_device(&gpu()).unwrap(), 0.1, "model.layers.0.self_attn.q_proj")
-            .unwrap()
-            .to_device(&Device::Cpu)
-            .unwrap();
+        let gpu =
+            qlora_studio::lora::seeded_dropout(&x.to_device(&gpu()).unwrap(), 0.1, "model.layers.0.self_attn.q_proj")
+                .unwrap()
+                .to_device(&Device::Cpu)
+                .unwrap();
         assert!(bits(&cpu) == bits(&gpu), "{dtype:?}: the GPU's mask or scaling differs");
     }
 }
@@ -92,7 +98,8 @@ fn attention_softmax_kernels_match_the_cpus() {
         let mask = ScoreMask { scale: 0.125, query_start: 263, key_start: 0, window, slopes };
         let cpu = masked_softmax(&scores, &mask).unwrap();
         let on_gpu = masked_softmax(&scores.to_device(&gpu()).unwrap(), &mask).unwrap();
-        let diff = |a: &Tensor, b: &Tensor| (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let diff =
+            |a: &Tensor, b: &Tensor| (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
         let d = diff(&on_gpu.to_device(&Device::Cpu).unwrap(), &cpu);
         assert!(d < 1e-6, "masked softmax ({window:?}): GPU and CPU differ by {d}");
         let dx_cpu = softmax_backward(&cpu, &g).unwrap();

@@ -134,7 +134,7 @@ fn choose_tune_start_watch_and_stop() {
     let switch = |h: &Harness<'_, StudioApp>| {
         h.get_by_label("Gradient checkpointing").accesskit_node().value().unwrap_or_default().to_string()
     };
-    assert_eq!(switch(&harness), "auto (on when it would not fit otherwise)");
+    assert_eq!(switch(&harness), "auto (on a GPU; on the CPU when it would not fit otherwise)");
     harness.state_mut().config_mut().train.gradient_checkpointing = Checkpointing::On;
     harness.step();
     harness.step();

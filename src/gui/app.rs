@@ -719,7 +719,7 @@ impl StudioApp {
                 let name = |c: Checkpointing| match c {
                     Checkpointing::Off => tr(lang, "off"),
                     Checkpointing::On => tr(lang, "on"),
-                    Checkpointing::Auto => tr(lang, "auto (on when it would not fit otherwise)"),
+                    Checkpointing::Auto => tr(lang, "auto (on a GPU; on the CPU when it would not fit otherwise)"),
                 };
                 egui::ComboBox::from_id_salt("gradient_checkpointing")
                     .selected_text(name(t.gradient_checkpointing))

@@ -59,6 +59,7 @@ pub const ZH: &[(&str, &str)] = &[
     ("Device", "设备"),
     ("Compute", "计算精度"),
     ("GPU: tensors, peak of the step", "GPU：张量，本步峰值"),
+    ("GPU tensors at their peak (the plot's pool peak)", "GPU 张量峰值（即曲线中的内存池峰值）"),
     ("GPU: used on the card", "GPU：整卡已用"),
     ("The dtype of the frozen weights and activations. LoRA weights and optimizer state stay f32.", "冻结权重与激活值的数据类型。LoRA 权重和优化器状态始终为 f32。"),
     ("Format", "格式"),
@@ -94,7 +95,7 @@ pub const ZH: &[(&str, &str)] = &[
     ("Gradient checkpointing", "梯度检查点"),
     ("off", "关"),
     ("on", "开"),
-    ("auto (on when it would not fit otherwise)", "自动（放不下时开启）"),
+    ("auto (on a GPU; on the CPU when it would not fit otherwise)", "自动（GPU 上开启；CPU 上在放不下时开启）"),
     (
         "Keeps only each layer's input and recomputes the layer in the backward: the same results with far less memory, for about a third more time per step.",
         "只保留每一层的输入，反向传播时重新计算该层：结果相同，内存少得多，每步约多用三分之一的时间。",

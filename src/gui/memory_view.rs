@@ -109,6 +109,14 @@ impl MemoryView {
         if let Some(input) = &self.input {
             let state = if input.checkpointing { tr(lang, "on") } else { tr(lang, "off") };
             ui.weak(format!("{}: {state}", tr(lang, "Gradient checkpointing")));
+            if est.outside_pool > 0 {
+                // what the run's plot shows beside it: the pool's peak within each step
+                ui.weak(format!(
+                    "{}: {}",
+                    tr(lang, "GPU tensors at their peak (the plot's pool peak)"),
+                    human_bytes(est.pool_peak())
+                ));
+            }
         }
         stacked_bar(ui, est, self.budget.as_ref().map(|b| b.0));
         egui::Grid::new("memory_terms").num_columns(3).striped(true).show(ui, |ui| {

@@ -9,9 +9,9 @@ pub mod peft;
 
 use std::cell::Cell;
 
+use candle_core::backend::BackendStorage;
 #[cfg(feature = "cuda")]
 use candle_core::CudaStorage;
-use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Tensor, Var};
 
 use crate::quant::FrozenLinear;
@@ -129,7 +129,13 @@ pub fn dropout_keeps(key: u64, i: u64, p: f32) -> bool {
 pub fn dropout_mul_cpu(x: &CpuStorage, layout: &Layout, key: u64, p: f32) -> candle_core::Result<CpuStorage> {
     use half::{bf16, f16};
     use rayon::prelude::*;
-    fn run<T: Copy + Send + Sync>(x: &[T], key: u64, p: f32, to: impl Fn(f32) -> T + Sync, from: impl Fn(T) -> f32 + Sync) -> Vec<T> {
+    fn run<T: Copy + Send + Sync>(
+        x: &[T],
+        key: u64,
+        p: f32,
+        to: impl Fn(f32) -> T + Sync,
+        from: impl Fn(T) -> f32 + Sync,
+    ) -> Vec<T> {
         let scale = 1.0 / (1.0 - p);
         let mut y: Vec<T> = x.to_vec();
         const CHUNK: usize = 1 << 14;

@@ -106,10 +106,10 @@ pub fn gib(bytes: u64) -> String {
 pub fn breakdown_table(est: &Estimate) -> String {
     let mut out = String::new();
     for t in &est.terms {
-        let _ = writeln!(out, "  {:<28} {:>11}   {}", t.name, gib(t.bytes), t.detail);
+        let _ = writeln!(out, "  {:<36} {:>11}   {}", t.name, gib(t.bytes), t.detail);
     }
     let _ =
-        writeln!(out, "  {:<28} {:>11}   band {} – {}", "peak (estimate)", gib(est.mid), gib(est.low), gib(est.high));
+        writeln!(out, "  {:<36} {:>11}   band {} – {}", "peak (estimate)", gib(est.mid), gib(est.low), gib(est.high));
     out
 }
 

@@ -207,8 +207,14 @@ mod cuda_probe {
         let (total, major, minor) = unsafe {
             (
                 result::device::total_mem(dev)?,
-                result::device::get_attribute(dev, sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?,
-                result::device::get_attribute(dev, sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?,
+                result::device::get_attribute(
+                    dev,
+                    sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR,
+                )?,
+                result::device::get_attribute(
+                    dev,
+                    sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR,
+                )?,
             )
         };
         let free = CudaContext::new(index).ok().and_then(|ctx| ctx.mem_get_info().ok()).map_or(0, |(free, _)| free);

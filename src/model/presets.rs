@@ -47,9 +47,7 @@ impl WeightSource for RandomWeights {
         let t = match shape {
             [_] if key.ends_with(".bias") => Tensor::zeros(shape, DType::F32, device)?,
             [_] => Tensor::ones(shape, DType::F32, device)?,
-            _ => {
-                Tensor::from_vec(normal_values(Rng::key(self.seed, key), shape.iter().product()), shape, device)?
-            }
+            _ => Tensor::from_vec(normal_values(Rng::key(self.seed, key), shape.iter().product()), shape, device)?,
         };
         Ok(t.to_dtype(dtype)?)
     }

@@ -93,13 +93,15 @@ impl FrozenWeight {
 
     /// Runs `f` on this weight as a CPU storage of `dtype` laid out [out, in]: a dense weight
     /// borrowed in place, an NF4 one dequantized for the call.
-    fn with_cpu<R>(&self, dtype: DType, f: impl FnOnce(&CpuStorage, &Layout) -> candle_core::Result<R>) -> candle_core::Result<R> {
+    fn with_cpu<R>(
+        &self,
+        dtype: DType,
+        f: impl FnOnce(&CpuStorage, &Layout) -> candle_core::Result<R>,
+    ) -> candle_core::Result<R> {
         let dense_layout = Layout::contiguous(self.dims());
         match self {
             FrozenWeight::Dense(w) => {
-                if w.dtype() != dtype {
-                    candle_core::bail!("frozen linear: input is {dtype:?} but the weight is {:?}", w.dtype());
-                }
+                same_dtype(w, dtype)?;
                 let (storage, layout) = w.storage_and_layout();
                 let Storage::Cpu(ws) = &*storage else {
                     candle_core::bail!("frozen linear: input on the CPU, weight on {:?}", w.device());
@@ -123,9 +125,7 @@ impl FrozenWeight {
         let dense_layout = Layout::contiguous(self.dims());
         match self {
             FrozenWeight::Dense(w) => {
-                if w.dtype() != dtype {
-                    candle_core::bail!("frozen linear: input is {dtype:?} but the weight is {:?}", w.dtype());
-                }
+                same_dtype(w, dtype)?;
                 let (storage, layout) = w.storage_and_layout();
                 let Storage::Cuda(ws) = &*storage else {
                     candle_core::bail!("frozen linear: input on the GPU, weight on {:?}", w.device());
@@ -142,6 +142,13 @@ impl FrozenWeight {
             }
         }
     }
+}
+
+fn same_dtype(w: &Tensor, dtype: DType) -> candle_core::Result<()> {
+    if w.dtype() != dtype {
+        candle_core::bail!("frozen linear: input is {dtype:?} but the weight is {:?}", w.dtype());
+    }
+    Ok(())
 }
 
 /// A linear layer whose weight and bias never receive gradients.
@@ -333,9 +340,9 @@ impl CustomOp1 for FrozenMatmul {
 
     fn cpu_fwd(&self, x: &CpuStorage, x_layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let (rows, out_f, in_f) = self.shapes(x_layout)?;
-        let mut y = self.weight.with_cpu(x.dtype(), |w, wl| {
-            x.matmul(w, (1, rows, out_f, in_f), x_layout, &wl.transpose(0, 1)?)
-        })?;
+        let mut y = self
+            .weight
+            .with_cpu(x.dtype(), |w, wl| x.matmul(w, (1, rows, out_f, in_f), x_layout, &wl.transpose(0, 1)?))?;
         if let Some(bias) = &self.bias {
             add_bias_rows(&mut y, bias, out_f)?;
         }
@@ -352,7 +359,11 @@ impl CustomOp1 for FrozenMatmul {
             Some(bias) => {
                 let (storage, bl) = bias.storage_and_layout();
                 let Storage::Cuda(b) = &*storage else { candle_core::bail!("frozen linear: bias not on the GPU") };
-                y.binary_impl::<candle_core::op::Add>(b, &Layout::contiguous((rows, out_f)), &bl.broadcast_as((rows, out_f))?)?
+                y.binary_impl::<candle_core::op::Add>(
+                    b,
+                    &Layout::contiguous((rows, out_f)),
+                    &bl.broadcast_as((rows, out_f))?,
+                )?
             }
             None => y,
         };

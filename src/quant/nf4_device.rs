@@ -98,7 +98,13 @@ impl Nf4OnDevice {
         };
         let n = self.numel();
         let bs = self.blocksize;
-        fn fill<T: Copy + Default>(n: usize, bs: usize, packed: &[u8], scale: &dyn Fn(usize) -> f32, f: impl Fn(f32) -> T) -> Vec<T> {
+        fn fill<T: Copy + Default>(
+            n: usize,
+            bs: usize,
+            packed: &[u8],
+            scale: &dyn Fn(usize) -> f32,
+            f: impl Fn(f32) -> T,
+        ) -> Vec<T> {
             let mut out = vec![T::default(); n];
             for (i, &byte) in packed.iter().enumerate() {
                 let e = 2 * i;
@@ -152,7 +158,8 @@ mod tests {
     #[test]
     fn kernel_code_table_is_the_cpu_table() {
         let source = include_str!("../../kernels/qls.cu");
-        let table = source.split("NF4_CODE[16] = {").nth(1).and_then(|s| s.split('}').next()).expect("NF4_CODE in qls.cu");
+        let table =
+            source.split("NF4_CODE[16] = {").nth(1).and_then(|s| s.split('}').next()).expect("NF4_CODE in qls.cu");
         let values: Vec<f32> = table.split(',').map(|v| v.trim().trim_end_matches('f').parse().unwrap()).collect();
         assert_eq!(values.len(), 16);
         for (k, c) in values.iter().zip(NF4_CODE) {

@@ -258,12 +258,14 @@ impl RunConfig {
         Ok(input)
     }
 
-    /// Whether the run checkpoints: as set, or with "auto" when the estimate without it does
-    /// not fit in `budget` (off when the budget is unknown).
+    /// Whether the run checkpoints: as set; with "auto", always on a GPU (its memory is the
+    /// scarce part, and the recomputation costs about a third more time), and on the CPU when
+    /// the estimate without it does not fit in `budget` (off when the budget is unknown).
     pub fn checkpointing_in(&self, input: &crate::memory::EstimateInput, budget: Option<u64>) -> bool {
         match self.train.gradient_checkpointing {
             Checkpointing::Off => false,
             Checkpointing::On => true,
+            Checkpointing::Auto if input.device == crate::memory::DeviceKind::Cuda => true,
             Checkpointing::Auto => budget.is_some_and(|b| {
                 let mut plain = input.clone();
                 plain.checkpointing = false;

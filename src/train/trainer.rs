@@ -165,6 +165,12 @@ fn choose_checkpointing(config: &RunConfig, model: &mut Model, settings: &LoraSe
     if !on || config.train.gradient_checkpointing != super::config::Checkpointing::Auto {
         return None;
     }
+    if !model.device().is_cpu() {
+        return Some(
+            "gradient checkpointing is on (the default on a GPU; train.gradient_checkpointing = \"off\" turns it off)"
+                .into(),
+        );
+    }
     let plain = crate::memory::estimate(&input).ok()?;
     let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
     Some(format!(

@@ -37,8 +37,9 @@ pub fn bits(values: &[f32]) -> Vec<u32> {
 /// check runs the same tests there, in a build with the `cuda` feature).
 pub fn test_device() -> candle_core::Device {
     match std::env::var("QLS_TEST_DEVICE").as_deref() {
-        Ok("cuda") => candle_core::Device::new_cuda(0)
-            .unwrap_or_else(|e| panic!("QLS_TEST_DEVICE=cuda, but no CUDA device: {e}")),
+        Ok("cuda") => {
+            candle_core::Device::new_cuda(0).unwrap_or_else(|e| panic!("QLS_TEST_DEVICE=cuda, but no CUDA device: {e}"))
+        }
         Ok("cpu") | Err(_) => candle_core::Device::Cpu,
         Ok(other) => panic!("QLS_TEST_DEVICE={other}: use cpu or cuda"),
     }
