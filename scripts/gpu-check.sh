@@ -5,7 +5,7 @@
 #   here:  scripts/gpu-check.sh prepare     # builds with --features cuda (scripts/build-cuda.sh),
 #                                           # fills .gpu-check/ (binary, test executables,
 #                                           # fixtures, the PEFT baseline, the bitsandbytes wheel)
-#   there: scripts/gpu-check.sh ours        # carry .gpu-check/bin and .gpu-check/fixtures
+#   there: scripts/gpu-check.sh ours        # carry .gpu-check/pack
 #          scripts/gpu-check.sh baseline    # carry .gpu-check/whl and .gpu-check/bench
 #
 # The two parts are separate calls because the binary and the bitsandbytes wheel together exceed
@@ -33,7 +33,7 @@ run_tests() {
     local log
     log=$(mktemp)
     if [ ! -x "$exe" ]; then
-        json "{\"check\":\"$name\",\"error\":\"$exe is missing: run scripts/gpu-check.sh prepare here and carry $G/bin\"}"
+        json "{\"check\":\"$name\",\"error\":\"$exe is missing: run scripts/gpu-check.sh prepare here and carry .gpu-check/pack\"}"
         return
     fi
     "$exe" --test-threads=1 "$@" >"$log" 2>&1
@@ -49,26 +49,34 @@ run_tests() {
 
 prepare() {
     set -e
+    scripts/build-cuda.sh
     scripts/build-cuda.sh --tests cuda_device model_parity
-    mkdir -p $G/bin $G/fixtures $G/bench $G/whl
-    cp dist/cuda/qlora-studio dist/cuda/cuda_device dist/cuda/model_parity $G/bin/
-    rm -rf $G/fixtures/models $G/fixtures/nf4
-    cp -r ../shared/fixtures/models ../shared/fixtures/nf4 ../shared/fixtures/README.md $G/fixtures/
+    rm -rf $G/ours && mkdir -p $G/ours/bin $G/ours/fixtures $G/bench $G/whl
+    cp dist/cuda/qlora-studio dist/cuda/cuda_device dist/cuda/model_parity $G/ours/bin/
+    cp -r ../shared/fixtures/models ../shared/fixtures/nf4 ../shared/fixtures/README.md $G/ours/fixtures/
+    # the executables carry candle's PTX as text: xz makes them small enough to travel (64 MiB a call)
+    mkdir -p $G/pack && tar -C $G -cf - ours | xz -T0 -6 >$G/pack/ours.tar.xz
+    rm -rf $G/ours
     cp ../shared/bench/peft_baseline.py $G/bench/
     # bitsandbytes for the baseline (the GPU image has torch, transformers and peft, not it)
     [ -n "$(ls $G/whl/bitsandbytes-*.whl 2>/dev/null)" ] || $PY -m pip download --no-deps --only-binary=:all: \
         --python-version 3.12 --implementation cp --platform manylinux_2_24_x86_64 --platform manylinux2014_x86_64 \
         -d $G/whl bitsandbytes
     grep -qx "/$G/" .git/info/exclude 2>/dev/null || echo "/$G/" >>.git/info/exclude
-    du -sh $G/bin $G/fixtures $G/whl $G/bench
-    echo "carry [$G/bin, $G/fixtures] for 'ours', [$G/whl, $G/bench] for 'baseline'"
+    du -sh $G/pack $G/whl $G/bench
+    echo "carry [$G/pack] for 'ours', [$G/whl, $G/bench] for 'baseline'"
 }
 
 SETTINGS="--preset llama2-7b --mode qlora --rank 16 --targets q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 
 ours() {
+    local G=$G
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | sed 's/^/# gpu: /'
-    export QLS_FIXTURES=$PWD/$G/fixtures
+    if [ -f $G/pack/ours.tar.xz ]; then
+        mkdir -p /tmp/qls-gpu && xz -dc $G/pack/ours.tar.xz | tar -C /tmp/qls-gpu -xf - && G=/tmp/qls-gpu
+    fi
+    G=$G/ours
+    export QLS_FIXTURES=$G/fixtures
     run_tests kernels_vs_cpu $G/bin/cuda_device
     QLS_TEST_DEVICE=cuda run_tests fixture_parity_cuda_f32 $G/bin/model_parity
     # the same model and steps on both devices, f32 so that the curves can be compared closely
