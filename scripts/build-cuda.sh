@@ -9,8 +9,9 @@
 #   scripts/build-cuda.sh --tests          # build every test executable and list them
 #   scripts/build-cuda.sh --prepare        # only steps 1 and 2 (nvcc venv, .cuda-link)
 #
-# Environment: CUDA_COMPUTE_CAP (default 80: PTX for sm_80 that the driver JIT-compiles for newer
-# GPUs; 90 gives sm_90a code that runs on H100/H200 only), CARGO_TARGET_DIR (default
+# Environment: CUDA_COMPUTE_CAP (default 80: candle's PTX targets sm_80 and the driver JIT-compiles
+# it for newer GPUs, but candle-kernels' libmoe.a (GGUF matmul / MoE kernels) then holds sm_80 SASS
+# only, which an H100/H200 cannot run; 90 gives sm_90a code for H100/H200 only), CARGO_TARGET_DIR (default
 # ~/.cache/qlora-studio/target-cuda), NICE (default 15), PYTHON (default python3), XZ (default 1:
 # also write dist/cuda/NAME.xz; 0: do not).
 #
@@ -200,8 +201,9 @@ else
 fi
 
 cat <<EOF
-== On the GPU machine (CUDA $CUDA_MAJOR.$CUDA_MINOR driver + toolkit) the loader must find
-   libcuda.so.1 (driver), libcudart.so.$CUDA_MAJOR, libcublas.so.$CUDA_MAJOR, libcublasLt.so.$CUDA_MAJOR, libcurand.so.10, libnvrtc.so.$CUDA_MAJOR,
-   e.g. LD_LIBRARY_PATH=/usr/local/cuda/lib64 (toolkit) or .../site-packages/nvidia/cu$CUDA_MAJOR/lib (pip).
-   Check with: ldd dist/cuda/<name> | grep 'not found'
+== On the GPU machine the loader must find the NEEDED CUDA libraries listed above: libcuda.so.1
+   from the driver (never the toolkit's lib64/stubs one), the others from the CUDA $CUDA_MAJOR.x toolkit,
+   which also supplies libcublasLt.so.$CUDA_MAJOR (needed by libcublas), e.g.
+   LD_LIBRARY_PATH=/usr/local/cuda/lib64 or LD_LIBRARY_PATH=<site-packages>/nvidia/cu$CUDA_MAJOR/lib (pip wheels).
+   Check there with: ldd qlora-studio | grep 'not found'   (needs glibc >= 2.35, as built here)
 EOF

@@ -77,6 +77,12 @@ ours() {
     fi
     G=$G/ours
     export QLS_FIXTURES=$G/fixtures
+    # the CUDA libraries the binary links (cuBLAS, cuRAND, the runtime): the toolkit's, or the
+    # ones PyTorch's wheels bring; libcuda itself comes from the driver
+    local torch_libs
+    torch_libs=$($PY -c 'import os, nvidia; print(os.path.join(list(nvidia.__path__)[0], "cu13", "lib"))' 2>/dev/null)
+    export LD_LIBRARY_PATH="/usr/local/cuda/lib64:${torch_libs}:${LD_LIBRARY_PATH:-}"
+    ldd $G/bin/qlora-studio | grep 'not found' | sed 's/^/# missing library: /'
     run_tests kernels_vs_cpu $G/bin/cuda_device
     QLS_TEST_DEVICE=cuda run_tests fixture_parity_cuda_f32 $G/bin/model_parity
     # the same model and steps on both devices, f32 so that the curves can be compared closely
