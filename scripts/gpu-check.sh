@@ -67,7 +67,9 @@ prepare() {
     echo "carry [$G/pack] for 'ours', [$G/whl, $G/bench] for 'baseline'"
 }
 
-SETTINGS="--preset llama2-7b --mode qlora --rank 16 --targets q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+# all linear modules by name: the baseline hands the list to PEFT, which reads "all-linear" only unlisted
+ALL_LINEAR=q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj
+SETTINGS="--preset llama2-7b --mode qlora --rank 16 --targets $ALL_LINEAR"
 
 ours() {
     local G=$G
@@ -102,12 +104,11 @@ baseline() {
         $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site $G/whl/*.whl &&
             export PYTHONPATH=/tmp/site
     fi
-    local targets=q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj
     for seq in 512 2048; do
         ckpt=""
         [ $seq = 2048 ] && ckpt=--checkpointing
         PYTHONUNBUFFERED=1 timeout 240 $PY $G/bench/peft_baseline.py --device cuda --preset llama2-7b --mode qlora \
-            --rank 16 --targets $targets --seq $seq --batch 1 --steps 4 $ckpt 2>/dev/null |
+            --rank 16 --targets $ALL_LINEAR --seq $seq --batch 1 --steps 4 $ckpt 2>/dev/null |
             sed 's/^{/{"check":"peft_baseline",/'
     done
 }

@@ -228,19 +228,11 @@ pub struct StepBench<'a> {
 /// Forward + backward + AdamW on a preset-shaped model with generated weights, as the PyTorch
 /// baseline does it: LoRA alpha 2r, lr 1e-4, labels = inputs, two warm-up steps not timed.
 pub fn step(b: &StepBench<'_>) -> Result<Vec<StepBenchRow>> {
-    let model_config = crate::train::ModelConfig {
-        source: b.preset.into(),
-        mode: if b.mode == "lora" { crate::train::Mode::Lora } else { crate::train::Mode::Qlora },
-        dtype: b.dtype.into(),
-        device: b.device.into(),
-    };
-    let dtype = model_config.compute_dtype();
+    // "auto" resolves as a run's model.dtype does
+    let dtype = crate::train::ModelConfig { dtype: b.dtype.into(), device: b.device.into(), ..Default::default() }
+        .compute_dtype();
     let device = crate::train::device_of(b.device)?;
-    let base = match base_weights(b.mode)? {
-        BaseWeights::Dense(_) => BaseWeights::Dense(dtype),
-        BaseWeights::Nf4 { double_quant, .. } => BaseWeights::Nf4 { double_quant, compute: dtype },
-    };
-    let mut model = Model::from_preset(b.preset, base, &device)?;
+    let mut model = Model::from_preset(b.preset, base_weights(b.mode, dtype)?, &device)?;
     let settings = LoraSettings {
         r: b.rank,
         alpha: 2.0 * b.rank as f64,
@@ -362,17 +354,17 @@ pub struct LoadBenchRow {
     pub file_mib: f64,
 }
 
-pub fn base_weights(mode: &str) -> Result<BaseWeights> {
+pub fn base_weights(mode: &str, compute: candle_core::DType) -> Result<BaseWeights> {
     match mode {
-        "lora" => Ok(BaseWeights::Dense(candle_core::DType::F32)),
-        "qlora" => Ok(BaseWeights::Nf4 { double_quant: true, compute: candle_core::DType::F32 }),
+        "lora" => Ok(BaseWeights::Dense(compute)),
+        "qlora" => Ok(BaseWeights::Nf4 { double_quant: true, compute }),
         other => Err(crate::Error::Invalid(format!("mode {other:?}: use lora or qlora"))),
     }
 }
 
 pub fn load(dir: &std::path::Path, mode: &str) -> Result<LoadBenchRow> {
     let start = Instant::now();
-    let model = Model::load(dir, base_weights(mode)?, &Device::Cpu)?;
+    let model = Model::load(dir, base_weights(mode, candle_core::DType::F32)?, &Device::Cpu)?;
     let load_s = start.elapsed().as_secs_f64();
     let peak = crate::memory::process_memory().map_or(0.0, |m| m.peak_rss as f64);
     let frozen: usize = model.linears().map(|l| l.base.weight().storage_bytes()).sum();

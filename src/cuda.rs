@@ -31,19 +31,19 @@ fn suffix(dtype: DType) -> Res<&'static str> {
     }
 }
 
-/// The CUDA slice behind a tensor on `dev` (whole, contiguous from its start).
-fn with_slice<T: candle_core::cuda_backend::CudaDType, R>(
-    t: &Tensor,
-    f: impl FnOnce(&CudaSlice<T>) -> Res<R>,
-) -> Res<R> {
+/// The storage of a whole contiguous tensor, held readable while a kernel is queued on it.
+fn whole_storage(t: &Tensor) -> Res<impl std::ops::Deref<Target = Storage> + '_> {
     let (storage, layout) = t.storage_and_layout();
-    let Storage::Cuda(s) = &*storage else {
-        candle_core::bail!("expected a CUDA tensor, found one on {:?}", t.device())
-    };
     if !layout.is_contiguous() || layout.start_offset() != 0 {
         candle_core::bail!("expected a whole contiguous tensor");
     }
-    f(s.as_cuda_slice::<T>()?)
+    Ok(storage)
+}
+
+/// The CUDA slice of a storage from `whole_storage`.
+fn cuda_slice<T: candle_core::cuda_backend::CudaDType>(s: &Storage) -> Res<&CudaSlice<T>> {
+    let Storage::Cuda(s) = s else { candle_core::bail!("expected a CUDA tensor, found one on {:?}", s.device()) };
+    s.as_cuda_slice::<T>()
 }
 
 /// NF4 → `dtype` on the device, into a fresh buffer from candle's stream-ordered pool.
@@ -57,41 +57,31 @@ pub fn dequantize_nf4(q: &Nf4OnDevice, dtype: DType, dev: &CudaDevice) -> Res<Cu
         // SAFETY: every element is written by the kernel below.
         let out = unsafe { dev.alloc::<T>(n)? };
         let (n64, bs) = (n as u64, q.blocksize as u32);
-        with_slice::<u8, _>(&q.packed, |packed| match &q.scales {
-            DeviceScales::Plain(absmax) => with_slice::<f32, _>(absmax, |absmax| {
+        let packed = whole_storage(&q.packed)?;
+        let packed = cuda_slice::<u8>(&packed)?;
+        match &q.scales {
+            DeviceScales::Plain(absmax) => {
+                let absmax = whole_storage(absmax)?;
                 let func =
                     dev.get_or_load_custom_func(&format!("nf4_dequant_plain_{}", suffix(dtype)?), MODULE, PTX)?;
                 let mut b = func.builder();
-                b.arg(packed).arg(absmax).arg(&n64).arg(&bs).arg(&out);
+                b.arg(packed).arg(cuda_slice::<f32>(&absmax)?).arg(&n64).arg(&bs).arg(&out);
                 // SAFETY: argument types match the kernel's signature in kernels/qls.cu.
                 unsafe { b.launch(grid(n.div_ceil(2))) }.w()?;
-                Ok(())
-            }),
-            DeviceScales::Double { codes, nested_absmax, nested_code, nested_blocksize, offset } => {
-                with_slice::<u8, _>(codes, |codes| {
-                    with_slice::<f32, _>(nested_absmax, |nested| {
-                        with_slice::<f32, _>(nested_code, |table| {
-                            let name = format!("nf4_dequant_double_{}", suffix(dtype)?);
-                            let func = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
-                            let nb = *nested_blocksize as u32;
-                            let mut b = func.builder();
-                            b.arg(packed)
-                                .arg(codes)
-                                .arg(nested)
-                                .arg(table)
-                                .arg(offset)
-                                .arg(&nb)
-                                .arg(&n64)
-                                .arg(&bs)
-                                .arg(&out);
-                            // SAFETY: argument types match the kernel's signature in kernels/qls.cu.
-                            unsafe { b.launch(grid(n.div_ceil(2))) }.w()?;
-                            Ok(())
-                        })
-                    })
-                })
             }
-        })?;
+            DeviceScales::Double { codes, nested_absmax, nested_code, nested_blocksize, offset } => {
+                let (codes, nested, table) =
+                    (whole_storage(codes)?, whole_storage(nested_absmax)?, whole_storage(nested_code)?);
+                let func =
+                    dev.get_or_load_custom_func(&format!("nf4_dequant_double_{}", suffix(dtype)?), MODULE, PTX)?;
+                let nb = *nested_blocksize as u32;
+                let mut b = func.builder();
+                b.arg(packed).arg(cuda_slice::<u8>(&codes)?).arg(cuda_slice::<f32>(&nested)?);
+                b.arg(cuda_slice::<f32>(&table)?).arg(offset).arg(&nb).arg(&n64).arg(&bs).arg(&out);
+                // SAFETY: argument types match the kernel's signature in kernels/qls.cu.
+                unsafe { b.launch(grid(n.div_ceil(2))) }.w()?;
+            }
+        }
         Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
     }
     match dtype {

@@ -195,7 +195,7 @@ enum BenchCommand {
         #[arg(long, default_value = "cpu")]
         device: String,
         /// auto (bf16 on a GPU, f32 on the CPU), f32, bf16 or f16
-        #[arg(long, default_value = "auto")]
+        #[arg(long, default_value = "auto", value_parser = ["auto", "f32", "bf16", "f16"])]
         dtype: String,
         /// Print one JSON line per run instead of text.
         #[arg(long)]

@@ -473,12 +473,13 @@ impl StudioApp {
         ui.horizontal(|ui| {
             let label = ui.label(tr(lang, "Device"));
             let device = &mut self.settings.config.model.device;
+            let gpus = self.memory_view.gpus();
             egui::ComboBox::from_id_salt("device")
                 .selected_text(device.clone())
                 .show_ui(ui, |ui| {
                     ui.selectable_value(device, "cpu".to_string(), "cpu");
                     if cfg!(feature = "cuda") {
-                        for g in crate::memory::detect_gpus() {
+                        for g in gpus {
                             ui.selectable_value(
                                 device,
                                 format!("cuda:{}", g.index),

@@ -38,6 +38,11 @@ impl MemoryView {
         }
     }
 
+    /// The GPUs found when the window opened (read once: the driver is not asked per frame).
+    pub fn gpus(&self) -> &[memory::GpuInfo] {
+        &self.gpus
+    }
+
     /// Recompute when the config changed (the estimate is arithmetic on config.json: no weights).
     pub fn update(&mut self, config: &RunConfig) {
         if self.estimated.as_ref() == Some(config) {

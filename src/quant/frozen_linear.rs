@@ -234,7 +234,7 @@ impl FrozenLinear {
     }
 }
 
-/// The custom op behind `FrozenLinear::forward` on the CPU, on a contiguous [rows, in] input.
+/// The custom op behind `FrozenLinear::forward` on every device, on a contiguous [rows, in] input.
 struct FrozenMatmul {
     weight: FrozenWeight,
     bias: Option<Tensor>,
