@@ -155,6 +155,117 @@ pub fn print_nf4_table(rows: &[Nf4BenchRow]) {
     }
 }
 
+/// One matmul shape: the f32 gemm candle runs against our bf16-operand kernel.
+#[derive(Debug, Serialize)]
+pub struct MatmulBenchRow {
+    pub m: usize,
+    pub k: usize,
+    pub n: usize,
+    pub f32_gflop_s: f64,
+    pub bf16_gflop_s: f64,
+    /// bf16 / f32 throughput; the kernel is chosen by default where this is well above 1.
+    pub speedup: f64,
+    /// Whether this CPU runs the AVX512-BF16 kernel (else "bf16" is the f32 gemm on rounded operands).
+    pub bf16_dot: bool,
+}
+
+/// The shapes of a SmolLM2-135M step at 256 tokens (q/o, k/v, gate/up, down, the output layer)
+/// and LLaMA-7B's MLP at 512 tokens.
+pub const MATMUL_SHAPES: [(usize, usize, usize); 6] =
+    [(256, 576, 576), (256, 576, 192), (256, 576, 1536), (256, 1536, 576), (256, 576, 49152), (512, 4096, 11008)];
+
+/// C [m, n] = A [m, k] · Wᵀ (W [n, k], the frozen linear's forward) in f32 and with bf16 operands.
+pub fn matmul_row(m: usize, k: usize, n: usize, iters: usize) -> Result<MatmulBenchRow> {
+    use crate::quant::bf16_matmul::{self, Rhs};
+    let a = weights(m * k, 1);
+    let w = weights(n * k, 2);
+    let w16: Vec<half::bf16> = w.iter().map(|&v| half::bf16::from_f32(v)).collect();
+    let (at, wt) = (Tensor::from_vec(a.clone(), (m, k), &Device::Cpu)?, Tensor::from_vec(w, (n, k), &Device::Cpu)?);
+    let (t_f32, t_bf16) = interleaved_medians(
+        iters,
+        || {
+            std::hint::black_box(at.matmul(&wt.t()?)?);
+            Ok(())
+        },
+        || {
+            std::hint::black_box(bf16_matmul::matmul(&a, m, k, Rhs::TransposedBf16(&w16), n));
+            Ok(())
+        },
+    )?;
+    let flop = 2.0 * (m * k * n) as f64;
+    Ok(MatmulBenchRow {
+        m,
+        k,
+        n,
+        f32_gflop_s: flop / t_f32 / 1e9,
+        bf16_gflop_s: flop / t_bf16 / 1e9,
+        speedup: t_f32 / t_bf16,
+        bf16_dot: bf16_matmul::has_bf16_dot(),
+    })
+}
+
+/// The same step in PyTorch + PEFT (+ bitsandbytes), run by ../shared/bench/peft_baseline.py
+/// in a child process with this row's settings; its JSON line as printed. A bf16 row runs the
+/// baseline under `--autocast bf16`, PyTorch's fastest CPU setting.
+pub fn peft_baseline(
+    python: &str,
+    script: &std::path::Path,
+    b: &StepBench,
+    row: &StepBenchRow,
+) -> anyhow::Result<serde_json::Value> {
+    use anyhow::Context;
+    if !script.is_file() {
+        anyhow::bail!("{}: baseline script not found (set --baseline)", script.display());
+    }
+    let mut cmd = std::process::Command::new(python);
+    cmd.arg(script)
+        .args(["--preset", b.preset, "--mode", b.mode])
+        .args(["--seq", &row.seq.to_string(), "--batch", &row.batch.to_string()])
+        .args(["--steps", &b.steps.to_string(), "--rank", &b.rank.to_string()])
+        .args(["--targets", &b.targets.join(","), "--threads", &row.threads.to_string()])
+        .args(["--device", &row.device]);
+    if b.checkpointing {
+        cmd.arg("--checkpointing");
+    }
+    if row.dtype == "bf16" && row.device == "cpu" {
+        cmd.args(["--autocast", "bf16"]);
+    }
+    let out = cmd.output().with_context(|| format!("running {python} {}", script.display()))?;
+    if !out.status.success() {
+        anyhow::bail!(
+            "{} failed ({}): {}",
+            script.display(),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).lines().last().unwrap_or("no message")
+        );
+    }
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line =
+        stdout.lines().rev().find(|l| l.trim_start().starts_with('{')).context("no JSON line from the baseline")?;
+    Ok(serde_json::from_str(line)?)
+}
+
+/// "ours vs theirs" for one row: tokens/s and peak RSS with their ratios.
+pub fn comparison_line(row: &StepBenchRow, theirs: &serde_json::Value) -> String {
+    let their_tps = theirs["tokens_per_s"].as_f64().unwrap_or(f64::NAN);
+    let their_rss = theirs["peak_rss_mib"].as_f64().unwrap_or(f64::NAN);
+    format!(
+        "{} {} {} seq {} batch {}: qlora-studio {:.1} tokens/s vs {} {:.1} → {:.2}×; peak RSS {:.0} vs {:.0} MiB → {:.2}×",
+        row.preset,
+        row.mode,
+        row.dtype,
+        row.seq,
+        row.batch,
+        row.tokens_per_s,
+        theirs["impl"].as_str().unwrap_or("baseline"),
+        their_tps,
+        row.tokens_per_s / their_tps,
+        row.peak_rss_mib,
+        their_rss,
+        row.peak_rss_mib / their_rss
+    )
+}
+
 /// One training-step benchmark, with the fields ../shared/bench/peft_baseline.py prints.
 #[derive(Debug, Serialize)]
 pub struct StepBenchRow {

@@ -160,6 +160,13 @@ enum BenchCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Matrix multiply throughput: the f32 gemm against the bf16-operand kernel (f32 sums) that
+    /// CPU runs in bf16 use, on a SmolLM2 step's shapes and LLaMA-7B's MLP.
+    Matmul {
+        /// Timed repetitions per figure (at least half a second each; the median is reported).
+        #[arg(long, default_value_t = 5)]
+        iters: usize,
+    },
     /// Load a checkpoint folder: time, peak RSS, bytes of the frozen weights held.
     Load {
         model: PathBuf,
@@ -200,6 +207,16 @@ enum BenchCommand {
         /// Print one JSON line per run instead of text.
         #[arg(long)]
         json: bool,
+        /// Then run PyTorch + PEFT (+ bitsandbytes) on the same settings (peft_baseline.py;
+        /// bf16 as its --autocast bf16) and print both and the ratios.
+        #[arg(long)]
+        compare_peft: bool,
+        /// The Python with torch, transformers, peft (and bitsandbytes) for --compare-peft.
+        #[arg(long, default_value = "python3")]
+        python: String,
+        /// The baseline script for --compare-peft.
+        #[arg(long, default_value = "../shared/bench/peft_baseline.py")]
+        baseline: PathBuf,
     },
     /// The memory estimator's validation grid: real training steps on the CPU, their peak of
     /// live heap bytes against the estimate's band; writes a markdown table.
@@ -214,6 +231,7 @@ enum BenchCommand {
 }
 
 fn main() -> std::process::ExitCode {
+    qlora_studio::model::ops::configure_cpu_thread_pools();
     match run(Cli::parse()) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
@@ -377,6 +395,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             print!("{text}");
             Ok(())
         }
+        Command::Bench { command: BenchCommand::Matmul { iters } } => {
+            for (m, k, n) in bench::MATMUL_SHAPES {
+                println!("{}", serde_json::to_string(&bench::matmul_row(m, k, n, iters.max(1))?)?);
+            }
+            Ok(())
+        }
         Command::Bench { command: BenchCommand::Memory { quick, out } } => {
             let ok = memory::cli::grid_command(quick, &out)?;
             if !ok {
@@ -390,7 +414,22 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Bench {
             command:
-                BenchCommand::Step { preset, mode, seq, batch, steps, rank, targets, checkpointing, device, dtype, json },
+                BenchCommand::Step {
+                    preset,
+                    mode,
+                    seq,
+                    batch,
+                    steps,
+                    rank,
+                    targets,
+                    checkpointing,
+                    device,
+                    dtype,
+                    json,
+                    compare_peft,
+                    python,
+                    baseline,
+                },
         } => {
             if steps == 0 || seq.iter().any(|&s| s < 2) || batch.contains(&0) {
                 anyhow::bail!("--steps and --batch must be at least 1 and --seq at least 2");
@@ -408,7 +447,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 device: &device,
                 dtype: &dtype,
             };
-            for row in bench::step(&bench)? {
+            let rows = bench::step(&bench)?;
+            for row in &rows {
                 if json {
                     println!("{}", serde_json::to_string(&row)?);
                 } else {
@@ -420,6 +460,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                         row.pool_peak_mib.map(|p| format!(", GPU pool peak {p:.0} MiB")).unwrap_or_default(),
                         row.loss_first, row.loss_last
                     );
+                }
+            }
+            if compare_peft {
+                for row in &rows {
+                    let theirs = bench::peft_baseline(&python, &baseline, &bench, row)?;
+                    if json {
+                        println!("{}", serde_json::to_string(&theirs)?);
+                    }
+                    println!("{}", bench::comparison_line(row, &theirs));
                 }
             }
             Ok(())

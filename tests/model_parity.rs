@@ -215,3 +215,59 @@ fn phi_msft_original_layout() {
 fn chatglm3_interleaved_half_rope() {
     check_fixture("chatglm3", F32);
 }
+
+/// bf16 on the CPU: the frozen matmuls take bf16 operands (f32 sums, f32 activations), as
+/// torch's autocast casts a linear's input and weight. Against transformers' f32 outputs the
+/// error is that of rounding both operands to bf16's 8-bit significand (unit roundoff
+/// u = 2⁻⁹ each, so products off by about 2u ≈ 0.4% relative, random in sign): the bounds
+/// below are a few times the error measured on these fixtures and far below what a wrong
+/// matmul gives (logits off by their own size).
+fn check_bf16_operands(name: &str, base: BaseWeights) {
+    const LOGITS_REL: f32 = 0.03; // of the largest |logit|; measured: about 0.01
+    const LOSS_REL: f32 = 0.005; // measured: under 0.0002
+    const GRAD_REL_BF16: f64 = 0.05;
+    let dev = candle_core::Device::Cpu;
+    let dir = common::fixture(&format!("models/{name}"));
+    let reference = SafetensorsFile::open(dir.join("reference.safetensors")).unwrap();
+    let r = |k: &str| reference.tensor(k, &dev).unwrap();
+    let (ids, labels) = (r("input_ids"), r("labels"));
+    let mut model = Model::load(&dir, base, &dev).unwrap_or_else(|e| panic!("{name}: {e}"));
+    assert!(model.linears().all(|l| l.base.operands() == qlora_studio::quant::frozen_linear::Operands::Bf16OnCpu));
+    model.load_adapter(&dir.join("adapter")).unwrap();
+    let logits = model.forward(&ids, false).unwrap();
+    assert_eq!(logits.dtype(), DType::F32);
+    let want = r("lora_logits");
+    let scale = want.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+    let d = max_abs_diff(&logits, &want);
+    eprintln!("{name} bf16: logits off by {d} of {scale}");
+    assert!(d <= LOGITS_REL * scale, "{name}: bf16 logits differ by {d} (largest logit {scale})");
+    assert!(d > 0.0, "{name}: bf16 logits equal the f32 reference: the bf16 path did not run");
+    let want_loss = r("lora_loss").flatten_all().unwrap().to_vec1::<f32>().unwrap()[0];
+    let loss = model.loss(&ids, &labels, true).unwrap();
+    let got = loss.to_scalar::<f32>().unwrap();
+    eprintln!("{name} bf16: loss {got} vs {want_loss}");
+    assert!((got - want_loss).abs() <= LOSS_REL * want_loss.abs(), "{name}: bf16 loss {got} vs {want_loss}");
+    let grads = model.backward(&loss).unwrap();
+    for (key, var) in model.trainable() {
+        let g = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("{name}: no gradient for {key}"));
+        let want = r(&format!("grad.{key}"));
+        let rel = l2(&(g - &want).unwrap()) / l2(&want);
+        assert!(rel <= GRAD_REL_BF16, "{name}: bf16 gradient of {key} off by {rel:.2e} (relative L2)");
+    }
+}
+
+#[test]
+fn llama_gqa_all_linear_bf16_operands_on_cpu() {
+    check_bf16_operands("llama_gqa_all_linear", BaseWeights::Dense(DType::BF16));
+}
+
+#[test]
+fn llama_tied_bf16_operands_on_cpu() {
+    // the tied output layer multiplies with the bf16 embedding
+    check_bf16_operands("llama_tied", BaseWeights::Dense(DType::BF16));
+}
+
+#[test]
+fn llama_bnb4_qlora_bf16_operands_on_cpu() {
+    check_bf16_operands("llama_bnb4", BaseWeights::Nf4 { double_quant: true, compute: DType::BF16 });
+}

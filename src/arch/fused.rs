@@ -29,7 +29,7 @@ pub struct QkvRows {
 impl SplitKind {
     /// The rows of q, k and v in a fused qkv output of nh query heads and nkv KV heads.
     pub fn qkv_rows(self, n_heads: usize, n_kv_heads: usize, head_dim: usize) -> Result<QkvRows> {
-        if n_heads == 0 || n_kv_heads == 0 || head_dim == 0 || n_heads % n_kv_heads != 0 {
+        if n_heads == 0 || n_kv_heads == 0 || head_dim == 0 || !n_heads.is_multiple_of(n_kv_heads) {
             return Err(Error::Invalid(format!(
                 "cannot split q/k/v with {n_heads} heads, {n_kv_heads} KV heads and head size {head_dim}"
             )));
@@ -58,7 +58,7 @@ impl SplitKind {
 
     /// The gate and up halves of a fused gate/up output of `rows` rows.
     pub fn gate_up_rows(self, rows: usize) -> Result<(Range<usize>, Range<usize>)> {
-        if self != SplitKind::GateUp || rows % 2 != 0 {
+        if self != SplitKind::GateUp || !rows.is_multiple_of(2) {
             return Err(Error::Invalid(format!("cannot split {rows} rows into gate and up with {self:?}")));
         }
         Ok((0..rows / 2, rows / 2..rows))

@@ -491,12 +491,14 @@ impl StudioApp {
                 .response
                 .labelled_by(label.id);
             let label = ui.label(tr(lang, "Compute"));
+            let auto_dtype = crate::train::ModelConfig { dtype: "auto".into(), ..self.settings.config.model.clone() }
+                .compute_dtype();
+            let auto = format!("auto ({})", crate::memory::estimate::dtype_name(auto_dtype));
             let dtype = &mut self.settings.config.model.dtype;
-            let auto = if self.settings.config.model.device == "cpu" { "auto (f32)" } else { "auto (bf16)" };
             egui::ComboBox::from_id_salt("compute_dtype")
                 .selected_text(if dtype == "auto" { auto.to_string() } else { dtype.clone() })
                 .show_ui(ui, |ui| {
-                    ui.selectable_value(dtype, "auto".to_string(), auto);
+                    ui.selectable_value(dtype, "auto".to_string(), &auto);
                     for d in ["bf16", "f16", "f32"] {
                         ui.selectable_value(dtype, d.to_string(), d);
                     }

@@ -83,7 +83,7 @@ fn k_permute_heads(arch: &str, heads: usize, kv_heads: usize) -> usize {
 /// Row order of LLaMA's permutation P_n on `rows` rows: GGUF row g is HF row `order[g]`.
 /// Within each head, GGUF row 2i is HF row i and GGUF row 2i+1 is HF row hd/2 + i.
 pub fn llama_permutation(rows: usize, n_heads: usize) -> Result<Vec<usize>> {
-    if n_heads == 0 || rows % n_heads != 0 || (rows / n_heads) % 2 != 0 {
+    if n_heads == 0 || !rows.is_multiple_of(n_heads) || !(rows / n_heads).is_multiple_of(2) {
         return Err(Error::Invalid(format!(
             "GGUF export: cannot permute {rows} rows for {n_heads} heads (each head needs an even number of rows)"
         )));

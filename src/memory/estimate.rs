@@ -161,12 +161,16 @@ pub fn estimate(input: &EstimateInput) -> Result<Estimate> {
     s.check_targets(&input.targets)?;
     let targeted = |l: &PlannedLinear| ModelSpec::targets_select(&input.targets, &s.linear_path(0, l));
 
-    let e = input.dtype.size_in_bytes() as f64;
     let f4 = 4.0;
     let cpu = input.device == DeviceKind::Cpu;
+    // bf16 on the CPU holds the frozen weights in bf16 and keeps the activations in f32
+    // (model/decoder.rs `BaseWeights::activation_dtype`); elsewhere both are the compute dtype
+    let cpu_bf16 = cpu && input.dtype == DType::BF16;
+    let e_weight = input.dtype.size_in_bytes() as f64;
+    let e = if cpu_bf16 { f4 } else { e_weight };
     // our fused CPU kernels (model/ops.rs) run only on f32 CPU tensors; elsewhere the
     // composite candle ops run and keep more
-    let fused = cpu && input.dtype == DType::F32;
+    let fused = cpu && (input.dtype == DType::F32 || cpu_bf16);
     let (b, t) = (input.batch as f64, input.seq as f64);
     let tok = b * t;
     let (h, f, v) = (s.hidden as f64, s.intermediate as f64, s.vocab as f64);
@@ -182,7 +186,7 @@ pub fn estimate(input: &EstimateInput) -> Result<Estimate> {
     let mut lora_params = 0f64;
     for l in linears {
         frozen += match input.method {
-            Method::Lora => (l.out_features * l.in_features) as f64 * e,
+            Method::Lora => (l.out_features * l.in_features) as f64 * e_weight,
             Method::Qlora { double_quant } => nf4_bytes(l.out_features * l.in_features, double_quant) as f64,
         };
         if l.bias {
@@ -201,7 +205,8 @@ pub fn estimate(input: &EstimateInput) -> Result<Estimate> {
     let norm_params = if s.norm == NormKind::Layer { 2.0 * h } else { h };
     let n_norms = 2.0 * layers + 1.0 + if s.weights.embed_norm.is_some() { 1.0 } else { 0.0 };
     let lm_head = if s.tie_embeddings && !s.normalized_lm_head { 0.0 } else { v * h };
-    let unquantized = (v * h + lm_head + n_norms * norm_params + if s.lm_head_bias { v } else { 0.0 }) * e + biases;
+    let unquantized =
+        (v * h + lm_head) * e_weight + (n_norms * norm_params + if s.lm_head_bias { v } else { 0.0 }) * e + biases;
     // LoRA A and B in f32, their f32 gradients (held by the gradient store until the step),
     // AdamW's f32 m and v (train/optim.rs): 16 bytes per trainable parameter
     let adapters = lora_params * 16.0;
@@ -412,7 +417,7 @@ pub fn estimate(input: &EstimateInput) -> Result<Estimate> {
     // thread on the CPU (quant/frozen_linear.rs `with_dequantized`), one at a time on CUDA
     let dequant = match input.method {
         Method::Lora => 0.0,
-        Method::Qlora { .. } => max_linear as f64 * e,
+        Method::Qlora { .. } => max_linear as f64 * e_weight,
     };
     // the LoRA-weight gradients accumulate in the store through the backward (counted in
     // `adapters`); AdamW's step makes a few adapter-sized temporaries per variable at a time
@@ -422,7 +427,7 @@ pub fn estimate(input: &EstimateInput) -> Result<Estimate> {
             name: "frozen linears",
             bytes: frozen as u64,
             detail: match input.method {
-                Method::Lora => format!("dense, {} B/param", e),
+                Method::Lora => format!("dense, {} B/param", e_weight),
                 Method::Qlora { double_quant: true } => "NF4 + double quant".into(),
                 Method::Qlora { double_quant: false } => "NF4, f32 absmax".into(),
             },

@@ -159,11 +159,11 @@ fn load_linear(
 ) -> Result<LoraLinear> {
     let weight = source.linear_weight(&path, shape, base, device)?;
     let bias = if bias {
-        Some(source.tensor(&format!("{path}.bias"), &[shape[0]], base.compute_dtype(), device)?)
+        Some(source.tensor(&format!("{path}.bias"), &[shape[0]], base.activation_dtype(device), device)?)
     } else {
         None
     };
-    Ok(LoraLinear::new(path, FrozenLinear::new(weight, bias)?))
+    Ok(LoraLinear::new(path, base.frozen_linear(device, FrozenLinear::new(weight, bias)?)))
 }
 
 impl Block {
@@ -175,7 +175,7 @@ impl Block {
         base: BaseWeights,
         device: &Device,
     ) -> Result<Self> {
-        let dtype = base.compute_dtype();
+        let dtype = base.activation_dtype(device);
         let prefix = spec.layer_prefix(i);
         let mut linears = Vec::with_capacity(spec.linears.len());
         for l in &spec.linears {

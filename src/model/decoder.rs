@@ -35,6 +35,31 @@ impl BaseWeights {
             BaseWeights::Nf4 { compute, .. } => compute,
         }
     }
+
+    /// Whether the frozen matmuls multiply in bf16 with f32 activations: bf16 compute on the
+    /// CPU, where the elementwise work stays in f32 (our fused CPU kernels) and only the
+    /// matmuls, nearly all of a step's arithmetic, take bf16 operands (`quant::bf16_matmul`).
+    pub fn bf16_operands_on_cpu(self, device: &Device) -> bool {
+        device.is_cpu() && self.compute_dtype() == DType::BF16
+    }
+
+    /// The dtype of the activations, norm weights and biases on `device`.
+    pub fn activation_dtype(self, device: &Device) -> DType {
+        if self.bf16_operands_on_cpu(device) {
+            DType::F32
+        } else {
+            self.compute_dtype()
+        }
+    }
+
+    /// A frozen linear in the form this setting computes with.
+    pub fn frozen_linear(self, device: &Device, linear: FrozenLinear) -> FrozenLinear {
+        if self.bf16_operands_on_cpu(device) {
+            linear.with_bf16_operands()
+        } else {
+            linear
+        }
+    }
 }
 
 pub struct Model {
@@ -70,10 +95,11 @@ impl Model {
     }
 
     pub fn from_source(spec: ModelSpec, source: &dyn WeightSource, base: BaseWeights, device: &Device) -> Result<Self> {
-        let dtype = base.compute_dtype();
+        let dtype = base.activation_dtype(device);
         let h = spec.hidden;
         let w = &spec.weights;
-        let embed = source.tensor(&format!("{}.weight", w.embed), &[spec.vocab, h], dtype, device)?;
+        // in the compute dtype: the tied output layer multiplies with it
+        let embed = source.tensor(&format!("{}.weight", w.embed), &[spec.vocab, h], base.compute_dtype(), device)?;
         let embed_norm = w.embed_norm.as_deref().map(|n| Norm::load(&spec, n, source, dtype, device)).transpose()?;
         let blocks =
             (0..spec.layers).map(|i| Block::load(&spec, i, source, base, device)).collect::<Result<Vec<_>>>()?;
@@ -83,7 +109,7 @@ impl Model {
         let lm_weight = if spec.tie_embeddings || !source.contains(&lm_head_key) {
             embed.clone()
         } else {
-            source.tensor(&lm_head_key, &[spec.vocab, h], dtype, device)?
+            source.tensor(&lm_head_key, &[spec.vocab, h], base.compute_dtype(), device)?
         };
         let lm_bias = if spec.lm_head_bias {
             Some(source.tensor(&format!("{}.bias", w.lm_head), &[spec.vocab], dtype, device)?)
@@ -96,7 +122,7 @@ impl Model {
         } else {
             lm_weight
         };
-        let lm_head = FrozenLinear::new(FrozenWeight::Dense(lm_weight), lm_bias)?;
+        let lm_head = base.frozen_linear(device, FrozenLinear::new(FrozenWeight::Dense(lm_weight), lm_bias)?);
         Ok(Self {
             spec,
             embed,
@@ -226,7 +252,7 @@ impl Model {
     fn hidden(&self, input_ids: &Tensor, train: bool, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
         let (b, t) = input_ids.dims2()?;
         let ids = input_ids.to_dtype(DType::U32)?.flatten_all()?;
-        let mut h = self.embed.index_select(&ids, 0)?.reshape((b, t, self.spec.hidden))?;
+        let mut h = self.embed.index_select(&ids, 0)?.reshape((b, t, self.spec.hidden))?.to_dtype(self.dtype)?;
         if let Some(n) = &self.embed_norm {
             h = n.forward(&h)?;
         }

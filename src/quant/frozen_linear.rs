@@ -13,6 +13,7 @@ use candle_core::CudaStorage;
 use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Storage, Tensor};
 use half::{bf16, f16};
 
+use super::bf16_matmul::{self, Rhs};
 use super::nf4::Nf4Tensor;
 use super::nf4_device::Nf4OnDevice;
 use crate::error::{Error, Result};
@@ -76,12 +77,6 @@ impl FrozenWeight {
         }
     }
 
-    /// grad_y · W for a 2-D grad_y [rows, out], outside any graph; an NF4 weight is
-    /// dequantized again (into the reused buffer on the CPU, on the device on a GPU).
-    pub fn input_grad(&self, grad_y: &Tensor) -> candle_core::Result<Tensor> {
-        grad_y.contiguous()?.apply_op1_no_bwd(&FrozenMatmulT(self.clone()))
-    }
-
     /// Bytes the frozen weight occupies in memory.
     pub fn storage_bytes(&self) -> usize {
         match self {
@@ -110,6 +105,44 @@ impl FrozenWeight {
             }
             FrozenWeight::Nf4(q) => with_dequantized(q, dtype, |w| f(w, &dense_layout)),
             FrozenWeight::Nf4OnDevice(q) => f(&q.dequantize_cpu(dtype)?, &dense_layout),
+        }
+    }
+
+    /// x · Wᵀ (`transposed`, x [rows, in]) or x · W (x [rows, out]) with bf16 operands and f32
+    /// sums (`bf16_matmul`); NF4 is dequantized to bf16, as bitsandbytes does for bf16 compute.
+    fn bf16_matmul(&self, x: &[f32], rows: usize, transposed: bool) -> candle_core::Result<Vec<f32>> {
+        let (out_f, in_f) = self.dims();
+        let (k, n) = if transposed { (in_f, out_f) } else { (out_f, in_f) };
+        // the weight's elements [a, b) of a CPU storage
+        let run = |w: &CpuStorage, (a, b): (usize, usize)| -> candle_core::Result<Vec<f32>> {
+            let rhs = match (w, transposed) {
+                (CpuStorage::BF16(w), true) => Rhs::TransposedBf16(&w[a..b]),
+                (CpuStorage::BF16(w), false) => Rhs::PlainBf16(&w[a..b]),
+                (CpuStorage::F32(w), true) => Rhs::TransposedF32(&w[a..b]),
+                (CpuStorage::F32(w), false) => Rhs::PlainF32(&w[a..b]),
+                (other, _) => candle_core::bail!("frozen linear: a {:?} weight cannot multiply in bf16", other.dtype()),
+            };
+            Ok(bf16_matmul::matmul(x, rows, k, rhs, n))
+        };
+        let all = (0, out_f * in_f);
+        match self {
+            FrozenWeight::Dense(w) => {
+                let (storage, layout) = w.storage_and_layout();
+                let Storage::Cpu(ws) = &*storage else {
+                    candle_core::bail!("frozen linear: input on the CPU, weight on {:?}", w.device());
+                };
+                match layout.contiguous_offsets() {
+                    Some(range) => run(ws, range),
+                    // a strided view (not what the loader makes): multiply a contiguous copy
+                    None => {
+                        let w = w.contiguous()?;
+                        drop(storage);
+                        FrozenWeight::Dense(w).bf16_matmul(x, rows, transposed)
+                    }
+                }
+            }
+            FrozenWeight::Nf4(q) => with_dequantized(q, DType::BF16, |w| run(w, all)),
+            FrozenWeight::Nf4OnDevice(q) => run(&q.dequantize_cpu(DType::BF16)?, all),
         }
     }
 
@@ -144,6 +177,17 @@ impl FrozenWeight {
     }
 }
 
+/// The contiguous f32 input when this matmul runs on the bf16-operand kernel.
+fn bf16_input<'a>(operands: Operands, x: &'a CpuStorage, l: &Layout) -> candle_core::Result<Option<&'a [f32]>> {
+    match (operands, x) {
+        (Operands::Bf16OnCpu, CpuStorage::F32(v)) => match l.contiguous_offsets() {
+            Some((a, b)) => Ok(Some(&v[a..b])),
+            None => candle_core::bail!("frozen linear: non-contiguous input"),
+        },
+        _ => Ok(None),
+    }
+}
+
 fn same_dtype(w: &Tensor, dtype: DType) -> candle_core::Result<()> {
     if w.dtype() != dtype {
         candle_core::bail!("frozen linear: input is {dtype:?} but the weight is {:?}", w.dtype());
@@ -156,6 +200,18 @@ fn same_dtype(w: &Tensor, dtype: DType) -> candle_core::Result<()> {
 pub struct FrozenLinear {
     weight: FrozenWeight,
     bias: Option<Tensor>,
+    /// What the matmul multiplies in (see `with_bf16_operands`).
+    operands: Operands,
+}
+
+/// The precision of the frozen matmul's operands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Operands {
+    /// The input's dtype (the weight is used in it: a dense one must already be).
+    AsInput,
+    /// On the CPU, an f32 input and the weight rounded to bf16, products summed in f32
+    /// (`bf16_matmul`): what a CPU run in bf16 does, with its activations kept in f32.
+    Bf16OnCpu,
 }
 
 impl FrozenLinear {
@@ -182,7 +238,18 @@ impl FrozenLinear {
             FrozenWeight::Dense(w) => FrozenWeight::Dense(w.detach()),
             nf4 => nf4,
         };
-        Ok(Self { weight, bias: bias.map(|b| b.detach()) })
+        Ok(Self { weight, bias: bias.map(|b| b.detach()), operands: Operands::AsInput })
+    }
+
+    /// Multiply in bf16 with f32 sums when the input is f32 on the CPU (other inputs are
+    /// unaffected). The weight may be dense bf16 or f32, or NF4.
+    pub fn with_bf16_operands(mut self) -> Self {
+        self.operands = Operands::Bf16OnCpu;
+        self
+    }
+
+    pub fn operands(&self) -> Operands {
+        self.operands
     }
 
     pub fn weight(&self) -> &FrozenWeight {
@@ -203,12 +270,12 @@ impl FrozenLinear {
 
     /// The input gradient grad_y · W of a 2-D grad_y [rows, out], outside any graph.
     pub fn input_grad(&self, grad_y: &Tensor) -> candle_core::Result<Tensor> {
-        self.weight.input_grad(grad_y)
+        grad_y.contiguous()?.apply_op1_no_bwd(&FrozenMatmulT { weight: self.weight.clone(), operands: self.operands })
     }
 
     /// Moves a host NF4 weight to the device form (uploaded once to `device`).
     pub fn into_device_form(self, device: &Device) -> candle_core::Result<Self> {
-        Ok(Self { weight: self.weight.into_device_form(device)?, bias: self.bias })
+        Ok(Self { weight: self.weight.into_device_form(device)?, ..self })
     }
 
     /// x: [..., in] → [..., out]
@@ -227,7 +294,7 @@ impl FrozenLinear {
             Some(b) => Some(b.to_dtype(x.dtype())?.to_device(x.device())?),
             None => None,
         };
-        let y = x2.apply_op1(FrozenMatmul { weight: self.weight.clone(), bias })?;
+        let y = x2.apply_op1(FrozenMatmul { weight: self.weight.clone(), bias, operands: self.operands })?;
         let mut out_dims = lead.to_vec();
         out_dims.push(out_f);
         y.reshape(out_dims)
@@ -238,6 +305,7 @@ impl FrozenLinear {
 struct FrozenMatmul {
     weight: FrozenWeight,
     bias: Option<Tensor>,
+    operands: Operands,
 }
 
 // The dequantization buffer is kept per thread and reused: a fresh allocation of a large
@@ -274,7 +342,9 @@ fn with_dequantized<R>(
             CpuStorage::F32(v)
         }
         (Some(CpuStorage::BF16(mut v)), DType::BF16) => {
-            fill(&mut v, q, bf16::from_f32);
+            v.truncate(q.numel());
+            v.resize(q.numel(), bf16::ZERO);
+            q.dequantize_bf16_into(&mut v);
             CpuStorage::BF16(v)
         }
         (Some(CpuStorage::F16(mut v)), DType::F16) => {
@@ -292,11 +362,14 @@ fn with_dequantized<R>(
 }
 
 /// grad_x = grad_y · W on a contiguous [rows, out] gradient (no graph).
-struct FrozenMatmulT(FrozenWeight);
+struct FrozenMatmulT {
+    weight: FrozenWeight,
+    operands: Operands,
+}
 
 impl FrozenMatmulT {
     fn shapes(&self, l: &Layout) -> candle_core::Result<(usize, usize, usize)> {
-        let (out_f, in_f) = self.0.dims();
+        let (out_f, in_f) = self.weight.dims();
         match l.dims() {
             &[rows, g] if g == out_f => Ok((rows, out_f, in_f)),
             d => candle_core::bail!("frozen linear backward: expected a [rows, {out_f}] gradient, got {d:?}"),
@@ -311,14 +384,19 @@ impl CustomOp1 for FrozenMatmulT {
 
     fn cpu_fwd(&self, g: &CpuStorage, gl: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let (rows, out_f, in_f) = self.shapes(gl)?;
-        let grad_x = self.0.with_cpu(g.dtype(), |w, wl| g.matmul(w, (1, rows, in_f, out_f), gl, wl))?;
+        if let Some(g) = bf16_input(self.operands, g, gl)? {
+            let grad_x = self.weight.bf16_matmul(g, rows, false)?;
+            return Ok((CpuStorage::F32(grad_x), Shape::from((rows, in_f))));
+        }
+        let grad_x = self.weight.with_cpu(g.dtype(), |w, wl| g.matmul(w, (1, rows, in_f, out_f), gl, wl))?;
         Ok((grad_x, Shape::from((rows, in_f))))
     }
 
     #[cfg(feature = "cuda")]
     fn cuda_fwd(&self, g: &CudaStorage, gl: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
         let (rows, out_f, in_f) = self.shapes(gl)?;
-        let grad_x = self.0.with_cuda(g.dtype(), &g.device, |w, wl| g.matmul(w, (1, rows, in_f, out_f), gl, wl))?;
+        let grad_x =
+            self.weight.with_cuda(g.dtype(), &g.device, |w, wl| g.matmul(w, (1, rows, in_f, out_f), gl, wl))?;
         Ok((grad_x, Shape::from((rows, in_f))))
     }
 }
@@ -340,9 +418,12 @@ impl CustomOp1 for FrozenMatmul {
 
     fn cpu_fwd(&self, x: &CpuStorage, x_layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let (rows, out_f, in_f) = self.shapes(x_layout)?;
-        let mut y = self
-            .weight
-            .with_cpu(x.dtype(), |w, wl| x.matmul(w, (1, rows, out_f, in_f), x_layout, &wl.transpose(0, 1)?))?;
+        let mut y = match bf16_input(self.operands, x, x_layout)? {
+            Some(x) => CpuStorage::F32(self.weight.bf16_matmul(x, rows, true)?),
+            None => self
+                .weight
+                .with_cpu(x.dtype(), |w, wl| x.matmul(w, (1, rows, out_f, in_f), x_layout, &wl.transpose(0, 1)?))?,
+        };
         if let Some(bias) = &self.bias {
             add_bias_rows(&mut y, bias, out_f)?;
         }
@@ -372,7 +453,9 @@ impl CustomOp1 for FrozenMatmul {
 
     fn bwd(&self, x: &Tensor, _y: &Tensor, grad_y: &Tensor) -> candle_core::Result<Option<Tensor>> {
         // grad_x = grad_y · W, with W dequantized again for NF4; nothing for W or the bias.
-        let grad_x = self.weight.input_grad(grad_y)?;
+        let grad_x = grad_y
+            .contiguous()?
+            .apply_op1_no_bwd(&FrozenMatmulT { weight: self.weight.clone(), operands: self.operands })?;
         debug_assert_eq!(grad_x.dims(), x.dims());
         Ok(Some(grad_x))
     }

@@ -1,6 +1,7 @@
 //! Frozen base weights: NF4 exactly as bitsandbytes stores it, and the frozen-linear op
 //! whose backward returns only the input gradient. Knows nothing of LoRA.
 
+pub mod bf16_matmul;
 pub mod bnb;
 pub mod frozen_linear;
 pub mod nf4;

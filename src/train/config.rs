@@ -45,8 +45,10 @@ pub struct ModelConfig {
     /// A model folder, a hub id (`owner/name`) or a GGUF file.
     pub source: String,
     pub mode: Mode,
-    /// Compute dtype of the frozen weights and activations: "auto" (bf16 on a GPU, f32 on the
-    /// CPU), "f32", "bf16" or "f16". LoRA weights and the optimizer state are f32 in every case.
+    /// Compute dtype of the frozen weights and activations: "auto" (bf16 on a GPU; on the CPU
+    /// bf16 where its matmuls are faster than f32's, else f32), "f32", "bf16" or "f16". LoRA
+    /// weights and the optimizer state are f32 in every case; on the CPU, bf16 keeps the
+    /// activations in f32 and multiplies the frozen weights in bf16 with f32 sums.
     pub dtype: String,
     /// "cpu", "cuda" or "cuda:N".
     pub device: String,
@@ -54,13 +56,14 @@ pub struct ModelConfig {
 
 impl ModelConfig {
     /// The compute dtype this run uses: "auto" is bf16 on a GPU (tensor cores; Ampere and newer
-    /// have it) and f32 on the CPU.
+    /// have it) and on a CPU whose bf16 dot products beat its f32 FMA
+    /// (`bf16_matmul::pays_on_this_cpu`), else f32.
     pub fn compute_dtype(&self) -> candle_core::DType {
         use candle_core::DType;
         match self.dtype.as_str() {
             "bf16" => DType::BF16,
             "f16" => DType::F16,
-            "auto" if self.device != "cpu" => DType::BF16,
+            "auto" if self.device != "cpu" || crate::quant::bf16_matmul::pays_on_this_cpu() => DType::BF16,
             _ => DType::F32,
         }
     }

@@ -442,12 +442,12 @@ impl Trainer {
             }));
             let t = &self.config.train;
             let last = step == self.state.total_steps;
-            if !self.validation.is_empty() && ((t.eval_every > 0 && step % t.eval_every == 0) || last) {
+            if !self.validation.is_empty() && ((t.eval_every > 0 && step.is_multiple_of(t.eval_every)) || last) {
                 let loss = self.evaluate()?;
                 self.state.eval_losses.push((step, loss));
                 send(TrainEvent::Eval { step, loss });
             }
-            if t.sample_every > 0 && step % t.sample_every == 0 {
+            if t.sample_every > 0 && step.is_multiple_of(t.sample_every) {
                 if let Some(sampler) = &self.sampler {
                     for prompt in &t.sample_prompts {
                         let text = sampler.sample(&self.model, prompt, t.sample_max_tokens)?;
@@ -455,7 +455,7 @@ impl Trainer {
                     }
                 }
             }
-            if (t.checkpoint_every > 0 && step % t.checkpoint_every == 0) || last {
+            if (t.checkpoint_every > 0 && step.is_multiple_of(t.checkpoint_every)) || last {
                 last_checkpoint = Some(self.save_checkpoint(send)?);
             }
         }

@@ -1,0 +1,420 @@
+//! Matrix multiplication with bf16 operands and f32 accumulation on the CPU, for the frozen
+//! linears when a CPU run computes in bf16 (`model.dtype = "bf16"`).
+//!
+//! The activations stay f32 (our fused elementwise kernels are f32); only the operands of the
+//! frozen matmuls are rounded to bf16 (round to nearest even, as torch's autocast casts them),
+//! multiplied in pairs by AVX512-BF16's `vdpbf16ps` and summed in f32. On CPUs that have it the
+//! dot product runs several times faster than an f32 FMA gemm (measured in the closing note of
+//! issue 17); elsewhere `matmul` gives the same numbers (up to summation order) through the f32
+//! gemm on the rounded operands.
+//!
+//! Layout: A [m, k] is rounded into rows of bf16 pairs (k padded to even); B is packed per
+//! panel of `NR` columns as [k/2][NR] pairs, the layout `vdpbf16ps` multiplies against a
+//! broadcast pair of A. Each rayon task packs its own panel and runs every row block over it.
+
+use half::bf16;
+use rayon::prelude::*;
+
+/// Rows of A per micro-kernel call.
+const MR: usize = 8;
+/// Columns of B per panel: three 16-lane registers (8 × 3 accumulators + 3 B + 1 A of 32).
+const NR: usize = 48;
+
+/// The right-hand operand of C = A · B, described by a frozen weight W.
+#[derive(Clone, Copy)]
+pub enum Rhs<'a> {
+    /// B = Wᵀ with W [n, k] row-major in f32 (the forward y = x · Wᵀ).
+    TransposedF32(&'a [f32]),
+    /// B = Wᵀ with W [n, k] row-major in bf16.
+    TransposedBf16(&'a [bf16]),
+    /// B = W [k, n] row-major in f32 (the input gradient dy · W).
+    PlainF32(&'a [f32]),
+    /// B = W [k, n] row-major in bf16.
+    PlainBf16(&'a [bf16]),
+}
+
+impl Rhs<'_> {
+    fn len(&self) -> usize {
+        match self {
+            Rhs::TransposedF32(w) | Rhs::PlainF32(w) => w.len(),
+            Rhs::TransposedBf16(w) | Rhs::PlainBf16(w) => w.len(),
+        }
+    }
+
+    /// Element (kk, j) of B as bf16 bits; zero outside [k, n] (the padding).
+    #[inline(always)]
+    fn at(&self, kk: usize, j: usize, k: usize, n: usize) -> u16 {
+        if kk >= k || j >= n {
+            return 0;
+        }
+        match self {
+            Rhs::TransposedF32(w) => bf16::from_f32(w[j * k + kk]).to_bits(),
+            Rhs::TransposedBf16(w) => w[j * k + kk].to_bits(),
+            Rhs::PlainF32(w) => bf16::from_f32(w[kk * n + j]).to_bits(),
+            Rhs::PlainBf16(w) => w[kk * n + j].to_bits(),
+        }
+    }
+}
+
+/// Whether this CPU runs the `vdpbf16ps` kernel (checked at run time: the build never assumes
+/// the build machine's features).
+pub fn has_bf16_dot() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512bf16")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Whether bf16 operands pay on this CPU, so that "auto" computes in bf16 here: the kernel
+/// runs (AVX512-BF16) and, timed once per process on a SmolLM2-sized product (a few
+/// milliseconds), beats the f32 gemm by at least a quarter. The dot product's rate differs by
+/// CPU: 4× the f32 FMA rate on AMD Zen 5, half of it on Intel Sapphire Rapids
+/// (../shared/docs/cpu-bf16.md), where f32 stays the better choice.
+pub fn pays_on_this_cpu() -> bool {
+    static PAYS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *PAYS.get_or_init(|| {
+        if !has_bf16_dot() {
+            return false;
+        }
+        let (m, k, n) = (256, 576, 576);
+        let a: Vec<f32> = (0..m * k).map(|i| ((i * 7919 % 1000) as f32 - 500.0) / 500.0).collect();
+        let w: Vec<f32> = (0..n * k).map(|i| ((i * 104_729 % 1000) as f32 - 500.0) / 500.0).collect();
+        let w16: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
+        let mut c = vec![0f32; m * n];
+        let (mut t_f32, mut t_bf16) = (f64::INFINITY, f64::INFINITY);
+        for _ in 0..5 {
+            let start = std::time::Instant::now();
+            // SAFETY: a is [m, k], w [n, k] read as its transpose, c [m, n], all row-major.
+            unsafe {
+                gemm::gemm(
+                    m,
+                    n,
+                    k,
+                    c.as_mut_ptr(),
+                    1,
+                    n as isize,
+                    false,
+                    a.as_ptr(),
+                    1,
+                    k as isize,
+                    w.as_ptr(),
+                    k as isize,
+                    1,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::Rayon(rayon::current_num_threads()),
+                )
+            };
+            t_f32 = t_f32.min(start.elapsed().as_secs_f64());
+            let start = std::time::Instant::now();
+            std::hint::black_box(matmul(&a, m, k, Rhs::TransposedBf16(&w16), n));
+            t_bf16 = t_bf16.min(start.elapsed().as_secs_f64());
+        }
+        t_f32 >= 1.25 * t_bf16
+    })
+}
+
+/// C [m, n] = round_bf16(A) [m, k] · round_bf16(B) [k, n], summed in f32.
+pub fn matmul(a: &[f32], m: usize, k: usize, b: Rhs, n: usize) -> Vec<f32> {
+    assert_eq!(a.len(), m * k, "A must be [m, k]");
+    assert_eq!(b.len(), k * n, "B must hold k · n elements");
+    if m == 0 || n == 0 {
+        return Vec::new();
+    }
+    #[cfg(target_arch = "x86_64")]
+    if has_bf16_dot() {
+        // SAFETY: the CPU has AVX-512F and AVX512-BF16 (checked just above).
+        return unsafe { avx512::matmul(a, m, k, b, n) };
+    }
+    matmul_reference(a, m, k, b, n)
+}
+
+/// The same product through the f32 gemm on the bf16-rounded operands: the fallback for CPUs
+/// without AVX512-BF16, and the twin the kernel is tested against.
+pub fn matmul_reference(a: &[f32], m: usize, k: usize, b: Rhs, n: usize) -> Vec<f32> {
+    let a: Vec<f32> = a.iter().map(|&v| bf16::from_f32(v).to_f32()).collect();
+    let mut bt = vec![0f32; k * n];
+    bt.par_chunks_mut(n).enumerate().for_each(|(kk, row)| {
+        for (j, v) in row.iter_mut().enumerate() {
+            *v = bf16::from_bits(b.at(kk, j, k, n)).to_f32();
+        }
+    });
+    let mut c = vec![0f32; m * n];
+    // SAFETY: the slices hold m·k, k·n and m·n elements, row-major with the strides given.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c.as_mut_ptr(),
+            1,
+            n as isize,
+            false,
+            a.as_ptr(),
+            1,
+            k as isize,
+            bt.as_ptr(),
+            1,
+            n as isize,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::Rayon(rayon::current_num_threads()),
+        );
+    }
+    c
+}
+
+/// Packs columns [j0, j0 + NR) of B as [k/2][NR] pairs of bf16 (low half: the even k).
+fn pack_panel(b: Rhs, k: usize, n: usize, j0: usize, out: &mut [u32]) {
+    let kp = k.div_ceil(2);
+    debug_assert_eq!(out.len(), kp * NR);
+    match b {
+        // Rows of W are columns of B: a row's pairs are adjacent in memory. Transposed in blocks
+        // of 16 pairs (one cache line of bf16) so that reads and writes both stay in L1.
+        Rhs::TransposedBf16(w) if k.is_multiple_of(2) => {
+            #[cfg(target_arch = "x86_64")]
+            if n - j0 >= NR && has_bf16_dot() {
+                // SAFETY: AVX-512F checked; rows j0..j0 + NR of W exist (n - j0 >= NR).
+                return unsafe { avx512::gather_panel(w, k, j0, out) };
+            }
+            transpose_pairs(out, kp, n - j0, |jj, p| {
+                let row = &w[(j0 + jj) * k + 2 * p..];
+                row[0].to_bits() as u32 | (row[1].to_bits() as u32) << 16
+            })
+        }
+        Rhs::TransposedF32(w) if k.is_multiple_of(2) => transpose_pairs(out, kp, n - j0, |jj, p| {
+            let row = &w[(j0 + jj) * k + 2 * p..];
+            bf16::from_f32(row[0]).to_bits() as u32 | (bf16::from_f32(row[1]).to_bits() as u32) << 16
+        }),
+        // Plain B: two rows of B interleaved, 48 contiguous elements from each.
+        Rhs::PlainBf16(w) if n - j0 >= NR => {
+            for p in 0..kp {
+                let even = &w[2 * p * n + j0..][..NR];
+                let odd: &[bf16] = if 2 * p + 1 < k { &w[(2 * p + 1) * n + j0..][..NR] } else { &[bf16::ZERO; NR] };
+                for ((dst, e), o) in out[p * NR..(p + 1) * NR].iter_mut().zip(even).zip(odd) {
+                    *dst = e.to_bits() as u32 | (o.to_bits() as u32) << 16;
+                }
+            }
+        }
+        // The rest (odd k, a last partial panel): element by element.
+        _ => {
+            for p in 0..kp {
+                let dst = &mut out[p * NR..(p + 1) * NR];
+                for (jj, v) in dst.iter_mut().enumerate() {
+                    let j = j0 + jj;
+                    *v = b.at(2 * p, j, k, n) as u32 | (b.at(2 * p + 1, j, k, n) as u32) << 16;
+                }
+            }
+        }
+    }
+}
+
+/// out[p][jj] = pair(jj, p) for the panel's `valid` columns (zero beyond them), in blocks.
+#[inline(always)]
+fn transpose_pairs(out: &mut [u32], kp: usize, valid: usize, pair: impl Fn(usize, usize) -> u32) {
+    const BLOCK: usize = 16;
+    for p0 in (0..kp).step_by(BLOCK) {
+        let p1 = (p0 + BLOCK).min(kp);
+        for jj in 0..NR {
+            if jj < valid {
+                for p in p0..p1 {
+                    out[p * NR + jj] = pair(jj, p);
+                }
+            } else {
+                for p in p0..p1 {
+                    out[p * NR + jj] = 0;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use super::{pack_panel, Rhs, MR, NR};
+    use rayon::prelude::*;
+    use std::arch::x86_64::*;
+
+    /// A raw pointer to C shared by the tasks: each writes a disjoint set of columns.
+    #[derive(Clone, Copy)]
+    struct SharedOut(*mut f32);
+    // SAFETY: the tasks write disjoint column panels of C and nothing reads C meanwhile.
+    unsafe impl Send for SharedOut {}
+    unsafe impl Sync for SharedOut {}
+
+    impl SharedOut {
+        /// (a method, so that closures capture the whole Sync wrapper, not its raw field)
+        fn at(self, offset: usize) -> *mut f32 {
+            self.0.wrapping_add(offset)
+        }
+    }
+
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub(super) unsafe fn matmul(a: &[f32], m: usize, k: usize, b: Rhs, n: usize) -> Vec<f32> {
+        let kp = k.div_ceil(2);
+        // A rounded to bf16, each row kp pairs (an odd k padded with zero), m padded to MR rows.
+        let m_padded = m.div_ceil(MR) * MR;
+        let mut a16 = vec![0u32; m_padded * kp];
+        a16.par_chunks_mut(kp).zip(a.par_chunks(k)).for_each(|(dst, src)| {
+            // SAFETY: this function runs only where the features are present.
+            unsafe { round_row(src, dst) }
+        });
+        let mut c = vec![0f32; m * n];
+        let out = SharedOut(c.as_mut_ptr());
+        let panels = n.div_ceil(NR);
+        (0..panels).into_par_iter().for_each_init(
+            || vec![0u32; kp * NR],
+            |packed, panel| {
+                let j0 = panel * NR;
+                pack_panel(b, k, n, j0, packed);
+                let cols = NR.min(n - j0);
+                for i0 in (0..m).step_by(MR) {
+                    let rows = MR.min(m - i0);
+                    // SAFETY: a16 holds m_padded rows of kp pairs, `packed` kp × NR pairs, and the
+                    // block written ([i0, i0 + rows) × [j0, j0 + cols)) lies inside C.
+                    unsafe {
+                        kernel(kp, a16.as_ptr().add(i0 * kp), packed.as_ptr(), out.at(i0 * n + j0), n, rows, cols)
+                    };
+                }
+            },
+        );
+        c
+    }
+
+    /// A full panel of B = Wᵀ from bf16 rows: for each pair index, three 16-lane gathers of that
+    /// pair from 48 rows of W, stored contiguously.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn gather_panel(w: &[half::bf16], k: usize, j0: usize, out: &mut [u32]) {
+        let kp = k / 2;
+        assert!(w.len() >= (j0 + NR) * k && out.len() >= kp * NR);
+        let base = w.as_ptr().add(j0 * k) as *const u8;
+        // byte offsets of rows 0..16 of a 16-row group; k·2·16 fits i32 for any real weight
+        let row_bytes = (k * 2) as i32;
+        let offsets = _mm512_mullo_epi32(
+            _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+            _mm512_set1_epi32(row_bytes),
+        );
+        for p in 0..kp {
+            let col = base.add(p * 4);
+            for g in 0..NR / 16 {
+                let v = _mm512_i32gather_epi32::<1>(offsets, col.add(g * 16 * k * 2) as *const _);
+                _mm512_storeu_si512(out.as_mut_ptr().add(p * NR + g * 16) as *mut _, v);
+            }
+        }
+    }
+
+    /// One row of A rounded to bf16 pairs (round to nearest even, as `vcvtne2ps2bf16` does).
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    unsafe fn round_row(src: &[f32], dst: &mut [u32]) {
+        let mut chunks = src.chunks_exact(32);
+        let mut p = 0;
+        for chunk in &mut chunks {
+            let lo = _mm512_loadu_ps(chunk.as_ptr());
+            let hi = _mm512_loadu_ps(chunk.as_ptr().add(16));
+            let packed: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(hi, lo));
+            _mm512_storeu_si512(dst.as_mut_ptr().add(p) as *mut _, packed);
+            p += 16;
+        }
+        let rest = chunks.remainder();
+        for (i, pair) in rest.chunks(2).enumerate() {
+            let lo = half::bf16::from_f32(pair[0]).to_bits() as u32;
+            let hi = pair.get(1).map_or(0, |&v| half::bf16::from_f32(v).to_bits() as u32);
+            dst[p + i] = lo | hi << 16;
+        }
+    }
+
+    /// C[rows, cols] = A-block · B-panel over kp pairs: A-block is MR rows of kp pairs at stride
+    /// kp, the panel kp × NR pairs; C has row stride ldc.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    unsafe fn kernel(kp: usize, a: *const u32, b: *const u32, c: *mut f32, ldc: usize, rows: usize, cols: usize) {
+        let mut acc = [[_mm512_setzero_ps(); 3]; MR];
+        for p in 0..kp {
+            let bp = b.add(p * NR);
+            let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(bp as *const _));
+            let b1: __m512bh = std::mem::transmute(_mm512_loadu_si512(bp.add(16) as *const _));
+            let b2: __m512bh = std::mem::transmute(_mm512_loadu_si512(bp.add(32) as *const _));
+            for (r, acc) in acc.iter_mut().enumerate() {
+                let ar: __m512bh = std::mem::transmute(_mm512_set1_epi32(*a.add(r * kp + p) as i32));
+                acc[0] = _mm512_dpbf16_ps(acc[0], ar, b0);
+                acc[1] = _mm512_dpbf16_ps(acc[1], ar, b1);
+                acc[2] = _mm512_dpbf16_ps(acc[2], ar, b2);
+            }
+        }
+        if cols == NR {
+            for (r, acc) in acc.iter().enumerate().take(rows) {
+                let row = c.add(r * ldc);
+                _mm512_storeu_ps(row, acc[0]);
+                _mm512_storeu_ps(row.add(16), acc[1]);
+                _mm512_storeu_ps(row.add(32), acc[2]);
+            }
+        } else {
+            let mut tmp = [0f32; NR];
+            for (r, acc) in acc.iter().enumerate().take(rows) {
+                _mm512_storeu_ps(tmp.as_mut_ptr(), acc[0]);
+                _mm512_storeu_ps(tmp.as_mut_ptr().add(16), acc[1]);
+                _mm512_storeu_ps(tmp.as_mut_ptr().add(32), acc[2]);
+                std::ptr::copy_nonoverlapping(tmp.as_ptr(), c.add(r * ldc), cols);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rng::Rng;
+
+    fn values(n: usize, seed: u64) -> Vec<f32> {
+        Rng::new(seed).normal(n, 0.0, 1.0)
+    }
+
+    /// Exact f64 sums of the bf16-rounded operands: what both paths approximate in f32.
+    fn exact(a: &[f32], m: usize, k: usize, b: Rhs, n: usize) -> Vec<f64> {
+        let mut c = vec![0f64; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                c[i * n + j] = (0..k)
+                    .map(|kk| bf16::from_f32(a[i * k + kk]).to_f64() * bf16::from_bits(b.at(kk, j, k, n)).to_f64())
+                    .sum();
+            }
+        }
+        c
+    }
+
+    fn check(m: usize, k: usize, n: usize) {
+        let a = values(m * k, 1);
+        let w = values(k * n, 2);
+        let w16: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
+        for rhs in [Rhs::TransposedF32(&w), Rhs::TransposedBf16(&w16), Rhs::PlainF32(&w), Rhs::PlainBf16(&w16)] {
+            let want = exact(&a, m, k, rhs, n);
+            for (name, got) in [("kernel", matmul(&a, m, k, rhs, n)), ("reference", matmul_reference(&a, m, k, rhs, n))]
+            {
+                assert_eq!(got.len(), m * n);
+                for (i, (&g, &e)) in got.iter().zip(&want).enumerate() {
+                    // f32 sums of k products of size ~1: error ~ k · 2⁻²⁴ · |terms|
+                    let tol = 1e-6 * k as f64 * (1.0 + e.abs());
+                    assert!((g as f64 - e).abs() <= tol, "{name} m={m} k={k} n={n} at {i}: {g} vs {e}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn matches_the_exact_product_of_the_rounded_operands() {
+        // full panels and blocks, ragged edges in every dimension, odd k, a single row
+        check(16, 64, 96);
+        check(13, 37, 50);
+        check(1, 9, 7);
+        check(9, 130, 49);
+    }
+}
