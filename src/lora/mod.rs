@@ -3,6 +3,7 @@
 //! model (export, gguf, merge). Knows nothing of the training loop.
 
 pub mod export;
+mod fused;
 pub mod gguf;
 pub mod merge;
 pub mod peft;
@@ -81,8 +82,16 @@ impl LoraLinear {
 
     /// x: [..., in] → [..., out]. `train` turns dropout on.
     pub fn forward(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        let Some(lora) = &self.lora else { return self.base.forward(x) };
+        if x.device().is_cpu() && x.dtype() == DType::F32 {
+            return self.forward_fused(x, lora, train);
+        }
+        self.forward_composite(x, lora, train)
+    }
+
+    /// The LoRA linear in candle ops (any device and dtype).
+    fn forward_composite(&self, x: &Tensor, lora: &LoraPair, train: bool) -> candle_core::Result<Tensor> {
         let y = self.base.forward(x)?;
-        let Some(lora) = &self.lora else { return Ok(y) };
         let h = if train && lora.dropout > 0.0 { seeded_dropout(x, lora.dropout, &self.path)? } else { x.clone() };
         // LoRA parameters stay f32 (and so do their gradients and AdamW state); the branch runs
         // in the compute dtype, as PEFT's under autocast: casting the small A and B costs less
@@ -91,6 +100,23 @@ impl LoraLinear {
         let (a, b) = (lora.a.as_tensor().to_dtype(dtype)?, lora.b.as_tensor().to_dtype(dtype)?);
         let z = h.broadcast_matmul(&a.t()?)?.broadcast_matmul(&b.t()?)?;
         y + (z * lora.scale)?
+    }
+}
+
+impl LoraLinear {
+    /// The CPU's one-node LoRA linear (lora/fused.rs), the same values as `forward`'s
+    /// composite path.
+    fn forward_fused(&self, x: &Tensor, lora: &LoraPair, train: bool) -> candle_core::Result<Tensor> {
+        let dims = x.dims();
+        let Some((&in_f, lead)) = dims.split_last() else { candle_core::bail!("LoRA linear: input is a scalar") };
+        let rows: usize = lead.iter().product();
+        let dropout =
+            (train && lora.dropout > 0.0).then(|| (lora.dropout, Rng::key(DROPOUT_SEED.with(Cell::get), &self.path)));
+        let op = fused::FusedLora { base: self.base.clone(), scale: lora.scale as f32, dropout };
+        let y = x.reshape((rows, in_f))?.contiguous()?.apply_op3(lora.a.as_tensor(), lora.b.as_tensor(), op)?;
+        let mut out_dims = lead.to_vec();
+        out_dims.push(self.base.out_features());
+        y.reshape(out_dims)
     }
 }
 
@@ -188,6 +214,61 @@ impl CustomOp1 for SeededDropout {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The fused CPU op against the composite candle ops: output and the gradients of x, A and
+    /// B, with dropout (the same masks: both draw from the seed and path) and without, over a
+    /// dense and an NF4 base with a bias.
+    #[test]
+    fn fused_lora_linear_matches_the_composite_ops() {
+        use crate::quant::{quantize, FloatType, FrozenWeight};
+        let dev = Device::Cpu;
+        let (rows, in_f, out_f) = (7, 40, 24);
+        let mut rng = Rng::new(5);
+        let w = rng.normal(out_f * in_f, 0.0, 0.2);
+        let bias = Tensor::from_vec(rng.normal(out_f, 0.0, 0.1), out_f, &dev).unwrap();
+        let dense = FrozenWeight::Dense(Tensor::from_vec(w.clone(), (out_f, in_f), &dev).unwrap());
+        let nf4 = FrozenWeight::nf4(quantize(&w, &[out_f, in_f], FloatType::F32, 64, true).unwrap(), &dev).unwrap();
+        let x = Var::from_vec(rng.normal(2 * rows * in_f, 0.0, 1.0), (2, rows, in_f), &dev).unwrap();
+        for weight in [dense, nf4] {
+            for dropout in [0.0, 0.3] {
+                let mut lin =
+                    LoraLinear::new("m.q_proj".into(), FrozenLinear::new(weight.clone(), Some(bias.clone())).unwrap());
+                let settings = LoraSettings { r: 4, alpha: 8.0, dropout, use_rslora: false, targets: vec![] };
+                lin.init_lora(&settings, &mut rng, &dev).unwrap();
+                let pair = lin.lora.clone().unwrap();
+                pair.b.set(&Tensor::from_vec(rng.normal(out_f * 4, 0.0, 0.5), (out_f, 4), &dev).unwrap()).unwrap();
+                let run = |fused: bool| {
+                    set_dropout_seed(11);
+                    let y = if fused {
+                        lin.forward(x.as_tensor(), true).unwrap()
+                    } else {
+                        lin.forward_composite(x.as_tensor(), &pair, true).unwrap()
+                    };
+                    // a loss that weights every output differently
+                    let weights =
+                        Tensor::arange(0f32, y.elem_count() as f32, &dev).unwrap().reshape(y.shape()).unwrap();
+                    let grads = (&y * ((weights * 0.01).unwrap().sin().unwrap()))
+                        .unwrap()
+                        .sum_all()
+                        .unwrap()
+                        .backward()
+                        .unwrap();
+                    let g = |t: &Tensor| grads.get(t).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                    let y = y.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                    [y, g(x.as_tensor()), g(pair.a.as_tensor()), g(pair.b.as_tensor())]
+                };
+                let (fused, composite) = (run(true), run(false));
+                for (name, (f, c)) in ["y", "dx", "dA", "dB"].iter().zip(fused.iter().zip(&composite)) {
+                    let scale = c.iter().fold(0f32, |m, v| m.max(v.abs()));
+                    let diff = f.iter().zip(c).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+                    assert!(
+                        diff <= 1e-5 * scale.max(1.0),
+                        "{name}, dropout {dropout}: fused off by {diff} (scale {scale})"
+                    );
+                }
+            }
+        }
+    }
 
     #[test]
     fn dropout_keeps_about_one_minus_p_and_scales_the_kept() {

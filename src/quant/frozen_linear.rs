@@ -273,6 +273,18 @@ impl FrozenLinear {
         grad_y.contiguous()?.apply_op1_no_bwd(&FrozenMatmulT { weight: self.weight.clone(), operands: self.operands })
     }
 
+    /// x · Wᵀ (+ b) on a contiguous CPU input [rows, in], outside any graph: the forward of a
+    /// fused op that contains this linear (lora's fused LoRA linear).
+    pub fn forward_cpu(&self, x: &CpuStorage, layout: &Layout) -> candle_core::Result<CpuStorage> {
+        let op = FrozenMatmul { weight: self.weight.clone(), bias: self.bias.clone(), operands: self.operands };
+        Ok(op.cpu_fwd(x, layout)?.0)
+    }
+
+    /// grad_y · W on a contiguous CPU gradient [rows, out], outside any graph.
+    pub fn input_grad_cpu(&self, grad_y: &CpuStorage, layout: &Layout) -> candle_core::Result<CpuStorage> {
+        Ok(FrozenMatmulT { weight: self.weight.clone(), operands: self.operands }.cpu_fwd(grad_y, layout)?.0)
+    }
+
     /// Moves a host NF4 weight to the device form (uploaded once to `device`).
     pub fn into_device_form(self, device: &Device) -> candle_core::Result<Self> {
         Ok(Self { weight: self.weight.into_device_form(device)?, ..self })

@@ -1,0 +1,206 @@
+//! The LoRA linear as one graph node on the CPU: y = base(x) + s·(drop(x)·Aᵀ)·Bᵀ.
+//!
+//! Written as candle ops the branch is about ten nodes (dropout, two transposes, two matmuls
+//! with their broadcasts, the scale, the sum), and candle's backward gives every node's input
+//! a zero tensor and then adds the gradient to it: for the [tokens, out] tensors of a LoRA
+//! linear that is most of the memory traffic of its backward. This op computes the same
+//! values in one pass each way and keeps nothing but its input and output: the small
+//! [tokens, r] product and the dropout mask are computed again in the backward.
+//!
+//! Other devices and dtypes take the composite path in `LoraLinear::forward`, which the tests
+//! check this op against (and the parity tests check both against PEFT).
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
+
+use super::dropout_mul_cpu;
+use crate::quant::FrozenLinear;
+
+pub(super) struct FusedLora {
+    pub base: FrozenLinear,
+    pub scale: f32,
+    /// Dropout probability and mask key (`Rng::key(seed, path)`), when dropout is on.
+    pub dropout: Option<(f32, u64)>,
+}
+
+type Res<T> = candle_core::Result<T>;
+
+fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Res<&'a [f32]> {
+    let CpuStorage::F32(v) = s else { candle_core::bail!("fused LoRA: {what} is {:?}, not f32", s.dtype()) };
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&v[a..b]),
+        None => candle_core::bail!("fused LoRA: {what} is not contiguous"),
+    }
+}
+
+/// Row-major matrices for `gemm`: (data, rows, cols), optionally read transposed.
+#[derive(Clone, Copy)]
+struct Mat<'a> {
+    data: &'a [f32],
+    rows: usize,
+    cols: usize,
+    transposed: bool,
+}
+
+impl<'a> Mat<'a> {
+    fn new(data: &'a [f32], rows: usize, cols: usize) -> Self {
+        debug_assert_eq!(data.len(), rows * cols);
+        Self { data, rows, cols, transposed: false }
+    }
+    fn t(self) -> Self {
+        Self { transposed: !self.transposed, ..self }
+    }
+    /// (rows, cols) as read
+    fn dims(&self) -> (usize, usize) {
+        if self.transposed {
+            (self.cols, self.rows)
+        } else {
+            (self.rows, self.cols)
+        }
+    }
+    /// (column stride, row stride) as read
+    fn strides(&self) -> (isize, isize) {
+        if self.transposed {
+            (self.cols as isize, 1)
+        } else {
+            (1, self.cols as isize)
+        }
+    }
+}
+
+/// out = keep·out + alpha·(a·b), out row-major [a rows, b cols]; keep 0 overwrites.
+fn matmul_into(out: &mut [f32], keep: f32, a: Mat, b: Mat, alpha: f32) {
+    let ((m, k), (k2, n)) = (a.dims(), b.dims());
+    assert!(k == k2 && out.len() == m * n, "fused LoRA: matmul of {:?} by {:?}", a.dims(), b.dims());
+    let ((a_cs, a_rs), (b_cs, b_rs)) = (a.strides(), b.strides());
+    // SAFETY: the dimensions and strides above describe the slices exactly.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            out.as_mut_ptr(),
+            1,
+            n as isize,
+            keep != 0.0,
+            a.data.as_ptr(),
+            a_cs,
+            a_rs,
+            b.data.as_ptr(),
+            b_cs,
+            b_rs,
+            keep,
+            alpha,
+            false,
+            false,
+            false,
+            gemm::Parallelism::Rayon(rayon::current_num_threads()),
+        )
+    }
+}
+
+impl FusedLora {
+    /// drop(x) when dropout is on (a fresh copy), else None (x itself is used).
+    fn dropped(&self, x: &CpuStorage, xl: &Layout) -> Res<Option<Vec<f32>>> {
+        match self.dropout {
+            Some((p, key)) => match dropout_mul_cpu(x, xl, key, p)? {
+                CpuStorage::F32(v) => Ok(Some(v)),
+                _ => candle_core::bail!("fused LoRA: dropout changed the dtype"),
+            },
+            None => Ok(None),
+        }
+    }
+}
+
+impl CustomOp3 for FusedLora {
+    fn name(&self) -> &'static str {
+        "lora-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        a_s: &CpuStorage,
+        al: &Layout,
+        b_s: &CpuStorage,
+        bl: &Layout,
+    ) -> Res<(CpuStorage, Shape)> {
+        let (rows, in_f) = xl.shape().dims2()?;
+        let (r, out_f) = (al.dims()[0], bl.dims()[0]);
+        let (a, b) = (f32_slice(a_s, al, "A")?, f32_slice(b_s, bl, "B")?);
+        let mut y = match self.base.forward_cpu(xs, xl)? {
+            CpuStorage::F32(y) => y,
+            other => candle_core::bail!("fused LoRA: the base linear gave {:?}", other.dtype()),
+        };
+        let dropped = self.dropped(xs, xl)?;
+        let h = match &dropped {
+            Some(h) => h.as_slice(),
+            None => f32_slice(xs, xl, "x")?,
+        };
+        let mut u = vec![0f32; rows * r];
+        matmul_into(&mut u, 0.0, Mat::new(h, rows, in_f), Mat::new(a, r, in_f).t(), 1.0);
+        matmul_into(&mut y, 1.0, Mat::new(&u, rows, r), Mat::new(b, out_f, r).t(), self.scale);
+        Ok((CpuStorage::F32(y), Shape::from((rows, out_f))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        _y: &Tensor,
+        g: &Tensor,
+    ) -> Res<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let g = g.contiguous()?;
+        let (rows, in_f) = x.dims2()?;
+        let (r, out_f) = (a.dims()[0], b.dims()[0]);
+        let (x_storage, xl) = x.storage_and_layout();
+        let (a_storage, al) = a.storage_and_layout();
+        let (b_storage, bl) = b.storage_and_layout();
+        let (g_storage, gl) = g.storage_and_layout();
+        use candle_core::Storage::Cpu;
+        let (Cpu(xs), Cpu(a_s), Cpu(b_s), Cpu(gs)) = (&*x_storage, &*a_storage, &*b_storage, &*g_storage) else {
+            candle_core::bail!("fused LoRA: tensors not on the CPU");
+        };
+        let (av, bv, gv) = (f32_slice(a_s, al, "A")?, f32_slice(b_s, bl, "B")?, f32_slice(gs, gl, "gradient")?);
+        let dropped = self.dropped(xs, xl)?;
+        let h = match &dropped {
+            Some(h) => h.as_slice(),
+            None => f32_slice(xs, xl, "x")?,
+        };
+        let s = self.scale;
+        // u = h·Aᵀ [rows, r] again; v = g·B [rows, r]
+        let mut u = vec![0f32; rows * r];
+        matmul_into(&mut u, 0.0, Mat::new(h, rows, in_f), Mat::new(av, r, in_f).t(), 1.0);
+        let mut v = vec![0f32; rows * r];
+        matmul_into(&mut v, 0.0, Mat::new(gv, rows, out_f), Mat::new(bv, out_f, r), 1.0);
+        // dB = s·gᵀ·u [out, r]; dA = s·vᵀ·h [r, in]
+        let mut grad_b = vec![0f32; out_f * r];
+        matmul_into(&mut grad_b, 0.0, Mat::new(gv, rows, out_f).t(), Mat::new(&u, rows, r), s);
+        let mut grad_a = vec![0f32; r * in_f];
+        matmul_into(&mut grad_a, 0.0, Mat::new(&v, rows, r).t(), Mat::new(h, rows, in_f), s);
+        drop(dropped);
+        // dx = g·W + mask ⊙ (s·v·A) / (1 − p)
+        let mut grad_x = match self.base.input_grad_cpu(gs, gl)? {
+            CpuStorage::F32(d) => d,
+            other => candle_core::bail!("fused LoRA: the base gradient is {:?}", other.dtype()),
+        };
+        match self.dropout {
+            None => matmul_into(&mut grad_x, 1.0, Mat::new(&v, rows, r), Mat::new(av, r, in_f), s),
+            Some((p, key)) => {
+                let mut branch = vec![0f32; rows * in_f];
+                matmul_into(&mut branch, 0.0, Mat::new(&v, rows, r), Mat::new(av, r, in_f), s);
+                let masked = dropout_mul_cpu(&CpuStorage::F32(branch), &Layout::contiguous((rows, in_f)), key, p)?;
+                let CpuStorage::F32(masked) = masked else { unreachable!("f32 in, f32 out") };
+                grad_x.iter_mut().zip(&masked).for_each(|(d, m)| *d += m);
+            }
+        }
+        let device = x.device();
+        Ok((
+            Some(Tensor::from_vec(grad_x, (rows, in_f), device)?),
+            Some(Tensor::from_vec(grad_a, (r, in_f), device)?),
+            Some(Tensor::from_vec(grad_b, (out_f, r), device)?),
+        ))
+    }
+}
