@@ -222,7 +222,7 @@ pub fn peft_baseline(
         .args(["--preset", b.preset, "--mode", b.mode])
         .args(["--seq", &row.seq.to_string(), "--batch", &row.batch.to_string()])
         .args(["--steps", &b.steps.to_string(), "--rank", &b.rank.to_string()])
-        .args(["--targets", &b.targets.join(","), "--threads", &row.threads.to_string()])
+        .args(["--targets", &peft_targets(&b.targets), "--threads", &row.threads.to_string()])
         .args(["--device", &row.device]);
     if b.checkpointing {
         cmd.arg("--checkpointing");
@@ -243,6 +243,16 @@ pub fn peft_baseline(
     let line =
         stdout.lines().rev().find(|l| l.trim_start().starts_with('{')).context("no JSON line from the baseline")?;
     Ok(serde_json::from_str(line)?)
+}
+
+/// Target modules as peft_baseline.py's --targets takes them: it hands PEFT a list, in which
+/// "all-linear" would be a module name, so that is spelled out (the presets are LLaMA-shaped).
+fn peft_targets(targets: &[String]) -> String {
+    if targets.iter().any(|t| t == "all-linear") {
+        "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj".into()
+    } else {
+        targets.join(",")
+    }
 }
 
 /// "ours vs theirs" for one row: tokens/s and peak RSS with their ratios.

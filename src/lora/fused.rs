@@ -14,6 +14,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 
 use super::dropout_mul_cpu;
+use crate::quant::bf16_matmul::{f32_matmul_into as matmul_into, Mat};
 use crate::quant::FrozenLinear;
 
 pub(super) struct FusedLora {
@@ -30,72 +31,6 @@ fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Res<&'a [f32]> {
     match l.contiguous_offsets() {
         Some((a, b)) => Ok(&v[a..b]),
         None => candle_core::bail!("fused LoRA: {what} is not contiguous"),
-    }
-}
-
-/// Row-major matrices for `gemm`: (data, rows, cols), optionally read transposed.
-#[derive(Clone, Copy)]
-struct Mat<'a> {
-    data: &'a [f32],
-    rows: usize,
-    cols: usize,
-    transposed: bool,
-}
-
-impl<'a> Mat<'a> {
-    fn new(data: &'a [f32], rows: usize, cols: usize) -> Self {
-        debug_assert_eq!(data.len(), rows * cols);
-        Self { data, rows, cols, transposed: false }
-    }
-    fn t(self) -> Self {
-        Self { transposed: !self.transposed, ..self }
-    }
-    /// (rows, cols) as read
-    fn dims(&self) -> (usize, usize) {
-        if self.transposed {
-            (self.cols, self.rows)
-        } else {
-            (self.rows, self.cols)
-        }
-    }
-    /// (column stride, row stride) as read
-    fn strides(&self) -> (isize, isize) {
-        if self.transposed {
-            (self.cols as isize, 1)
-        } else {
-            (1, self.cols as isize)
-        }
-    }
-}
-
-/// out = keep·out + alpha·(a·b), out row-major [a rows, b cols]; keep 0 overwrites.
-fn matmul_into(out: &mut [f32], keep: f32, a: Mat, b: Mat, alpha: f32) {
-    let ((m, k), (k2, n)) = (a.dims(), b.dims());
-    assert!(k == k2 && out.len() == m * n, "fused LoRA: matmul of {:?} by {:?}", a.dims(), b.dims());
-    let ((a_cs, a_rs), (b_cs, b_rs)) = (a.strides(), b.strides());
-    // SAFETY: the dimensions and strides above describe the slices exactly.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            out.as_mut_ptr(),
-            1,
-            n as isize,
-            keep != 0.0,
-            a.data.as_ptr(),
-            a_cs,
-            a_rs,
-            b.data.as_ptr(),
-            b_cs,
-            b_rs,
-            keep,
-            alpha,
-            false,
-            false,
-            false,
-            gemm::Parallelism::Rayon(rayon::current_num_threads()),
-        )
     }
 }
 

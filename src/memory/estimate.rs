@@ -39,9 +39,11 @@ pub enum DeviceKind {
 }
 
 impl DeviceKind {
-    /// The compute dtype the trainer uses there: f32 on the CPU, bf16 on CUDA.
+    /// The compute dtype the trainer uses there by default ("auto"): bf16 on CUDA; on the CPU
+    /// bf16 where its matmuls are the faster (`bf16_matmul::pays_on_this_cpu`), else f32.
     pub fn default_dtype(self) -> DType {
         match self {
+            DeviceKind::Cpu if crate::quant::bf16_matmul::pays_on_this_cpu() => DType::BF16,
             DeviceKind::Cpu => DType::F32,
             DeviceKind::Cuda => DType::BF16,
         }

@@ -88,30 +88,7 @@ pub fn pays_on_this_cpu() -> bool {
         let (mut t_f32, mut t_bf16) = (f64::INFINITY, f64::INFINITY);
         for _ in 0..5 {
             let start = std::time::Instant::now();
-            // SAFETY: a is [m, k], w [n, k] read as its transpose, c [m, n], all row-major.
-            unsafe {
-                gemm::gemm(
-                    m,
-                    n,
-                    k,
-                    c.as_mut_ptr(),
-                    1,
-                    n as isize,
-                    false,
-                    a.as_ptr(),
-                    1,
-                    k as isize,
-                    w.as_ptr(),
-                    k as isize,
-                    1,
-                    0.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::Rayon(rayon::current_num_threads()),
-                )
-            };
+            f32_matmul_into(&mut c, 0.0, Mat::new(&a, m, k), Mat::new(&w, n, k).t(), 1.0);
             t_f32 = t_f32.min(start.elapsed().as_secs_f64());
             let start = std::time::Instant::now();
             std::hint::black_box(matmul(&a, m, k, Rhs::TransposedBf16(&w16), n));
@@ -147,31 +124,74 @@ pub fn matmul_reference(a: &[f32], m: usize, k: usize, b: Rhs, n: usize) -> Vec<
         }
     });
     let mut c = vec![0f32; m * n];
-    // SAFETY: the slices hold m·k, k·n and m·n elements, row-major with the strides given.
+    f32_matmul_into(&mut c, 0.0, Mat::new(&a, m, k), Mat::new(&bt, k, n), 1.0);
+    c
+}
+
+/// A row-major f32 matrix (data, rows, cols) for `f32_matmul_into`, read as it is or transposed.
+#[derive(Clone, Copy)]
+pub(crate) struct Mat<'a> {
+    data: &'a [f32],
+    rows: usize,
+    cols: usize,
+    transposed: bool,
+}
+
+impl<'a> Mat<'a> {
+    pub(crate) fn new(data: &'a [f32], rows: usize, cols: usize) -> Self {
+        debug_assert_eq!(data.len(), rows * cols);
+        Self { data, rows, cols, transposed: false }
+    }
+    pub(crate) fn t(self) -> Self {
+        Self { transposed: !self.transposed, ..self }
+    }
+    /// (rows, cols) as read
+    fn dims(&self) -> (usize, usize) {
+        if self.transposed {
+            (self.cols, self.rows)
+        } else {
+            (self.rows, self.cols)
+        }
+    }
+    /// (column stride, row stride) as read
+    fn strides(&self) -> (isize, isize) {
+        if self.transposed {
+            (self.cols as isize, 1)
+        } else {
+            (1, self.cols as isize)
+        }
+    }
+}
+
+/// out = keep·out + alpha·(a·b), out row-major [a rows, b cols]; keep 0 overwrites.
+pub(crate) fn f32_matmul_into(out: &mut [f32], keep: f32, a: Mat, b: Mat, alpha: f32) {
+    let ((m, k), (k2, n)) = (a.dims(), b.dims());
+    assert!(k == k2 && out.len() == m * n, "f32 matmul of {:?} by {:?}", a.dims(), b.dims());
+    let ((a_cs, a_rs), (b_cs, b_rs)) = (a.strides(), b.strides());
+    // SAFETY: the dimensions and strides above describe the slices exactly.
     unsafe {
         gemm::gemm(
             m,
             n,
             k,
-            c.as_mut_ptr(),
+            out.as_mut_ptr(),
             1,
             n as isize,
-            false,
-            a.as_ptr(),
-            1,
-            k as isize,
-            bt.as_ptr(),
-            1,
-            n as isize,
-            0.0,
-            1.0,
+            keep != 0.0,
+            a.data.as_ptr(),
+            a_cs,
+            a_rs,
+            b.data.as_ptr(),
+            b_cs,
+            b_rs,
+            keep,
+            alpha,
             false,
             false,
             false,
             gemm::Parallelism::Rayon(rayon::current_num_threads()),
-        );
+        )
     }
-    c
 }
 
 /// Packs columns [j0, j0 + NR) of B as [k/2][NR] pairs of bf16 (low half: the even k).

@@ -239,21 +239,8 @@ impl Nf4Tensor {
     pub fn dequantize_bf16_into(&self, out: &mut [bf16]) {
         #[cfg(target_arch = "x86_64")]
         if self.blocksize.is_multiple_of(32) && crate::quant::bf16_matmul::has_bf16_dot() {
-            assert_eq!(out.len(), self.numel(), "output length must equal the element count");
-            let bs = self.blocksize;
-            const BLOCKS_PER_TASK: usize = 256;
-            out.par_chunks_mut(bs * BLOCKS_PER_TASK).enumerate().for_each(|(task, chunk)| {
-                for (j, block) in chunk.chunks_mut(bs).enumerate() {
-                    let b = task * BLOCKS_PER_TASK + j;
-                    let scale = match &self.absmax {
-                        Absmax::Plain(a) => a[b],
-                        Absmax::Double(dq) => dq.absmax(b),
-                    };
-                    let bytes = &self.packed[b * bs / 2..];
-                    // SAFETY: AVX-512F and AVX512-BF16 checked above; a full block reads bs / 2 bytes.
-                    unsafe { dequant_block_bf16(bytes, scale, block) };
-                }
-            });
+            // SAFETY: AVX-512F and AVX512-BF16 checked above; a full block reads bs / 2 bytes.
+            self.for_each_block(out, |bytes, scale, block| unsafe { dequant_block_bf16(bytes, scale, block) });
             return;
         }
         self.dequantize_into(out, bf16::from_f32);
@@ -268,11 +255,29 @@ impl Nf4Tensor {
     /// Dequantize into `out` (numel elements), converting each f32 product with `convert`.
     /// Blocks are independent, so chunks of blocks run in parallel.
     pub fn dequantize_into<T: Copy + Send>(&self, out: &mut [T], convert: impl Fn(f32) -> T + Sync) {
-        let n = self.numel();
-        assert_eq!(out.len(), n, "output length must equal the element count");
-        let bs = self.blocksize;
         // Each byte holds two codes; look both up at once.
         let pairs: [[f32; 2]; 256] = std::array::from_fn(|byte| [NF4_CODE[byte >> 4], NF4_CODE[byte & 0x0f]]);
+        self.for_each_block(out, |bytes, scale, block| {
+            let last_byte = bytes.get(block.len() / 2).copied();
+            let mut pairs_out = block.chunks_exact_mut(2);
+            for (o, &byte) in (&mut pairs_out).zip(bytes) {
+                let [hi, lo] = pairs[byte as usize];
+                o[0] = convert(hi * scale);
+                o[1] = convert(lo * scale);
+            }
+            // odd element count: the last element is the high nibble of the last byte
+            if let ([last], Some(byte)) = (pairs_out.into_remainder(), last_byte) {
+                *last = convert(pairs[byte as usize][0] * scale);
+            }
+        });
+    }
+
+    /// Runs `f(codes from the block's first byte on, scale, the block's outputs)` for every
+    /// block of `out` (numel elements); chunks of blocks run in parallel, as blocks are
+    /// independent.
+    fn for_each_block<T: Send>(&self, out: &mut [T], f: impl Fn(&[u8], f32, &mut [T]) + Sync) {
+        assert_eq!(out.len(), self.numel(), "output length must equal the element count");
+        let bs = self.blocksize;
         const BLOCKS_PER_TASK: usize = 256;
         out.par_chunks_mut(bs * BLOCKS_PER_TASK).enumerate().for_each(|(task, chunk)| {
             for (j, block) in chunk.chunks_mut(bs).enumerate() {
@@ -282,21 +287,9 @@ impl Nf4Tensor {
                     Absmax::Double(dq) => dq.absmax(b),
                 };
                 // bs is even, so a block starts on a byte boundary.
-                let bytes = &self.packed[b * bs / 2..];
-                let last_byte = bytes.get(block.len() / 2).copied();
-                let mut pairs_out = block.chunks_exact_mut(2);
-                for (o, &byte) in (&mut pairs_out).zip(bytes) {
-                    let [hi, lo] = pairs[byte as usize];
-                    o[0] = convert(hi * scale);
-                    o[1] = convert(lo * scale);
-                }
-                // odd element count: the last element is the high nibble of the last byte
-                if let ([last], Some(byte)) = (pairs_out.into_remainder(), last_byte) {
-                    *last = convert(pairs[byte as usize][0] * scale);
-                }
+                f(&self.packed[b * bs / 2..], scale, block);
             }
         });
-        debug_assert!(n == 0 || out.len() == n);
     }
 }
 
