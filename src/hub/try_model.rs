@@ -39,12 +39,25 @@ pub struct GeneratedText {
     pub text: String,
 }
 
+/// The base an adapter runs on: one of our QLoRA checkpoints on the NF4 base it was trained
+/// against (quantized on load, as PEFT runs a QLoRA adapter on the 4-bit model), anything else
+/// on the dense weights. Its answers are then the ones the training saw.
+fn base_for(adapter: Option<&std::path::Path>) -> BaseWeights {
+    use crate::train::{checkpoint::RUN_CONFIG, Mode, RunConfig};
+    match adapter.and_then(|a| RunConfig::load(&a.join(RUN_CONFIG)).ok()) {
+        Some(config) if config.model.mode == Mode::Qlora => {
+            BaseWeights::Nf4 { double_quant: true, compute: DType::F32 }
+        }
+        _ => BaseWeights::Dense(DType::F32),
+    }
+}
+
 /// Resolve, load, generate; `on_text` gets each new piece of decoded text as it comes.
 pub fn generate_text(request: &GenerateRequest, mut on_text: impl FnMut(&str)) -> Result<GeneratedText> {
     let resolved = resolve_with(&request.model, &request.resolve)?;
     let dir = resolved.dir;
     let device = Device::Cpu;
-    let mut model = Model::load(&dir, BaseWeights::Dense(DType::F32), &device)?;
+    let mut model = Model::load(&dir, base_for(request.adapter.as_deref()), &device)?;
     if let Some(adapter) = &request.adapter {
         model.load_adapter(adapter)?;
     }
