@@ -34,9 +34,8 @@ done
 
 cd "$HERE"
 mkdir -p runs
-RESULTS=runs/results.jsonl
-: > "$RESULTS"
-: > runs/attempts.jsonl
+# runs/result-NAME.json: the kept result of each run (a run not selected with --only keeps its
+# earlier one); runs/attempts.jsonl: every try.
 
 echo "== versions" >&2
 "$QLS_BIN" --version >&2 || true
@@ -54,7 +53,7 @@ echo "== preparing (untimed)" >&2
 cat "$(ls -d ~/.cache/qlora-studio/finetune-compare/*/ | head -1)model.safetensors" > /dev/null
 
 wait_idle() {
-    "$PY" -c "import cpuwatch, sys; cpuwatch.wait_idle(log=lambda m: print(m, file=sys.stderr, flush=True))"
+    "$PY" -c "import cpuwatch, sys; cpuwatch.wait_idle(window=5.0, quiet_windows=6, log=lambda m: print(m, file=sys.stderr, flush=True))"
 }
 
 # A timed run is kept when other processes used at most 3% of its wall time in CPU (or 2 s);
@@ -75,7 +74,8 @@ run() {
         fi
         echo "   other processes used the CPU during $name: timing not kept" >&2
     done
-    echo "$line" >> "$RESULTS"
+    echo "$line" > "runs/result-$name.json"
+    rm -f "runs/cross-$name.json"
 }
 
 run ours-f32 "$PY" ours_run.py --config run-f32.toml "${STEPS[@]}"
@@ -86,17 +86,19 @@ run torch-bf16 env HF_HUB_OFFLINE=1 "$PY" torch_finetune.py --config run-bf16.to
 # Untimed: our adapters answered by the PyTorch evaluator too (NF4 base as trained, and the dense
 # base), so that one evaluator scores both sides' adapters.
 echo "== our adapters through the PyTorch evaluator (untimed)" >&2
-: > runs/cross.jsonl
 for dtype in f32 bf16; do
-    case ",$ONLY," in *",ours-$dtype,"*) ;; *) continue ;; esac
+    [ -f "runs/result-ours-$dtype.json" ] && [ ! -f "runs/cross-ours-$dtype.json" ] || continue
     ckpt="$(ls -d "runs/ours-$dtype"/checkpoint-* | tail -n 1)"
     extra=(); [ "$dtype" = bf16 ] && extra=(--bf16)
     "$PY" torch_eval_adapter.py --adapter "$HERE/$ckpt" --config "run-$dtype.toml" "${extra[@]}" \
-        --label "ours-$dtype" | tail -n 1 | tee -a runs/cross.jsonl >&2
+        --label "ours-$dtype" | tail -n 1 > "runs/cross-ours-$dtype.json"
+    cat "runs/cross-ours-$dtype.json" >&2
 done
 
 echo >&2
-"$PY" table.py "$RESULTS" runs/cross.jsonl | tee runs/table.md
+cat runs/result-{ours-f32,ours-bf16,torch-f32,torch-bf16}.json 2>/dev/null > runs/results.jsonl || true
+cat runs/cross-ours-*.json 2>/dev/null > runs/cross.jsonl || true
+"$PY" table.py runs/results.jsonl runs/cross.jsonl | tee runs/table.md
 
 if [ "$VERIFY" = 1 ] && [ -d runs/ours-f32 ]; then
     echo "== same inputs on both sides (untimed)" >&2
