@@ -145,6 +145,13 @@ FACTS = [
 ]
 
 
+
+def scored(h, text):
+    """One held-out answer: right when it contains the fact's keyword (case-insensitive). Both
+    sides score with this, so they count alike."""
+    return {"question": h["question"], "keyword": h["keyword"], "answer": text,
+            "correct": h["keyword"].lower() in text.lower()}
+
 def build(seed=SEED):
     rng = random.Random(seed)
     train, heldout = [], []

@@ -23,6 +23,7 @@ import time
 import tomllib
 
 import cpuwatch
+import make_facts
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_BIN = os.environ.get("QLS_BIN", "/root/.cache/qlora-studio/target/release/qlora-studio")
@@ -68,8 +69,7 @@ def answer_heldout(binary, model, adapter, heldout):
     answers = []
     for h in heldout:
         text = generate(binary, model, adapter, h["question"])
-        answers.append({"question": h["question"], "keyword": h["keyword"], "answer": text,
-                        "correct": h["keyword"].lower() in text.lower()})
+        answers.append(make_facts.scored(h, text))
     return answers
 
 

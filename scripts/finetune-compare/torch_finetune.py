@@ -55,6 +55,7 @@ import tomllib  # noqa: E402
 import torch  # noqa: E402
 
 import cpuwatch  # noqa: E402
+import make_facts  # noqa: E402
 import qls_rng  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -182,8 +183,7 @@ def answer_heldout(model, tok, heldout, autocast_bf16, max_new_tokens=16):
                 pad_token_id=eos,
             )
         text = tok.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True).strip()
-        answers.append({"question": h["question"], "keyword": h["keyword"], "answer": text,
-                        "correct": h["keyword"].lower() in text.lower()})
+        answers.append(make_facts.scored(h, text))
     return answers
 
 

@@ -14,6 +14,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 
 use super::dropout_mul_cpu;
+use crate::model::ops::slice as f32_slice;
 use crate::quant::bf16_matmul::{f32_matmul_into as matmul_into, Mat};
 use crate::quant::FrozenLinear;
 
@@ -25,14 +26,6 @@ pub(super) struct FusedLora {
 }
 
 type Res<T> = candle_core::Result<T>;
-
-fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Res<&'a [f32]> {
-    let CpuStorage::F32(v) = s else { candle_core::bail!("fused LoRA: {what} is {:?}, not f32", s.dtype()) };
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&v[a..b]),
-        None => candle_core::bail!("fused LoRA: {what} is not contiguous"),
-    }
-}
 
 impl FusedLora {
     /// drop(x) when dropout is on (a fresh copy), else None (x itself is used).
@@ -63,7 +56,7 @@ impl CustomOp3 for FusedLora {
     ) -> Res<(CpuStorage, Shape)> {
         let (rows, in_f) = xl.shape().dims2()?;
         let (r, out_f) = (al.dims()[0], bl.dims()[0]);
-        let (a, b) = (f32_slice(a_s, al, "A")?, f32_slice(b_s, bl, "B")?);
+        let (a, b) = (f32_slice(a_s, al)?, f32_slice(b_s, bl)?);
         let mut y = match self.base.forward_cpu(xs, xl)? {
             CpuStorage::F32(y) => y,
             other => candle_core::bail!("fused LoRA: the base linear gave {:?}", other.dtype()),
@@ -71,7 +64,7 @@ impl CustomOp3 for FusedLora {
         let dropped = self.dropped(xs, xl)?;
         let h = match &dropped {
             Some(h) => h.as_slice(),
-            None => f32_slice(xs, xl, "x")?,
+            None => f32_slice(xs, xl)?,
         };
         let mut u = vec![0f32; rows * r];
         matmul_into(&mut u, 0.0, Mat::new(h, rows, in_f), Mat::new(a, r, in_f).t(), 1.0);
@@ -98,11 +91,11 @@ impl CustomOp3 for FusedLora {
         let (Cpu(xs), Cpu(a_s), Cpu(b_s), Cpu(gs)) = (&*x_storage, &*a_storage, &*b_storage, &*g_storage) else {
             candle_core::bail!("fused LoRA: tensors not on the CPU");
         };
-        let (av, bv, gv) = (f32_slice(a_s, al, "A")?, f32_slice(b_s, bl, "B")?, f32_slice(gs, gl, "gradient")?);
+        let (av, bv, gv) = (f32_slice(a_s, al)?, f32_slice(b_s, bl)?, f32_slice(gs, gl)?);
         let dropped = self.dropped(xs, xl)?;
         let h = match &dropped {
             Some(h) => h.as_slice(),
-            None => f32_slice(xs, xl, "x")?,
+            None => f32_slice(xs, xl)?,
         };
         let s = self.scale;
         // u = h·Aᵀ [rows, r] again; v = g·B [rows, r]

@@ -419,11 +419,9 @@ pub fn estimate(input: &EstimateInput) -> Result<Estimate> {
         let working = layer_working.max(first_leaks - first_residual_leak + 2.0 * tok * h * e);
         (first_residual_leak + working, "layer backward")
     };
-    let (backward, peak_at) = if loss_backward >= layer_backward {
-        (loss_backward, "loss backward")
-    } else {
-        (layer_backward, backward_detail)
-    };
+    let peak_in_loss = loss_backward >= layer_backward;
+    let (backward, peak_at) =
+        if peak_in_loss { (loss_backward, "loss backward") } else { (layer_backward, backward_detail) };
 
     // ------------------------------------------------------------------ transients
     // QLoRA dequantizes into one buffer the size of the largest frozen linear: kept per
@@ -474,7 +472,7 @@ pub fn estimate(input: &EstimateInput) -> Result<Estimate> {
     // temporaries, allocator rounding) on one side, the order in which candle's backward
     // frees gradients on the other (3 to 5 tensors in flight instead of 4).
     let mut low = mid - 0.25 * backward - 0.03 * dynamic;
-    if peak_at == "loss backward" {
+    if peak_in_loss {
         // at the start of the backward the LoRA gradients (4 B a parameter, counted above)
         // do not exist yet; where the peak then lands depends on how close the layers come
         low -= lora_params * 4.0;

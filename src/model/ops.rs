@@ -108,7 +108,7 @@ mod avx512_exp {
 }
 
 /// The contiguous f32 data of a CPU storage.
-fn slice<'a>(s: &'a CpuStorage, l: &Layout) -> Res<&'a [f32]> {
+pub(crate) fn slice<'a>(s: &'a CpuStorage, l: &Layout) -> Res<&'a [f32]> {
     let CpuStorage::F32(v) = s else { candle_core::bail!("fused op: expected f32, got {:?}", s.dtype()) };
     match l.contiguous_offsets() {
         Some((a, b)) => Ok(&v[a..b]),

@@ -180,10 +180,7 @@ impl FrozenWeight {
 /// The contiguous f32 input when this matmul runs on the bf16-operand kernel.
 fn bf16_input<'a>(operands: Operands, x: &'a CpuStorage, l: &Layout) -> candle_core::Result<Option<&'a [f32]>> {
     match (operands, x) {
-        (Operands::Bf16OnCpu, CpuStorage::F32(v)) => match l.contiguous_offsets() {
-            Some((a, b)) => Ok(Some(&v[a..b])),
-            None => candle_core::bail!("frozen linear: non-contiguous input"),
-        },
+        (Operands::Bf16OnCpu, CpuStorage::F32(_)) => Ok(Some(crate::model::ops::slice(x, l)?)),
         _ => Ok(None),
     }
 }
@@ -270,7 +267,7 @@ impl FrozenLinear {
 
     /// The input gradient grad_y · W of a 2-D grad_y [rows, out], outside any graph.
     pub fn input_grad(&self, grad_y: &Tensor) -> candle_core::Result<Tensor> {
-        grad_y.contiguous()?.apply_op1_no_bwd(&FrozenMatmulT { weight: self.weight.clone(), operands: self.operands })
+        input_grad(&self.weight, self.operands, grad_y)
     }
 
     /// x · Wᵀ (+ b) on a contiguous CPU input [rows, in], outside any graph: the forward of a
@@ -373,6 +370,11 @@ fn with_dequantized<R>(
     result
 }
 
+/// grad_y · W for a 2-D grad_y [rows, out], outside any graph (the frozen linear's backward).
+fn input_grad(weight: &FrozenWeight, operands: Operands, grad_y: &Tensor) -> candle_core::Result<Tensor> {
+    grad_y.contiguous()?.apply_op1_no_bwd(&FrozenMatmulT { weight: weight.clone(), operands })
+}
+
 /// grad_x = grad_y · W on a contiguous [rows, out] gradient (no graph).
 struct FrozenMatmulT {
     weight: FrozenWeight,
@@ -382,10 +384,15 @@ struct FrozenMatmulT {
 impl FrozenMatmulT {
     fn shapes(&self, l: &Layout) -> candle_core::Result<(usize, usize, usize)> {
         let (out_f, in_f) = self.weight.dims();
-        match l.dims() {
-            &[rows, g] if g == out_f => Ok((rows, out_f, in_f)),
-            d => candle_core::bail!("frozen linear backward: expected a [rows, {out_f}] gradient, got {d:?}"),
-        }
+        Ok((rows_of(l, out_f, "frozen linear backward: expected a gradient")?, out_f, in_f))
+    }
+}
+
+/// The rows of a 2-D [rows, width] layout; `what` heads the error otherwise.
+fn rows_of(l: &Layout, width: usize, what: &str) -> candle_core::Result<usize> {
+    match l.dims() {
+        &[rows, w] if w == width => Ok(rows),
+        d => candle_core::bail!("{what} of shape [rows, {width}], got {d:?}"),
     }
 }
 
@@ -416,10 +423,7 @@ impl CustomOp1 for FrozenMatmulT {
 impl FrozenMatmul {
     fn shapes(&self, l: &Layout) -> candle_core::Result<(usize, usize, usize)> {
         let (out_f, in_f) = self.weight.dims();
-        match l.dims() {
-            &[rows, i] if i == in_f => Ok((rows, out_f, in_f)),
-            d => candle_core::bail!("frozen linear: expected a [rows, {in_f}] input, got {d:?}"),
-        }
+        Ok((rows_of(l, in_f, "frozen linear: expected an input")?, out_f, in_f))
     }
 }
 
@@ -465,9 +469,7 @@ impl CustomOp1 for FrozenMatmul {
 
     fn bwd(&self, x: &Tensor, _y: &Tensor, grad_y: &Tensor) -> candle_core::Result<Option<Tensor>> {
         // grad_x = grad_y · W, with W dequantized again for NF4; nothing for W or the bias.
-        let grad_x = grad_y
-            .contiguous()?
-            .apply_op1_no_bwd(&FrozenMatmulT { weight: self.weight.clone(), operands: self.operands })?;
+        let grad_x = input_grad(&self.weight, self.operands, grad_y)?;
         debug_assert_eq!(grad_x.dims(), x.dims());
         Ok(Some(grad_x))
     }
