@@ -53,7 +53,7 @@ prepare() {
     scripts/build-cuda.sh --tests cuda_device model_parity
     rm -rf $G/ours && mkdir -p $G/ours/bin $G/ours/fixtures $G/bench $G/whl
     cp dist/cuda/qlora-studio dist/cuda/cuda_device dist/cuda/model_parity $G/ours/bin/
-    cp -r ../shared/fixtures/models ../shared/fixtures/nf4 ../shared/fixtures/README.md $G/ours/fixtures/
+    cp -r tests/fixtures/models tests/fixtures/nf4 tests/fixtures/README.md $G/ours/fixtures/
     # the executables carry candle's PTX as text: xz makes them small enough to travel (64 MiB a call)
     mkdir -p $G/pack && tar -C $G -cf - ours | xz -T0 -6 >$G/pack/ours.tar.xz
     rm -rf $G/ours

@@ -25,11 +25,14 @@ fn settings(targets: &[&str]) -> LoraSettings {
 #[test]
 fn fresh_lora_starts_equal_to_the_base_model() {
     let dev = Device::Cpu;
-    let ids = candle_core::Tensor::new(&[[1u32, 5, 9, 200, 3, 17]], &dev).unwrap();
+    let fx = common::fixture_model("llama");
+    let top = fx.vocab as u32 - 1;
+    let ids = candle_core::Tensor::new(&[[1u32, 5, 9, top, 3, 17]], &dev).unwrap();
     let mut model = llama();
     let before = model.forward(&ids, false).unwrap();
     model.add_lora(&settings(&["all-linear"]), 0).unwrap();
-    assert_eq!(model.trainable().len(), 2 * 7 * 2);
+    // A and B on each of the 7 linears of every layer
+    assert_eq!(model.trainable().len(), 2 * 7 * fx.layers);
     let after = model.forward(&ids, false).unwrap();
     let d = (before - after).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
     assert_eq!(d, 0.0, "B starts at zero, so the adapted model equals the base");
@@ -71,22 +74,31 @@ fn adapter_copy(name: &str, edit: impl Fn(&mut Vec<RawTensor>)) -> std::path::Pa
 
 #[test]
 fn misshaped_or_missing_adapter_keys_are_named() {
+    let fx = common::fixture_model("llama");
+    let key = "layers.1.self_attn.v_proj.lora_A.weight";
+    let (r, cols) = match fx.adapter_shape(key) {
+        [r, cols] => (*r, *cols),
+        other => panic!("{key}: {other:?}"),
+    };
+    assert!(r % 2 == 0, "LoRA rank {r}: the test halves it");
     let dir = adapter_copy("shape", |ts| {
-        let t = ts.iter_mut().find(|t| t.name.ends_with("layers.1.self_attn.v_proj.lora_A.weight")).unwrap();
-        t.shape = vec![4, 128]; // same bytes, wrong shape
+        let t = ts.iter_mut().find(|t| t.name.ends_with(key)).unwrap();
+        t.shape = vec![r / 2, 2 * cols]; // same bytes, wrong shape
     });
     let e = llama().load_adapter(&dir).unwrap_err().to_string();
-    assert!(e.contains("layers.1.self_attn.v_proj.lora_A.weight") && e.contains("[8, 64]"), "{e}");
+    assert!(e.contains(key) && e.contains(&format!("[{r}, {cols}]")), "{e}");
 
     let dir = adapter_copy("missing", |ts| ts.retain(|t| !t.name.ends_with("layers.0.self_attn.q_proj.lora_B.weight")));
     let e = llama().load_adapter(&dir).unwrap_err().to_string();
     assert!(e.contains("layers.0.self_attn.q_proj.lora_B.weight") && e.contains("missing"), "{e}");
 
+    // the last layer's keys renamed to a layer past the model's end
+    let (last, beyond) = (format!("layers.{}.", fx.layers - 1), format!("layers.{}.", fx.layers + 5));
     let dir = adapter_copy("foreign", |ts| {
         for t in ts.iter_mut() {
-            t.name = t.name.replace("layers.1.", "layers.7.");
+            t.name = t.name.replace(&last, &beyond);
         }
     });
     let e = llama().load_adapter(&dir).unwrap_err().to_string();
-    assert!(e.contains("layers.7.") && e.contains("not in the model"), "{e}");
+    assert!(e.contains(&beyond) && e.contains("not in the model"), "{e}");
 }

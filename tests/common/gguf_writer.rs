@@ -1,5 +1,6 @@
 //! A GGUF file written from a fixture checkpoint the way llama.cpp's converter writes one (q/k
-//! rows permuted per head, llama.cpp tensor names, a byte-level BPE tokenizer in the metadata).
+//! rows permuted per head, llama.cpp tensor names, a byte-level BPE tokenizer in the metadata,
+//! padded to the checkpoint's vocabulary).
 #![allow(dead_code)]
 
 use std::path::Path;
@@ -89,8 +90,15 @@ pub fn write_gguf_from_fixture(fixture: &Path, out: &Path, arch: &str) {
         tensors.push((name, QTensor::quantize(&t, GgmlDType::F32).unwrap()));
     }
     let s = |v: &str| Value::String(v.to_string());
-    let tokens = vocab();
-    let mut token_type = vec![Value::I32(1); tokens.len()];
+    // the byte-level vocabulary, padded to the embedding's rows as llama.cpp's converter pads one:
+    // "[PAD<id>]" tokens of type UNUSED (5), which no merge makes
+    let mut tokens = vocab();
+    let rows = config["vocab_size"].as_u64().unwrap() as usize;
+    assert!(rows >= tokens.len(), "the fixture's vocabulary ({rows}) is smaller than the byte-level one");
+    let bytes = tokens.len();
+    tokens.extend((bytes..rows).map(|id| format!("[PAD{id}]")));
+    let mut token_type = vec![Value::I32(1); bytes];
+    token_type.resize(rows, Value::I32(5));
     token_type[0] = Value::I32(3); // byte 0 as a control token, as <|endoftext|> would be
     let metadata: Vec<(String, Value)> = vec![
         ("general.architecture".into(), s(arch)),
