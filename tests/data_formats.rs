@@ -349,6 +349,47 @@ fn plain_text_trains_every_token_and_ends_with_eos() {
 // ---- truncation, packing, split ----
 
 #[test]
+fn a_long_text_document_is_split_into_blocks_never_cut() {
+    // one document of ~3000 tokens (no blank line), as a book or a source file is
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("book.txt");
+    let text: String = (0..300).map(|i| format!("Line {i} of the manual.\n")).collect();
+    std::fs::write(&path, &text).unwrap();
+    let tok = ModelTokenizer::from_dir(base_model_dir(None).path()).unwrap();
+    let whole = prepare(&DataConfig { max_length: 100_000, ..config(path.clone()) }, &tok, None).unwrap();
+    let doc = &whole.train[0];
+    let max_length = 256;
+    assert!(doc.len() > 4 * max_length, "the document must be several blocks long: {}", doc.len());
+
+    let split = prepare(&DataConfig { max_length, ..config(path.clone()) }, &tok, None).unwrap();
+    assert_eq!(split.train.len(), doc.len().div_ceil(max_length));
+    let cat = |v: &[Example]| v.iter().flat_map(|e| e.input_ids.clone()).collect::<Vec<u32>>();
+    assert_eq!(cat(&split.train), doc.input_ids, "every token kept, in order");
+    assert!(split.train.iter().all(|e| e.len() <= max_length));
+    assert_eq!((split.report.split_documents, split.report.truncated, split.report.dropped_tokens), (1, 0, 0));
+    assert_eq!(split.report.longest.tokens, max_length);
+    assert!(split.report.longest.source.ends_with("book.txt:1"), "{}", split.report.longest.source);
+
+    // packing: the documents are one token stream cut into full blocks
+    let two_docs = dir.path().join("two.txt");
+    std::fs::write(&two_docs, format!("{text}\n{text}")).unwrap();
+    let packed = prepare(&DataConfig { max_length, packing: true, ..config(two_docs) }, &tok, None).unwrap();
+    assert_eq!(packed.report.train_tokens, 2 * doc.len());
+    let (last, full) = packed.train.split_last().unwrap();
+    assert!(full.iter().all(|e| e.len() == max_length) && last.len() <= max_length);
+    assert_eq!(packed.report.split_documents, 2);
+    assert_eq!(packed.report.longest.source, "packed sequences");
+
+    // the preview says the same and marks nothing as cut
+    let preview = qlora_studio::data::preview(&DataConfig { max_length, ..config(path) }, &tok, None, 1).unwrap();
+    let ex = &preview.examples[0];
+    assert!(!ex.truncated && ex.blocks == doc.len().div_ceil(max_length));
+    assert!(ex.segments.iter().all(|s| !s.cut));
+    assert_eq!((preview.split_documents, preview.truncated, preview.dropped_tokens), (1, 0, 0));
+    assert_eq!(preview.prepared.as_ref().map(|p| p.train_examples), Some(split.train.len()));
+}
+
+#[test]
 fn truncation_cuts_and_counts() {
     let tok = ModelTokenizer::from_dir(chatml_model_dir(None).path()).unwrap();
     let full = prepare(&config(demo_dataset()), &tok, Some("yi")).unwrap();
@@ -362,6 +403,13 @@ fn truncation_cuts_and_counts() {
     assert!(r.truncated > 0);
     assert_eq!(r.lengths.over_max_length, r.truncated);
     assert_eq!(r.cut_entirely.len(), prompt_lengths.iter().filter(|&&p| p >= max_length).count());
+    // every token a cut drops is counted (a record left out entirely drops all of its tokens)
+    let dropped: usize = lengths
+        .iter()
+        .zip(&prompt_lengths)
+        .map(|(&l, &p)| if p >= max_length { l } else { l.saturating_sub(max_length) })
+        .sum();
+    assert_eq!(r.dropped_tokens, dropped);
     assert_eq!(cut.train.len() + r.cut_entirely.len(), full.train.len());
     // Every example is the start of the uncut one.
     let kept: Vec<&Example> =
@@ -521,7 +569,7 @@ fn every_family_of_the_table_has_a_template() {
 #[test]
 fn smollm2_template_renders_the_reference_text() {
     let reference: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(common::fixture("real/smollm2_reference.json")).unwrap())
+        serde_json::from_str(&std::fs::read_to_string(common::real_fixture("smollm2_reference.json")).unwrap())
             .unwrap();
     let r = &reference["chat_template_render"];
     let messages: Vec<Message> = serde_json::from_value(r["messages"].clone()).unwrap();

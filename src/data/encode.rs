@@ -125,27 +125,64 @@ pub(crate) fn truncate(example: &mut Example, max_length: usize) -> bool {
     true
 }
 
-/// Packs examples, in order, into sequences of at most `max_length` tokens. The first token of
-/// each example after the first in a sequence is not trained, so nothing learns to predict
-/// one example from the end of another.
-pub fn pack(examples: Vec<Example>, max_length: usize) -> Vec<Example> {
+/// Cuts a plain-text document into consecutive blocks of at most `max_length` tokens, every
+/// token kept and trained as the document says (as transformers' run_clm cuts its token
+/// stream); only the last block may be shorter.
+pub(crate) fn split_into_blocks(example: Example, max_length: usize) -> Vec<Example> {
+    if example.len() <= max_length {
+        return vec![example];
+    }
+    example
+        .input_ids
+        .chunks(max_length)
+        .zip(example.labels.chunks(max_length))
+        .map(|(ids, labels)| Example { input_ids: ids.to_vec(), labels: labels.to_vec() })
+        .collect()
+}
+
+/// An example on its way to packing: a plain-text document flows across sequence borders
+/// (one token stream cut into blocks); a conversation stays whole.
+#[derive(Debug, Clone)]
+pub struct PackItem {
+    pub example: Example,
+    pub document: bool,
+    /// file:line of the record it came from.
+    pub location: String,
+}
+
+/// Packs examples, in order, into sequences of at most `max_length` tokens. A conversation
+/// starts a new sequence when it does not fit in what is left of the current one; a document
+/// fills it and goes on in the next. The first token of each example after the first in a
+/// sequence is not trained, so nothing learns to predict one example from the end of another.
+pub fn pack(examples: Vec<PackItem>, max_length: usize) -> Vec<Example> {
     let mut packed: Vec<Example> = Vec::new();
     let mut current = Example { input_ids: Vec::new(), labels: Vec::new() };
-    for mut ex in examples {
-        if !current.is_empty() && current.len() + ex.len() > max_length {
-            packed.push(std::mem::replace(&mut current, Example { input_ids: Vec::new(), labels: Vec::new() }));
+    let mut flush = |current: &mut Example| {
+        if !current.is_empty() {
+            packed.push(std::mem::replace(current, Example { input_ids: Vec::new(), labels: Vec::new() }));
+        }
+    };
+    for PackItem { example: mut ex, document, .. } in examples {
+        if !document && current.len() + ex.len() > max_length {
+            flush(&mut current);
         }
         if !current.is_empty() {
             if let Some(first) = ex.labels.first_mut() {
                 *first = IGNORE;
             }
         }
-        current.input_ids.append(&mut ex.input_ids);
-        current.labels.append(&mut ex.labels);
+        let mut at = 0;
+        while at < ex.len() {
+            if current.len() == max_length {
+                flush(&mut current);
+            }
+            let take = (max_length - current.len()).min(ex.len() - at);
+            current.input_ids.extend_from_slice(&ex.input_ids[at..at + take]);
+            current.labels.extend_from_slice(&ex.labels[at..at + take]);
+            at += take;
+        }
     }
-    if !current.is_empty() {
-        packed.push(current);
-    }
+    flush(&mut current);
     packed
 }
 
@@ -218,15 +255,41 @@ mod tests {
         }
     }
 
+    fn whole(e: Example) -> PackItem {
+        PackItem { example: e, document: false, location: String::new() }
+    }
+
     #[test]
     fn packing_fills_sequences_in_order_and_masks_borders() {
         let examples = vec![ex(&[1, 2, 3], 0), ex(&[4, 5], 0), ex(&[6, 7, 8, 9], 1), ex(&[10], 0)];
-        let packed = pack(examples, 5);
+        let packed = pack(examples.into_iter().map(whole).collect(), 5);
         let ids: Vec<Vec<u32>> = packed.iter().map(|e| e.input_ids.clone()).collect();
         assert_eq!(ids, vec![vec![1, 2, 3, 4, 5], vec![6, 7, 8, 9, 10]]);
         assert_eq!(packed[0].labels, vec![1, 2, 3, IGNORE, 5]);
         assert_eq!(packed[1].labels, vec![IGNORE, 7, 8, 9, IGNORE]);
         assert!(packed.iter().all(|e| e.len() <= 5 && e.labels.len() == e.input_ids.len()));
+    }
+
+    #[test]
+    fn documents_flow_across_sequences_and_no_token_is_lost() {
+        let doc = |ids: &[u32]| PackItem { example: ex(ids, 0), document: true, location: String::new() };
+        let examples = vec![doc(&[1, 2, 3, 4, 5, 6, 7]), whole(ex(&[8, 9, 10], 1)), doc(&[11, 12, 13, 14])];
+        let packed = pack(examples, 4);
+        let ids: Vec<Vec<u32>> = packed.iter().map(|e| e.input_ids.clone()).collect();
+        // the conversation [8, 9, 10] does not fit after [5, 6, 7]: it starts the next sequence
+        assert_eq!(ids, vec![vec![1, 2, 3, 4], vec![5, 6, 7], vec![8, 9, 10, 11], vec![12, 13, 14]]);
+        assert_eq!(packed[1].labels, vec![5, 6, 7], "a document's continuation stays trained");
+        assert_eq!(packed[2].labels, vec![IGNORE, 9, 10, IGNORE]);
+        assert_eq!(packed[3].labels, vec![12, 13, 14]);
+    }
+
+    #[test]
+    fn a_long_document_splits_into_blocks_keeping_every_token() {
+        let blocks = split_into_blocks(ex(&[1, 2, 3, 4, 5, 6, 7], 1), 3);
+        let ids: Vec<Vec<u32>> = blocks.iter().map(|e| e.input_ids.clone()).collect();
+        assert_eq!(ids, vec![vec![1, 2, 3], vec![4, 5, 6], vec![7]]);
+        assert_eq!(blocks[0].labels, vec![IGNORE, 2, 3]);
+        assert_eq!(split_into_blocks(ex(&[1, 2], 0), 3), vec![ex(&[1, 2], 0)]);
     }
 
     #[test]

@@ -47,7 +47,7 @@ use std::path::{Path, PathBuf};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-pub use encode::{pack, Example, LengthBucket, LengthStats, IGNORE};
+pub use encode::{pack, Example, LengthBucket, LengthStats, PackItem, IGNORE};
 pub use records::{dataset_files, read_file, BadRecord, Content, FileRecords, Message, Record, Role};
 pub use template::{
     check_template, family_template_name, named_template, named_templates, ChatTemplate, NamedTemplate, TemplateCheck,
@@ -225,8 +225,13 @@ pub struct DataReport {
     pub validation_examples: usize,
     /// Records that could not be used (only with skip_bad_records; otherwise they stop the run).
     pub skipped: Vec<BadRecord>,
-    /// Records cut to max_length.
+    /// Conversations cut to max_length, and the tokens the cuts dropped (those of records left
+    /// out entirely included).
     pub truncated: usize,
+    pub dropped_tokens: usize,
+    /// Plain-text documents longer than max_length, split into blocks (without packing) or
+    /// flowing across packed sequences: nothing of them is dropped.
+    pub split_documents: usize,
     /// Records left out because the cut removed every trained token (the reply begins after
     /// max_length).
     pub cut_entirely: Vec<BadRecord>,
@@ -235,6 +240,16 @@ pub struct DataReport {
     pub trained_tokens: usize,
     /// Token lengths of all records (train and validation) before cutting.
     pub lengths: LengthStats,
+    /// The longest training sequence: the trainer pads each micro-batch to its longest
+    /// sequence, so this sets the largest micro-batch the run sees (and the memory it needs).
+    pub longest: Longest,
+}
+
+/// The longest training sequence and where it comes from (file:line, or packed sequences).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Longest {
+    pub tokens: usize,
+    pub source: String,
 }
 
 /// The data a run trains on.
@@ -328,7 +343,9 @@ fn validation_indices(n: usize, fraction: f64, seed: u64, path: &Path) -> Result
     Ok(val)
 }
 
-/// Tokenizes records, cuts them to max_length, and notes what was cut.
+/// Tokenizes records and brings them to max_length: a conversation is cut (its start kept), a
+/// plain-text document is split into blocks, or left whole for `pack` to cut when packing.
+/// Notes what was cut and how much.
 fn encode_all(
     records: &[Record],
     template: Option<&ChatTemplate>,
@@ -336,7 +353,7 @@ fn encode_all(
     config: &DataConfig,
     report: &mut DataReport,
     lengths: &mut Vec<usize>,
-) -> Result<Vec<Example>> {
+) -> Result<Vec<PackItem>> {
     // Tokenizing is the slow part of a large dataset; the first error in file order is reported.
     let tokenized: Vec<std::result::Result<encode::Tokenized, BadRecord>> = records
         .par_iter()
@@ -353,10 +370,29 @@ fn encode_all(
             Err(bad) => return Err(bad.into_error()),
         };
         lengths.push(example.len());
+        if matches!(record.content, Content::Text(_)) {
+            if example.len() > config.max_length {
+                report.split_documents += 1;
+            }
+            if config.packing {
+                out.push(PackItem { example, document: true, location: record.location() });
+            } else {
+                let blocks = encode::split_into_blocks(example, config.max_length);
+                out.extend(blocks.into_iter().map(|example| PackItem {
+                    example,
+                    document: true,
+                    location: record.location(),
+                }));
+            }
+            continue;
+        }
         let prompt_tokens = example.labels.iter().take_while(|&&l| l == IGNORE).count();
+        let full_length = example.len();
         if encode::truncate(&mut example, config.max_length) {
             report.truncated += 1;
+            report.dropped_tokens += full_length - example.len();
             if example.trained_tokens() == 0 {
+                report.dropped_tokens += example.len();
                 report.cut_entirely.push(BadRecord {
                     file: record.file.clone(),
                     line: record.line,
@@ -370,7 +406,7 @@ fn encode_all(
                 continue;
             }
         }
-        out.push(example);
+        out.push(PackItem { example, document: false, location: record.location() });
     }
     Ok(out)
 }
@@ -418,9 +454,8 @@ pub fn prepare(config: &DataConfig, tokenizer: &ModelTokenizer, family_id: Optio
     report.validation_records = validation_records.len();
 
     let mut lengths = Vec::new();
-    let mut train = encode_all(&train_records, template.as_ref(), tokenizer, config, &mut report, &mut lengths)?;
-    let mut validation =
-        encode_all(&validation_records, template.as_ref(), tokenizer, config, &mut report, &mut lengths)?;
+    let train = encode_all(&train_records, template.as_ref(), tokenizer, config, &mut report, &mut lengths)?;
+    let validation = encode_all(&validation_records, template.as_ref(), tokenizer, config, &mut report, &mut lengths)?;
     if train.is_empty() {
         let first = report.skipped.first().or(report.cut_entirely.first()).map(|b| b.to_string()).unwrap_or_default();
         return Err(Error::Invalid(format!(
@@ -431,10 +466,20 @@ pub fn prepare(config: &DataConfig, tokenizer: &ModelTokenizer, family_id: Optio
             config.max_length
         )));
     }
-    if config.packing {
-        train = pack(train, config.max_length);
-        validation = pack(validation, config.max_length);
-    }
+    let longest_record = match config.packing {
+        true => None,
+        false => train.iter().max_by_key(|i| i.example.len()).map(|i| i.location.clone()),
+    };
+    let (train, validation) = if config.packing {
+        (pack(train, config.max_length), pack(validation, config.max_length))
+    } else {
+        let examples = |items: Vec<PackItem>| items.into_iter().map(|e| e.example).collect::<Vec<_>>();
+        (examples(train), examples(validation))
+    };
+    report.longest = Longest {
+        tokens: train.iter().map(Example::len).max().unwrap_or(0),
+        source: longest_record.unwrap_or_else(|| "packed sequences".into()),
+    };
     report.train_examples = train.len();
     report.validation_examples = validation.len();
     report.train_tokens = train.iter().map(Example::len).sum();
@@ -458,12 +503,19 @@ impl fmt::Display for DataReport {
             self.train_records, self.validation_records, self.train_examples, self.validation_examples
         )?;
         writeln!(f, "tokens: {} in training sequences, {} trained", self.train_tokens, self.trained_tokens)?;
+        writeln!(f, "longest training sequence: {} tokens ({})", self.longest.tokens, self.longest.source)?;
         let l = &self.lengths;
         writeln!(
             f,
-            "lengths: min {} / median {} / p90 {} / max {} tokens; {} of {} longer than max_length {} (cut)",
+            "lengths: min {} / median {} / p90 {} / max {} tokens; {} of {} longer than max_length {}",
             l.min, l.p50, l.p90, l.max, l.over_max_length, l.count, l.max_length
         )?;
+        if self.truncated > 0 {
+            writeln!(f, "cut: {} conversations, {} tokens dropped", self.truncated, self.dropped_tokens)?;
+        }
+        if self.split_documents > 0 {
+            writeln!(f, "split: {} text documents into max_length blocks, no token dropped", self.split_documents)?;
+        }
         for c in &self.cut_entirely {
             writeln!(f, "left out (reply cut away): {c}")?;
         }
@@ -496,7 +548,11 @@ pub struct PreviewExample {
     /// Tokens before cutting, and trained tokens after it.
     pub tokens: usize,
     pub trained_tokens: usize,
+    /// A conversation cut at max_length (the rest is dropped).
     pub truncated: bool,
+    /// Sequences a plain-text document becomes without packing (more than 1 when it is longer
+    /// than max_length: it is split, nothing dropped); 1 for a conversation.
+    pub blocks: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -507,9 +563,18 @@ pub struct Preview {
     pub format: String,
     pub records: usize,
     pub max_length: usize,
-    /// Lengths of every record before cutting; `over_max_length` is how many max_length cuts.
+    /// Lengths of every record before cutting; `over_max_length` is how many are longer than
+    /// max_length.
     pub lengths: LengthStats,
+    /// Of those: conversations cut (and the tokens the cuts drop), and plain-text documents
+    /// split into blocks (nothing dropped).
+    pub truncated: usize,
+    pub dropped_tokens: usize,
+    pub split_documents: usize,
     pub skipped: Vec<BadRecord>,
+    /// The dataset prepared as the trainer prepares it (split, cut, packed), for the memory
+    /// estimate's largest micro-batch; None when it cannot be (the run would say why).
+    pub prepared: Option<DataReport>,
 }
 
 /// The first `n` records rendered with the template, split into prompt and trained text, and
@@ -525,6 +590,7 @@ pub fn preview(config: &DataConfig, tokenizer: &ModelTokenizer, family_id: Optio
     }
     let template = template_for(&set.records, config, tokenizer, family_id)?;
     let mut lengths = Vec::with_capacity(set.records.len());
+    let (mut truncated, mut dropped_tokens, mut split_documents) = (0, 0, 0);
     let mut examples = Vec::new();
     for record in &set.records {
         let tokenized = match encode::tokenize_record(record, template.as_ref(), tokenizer, config.train_on_prompt) {
@@ -535,7 +601,16 @@ pub fn preview(config: &DataConfig, tokenizer: &ModelTokenizer, family_id: Optio
             }
             Err(bad) => return Err(bad.into_error()),
         };
-        lengths.push(tokenized.example.len());
+        let length = tokenized.example.len();
+        lengths.push(length);
+        if length > config.max_length {
+            if matches!(record.content, Content::Text(_)) {
+                split_documents += 1;
+            } else {
+                truncated += 1;
+                dropped_tokens += length - config.max_length;
+            }
+        }
         if examples.len() < n {
             examples.push(preview_example(record, &tokenized, tokenizer, config.max_length));
         }
@@ -555,7 +630,11 @@ pub fn preview(config: &DataConfig, tokenizer: &ModelTokenizer, family_id: Optio
         records: set.records.len(),
         max_length: config.max_length,
         lengths: LengthStats::from_lengths(&lengths, config.max_length),
+        truncated,
+        dropped_tokens,
+        split_documents,
         skipped: set.skipped,
+        prepared: prepare(config, tokenizer, family_id).ok().map(|p| p.report),
     })
 }
 
@@ -569,7 +648,9 @@ fn preview_example(
 ) -> PreviewExample {
     let ex = &tokenized.example;
     let text = &tokenized.text;
-    let state = |i: usize| (ex.labels[i] != IGNORE, i >= max_length);
+    // a document longer than max_length goes on in further blocks; only a conversation is cut
+    let document = matches!(record.content, Content::Text(_));
+    let state = |i: usize| (ex.labels[i] != IGNORE, !document && i >= max_length);
     let mut segments: Vec<Segment> = Vec::new();
     let push = |segments: &mut Vec<Segment>, piece: String, (trained, cut): (bool, bool)| {
         if piece.is_empty() {
@@ -599,14 +680,15 @@ fn preview_example(
             }
         }
     }
-    let mut truncated_example = ex.clone();
-    let truncated = encode::truncate(&mut truncated_example, max_length);
+    let mut kept = ex.clone();
+    let truncated = !document && encode::truncate(&mut kept, max_length);
     PreviewExample {
         source: record.location(),
         segments,
         tokens: ex.len(),
-        trained_tokens: truncated_example.trained_tokens(),
+        trained_tokens: kept.trained_tokens(),
         truncated,
+        blocks: if document { ex.len().div_ceil(max_length).max(1) } else { 1 },
     }
 }
 
@@ -634,7 +716,13 @@ pub fn render_preview_text(preview: &Preview) -> String {
             ex.source,
             ex.tokens,
             ex.trained_tokens,
-            if ex.truncated { format!(", cut to {}", preview.max_length) } else { String::new() }
+            if ex.truncated {
+                format!(", cut to {}", preview.max_length)
+            } else if ex.blocks > 1 {
+                format!(", split into {} blocks of at most {}", ex.blocks, preview.max_length)
+            } else {
+                String::new()
+            }
         ));
         let mut in_cut = false;
         for seg in &ex.segments {
@@ -656,12 +744,21 @@ pub fn render_preview_text(preview: &Preview) -> String {
         "\ntoken lengths of {} records: min {}, median {}, p90 {}, p99 {}, max {}, mean {:.1}\n",
         l.count, l.min, l.p50, l.p90, l.p99, l.max, l.mean
     ));
-    out.push_str(&format!("max_length {} cuts {} of {} records\n", preview.max_length, l.over_max_length, l.count));
+    out.push_str(&format!(
+        "{} of {} records are longer than max_length {}: {} conversations cut ({} tokens dropped), {} text documents split into blocks (nothing dropped)\n",
+        l.over_max_length, l.count, preview.max_length, preview.truncated, preview.dropped_tokens, preview.split_documents
+    ));
     let widest = l.histogram.iter().map(|b| b.count).max().unwrap_or(0).max(1);
     for b in &l.histogram {
         let bar = "█".repeat((b.count * 40).div_ceil(widest));
         let mark = if b.end > preview.max_length && b.start <= preview.max_length { " ← max_length" } else { "" };
         out.push_str(&format!("{:>6}–{:<6} {:>6} {bar}{mark}\n", b.start, b.end - 1, b.count));
+    }
+    if let Some(p) = &preview.prepared {
+        out.push_str(&format!(
+            "{} training sequences of {} tokens ({} trained); the longest: {} tokens ({})\n",
+            p.train_examples, p.train_tokens, p.trained_tokens, p.longest.tokens, p.longest.source
+        ));
     }
     if !preview.skipped.is_empty() {
         out.push_str(&format!("\nskipped {} bad record(s):\n", preview.skipped.len()));
