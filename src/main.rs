@@ -39,7 +39,13 @@ enum Command {
         /// Continue from a checkpoint folder (its own run config is used).
         #[arg(long)]
         resume: Option<PathBuf>,
+        /// Start even when the memory estimate says the run does not fit (train.ignore_memory_estimate).
+        #[arg(long)]
+        ignore_memory_estimate: bool,
     },
+    /// The GUI's training process: a run read from stdin, its events written to stdout.
+    #[command(name = "train-worker", hide = true)]
+    TrainWorker,
     /// Print the first examples of a run's dataset as the template renders them, with the
     /// trained parts marked, and the token-length statistics.
     Preview {
@@ -231,6 +237,7 @@ enum BenchCommand {
 }
 
 fn main() -> std::process::ExitCode {
+    qlora_studio::memory::record_startup_rss();
     qlora_studio::model::ops::configure_cpu_thread_pools();
     match run(Cli::parse()) {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -265,12 +272,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Train { config, resume } => {
-            let config = match (&config, &resume) {
+        Command::Train { config, resume, ignore_memory_estimate } => {
+            let mut config = match (&config, &resume) {
                 (Some(path), None) => RunConfig::load(path)?,
                 (None, Some(_)) => RunConfig::default(),
                 _ => anyhow::bail!("give either --config run.toml or --resume CHECKPOINT"),
             };
+            config.train.ignore_memory_estimate |= ignore_memory_estimate;
             let end = train_in_terminal(config, resume)?;
             let what = if end.stopped { "stopped" } else { "finished" };
             println!("{what} at step {}", end.step);
@@ -285,6 +293,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::TrainWorker => Ok(qlora_studio::train::worker::serve()?),
         Command::Preview { config, examples } => {
             print!("{}", qlora_studio::train::preview_run(&RunConfig::load(&config)?, examples)?);
             Ok(())
@@ -387,8 +396,31 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 Some(path) => {
                     let config = RunConfig::load(path)?;
                     let budget = memory::cli::memory_budget(&config.model.device, args.memory.as_deref())?;
-                    let input = config.estimate_input(budget.0)?;
-                    memory::cli::estimate_report(&input, &config.model.source, &config.model.device, &budget)?
+                    // the data's longest sequences size the largest micro-batch; max_length when
+                    // the data cannot be read yet
+                    let data = config.prepare_data_offline();
+                    let input = config.estimate_input(budget.0, data.as_ref().ok(), resident_now())?;
+                    let mut text =
+                        memory::cli::estimate_report(&input, &config.model.source, &config.model.device, &budget)?;
+                    text.push_str(&match &data {
+                        Ok(d) => format!(
+                            "\nsized by the data: {} training sequences, the longest {} tokens ({}); at batch_size × \
+                             max_length = {} × {} it would be {}\n",
+                            d.train_examples,
+                            d.longest.tokens,
+                            d.longest.source,
+                            config.train.batch_size,
+                            config.data.max_length,
+                            memory::cli::gib(
+                                memory::estimate(&config.estimate_input(budget.0, None, resident_now())?)?.mid
+                            )
+                        ),
+                        Err(e) => format!(
+                            "\nthe data was not read ({e}): the estimate assumes every micro-batch is batch_size × \
+                             max_length\n"
+                        ),
+                    });
+                    text
                 }
                 None => memory::cli::estimate_command(&args)?,
             };
@@ -477,6 +509,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 /// A terminal progress bar for hub downloads.
+/// This process's resident memory now (what the estimate adds for binary, tokenizer and data).
+fn resident_now() -> u64 {
+    memory::process_memory().map_or(0, |m| m.rss)
+}
+
 fn download_bar() -> hub::ProgressCallback {
     let bar = indicatif::ProgressBar::new(0);
     bar.set_style(

@@ -43,7 +43,9 @@ fn imported_gguf_reproduces_the_checkpoint() {
     let reference = SafetensorsFile::open(fixture.join("reference.safetensors")).unwrap();
     let ids = reference.tensor("input_ids", &dev).unwrap();
     let model = Model::load(&dir, BaseWeights::Dense(DType::F32), &dev).unwrap();
-    assert_eq!((model.spec.heads, model.spec.kv_heads), (4, 2));
+    let fx = common::fixture_model("llama_gqa_all_linear");
+    assert!(fx.kv_heads < fx.heads, "the fixture is a GQA model");
+    assert_eq!((model.spec.heads, model.spec.kv_heads), (fx.heads, fx.kv_heads));
     assert!(!model.spec.tie_embeddings, "the GGUF has output.weight");
     let logits = model.forward(&ids, false).unwrap();
     let want = reference.tensor("logits", &dev).unwrap();
@@ -52,6 +54,7 @@ fn imported_gguf_reproduces_the_checkpoint() {
 
     // the BPE follows the merges by rank; the byte-level alphabet covers the rest
     let tok = tokenizers::Tokenizer::from_file(dir.join("tokenizer.json")).unwrap();
+    assert_eq!(tok.get_vocab_size(true), fx.vocab, "one token for each row of the embedding");
     let pieces = |text: &str| -> Vec<String> { tok.encode(text, false).unwrap().get_tokens().to_vec() };
     assert_eq!(pieces("the other"), ["t", "he", "Ġ", "o", "t", "he", "r"]);
     assert_eq!(pieces(" the inner"), ["Ġthe", "Ġ", "in", "n", "er"]);
@@ -81,4 +84,65 @@ fn unsupported_gguf_architectures_are_refused_clearly() {
     std::fs::write(&not_gguf, b"GGUF but not really").unwrap();
     let err = gguf::import_cached(&not_gguf, &tmp.path().join("cache")).unwrap_err().to_string();
     assert!(err.contains("broken.gguf") && err.contains("GGUF"), "{err}");
+}
+
+/// A run trained on a .gguf file records the file as its base (base_model_name_or_path): its
+/// exports resolve the file as training did (re-importing it when the import is gone), and a
+/// PEFT export names a base PEFT can load.
+#[test]
+fn a_run_on_a_gguf_base_exports_like_any_other() {
+    use qlora_studio::lora::export::{export, ExportFormat, ExportInfo, ExportRequest};
+    use qlora_studio::lora::merge::MergeInto;
+    let tmp = tempfile::tempdir().unwrap();
+    // the app's cache, where training imported the file (the other tests here name theirs)
+    let cache = tmp.path().join("cache");
+    std::env::set_var("QLS_CACHE_DIR", &cache);
+    let fixture = common::fixture("models/llama_gqa_all_linear");
+    let file = tmp.path().join("tiny.gguf");
+    write_gguf_from_fixture(&fixture, &file, "llama");
+    let imported = gguf::import_cached(&file, &cache).unwrap();
+    // the run's adapter, naming the .gguf file as its base, as the trainer writes it
+    let run = tmp.path().join("checkpoint-000002");
+    std::fs::create_dir_all(&run).unwrap();
+    std::fs::copy(fixture.join("adapter/adapter_model.safetensors"), run.join("adapter_model.safetensors")).unwrap();
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture.join("adapter/adapter_config.json")).unwrap()).unwrap();
+    config["base_model_name_or_path"] = file.display().to_string().into();
+    std::fs::write(run.join("adapter_config.json"), config.to_string()).unwrap();
+    std::fs::remove_dir_all(&imported).unwrap();
+
+    let request = |format, out: &std::path::Path| ExportRequest {
+        from: run.clone(),
+        format,
+        base: None,
+        out: out.to_path_buf(),
+        dtype: None,
+        merge_into: MergeInto::Original,
+        modelfile: true,
+        divergence_check: true,
+        trained_on_nf4: Some(false),
+        check_sequences: Vec::new(),
+        info: ExportInfo::default(),
+    };
+    std::fs::create_dir_all(tmp.path().join("out")).unwrap();
+    let adapter_gguf = tmp.path().join("out/adapter.gguf");
+    export(&request(ExportFormat::Gguf, &adapter_gguf)).unwrap();
+    assert!(adapter_gguf.is_file() && imported.join("config.json").is_file(), "the base was imported again");
+    let modelfile = std::fs::read_to_string(tmp.path().join("out/Modelfile")).unwrap();
+    assert!(modelfile.contains(&format!("FROM {}", file.display())), "Ollama runs the .gguf itself:\n{modelfile}");
+
+    let merged = tmp.path().join("merged");
+    let report = export(&request(ExportFormat::Merged, &merged)).unwrap();
+    assert!(merged.join("config.json").is_file());
+    assert!(report.divergence.unwrap().top1_agreement > 0.99);
+
+    let peft = tmp.path().join("peft");
+    export(&request(ExportFormat::Peft, &peft)).unwrap();
+    let written: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(peft.join("adapter_config.json")).unwrap()).unwrap();
+    // no hub id in this file's metadata: the Hugging Face folder it was imported into
+    let base = written["base_model_name_or_path"].as_str().unwrap();
+    assert_eq!(std::path::Path::new(base), imported, "PEFT gets a base it can load");
+    let card = std::fs::read_to_string(peft.join("README.md")).unwrap();
+    assert!(card.contains("tiny.gguf"), "the model card names the file:\n{card}");
 }

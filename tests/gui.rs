@@ -168,6 +168,10 @@ fn choose_tune_start_watch_and_stop() {
     // try: the same prompt without and with the adapter of the last checkpoint
     harness.get_by_label("Try").click();
     harness.step();
+    // the suggested prompts arrive from a worker and move the Generate button down: wait for
+    // them, or the click lands where the button was
+    wait_until(&mut harness, "the suggested prompts", |app| !app.try_view.is_reading_dataset());
+    harness.step();
     harness.state_mut().try_view.prompt = "What color is the cat ?".into();
     harness.state_mut().try_view.max_tokens = 4;
     harness.step();
@@ -201,6 +205,7 @@ fn choose_tune_start_watch_and_stop() {
     // the run is in the history: compared, reopened with its curve, resumed from its checkpoint
     harness.get_by_label("Runs").click();
     harness.step();
+    wait_until(&mut harness, "the run history", |app| !app.records_loading());
     assert!(harness.query_by_label("out").is_some(), "the run's folder is listed");
     assert!(harness.query_by_label(&format!("{stopped_at}/500")).is_some(), "its step count is listed");
     harness.get_by_label("Compare").click();
@@ -217,6 +222,7 @@ fn choose_tune_start_watch_and_stop() {
 
     harness.get_by_label("Runs").click();
     harness.step();
+    wait_until(&mut harness, "the run history", |app| !app.records_loading());
     harness.get_by_label("Resume from last checkpoint").click();
     harness.step();
     wait_until(&mut harness, "a step after the resume", |app| {
@@ -230,6 +236,7 @@ fn choose_tune_start_watch_and_stop() {
     // the history shows the run's peak memory, and sends its checkpoint to the Export tab
     harness.get_by_label("Runs").click();
     harness.step();
+    wait_until(&mut harness, "the run history", |app| !app.records_loading());
     assert!(harness.query_all_by_label_contains("(RSS)").next().is_some(), "a peak memory reading");
     harness.get_by_label("Export…").click();
     harness.step();

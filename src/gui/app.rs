@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use super::data_view::DataView;
 use super::export_view::ExportView;
-use super::i18n::{tr, Lang};
+use super::i18n::{tr, tr_message, trf, Lang};
 use super::memory_view::MemoryView;
 use super::run_view::RunView;
 use super::source_view::{SourceState, SourceView};
@@ -18,7 +18,7 @@ use super::try_view::TryView;
 use crate::model::inspect::LinearModule;
 use crate::model::ModelSpec;
 use crate::train::checkpoint;
-use crate::train::events::RunFinished;
+use crate::train::events::{RunEstimate, RunFinished};
 use crate::train::{Checkpointing, Mode, RunConfig, Schedule};
 
 /// What persists between launches.
@@ -29,11 +29,13 @@ pub struct Settings {
     pub config: RunConfig,
     /// Output folders of past runs, newest last.
     pub runs: Vec<PathBuf>,
+    /// The folder the last export went to, where the next save dialog opens.
+    pub last_export_dir: Option<PathBuf>,
 }
 
 impl Default for Settings {
     fn default() -> Self {
-        Self { lang: Lang::En, config: demo_config(), runs: Vec::new() }
+        Self { lang: Lang::En, config: demo_config(), runs: Vec::new(), last_export_dir: None }
     }
 }
 
@@ -53,6 +55,44 @@ fn load_settings(path: &Path) -> (Settings, Option<(bool, String)>) {
                 format!("{} could not be read ({}); {kept}. Starting from the defaults.", path.display(), e.message());
             (Settings::default(), Some((true, message)))
         }
+    }
+}
+
+/// Write `settings` to `path` (its folder made when missing), through a temporary name.
+fn write_settings(path: &Path, settings: &Settings) -> Result<(), String> {
+    // TOML holds text: name the key of a path that is not (serde's error would not)
+    settings.config.check_paths_are_text().map_err(|e| e.to_string())?;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    }
+    let text = toml::to_string_pretty(settings).map_err(|e| e.to_string())?;
+    crate::weights::write_atomic(path, text.as_bytes()).map_err(|e| e.to_string())
+}
+
+/// The machine as the header shows it.
+struct Machine {
+    cores: usize,
+    ram: Option<u64>,
+    gpus: Vec<crate::memory::GpuInfo>,
+}
+
+impl Machine {
+    fn describe(&self, lang: Lang) -> String {
+        let mut parts: Vec<String> = self
+            .gpus
+            .iter()
+            .map(|g| {
+                let cap = g.compute_capability.as_ref().map(|c| trf(lang, ", compute {}", &[c])).unwrap_or_default();
+                let (total, free) = (human_bytes(g.total), human_bytes(g.free));
+                trf(lang, "GPU {}: {}, {} ({} free)", &[&g.index, &g.name, &total, &free]) + &cap
+            })
+            .collect();
+        let ram = self.ram.map(|b| trf(lang, ", {} RAM", &[&human_bytes(b)])).unwrap_or_default();
+        parts.push(trf(lang, "CPU: {} cores", &[&self.cores]) + &ram);
+        if !cfg!(feature = "cuda") && !self.gpus.is_empty() {
+            parts.push(tr(lang, "built without the cuda feature: training runs on the CPU").to_string());
+        }
+        parts.join(" · ")
     }
 }
 
@@ -114,13 +154,16 @@ pub struct StudioApp {
     pub status: Option<(bool, String)>,
     family_choice: usize,
     size_choice: usize,
-    device_line: String,
+    /// What the header says about the machine (worded in the UI's language each frame).
+    machine: Machine,
     sample_prompts_text: String,
     compare: Vec<PathBuf>,
     fonts_installed: bool,
-    /// The Runs tab's records and when (and from which list) they were read.
+    /// The Runs tab's records, when (and from which list) they were last asked for, and the
+    /// worker reading them (the UI thread never reads a checkpoint).
     records: Vec<RunRecord>,
     records_read: Option<(Vec<PathBuf>, std::time::Instant)>,
+    records_job: Option<std::thread::JoinHandle<Vec<RunRecord>>>,
     /// The tab drawn last frame (entering the Runs tab re-reads the history).
     shown_tab: Tab,
     /// What was last written to the settings file, and when (changes are saved a second later,
@@ -141,23 +184,12 @@ impl StudioApp {
             Some(p) => load_settings(p),
             None => (Settings::default(), None),
         };
-        let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-        let ram = crate::memory::total_memory().map(|b| format!(", {:.1} GiB RAM", b as f64 / 1073741824.0));
         let gpus = crate::memory::detect_gpus();
-        let gpu_line: Vec<String> = gpus
-            .iter()
-            .map(|g| {
-                let cap = g.compute_capability.as_ref().map(|c| format!(", compute {c}")).unwrap_or_default();
-                format!("GPU {}: {}, {} ({} free){cap}", g.index, g.name, human_bytes(g.total), human_bytes(g.free))
-            })
-            .collect();
-        let mut device_line = format!("CPU: {cores} cores{}", ram.unwrap_or_default());
-        if !gpu_line.is_empty() {
-            device_line = format!("{} · {device_line}", gpu_line.join(" · "));
-        }
-        if !cfg!(feature = "cuda") && !gpus.is_empty() {
-            device_line.push_str(" · built without the cuda feature: training runs on the CPU");
-        }
+        let machine = Machine {
+            cores: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+            ram: crate::memory::total_memory(),
+            gpus: gpus.clone(),
+        };
         let sample_prompts_text = settings.config.train.sample_prompts.join("\n");
         let mut app = Self {
             settings,
@@ -173,12 +205,13 @@ impl StudioApp {
             status,
             family_choice: 0,
             size_choice: 0,
-            device_line,
+            machine,
             sample_prompts_text,
             compare: Vec::new(),
             fonts_installed: false,
             records: Vec::new(),
             records_read: None,
+            records_job: None,
             shown_tab: Tab::Run,
             saved: None,
             header_right_width: 0.0,
@@ -202,15 +235,22 @@ impl StudioApp {
         &mut self.settings.config
     }
 
+    /// Write the settings file; when it cannot be written the status line says why (the app
+    /// goes on with the settings in memory).
     pub fn save_settings(&mut self) {
         self.saved = Some((self.settings.clone(), std::time::Instant::now()));
-        if let Some(p) = &self.settings_path {
-            if let Some(dir) = p.parent() {
-                let _ = std::fs::create_dir_all(dir);
-            }
-            if let Ok(text) = toml::to_string_pretty(&self.settings) {
-                let _ = crate::weights::write_atomic(p, text.as_bytes());
-            }
+        let Some(path) = &self.settings_path else { return };
+        if let Err(e) = write_settings(path, &self.settings) {
+            self.status = Some((true, format!("the settings could not be saved to {}: {e}", path.display())));
+        }
+    }
+
+    /// "Save config…" to `path`: an error (a path that is not text, a folder that cannot be
+    /// written) goes to the status line.
+    pub fn save_config_to(&mut self, path: &Path) {
+        match self.settings.config.save(path) {
+            Ok(()) => self.status = Some((false, format!("run config saved to {}", path.display()))),
+            Err(e) => self.status = Some((true, e.to_string())),
         }
     }
 
@@ -234,6 +274,17 @@ impl StudioApp {
             if targets.is_empty() || !targets.iter().all(|t| t == "all-linear" || have.contains(&t.as_str())) {
                 *targets = info.default_targets.clone();
             }
+        }
+    }
+
+    /// What the estimate counts for the run's process outside its tensors: a training process
+    /// of its own (binary, tokenizer, data) where runs train in one; this window's resident
+    /// memory where they train on its thread.
+    fn run_process_bytes(&self) -> u64 {
+        let own = crate::memory::process_memory().map_or(0, |m| m.rss);
+        match crate::train::worker::trains_in_child_process() {
+            true => self.data_view.run_process_bytes().unwrap_or(own),
+            false => own,
         }
     }
 
@@ -276,9 +327,14 @@ impl StudioApp {
         }
         self.save_settings();
         if let Some(c) = self.config_for_estimate() {
-            self.memory_view.update(&c);
+            let process = self.run_process_bytes();
+            self.memory_view.update(&c, self.data_view.prepared(), process);
         }
-        self.run = Some(RunView::start(config, resume_from, self.memory_view.estimate_bytes()));
+        let estimate = match &self.memory_view.estimate {
+            Some(Ok(e)) => Some(RunEstimate::new(e)),
+            _ => None,
+        };
+        self.run = Some(RunView::start(config, resume_from, estimate));
         self.tab = Tab::Run;
     }
 
@@ -301,7 +357,7 @@ impl StudioApp {
             if let Some(outcome) = run.pump() {
                 // the history has a new last checkpoint to show
                 self.records_read = None;
-                notify(&outcome);
+                notify(&outcome, self.settings.lang);
                 if let Ok(f) = &outcome {
                     self.status = Some((false, finished_text(f)));
                 }
@@ -323,7 +379,7 @@ impl StudioApp {
             ui.horizontal(|ui| {
                 ui.heading("qlora-studio");
                 ui.separator();
-                ui.label(&self.device_line);
+                ui.label(self.machine.describe(lang));
                 // the right-hand group is laid out left to right, after a gap sized from last
                 // frame's group, so that Tab goes through it in the order the eye reads it
                 let gap = ui.available_width() - self.header_right_width;
@@ -344,10 +400,16 @@ impl StudioApp {
                     }
                 }
                 if ui.button(tr(lang, "Save config…")).clicked() {
-                    if let Some(p) = rfd::FileDialog::new().set_file_name("run.toml").save_file() {
-                        if let Err(e) = self.settings.config.save(&p) {
-                            self.status = Some((true, e.to_string()));
-                        }
+                    // in the run's folder (or beside it, before the run made it), named after it
+                    let out = &self.settings.config.train.output_dir;
+                    let dir = if out.is_dir() { Some(out.as_path()) } else { out.parent().filter(|p| p.is_dir()) };
+                    let name = out.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or("run".into());
+                    let mut dialog = rfd::FileDialog::new().add_filter("run config", &["toml"]);
+                    if let Some(dir) = dir {
+                        dialog = dialog.set_directory(dir);
+                    }
+                    if let Some(p) = dialog.set_file_name(format!("{name}.toml")).save_file() {
+                        self.save_config_to(&p);
                     }
                 }
                 let before = self.settings.lang;
@@ -373,7 +435,7 @@ impl StudioApp {
             if let Some((is_error, text)) = self.status.clone() {
                 let color = if is_error { ui.visuals().error_fg_color } else { ui.visuals().text_color() };
                 ui.horizontal(|ui| {
-                    ui.colored_label(color, text);
+                    ui.colored_label(color, tr_message(lang, &text));
                     if ui.small_button("✕").clicked() {
                         self.status = None;
                     }
@@ -401,8 +463,9 @@ impl StudioApp {
             .id_salt("Training")
             .default_open(false)
             .show(ui, |ui| self.training_panel(ui));
+        let process = self.run_process_bytes();
         match self.config_for_estimate() {
-            Some(c) => self.memory_view.update(&c),
+            Some(c) => self.memory_view.update(&c, self.data_view.prepared(), process),
             None => self
                 .memory_view
                 .clear(tr(lang, "The estimate comes once the model is local (or pick a size from the table).")),
@@ -650,8 +713,8 @@ impl StudioApp {
         let selected = |targets: &[String], m: &LinearModule| ModelSpec::targets_select(targets, &m.path);
         for m in &info.linear_modules {
             let mut on = selected(&lora.targets, m);
-            let shape = m.shape.map(|[o, i]| format!("{o}×{i}")).unwrap_or_else(|| "packed".into());
-            let fused = m.fused.as_ref().map(|f| format!(" · fused {f}")).unwrap_or_default();
+            let shape = m.shape.map(|[o, i]| format!("{o}×{i}")).unwrap_or_else(|| tr(lang, "packed").into());
+            let fused = m.fused.as_ref().map(|f| trf(lang, " · fused {}", &[f])).unwrap_or_default();
             let default = if info.default_targets.iter().any(|t| selected(std::slice::from_ref(t), m)) {
                 tr(lang, " · default")
             } else {
@@ -739,6 +802,15 @@ impl StudioApp {
                     ))
             });
             ui.end_row();
+            labelled(ui, tr(lang, "Memory check"), |ui| {
+                ui.checkbox(&mut t.ignore_memory_estimate, tr(lang, "start even if the estimate says it does not fit"))
+                    .on_hover_text(tr(
+                        lang,
+                        "A run whose estimate does not fit trains in smaller micro-batches, or is refused with what \
+                         to change. Tick this to start it anyway.",
+                    ))
+            });
+            ui.end_row();
             labelled(ui, tr(lang, "Seed"), |ui| ui.add(egui::DragValue::new(&mut t.seed)));
             ui.end_row();
             labelled(ui, tr(lang, "Evaluate every"), |ui| {
@@ -816,12 +888,16 @@ impl StudioApp {
             }
             Tab::Try => {
                 let adapter = self.latest_checkpoint();
-                let model = self.settings.config.model.source.clone();
+                let c = &self.settings.config;
+                let model = c.model.source.clone();
+                // prompts to start from: the run's sample prompts, then the dataset's first ones
+                self.try_view.suggest(&c.train.sample_prompts, &c.data.path, c.data.format);
                 self.try_view.ui(ui, lang, &model, adapter);
             }
             Tab::Export => {
                 let last = self.latest_checkpoint();
-                self.export.show(ui, lang, last, self.export_target.as_deref());
+                let target = self.export_target.as_deref();
+                self.export.show(ui, lang, last, target, &mut self.settings.last_export_dir);
             }
         }
         self.shown_tab = tab;
@@ -835,17 +911,34 @@ impl StudioApp {
         })
     }
 
-    /// Read the run history from disk when it was invalidated (a run ended, the Runs tab
-    /// opened) or is a few seconds old (a run may be writing).
+    /// Read the run history again when it was invalidated (a run ended, the Runs tab opened)
+    /// or is a few seconds old (a run may be writing): on a worker thread, whose records
+    /// replace the shown ones when it is done.
     fn refresh_records(&mut self) {
+        if self.records_job.as_ref().is_some_and(|j| j.is_finished()) {
+            let job = self.records_job.take().expect("checked above");
+            self.records = job.join().unwrap_or_default();
+        }
         let stale = self
             .records_read
             .as_ref()
             .is_none_or(|(read, at)| *read != self.settings.runs || at.elapsed() > std::time::Duration::from_secs(3));
-        if stale {
-            self.records = self.settings.runs.iter().rev().filter_map(|d| RunRecord::read(d)).collect();
-            self.records_read = Some((self.settings.runs.clone(), std::time::Instant::now()));
+        if !stale || self.records_job.is_some() {
+            return;
         }
+        let dirs = self.settings.runs.clone();
+        self.records_read = Some((dirs.clone(), std::time::Instant::now()));
+        if dirs.is_empty() {
+            self.records.clear();
+            return;
+        }
+        self.records_job =
+            Some(std::thread::spawn(move || dirs.iter().rev().filter_map(|d| RunRecord::read(d)).collect()));
+    }
+
+    /// Whether the run history is being read (tests wait for it).
+    pub fn records_loading(&self) -> bool {
+        self.records_job.is_some()
     }
 
     /// Past runs: their settings, curves, peak memory and final losses; compared on one plot,
@@ -853,9 +946,16 @@ impl StudioApp {
     fn runs_tab(&mut self, ui: &mut egui::Ui) {
         let lang = self.lang();
         self.refresh_records();
+        if self.records_loading() {
+            ui.ctx().request_repaint_after(std::time::Duration::from_millis(50));
+        }
         let records = self.records.clone();
         if records.is_empty() {
-            ui.label(tr(lang, "No runs yet."));
+            if self.records_loading() {
+                ui.spinner();
+            } else {
+                ui.label(tr(lang, "No runs yet."));
+            }
             return;
         }
         let mut reopen = None;
@@ -877,14 +977,13 @@ impl StudioApp {
                     ui.strong(last_component(&r.dir.display().to_string())).on_hover_text(r.dir.display().to_string());
                     ui.label(last_component(&r.config.model.source)).on_hover_text(&r.config.model.source);
                     let c = &r.config;
-                    ui.weak(format!(
-                        "{} r={} α={} · lr {:.0e} · batch {}×{}",
-                        if c.model.mode == Mode::Qlora { "QLoRA" } else { "LoRA" },
-                        c.lora.r,
-                        c.lora.alpha,
-                        c.train.learning_rate,
-                        c.train.batch_size,
-                        c.train.grad_accum
+                    let mode = if c.model.mode == Mode::Qlora { "QLoRA" } else { "LoRA" };
+                    let lr = format!("{:.0e}", c.train.learning_rate);
+                    let (r, batch, accum) = (c.lora.r, c.train.batch_size, c.train.grad_accum);
+                    ui.weak(trf(
+                        lang,
+                        "{} r={} α={} · lr {} · batch {}×{}",
+                        &[&mode, &r, &c.lora.alpha, &lr, &batch, &accum],
                     ))
                     .on_hover_text(c.to_toml());
                 });
@@ -908,7 +1007,7 @@ impl StudioApp {
                     let unfinished = r.state.step < r.state.total_steps;
                     if ui.add_enabled(unfinished, egui::Button::new(tr(lang, "Resume from last checkpoint"))).clicked()
                     {
-                        resume = Some(r.checkpoint.clone());
+                        resume = Some((r.checkpoint.clone(), r.config.clone()));
                     }
                     if ui.button(tr(lang, "Export…")).clicked() {
                         export = Some(r.checkpoint.clone());
@@ -922,7 +1021,7 @@ impl StudioApp {
         if !self.compare.is_empty() {
             let title = egui::RichText::new(tr(lang, "Training loss of the compared runs")).strong();
             titled_plot(ui, "compare", title, |ui| {
-                egui_plot::Plot::new("compare")
+                page_plot(ui, "compare")
                     .height(260.0)
                     .legend(egui_plot::Legend::default())
                     .show(ui, |p| {
@@ -955,10 +1054,10 @@ impl StudioApp {
             self.settings.config = config;
             self.refresh_model_info();
         }
-        if let Some(ck) = resume {
-            if let Ok(loaded) = checkpoint::load(&ck, &candle_core::Device::Cpu) {
-                self.settings.config = loaded.config;
-            }
+        if let Some((ck, config)) = resume {
+            // the record's config is the checkpoint's; the trainer reads the rest on its thread
+            self.sample_prompts_text = config.train.sample_prompts.join("\n");
+            self.settings.config = config;
             self.start_run(Some(ck));
         }
     }
@@ -989,11 +1088,11 @@ pub struct RunRecord {
 }
 
 impl RunRecord {
+    /// What a run's card shows, from its newest checkpoint's config and trainer state (not its
+    /// adapter or optimizer state). Slow on a big history: call it off the UI thread.
     pub fn read(dir: &Path) -> Option<Self> {
         let ck = checkpoint::latest(dir)?;
-        let config = RunConfig::load(&ck.join(checkpoint::RUN_CONFIG)).ok()?;
-        let text = std::fs::read_to_string(ck.join(checkpoint::TRAINER_STATE)).ok()?;
-        let state = serde_json::from_str(&text).ok()?;
+        let (config, state) = checkpoint::read_summary(&ck).ok()?;
         Some(Self { dir: dir.to_path_buf(), checkpoint: ck, config, state })
     }
 }
@@ -1032,34 +1131,66 @@ pub fn human_bytes(b: u64) -> String {
     }
 }
 
+/// The status line after a run (kept in English, shown through `tr_message`).
 fn finished_text(f: &RunFinished) -> String {
-    let where_ = f.checkpoint.as_ref().map(|p| format!("; adapter in {}", p.display())).unwrap_or_default();
-    format!("run {} at step {}{where_}", if f.stopped { "stopped" } else { "finished" }, f.step)
+    match (&f.checkpoint, f.stopped) {
+        (Some(p), false) => format!("run finished at step {}; adapter in {}", f.step, p.display()),
+        (Some(p), true) => format!("run stopped at step {}; adapter in {}", f.step, p.display()),
+        (None, false) => format!("run finished at step {}", f.step),
+        (None, true) => format!("run stopped at step {}", f.step),
+    }
 }
 
 /// A desktop notification through the freedesktop `notify-send` tool, where there is one.
-fn notify(outcome: &Result<RunFinished, String>) {
+fn notify(outcome: &Result<RunFinished, String>, lang: Lang) {
     let (title, body) = match outcome {
-        Ok(f) => ("qlora-studio: run finished", finished_text(f)),
-        Err(m) => ("qlora-studio: run failed", m.clone()),
+        Ok(f) => (tr(lang, "qlora-studio: run finished"), finished_text(f)),
+        Err(m) => (tr(lang, "qlora-studio: run failed"), m.clone()),
     };
-    let _ = std::process::Command::new("notify-send").arg(title).arg(body).spawn();
+    let _ = std::process::Command::new("notify-send").arg(title).arg(tr_message(lang, &body)).spawn();
 }
 
 /// A plot under its title, in a scope whose id is fixed by `id`: egui_plot takes its focusable
 /// response from the Ui's running widget count, so a spinner or a status line that comes and
-/// goes above it would change the plot's id and take the keyboard focus away from it.
+/// goes above it would change the plot's id and take the keyboard focus away from it. Returns
+/// the title's response (for a hint on hover).
 pub(crate) fn titled_plot(
     ui: &mut egui::Ui,
     id: &str,
     title: impl Into<egui::WidgetText>,
     plot: impl FnOnce(&mut egui::Ui) -> egui::Response,
-) {
+) -> egui::Response {
     let scope = egui::UiBuilder::new().scope_id(ui.scope_id().with(id));
     ui.scope_builder(scope, |ui| {
         let title = ui.label(title);
-        plot(ui).labelled_by(title.id);
-    });
+        let plot = plot(ui).labelled_by(title.id);
+        if plot.contains_pointer() && ui.input(|i| pans_plots(&i.modifiers)) {
+            // the wheel panned the plot: the page under it stays where it is
+            ui.input_mut(|i| i.smooth_scroll_delta = egui::Vec2::ZERO);
+        }
+        title
+    })
+    .inner
+}
+
+/// Shift+wheel pans a plot sideways, Alt+wheel up and down; the wheel alone scrolls the page.
+fn pans_plots(modifiers: &egui::Modifiers) -> bool {
+    modifiers.shift || modifiers.alt
+}
+
+/// A plot for a page that scrolls: the wheel scrolls the page as it does everywhere else, Ctrl
+/// (Cmd on a Mac) + wheel zooms, Shift or Alt + wheel pans, dragging pans, and a double-click brings the
+/// automatic view back. Its memory (view, hidden lines) is kept under `plot_id(id)`.
+pub(crate) fn page_plot<'a>(ui: &egui::Ui, id: &str) -> egui_plot::Plot<'a> {
+    egui_plot::Plot::new(id)
+        .id(plot_id(id))
+        .allow_scroll(ui.input(|i| pans_plots(&i.modifiers)))
+        .allow_double_click_reset(true)
+}
+
+/// The id under which egui_plot keeps a page plot's view (`egui_plot::PlotMemory`).
+pub fn plot_id(id: &str) -> egui::Id {
+    egui::Id::unique(("qlora-studio plot", id))
 }
 
 /// A label and the widget it names, so screen readers (and UI tests) know what the widget is.

@@ -6,20 +6,22 @@ use std::path::{Path, PathBuf};
 use std::thread::JoinHandle;
 
 use eframe::egui;
-use egui_plot::{Bar, BarChart, Plot, VLine};
+use egui_plot::{Bar, BarChart, VLine};
 
-use super::app::titled_plot;
-use super::i18n::{tr, Lang};
+use super::app::{page_plot, titled_plot};
+use super::i18n::{tr, tr_message, trf, Lang};
 use crate::data::{self, DataConfig, DataFormat, ModelTokenizer, Preview, TemplateChoice, Validation};
 
 const PREVIEW_EXAMPLES: usize = 5;
 
 #[derive(Default)]
 pub struct DataView {
-    job: Option<JoinHandle<Result<Preview, String>>>,
+    /// The preview, and the resident memory its tokenizer and data added.
+    job: Option<JoinHandle<Result<(Preview, u64), String>>>,
     /// The settings the shown preview was made from (a change makes a new one).
     previewed: Option<(DataConfig, String)>,
     pub preview: Option<Result<Preview, String>>,
+    held_bytes: Option<u64>,
 }
 
 impl DataView {
@@ -31,7 +33,9 @@ impl DataView {
     pub fn update(&mut self, data: &DataConfig, model_dir: Option<&Path>, family: Option<&str>) {
         if self.job.as_ref().is_some_and(|j| j.is_finished()) {
             let job = self.job.take().expect("checked above");
-            self.preview = Some(job.join().unwrap_or_else(|_| Err("the preview stopped on an internal error".into())));
+            let outcome = job.join().unwrap_or_else(|_| Err("the preview stopped on an internal error".into()));
+            self.held_bytes = outcome.as_ref().ok().map(|(_, held)| *held);
+            self.preview = Some(outcome.map(|(preview, _)| preview));
         }
         let Some(model_dir) = model_dir else {
             // the preview tokenizes with the model's tokenizer: none until the model is local
@@ -50,8 +54,13 @@ impl DataView {
         self.previewed = Some(key);
         let (data, dir, family) = (data.clone(), model_dir.to_path_buf(), family.map(str::to_string));
         self.job = Some(std::thread::spawn(move || {
+            let resident = || crate::memory::process_memory().map_or(0, |m| m.rss);
+            let before = resident();
             let tok = ModelTokenizer::from_dir(&dir).map_err(|e| e.to_string())?;
-            data::preview(&data, &tok, family.as_deref(), PREVIEW_EXAMPLES).map_err(|e| e.to_string())
+            let preview = data::preview(&data, &tok, family.as_deref(), PREVIEW_EXAMPLES).map_err(|e| e.to_string())?;
+            // what a run's process holds besides its tensors: the tokenizer and the data, with
+            // what the allocator keeps of tokenizing them (resident, so not the heap's count)
+            Ok((preview, resident().saturating_sub(before)))
         }));
     }
 
@@ -126,6 +135,17 @@ impl DataView {
         ui.checkbox(&mut data.skip_bad_records, tr(lang, "Skip bad records (they are counted and listed)"));
     }
 
+    /// The resident memory of a training process of this binary outside its tensors: the binary
+    /// and libraries as it starts, plus what the preview's tokenizer and data added.
+    pub fn run_process_bytes(&self) -> Option<u64> {
+        Some(crate::memory::startup_rss()? + self.held_bytes?)
+    }
+
+    /// The dataset as the trainer will prepare it, once the preview has made it.
+    pub fn prepared(&self) -> Option<&data::DataReport> {
+        self.preview.as_ref()?.as_ref().ok()?.prepared.as_ref()
+    }
+
     /// The preview: records, warnings, coloured examples and the length histogram.
     pub fn preview_ui(&self, ui: &mut egui::Ui, lang: Lang) {
         if self.is_busy() {
@@ -144,7 +164,7 @@ impl DataView {
         let p = match preview {
             Ok(p) => p,
             Err(e) => {
-                ui.colored_label(ui.visuals().error_fg_color, e);
+                ui.colored_label(ui.visuals().error_fg_color, tr_message(lang, e));
                 return;
             }
         };
@@ -170,7 +190,7 @@ impl DataView {
         let trained = ui.visuals().selection.bg_fill;
         for ex in &p.examples {
             egui::Frame::group(ui.style()).show(ui, |ui| {
-                ui.weak(format!("{} · {} tokens, {} trained", ex.source, ex.tokens, ex.trained_tokens));
+                ui.weak(trf(lang, "{} · {} tokens, {} trained", &[&ex.source, &ex.tokens, &ex.trained_tokens]));
                 let mut job = egui::text::LayoutJob::default();
                 for seg in &ex.segments {
                     let mut format = egui::TextFormat {
@@ -199,9 +219,8 @@ impl DataView {
             .collect();
         // the spinner above it comes and goes while a new preview is made
         titled_plot(ui, "lengths", tr(lang, "Token lengths (the line is the max length)"), |ui| {
-            Plot::new("lengths")
+            page_plot(ui, "lengths")
                 .height(120.0)
-                .allow_scroll(false)
                 .show(ui, |plot| {
                     plot.bar_chart(BarChart::new(tr(lang, "examples"), bars));
                     plot.vline(VLine::new(tr(lang, "Max length"), p.max_length as f64));

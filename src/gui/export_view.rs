@@ -7,7 +7,7 @@ use std::thread::JoinHandle;
 use eframe::egui;
 
 use super::checkpoint_field::CheckpointField;
-use super::i18n::{tr, Lang};
+use super::i18n::{tr, tr_message, Lang};
 use crate::lora::export::{export, ExportFormat, ExportInfo, ExportReport, ExportRequest, TensorDType};
 use crate::lora::merge::MergeInto;
 
@@ -40,13 +40,15 @@ impl ExportView {
         self.job.is_some()
     }
 
-    /// `save_target`: a path that replaces the save dialog (tests, scripted use).
+    /// `save_target`: a path that replaces the save dialog (tests, scripted use). `last_dir`:
+    /// the folder the last export went to (the dialog opens there; an export sets it).
     pub fn show(
         &mut self,
         ui: &mut egui::Ui,
         lang: Lang,
         last_checkpoint: Option<PathBuf>,
         save_target: Option<&Path>,
+        last_dir: &mut Option<PathBuf>,
     ) {
         self.poll();
         self.checkpoint.ui(ui, lang, "Checkpoint", last_checkpoint.as_deref());
@@ -74,15 +76,13 @@ impl ExportView {
             let target = match save_target {
                 Some(p) => Some(p.to_path_buf()),
                 None => {
-                    let name = match self.format {
-                        ExportFormat::Peft => "adapter",
-                        ExportFormat::Gguf => "adapter.gguf",
-                        ExportFormat::Merged => "merged-model",
-                    };
-                    rfd::FileDialog::new().set_file_name(name).save_file()
+                    let checkpoint = self.checkpoint.path().unwrap_or_default();
+                    let (dir, name) = save_suggestion(&checkpoint, self.format, last_dir.as_deref());
+                    rfd::FileDialog::new().set_directory(dir).set_file_name(name).save_file()
                 }
             };
             if let Some(out) = target {
+                *last_dir = out.parent().map(Path::to_path_buf).filter(|d| !d.as_os_str().is_empty());
                 self.start(out);
             }
         }
@@ -95,10 +95,15 @@ impl ExportView {
         }
         match &self.result {
             Some(Ok(text)) => {
-                ui.label(format!("{}: {text}", tr(lang, "Exported to")));
+                // what was written, then the merge's divergence check: each part a message
+                let parts: Vec<String> = text.split("; ").map(|part| tr_message(lang, part)).collect();
+                ui.label(format!("{}: {}", tr(lang, "Exported to"), parts.join("; ")));
             }
             Some(Err(e)) => {
-                ui.colored_label(ui.visuals().error_fg_color, format!("{}: {e}", tr(lang, "Error")));
+                ui.colored_label(
+                    ui.visuals().error_fg_color,
+                    format!("{}: {}", tr(lang, "Error"), tr_message(lang, e)),
+                );
             }
             None => {}
         }
@@ -159,6 +164,50 @@ impl ExportView {
     }
 }
 
+/// Where the save dialog opens and the name it proposes for exporting `checkpoint`: the last
+/// export's folder when there is one, else the run's folder (the checkpoint's parent); the name
+/// says what it is, `<model>-<run>-step<N>-<format>` (the GGUF a file, the others folders).
+pub fn save_suggestion(checkpoint: &Path, format: ExportFormat, last_dir: Option<&Path>) -> (PathBuf, String) {
+    let run_dir = checkpoint.parent().unwrap_or(checkpoint);
+    let dir = last_dir.filter(|d| d.is_dir()).unwrap_or(run_dir).to_path_buf();
+    let name_of = |p: &Path| p.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+    // the model as the checkpoint's run config names it: a folder's or a hub id's last part
+    let model = std::fs::read_to_string(checkpoint.join(crate::train::checkpoint::RUN_CONFIG))
+        .ok()
+        .and_then(|text| text.parse::<toml::Table>().ok())
+        .and_then(|t| t.get("model")?.get("source")?.as_str().map(str::to_string))
+        .map(|source| {
+            let source = Path::new(source.trim_end_matches(['/', '\\']));
+            // a GGUF file's name without its extension
+            let gguf = source.extension().is_some_and(|e| e == "gguf");
+            if gguf {
+                source.file_stem().map(|n| n.to_string_lossy().to_string()).unwrap_or_default()
+            } else {
+                name_of(source)
+            }
+        })
+        .filter(|m| !m.is_empty())
+        .unwrap_or_else(|| "model".into());
+    let step = name_of(checkpoint).strip_prefix("checkpoint-").and_then(|n| n.parse::<usize>().ok());
+    let mut parts = vec![model, name_of(run_dir)];
+    parts.extend(step.map(|s| format!("step{s}")));
+    let stem: String = parts
+        .iter()
+        .filter(|p| !p.is_empty())
+        .cloned()
+        .collect::<Vec<_>>()
+        .join("-")
+        .chars()
+        .map(|c| if c.is_alphanumeric() || "._-".contains(c) { c } else { '-' })
+        .collect();
+    let name = match format {
+        ExportFormat::Peft => format!("{stem}-peft"),
+        ExportFormat::Gguf => format!("{stem}-lora.gguf"),
+        ExportFormat::Merged => format!("{stem}-merged"),
+    };
+    (dir, name)
+}
+
 /// Bytes of a file, or of every file under a folder.
 pub fn size_on_disk(path: &Path) -> u64 {
     match std::fs::metadata(path) {
@@ -167,5 +216,38 @@ pub fn size_on_disk(path: &Path) -> u64 {
             .unwrap_or(0),
         Ok(m) => m.len(),
         Err(_) => 0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The save dialog opens in the run's folder (the last export's once there is one), with a
+    /// name made of the model, the run, the step and the format.
+    #[test]
+    fn the_save_dialog_starts_in_the_run_folder_with_a_name_that_says_what_it_is() {
+        let dir = tempfile::tempdir().unwrap();
+        let run = dir.path().join("runs/colors");
+        let ck = run.join("checkpoint-000080");
+        std::fs::create_dir_all(&ck).unwrap();
+        std::fs::write(ck.join("run.toml"), "[model]\nsource = \"HuggingFaceTB/SmolLM2-135M\"\n").unwrap();
+        let (at, name) = save_suggestion(&ck, ExportFormat::Peft, None);
+        assert_eq!(at, run);
+        assert_eq!(name, "SmolLM2-135M-colors-step80-peft");
+        assert_eq!(save_suggestion(&ck, ExportFormat::Gguf, None).1, "SmolLM2-135M-colors-step80-lora.gguf");
+        assert_eq!(save_suggestion(&ck, ExportFormat::Merged, None).1, "SmolLM2-135M-colors-step80-merged");
+
+        // a local folder or a GGUF file gives its own name
+        std::fs::write(ck.join("run.toml"), "[model]\nsource = \"/models/tiny llama/\"\n").unwrap();
+        assert_eq!(save_suggestion(&ck, ExportFormat::Peft, None).1, "tiny-llama-colors-step80-peft");
+        std::fs::write(ck.join("run.toml"), "[model]\nsource = \"/models/qwen2-0.5b.gguf\"\n").unwrap();
+        assert_eq!(save_suggestion(&ck, ExportFormat::Peft, None).1, "qwen2-0.5b-colors-step80-peft");
+
+        // the last export's folder wins while it exists
+        let exports = dir.path().join("exports");
+        std::fs::create_dir_all(&exports).unwrap();
+        assert_eq!(save_suggestion(&ck, ExportFormat::Peft, Some(&exports)).0, exports);
+        assert_eq!(save_suggestion(&ck, ExportFormat::Peft, Some(&dir.path().join("gone"))).0, run);
     }
 }

@@ -5,7 +5,8 @@
 use eframe::egui;
 
 use super::app::human_bytes;
-use super::i18n::{tr, Lang};
+use super::i18n::{tr, tr_message, trf, Lang};
+use crate::data::DataReport;
 use crate::memory::{self, fit, Estimate, EstimateInput};
 use crate::train::RunConfig;
 
@@ -13,7 +14,7 @@ const AVAILABLE_RAM: &str = "available RAM";
 
 pub struct MemoryView {
     /// The config the shown estimate belongs to.
-    estimated: Option<RunConfig>,
+    estimated: Option<(RunConfig, Option<DataReport>)>,
     pub input: Option<EstimateInput>,
     pub estimate: Option<Result<Estimate, String>>,
     pub suggestions: Vec<fit::Suggestion>,
@@ -43,12 +44,14 @@ impl MemoryView {
         &self.gpus
     }
 
-    /// Recompute when the config changed (the estimate is arithmetic on config.json: no weights).
-    pub fn update(&mut self, config: &RunConfig) {
-        if self.estimated.as_ref() == Some(config) {
+    /// Recompute when the config or the prepared data changed (the estimate is arithmetic on
+    /// config.json: no weights). `data` (the preview's) sizes the largest micro-batch by the
+    /// data's longest sequences; without it, batch × max_length.
+    pub fn update(&mut self, config: &RunConfig, data: Option<&DataReport>, process_bytes: u64) {
+        if self.estimated.as_ref().is_some_and(|(c, d)| c == config && d.as_ref() == data) {
             return;
         }
-        self.estimated = Some(config.clone());
+        self.estimated = Some((config.clone(), data.cloned()));
         self.budget = if config.model.device == "cpu" {
             memory::cli::available_ram().map(|b| (b, AVAILABLE_RAM.to_string()))
         } else {
@@ -56,7 +59,8 @@ impl MemoryView {
             self.gpus.iter().find(|g| g.index == index).map(|g| (g.free, format!("free on {}", g.name)))
         };
         let budget = self.budget.as_ref().map(|b| b.0);
-        let outcome = config.estimate_input(budget).and_then(|input| Ok((memory::estimate(&input)?, input)));
+        let outcome =
+            config.estimate_input(budget, data, process_bytes).and_then(|input| Ok((memory::estimate(&input)?, input)));
         match outcome {
             Ok((est, input)) => {
                 (self.suggestions, self.largest_seq, self.largest_batch) = match &self.budget {
@@ -86,19 +90,11 @@ impl MemoryView {
         self.estimate = Some(Err(why.to_string()));
     }
 
-    /// The middle of the band, for the live memory plot's reference line.
-    pub fn estimate_bytes(&self) -> Option<u64> {
-        match &self.estimate {
-            Some(Ok(e)) => Some(e.mid),
-            _ => None,
-        }
-    }
-
     pub fn ui(&self, ui: &mut egui::Ui, lang: Lang) {
         let est = match &self.estimate {
             Some(Ok(e)) => e,
             Some(Err(e)) => {
-                ui.colored_label(ui.visuals().error_fg_color, e);
+                ui.colored_label(ui.visuals().error_fg_color, tr_message(lang, e));
                 return;
             }
             None => return,
@@ -114,11 +110,24 @@ impl MemoryView {
         if let Some(input) = &self.input {
             let state = if input.checkpointing { tr(lang, "on") } else { tr(lang, "off") };
             ui.weak(format!("{}: {state}", tr(lang, "Gradient checkpointing")));
+            // the shape the estimate is for: the data's longest sequences once the preview has them
+            ui.weak(match self.estimated.as_ref().and_then(|(_, data)| data.as_ref()) {
+                Some(d) => trf(
+                    lang,
+                    "for the largest micro-batch: {} × {} tokens (the longest sequence: {})",
+                    &[&input.batch, &input.seq, &d.longest.source],
+                ),
+                None => trf(
+                    lang,
+                    "for micro-batches of {} × {} tokens (batch × max length, until the data is read)",
+                    &[&input.batch, &input.seq],
+                ),
+            });
             if est.outside_pool > 0 {
                 // what the run's plot shows beside it: the pool's peak within each step
                 ui.weak(format!(
                     "{}: {}",
-                    tr(lang, "GPU tensors at their peak (the plot's pool peak)"),
+                    tr(lang, "GPU tensors at their peak (the plot's peak in each step)"),
                     human_bytes(est.pool_peak())
                 ));
             }
@@ -143,7 +152,7 @@ impl MemoryView {
         } else {
             (tr(lang, "does not fit"), ui.visuals().error_fg_color)
         };
-        let what = if what == AVAILABLE_RAM { tr(lang, AVAILABLE_RAM) } else { what.as_str() };
+        let what = if what == AVAILABLE_RAM { tr(lang, AVAILABLE_RAM).to_string() } else { tr_message(lang, what) };
         ui.colored_label(color, egui::RichText::new(format!("{text}: {} ({what})", human_bytes(*budget))).strong());
         if let Some(s) = self.largest_seq {
             ui.weak(format!("{}: {s}", tr(lang, "largest sequence that fits")));
@@ -203,5 +212,6 @@ fn stacked_bar(ui: &mut egui::Ui, est: &Estimate, budget: Option<u64>) {
             egui::Stroke::new(2.0, ui.visuals().warn_fg_color),
         );
     }
-    response.on_hover_text(format!("{} of {}", human_bytes(est.mid), budget.map(human_bytes).unwrap_or_default()));
+    let budget = budget.map(human_bytes).unwrap_or_default();
+    response.on_hover_text(format!("{} / {budget}", human_bytes(est.mid)));
 }

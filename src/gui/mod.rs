@@ -29,6 +29,8 @@ impl eframe::App for EframeApp {
 }
 
 pub fn run() -> anyhow::Result<()> {
+    // a run that dies (out of memory) takes its own process down, not the window
+    crate::train::worker::train_in_child_process(true);
     let options = eframe::NativeOptions {
         viewport: egui::ViewportBuilder::default()
             .with_inner_size([1280.0, 820.0])

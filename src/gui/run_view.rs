@@ -6,11 +6,11 @@ use std::thread::JoinHandle;
 
 use crossbeam_channel::{Receiver, Sender};
 use eframe::egui;
-use egui_plot::{HLine, Legend, Line, Plot, PlotPoints};
+use egui_plot::{Corner, HLine, Legend, Line, LineStyle, PlotPoints};
 
-use super::app::titled_plot;
-use super::i18n::{tr, Lang};
-use crate::train::events::{RunFinished, RunStarted, StepStats};
+use super::app::{page_plot, titled_plot};
+use super::i18n::{tr, tr_message, Lang};
+use crate::train::events::{RunEstimate, RunFinished, RunStarted, StepStats};
 use crate::train::{Command, RunConfig, TrainEvent};
 
 #[derive(Debug, Clone, PartialEq)]
@@ -34,13 +34,14 @@ pub struct RunView {
     pub samples: Vec<(usize, String, String)>,
     pub checkpoints: Vec<(usize, PathBuf)>,
     pub log: Vec<String>,
-    /// The pre-launch estimate of the peak, in bytes, drawn against the readings.
-    pub estimate_bytes: Option<u64>,
+    /// The estimate drawn against the peak of each step and the whole: the one made before
+    /// the launch, then the run's own (made where it trains, sized by its data).
+    pub estimate: Option<RunEstimate>,
 }
 
 impl RunView {
-    pub fn start(config: RunConfig, resume_from: Option<PathBuf>, estimate_bytes: Option<u64>) -> Self {
-        let (events, commands, handle) = crate::train::spawn(config.clone(), resume_from);
+    pub fn start(config: RunConfig, resume_from: Option<PathBuf>, estimate: Option<RunEstimate>) -> Self {
+        let (events, commands, handle) = crate::train::worker::spawn_run(config.clone(), resume_from);
         Self {
             config,
             events: Some(events),
@@ -53,7 +54,7 @@ impl RunView {
             samples: Vec::new(),
             checkpoints: Vec::new(),
             log: Vec::new(),
-            estimate_bytes,
+            estimate,
         }
     }
 
@@ -86,7 +87,7 @@ impl RunView {
             samples: Vec::new(),
             checkpoints: Vec::new(),
             log: Vec::new(),
-            estimate_bytes: None,
+            estimate: None,
         }
     }
 
@@ -124,6 +125,7 @@ impl RunView {
                         s.micro_batch,
                         s.grad_accum
                     ));
+                    self.estimate = s.estimate.or(self.estimate);
                     self.started = Some(s);
                     self.state = RunState::Training;
                 }
@@ -180,7 +182,7 @@ impl RunView {
         let total = self.started.as_ref().map(|s| s.total_steps).unwrap_or(0);
         let last = self.steps.last();
         let (status, fraction) = match &self.state {
-            RunState::Loading(stage, f) => (format!("{}: {stage}", tr(lang, "Loading")), *f),
+            RunState::Loading(stage, f) => (format!("{}: {}", tr(lang, "Loading"), tr_message(lang, stage)), *f),
             RunState::Training | RunState::Paused => {
                 let step = last.map(|s| s.step).unwrap_or(0);
                 let eta = last.map(|s| format_duration(s.eta_s)).unwrap_or_default();
@@ -197,7 +199,7 @@ impl RunView {
                     f.validation_loss.map(|l| format!(" · {} {l:.4}", tr(lang, "Validation loss"))).unwrap_or_default();
                 (format!("{what} ({} {}){loss}{val}", tr(lang, "step"), f.step), 1.0)
             }
-            RunState::Failed(m) => (format!("{}: {m}", tr(lang, "Failed")), 0.0),
+            RunState::Failed(m) => (format!("{}: {}", tr(lang, "Failed"), tr_message(lang, m)), 0.0),
         };
         ui.horizontal(|ui| {
             let active = self.is_active();
@@ -225,14 +227,21 @@ impl RunView {
     }
 
     /// The live plots: loss (training and validation), learning rate, gradient norm,
-    /// tokens/s and memory against the estimate.
+    /// tokens/s and memory against the estimate. They share the height the page shows, so all
+    /// five are in view at the window's default size; below a minimum height each keeps it and
+    /// the page scrolls.
     pub fn plots(&self, ui: &mut egui::Ui, lang: Lang) {
         let series = |f: &dyn Fn(&StepStats) -> f64| -> Vec<[f64; 2]> {
             self.steps.iter().map(|s| [s.step as f64, f(s)]).filter(|p| p[1].is_finite()).collect()
         };
-        let height = (ui.available_height() * 0.45).clamp(140.0, 320.0);
+        // three rows of plots, each under a title line
+        let gap = ui.spacing().item_spacing.y;
+        let titles = 3.0 * (ui.text_style_height(&egui::TextStyle::Body) + 2.0 * gap) + 2.0 * gap;
+        let free = (ui.available_height() - titles).max(0.0);
+        let height = (free * 0.4).max(140.0);
+        let small = (free * 0.3).max(100.0);
         titled_plot(ui, "loss", egui::RichText::new(tr(lang, "Loss")).strong(), |ui| {
-            Plot::new("loss")
+            page_plot(ui, "loss")
                 .height(height)
                 .legend(Legend::default())
                 .show(ui, |p| {
@@ -244,11 +253,14 @@ impl RunView {
                 })
                 .response
         });
-        let small = (height * 0.6).max(110.0);
-        // a small plot of one reading over the steps
+        // a small plot of one reading over the steps, from zero up
         let one_line = |ui: &mut egui::Ui, id: &str, title: &str, name: &str, f: &dyn Fn(&StepStats) -> f64| {
             titled_plot(ui, id, title, |ui| {
-                Plot::new(id).height(small).show(ui, |p| p.line(Line::new(name, PlotPoints::from(series(f))))).response
+                page_plot(ui, id)
+                    .height(small)
+                    .include_y(0.0)
+                    .show(ui, |p| p.line(Line::new(name, PlotPoints::from(series(f)))))
+                    .response
             });
         };
         ui.columns(2, |cols| {
@@ -257,39 +269,71 @@ impl RunView {
         });
         ui.columns(2, |cols| {
             one_line(&mut cols[0], "throughput", tr(lang, "Tokens/s"), "tokens/s", &|s| s.tokens_per_s);
-            titled_plot(&mut cols[1], "memory", tr(lang, "Memory (MiB)"), |ui| {
-                Plot::new("memory")
-                    .height(small)
-                    .legend(Legend::default())
-                    .show(ui, |p| {
-                        let mib = |b: u64| b as f64 / 1048576.0;
-                        // the process, window included: above the estimate on small models
-                        let rss = tr(lang, "RSS (the whole app)");
-                        p.line(Line::new(rss, PlotPoints::from(series(&|s| mib(s.memory.rss)))));
-                        // live heap bytes (the tensors) where the counting allocator is installed:
-                        // what the estimate predicts
-                        let heap = series(&|s| s.memory.heap_live.map(mib).unwrap_or(f64::NAN));
-                        if !heap.is_empty() {
-                            p.line(Line::new(tr(lang, "live heap (tensors)"), PlotPoints::from(heap)));
-                        }
-                        // on a GPU: our tensors' peak within each step (the pool's high-water
-                        // mark: what the estimate predicts) and the card's use (context and
-                        // other processes included)
-                        let pool = series(&|s| s.memory.pool_peak.map(mib).unwrap_or(f64::NAN));
-                        if !pool.is_empty() {
-                            p.line(Line::new(tr(lang, "GPU: tensors, peak of the step"), PlotPoints::from(pool)));
-                        }
-                        let device = series(&|s| s.memory.device_used.map(mib).unwrap_or(f64::NAN));
-                        if !device.is_empty() {
-                            p.line(Line::new(tr(lang, "GPU: used on the card"), PlotPoints::from(device)));
-                        }
-                        if let Some(e) = self.estimate_bytes {
-                            p.hline(HLine::new(tr(lang, "Estimate"), mib(e)));
-                        }
-                    })
-                    .response
-            });
+            titled_plot(&mut cols[1], "memory", tr(lang, "Memory (MiB)"), |ui| self.memory_plot(ui, lang, small))
+                .on_hover_text(tr(
+                    lang,
+                    "Lines of one colour belong together. The peak in each step is the most the run's tensors \
+                     held between the step's start and its end, against the estimate of that peak. RSS is the \
+                     whole process (binary, data, window, memory kept after a free), against the estimate with \
+                     the process around the run.",
+                ));
         });
+    }
+
+    /// Two pairs, each line in its pair's colour: the peak inside each step against the
+    /// estimate of that peak (the run's tensors), and the whole (the process's resident set on
+    /// the CPU, the card's use on a GPU) against the estimate with what surrounds the run.
+    fn memory_plot(&self, ui: &mut egui::Ui, lang: Lang, height: f32) -> egui::Response {
+        const STEP: egui::Color32 = egui::Color32::from_rgb(235, 150, 50);
+        const WHOLE: egui::Color32 = egui::Color32::from_rgb(100, 160, 235);
+        let mib = |b: u64| b as f64 / 1048576.0;
+        let series = |f: &dyn Fn(&crate::memory::MemoryReading) -> Option<u64>| -> Vec<[f64; 2]> {
+            self.steps.iter().filter_map(|s| Some([s.step as f64, mib(f(&s.memory)?)])).collect()
+        };
+        let on_gpu = self.steps.iter().any(|s| s.memory.device_used.is_some());
+        // room above the highest line for the legend, so that it covers no line
+        let top = self.steps.iter().map(|s| s.memory.rss.max(s.memory.device_used.unwrap_or(0))).max().unwrap_or(0);
+        let top = mib(top.max(self.estimate.map_or(0, |e| e.whole)));
+        page_plot(ui, "memory")
+            .height(height)
+            .include_y(0.0)
+            .include_y(top * 1.8)
+            .legend(Legend::default().position(Corner::LeftTop).text_style(egui::TextStyle::Small))
+            .show(ui, |p| {
+                // the heap's (CPU) or the pool's (CUDA) high-water mark from the step's start to
+                // its end, less what the app held before the run: what the estimate predicts
+                let peak = series(&|m| m.step_peak);
+                if !peak.is_empty() {
+                    let name = tr(lang, "Peak in each step (tensors)");
+                    p.line(Line::new(name, PlotPoints::from(peak)).color(STEP).width(2.0));
+                }
+                if let Some(e) = &self.estimate {
+                    // its band as thin lines around the middle, one legend entry for the three
+                    let name = tr(lang, "Estimate of that peak");
+                    p.hline(HLine::new(name, mib(e.step[1])).color(STEP).width(1.0).style(LineStyle::dashed_dense()));
+                    for edge in [e.step[0], e.step[2]] {
+                        p.hline(HLine::new(name, mib(edge)).color(STEP).width(0.5).style(LineStyle::dotted_loose()));
+                    }
+                    if e.whole > e.step[1] {
+                        let name = if on_gpu {
+                            tr(lang, "Estimate with the CUDA context")
+                        } else {
+                            tr(lang, "Estimate with the process around the run")
+                        };
+                        p.hline(
+                            HLine::new(name, mib(e.whole)).color(WHOLE).width(1.0).style(LineStyle::dashed_dense()),
+                        );
+                    }
+                }
+                let device = series(&|m| m.device_used);
+                if on_gpu {
+                    p.line(Line::new(tr(lang, "GPU: used on the card"), PlotPoints::from(device)).color(WHOLE));
+                }
+                // the whole process: binary, data, window and memory the allocator keeps after a free
+                let rss = Line::new(tr(lang, "RSS (the whole process)"), PlotPoints::from(series(&|m| Some(m.rss))));
+                p.line(if on_gpu { rss } else { rss.color(WHOLE) });
+            })
+            .response
     }
 
     pub fn samples_and_log(&self, ui: &mut egui::Ui, lang: Lang) {
@@ -303,11 +347,18 @@ impl RunView {
             });
         }
         egui::CollapsingHeader::new(tr(lang, "Log")).id_salt("Log").default_open(true).show(ui, |ui| {
-            egui::ScrollArea::vertical().max_height(160.0).stick_to_bottom(true).show(ui, |ui| {
-                for line in &self.log {
-                    ui.monospace(line);
-                }
-            });
+            let row = ui.text_style_height(&egui::TextStyle::Monospace);
+            // the log is kept in English and shown in the UI's language, the visible rows only
+            egui::ScrollArea::vertical().max_height(160.0).stick_to_bottom(true).show_rows(
+                ui,
+                row,
+                self.log.len(),
+                |ui, rows| {
+                    for line in &self.log[rows] {
+                        ui.monospace(tr_message(lang, line));
+                    }
+                },
+            );
         });
     }
 }
@@ -321,5 +372,33 @@ pub fn format_duration(seconds: f64) -> String {
         format!("{}h{:02}m", s / 3600, s % 3600 / 60)
     } else {
         format!("{}m{:02}s", s / 60, s % 60)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::memory::{estimate, presets, DeviceKind, EstimateInput, Method};
+
+    /// The step's peak is compared with the estimate less what is not the run's tensors: on the
+    /// CPU the process around the run, on a GPU the CUDA context and the pool's reserve.
+    #[test]
+    fn the_plot_compares_the_step_peak_with_the_tensors_part_of_the_estimate() {
+        let spec = presets::spec_for("llama-2-7b").unwrap();
+        let mut input =
+            EstimateInput::new(spec, Method::Qlora { double_quant: true }, vec!["q_proj".into()], 8, 1, 256);
+        let tensors = estimate(&input).unwrap();
+        input.process_bytes = 300 << 20;
+        let plot = RunEstimate::new(&estimate(&input).unwrap());
+        assert_eq!(plot.step[1..], [tensors.mid, tensors.high]);
+        // (the low edge with a process also allows for pages RSS does not count: a little wider)
+        assert!(plot.step[0] <= tensors.low && plot.step[0] >= tensors.low / 10 * 9, "{plot:?} {tensors:?}");
+        assert_eq!(plot.whole, tensors.mid + (300 << 20));
+
+        let gpu = estimate(&input.clone().on(DeviceKind::Cuda)).unwrap();
+        let plot = RunEstimate::new(&gpu);
+        assert!(gpu.outside_pool > 0);
+        assert_eq!(plot.step[1], gpu.pool_peak());
+        assert_eq!(plot.whole, gpu.mid);
     }
 }

@@ -12,7 +12,7 @@ use crossbeam_channel::Receiver;
 use eframe::egui;
 
 use super::app::human_bytes;
-use super::i18n::{tr, Lang};
+use super::i18n::{tr, tr_message, Lang};
 use crate::hub::{self, DownloadEvent, ResolveOptions};
 use crate::model::inspect::{inspect, inspect_config, ModelInfo};
 
@@ -289,7 +289,7 @@ impl SourceView {
                 }
             }
             SourceState::Failed { message, can_retry } => {
-                ui.colored_label(ui.visuals().error_fg_color, message);
+                ui.colored_label(ui.visuals().error_fg_color, tr_message(lang, message));
                 if *can_retry {
                     download = ui.button(tr(lang, "Retry download")).clicked();
                 }

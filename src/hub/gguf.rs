@@ -258,6 +258,27 @@ fn remove_stale_imports(gguf: &Path, current: &Path) {
     }
 }
 
+/// The Hugging Face hub id a GGUF file says it was converted from, when its metadata names
+/// one: `general.source.huggingface.repository`, or a huggingface.co address in
+/// `general.source.url` / `general.base_model.0.repo_url` (as llama.cpp's converter writes them).
+pub fn source_hub_id(gguf: &Path) -> Option<String> {
+    let mut reader = BufReader::new(File::open(gguf).ok()?);
+    let content = Content::read(&mut reader).ok()?;
+    let text = |key: &str| match content.metadata.get(key) {
+        Some(Value::String(s)) => Some(s.trim().to_string()),
+        _ => None,
+    };
+    let from_url = |url: String| {
+        let rest = url.split("huggingface.co/").nth(1)?;
+        let mut parts = rest.split('/').filter(|p| !p.is_empty());
+        Some(format!("{}/{}", parts.next()?, parts.next()?))
+    };
+    text("general.source.huggingface.repository")
+        .filter(|id| id.split('/').count() == 2)
+        .or_else(|| text("general.source.url").and_then(from_url))
+        .or_else(|| text("general.base_model.0.repo_url").and_then(from_url))
+}
+
 /// Write the Hugging Face folder for `gguf` into `out` (which must exist).
 pub fn convert(gguf: &Path, out: &Path) -> Result<()> {
     let file = File::open(gguf).map_err(|e| Error::io(gguf, e))?;
@@ -457,4 +478,41 @@ fn write_safetensors_streaming(
     w.flush().map_err(io)?;
     drop(w);
     std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A GGUF file holding only `metadata` (string values).
+    fn gguf_with(dir: &Path, name: &str, metadata: &[(&str, &str)]) -> PathBuf {
+        let path = dir.join(name);
+        let values: Vec<(&str, Value)> = metadata.iter().map(|(k, v)| (*k, Value::String(v.to_string()))).collect();
+        let refs: Vec<(&str, &Value)> = values.iter().map(|(k, v)| (*k, v)).collect();
+        let mut file = File::create(&path).unwrap();
+        candle_core::quantized::gguf_file::write(&mut file, &refs, &[]).unwrap();
+        path
+    }
+
+    #[test]
+    fn the_source_hub_id_comes_from_the_converters_metadata() {
+        let dir = tempfile::tempdir().unwrap();
+        let arch = ("general.architecture", "llama");
+        let repo = gguf_with(dir.path(), "a.gguf", &[arch, ("general.source.huggingface.repository", "Org/Model-7B")]);
+        assert_eq!(source_hub_id(&repo).as_deref(), Some("Org/Model-7B"));
+        let url =
+            gguf_with(dir.path(), "b.gguf", &[arch, ("general.source.url", "https://huggingface.co/Org/M/tree/main")]);
+        assert_eq!(source_hub_id(&url).as_deref(), Some("Org/M"));
+        let base = gguf_with(
+            dir.path(),
+            "c.gguf",
+            &[arch, ("general.base_model.0.repo_url", "https://huggingface.co/B/Base")],
+        );
+        assert_eq!(source_hub_id(&base).as_deref(), Some("B/Base"));
+        // a name and an organisation (as SmolLM2's file has) say no repository
+        let none =
+            gguf_with(dir.path(), "d.gguf", &[arch, ("general.name", "Smollm2 135M"), ("general.organization", "HF")]);
+        assert_eq!(source_hub_id(&none), None);
+        assert_eq!(source_hub_id(&dir.path().join("missing.gguf")), None);
+    }
 }

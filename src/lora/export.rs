@@ -87,6 +87,8 @@ pub struct ExportInfo {
     pub stop_tokens: Vec<String>,
     /// The same template in Ollama's Go-template syntax, for the Modelfile's TEMPLATE.
     pub ollama_template: Option<String>,
+    /// A line for the model card about the base (e.g. the GGUF file it was trained on).
+    pub base_note: Option<String>,
 }
 
 /// The safetensors header metadata PEFT writes.
@@ -157,9 +159,16 @@ pub fn replace_folder(out: &Path, marker_files: &[&str], fill: impl FnOnce(&Path
     Ok(())
 }
 
-/// The module names of the adapted linears (what PEFT's target_modules matches), sorted.
+/// The module names of the adapted linears (what PEFT's target_modules matches), sorted: the
+/// adapter's own target that selects each (`attn.c_proj`, so that PEFT does not also adapt
+/// Qwen's `mlp.c_proj`), else the last part of its path.
 fn adapted_names(adapter: &PeftAdapter) -> Vec<String> {
-    let names: BTreeSet<String> = adapter.pairs.keys().map(|p| p.rsplit('.').next().unwrap_or(p).to_string()).collect();
+    let targets = &adapter.settings.targets;
+    let name = |path: &String| match targets.iter().find(|t| crate::arch::target_matches(path, t)) {
+        Some(target) => target.clone(),
+        None => path.rsplit('.').next().unwrap_or(path).to_string(),
+    };
+    let names: BTreeSet<String> = adapter.pairs.keys().map(name).collect();
     names.into_iter().collect()
 }
 
@@ -195,6 +204,9 @@ pub fn model_card(kind: &str, base_model: Option<&str>, adapter: &PeftAdapter, i
     md.push_str("library_name: peft\ntags:\n- lora\n- qlora-studio\n---\n\n");
     md.push_str(&format!("# {kind} for {base}\n\nTrained with qlora-studio.\n\n"));
     md.push_str(&format!("- Base model: `{base}`\n"));
+    if let Some(note) = &info.base_note {
+        md.push_str(&format!("- {note}\n"));
+    }
     md.push_str(&format!(
         "- LoRA: r = {}, alpha = {}, dropout = {}, rsLoRA = {}, modules: {}\n",
         s.r,
@@ -335,14 +347,40 @@ pub fn base_dir(adapter: &PeftAdapter, adapter_dir: &Path, explicit: Option<&Pat
     }
     match (adapter.local_base(adapter_dir), adapter.base_model.as_deref()) {
         (Some(dir), _) => Ok(dir),
-        (None, Some(name)) => Err(Error::Invalid(format!(
-            "the adapter's base model {name:?} (base_model_name_or_path in adapter_config.json) is not a local \
-             model folder with a config.json; pass the base model's folder with --model"
-        ))),
+        // a .gguf file (imported as training imported it, again if the import is gone) or a
+        // hub id in the local cache: resolved as training resolved it, without downloading
+        (None, Some(name)) => crate::hub::resolve_with(name, &offline()).map(|r| r.dir).map_err(|e| {
+            Error::Invalid(format!(
+                "the adapter's base model {name:?} (base_model_name_or_path in adapter_config.json) is not a local \
+                 model folder, GGUF file or cached hub model ({e}); pass the base model's folder with --model"
+            ))
+        }),
         (None, None) => Err(Error::Invalid(
             "the adapter does not name its base model (base_model_name_or_path); pass --model BASE_DIR".into(),
         )),
     }
+}
+
+fn offline() -> crate::hub::ResolveOptions {
+    crate::hub::ResolveOptions { download: None, ..Default::default() }
+}
+
+/// What a PEFT export names as its base when the adapter was trained on a GGUF file, which PEFT
+/// cannot load: the hub id the file says it came from, else the Hugging Face folder it was
+/// imported into; and the model card's line saying which file it was.
+fn peft_base_for_gguf(gguf: &str) -> Result<(String, String)> {
+    let file = Path::new(gguf);
+    if let Some(id) = crate::hub::gguf::source_hub_id(file) {
+        return Ok((id.clone(), format!("Trained on the GGUF file `{gguf}`, converted from `{id}`")));
+    }
+    let dir = crate::hub::resolve_with(gguf, &offline())?.dir;
+    Ok((
+        dir.display().to_string(),
+        format!(
+            "Trained on the GGUF file `{gguf}` (its metadata names no Hugging Face source), imported by qlora-studio \
+             into the Hugging Face folder named as the base above"
+        ),
+    ))
 }
 
 /// Check that the adapter fits the base of `spec` without loading weights: every pair's
@@ -458,6 +496,14 @@ pub fn export(req: &ExportRequest) -> Result<ExportReport> {
                 }
                 (None, None) => adapter.base_model.clone(),
             };
+            let base_name = match base_name {
+                Some(name) if name.to_ascii_lowercase().ends_with(".gguf") => {
+                    let (name, note) = peft_base_for_gguf(&name)?;
+                    info.base_note.get_or_insert(note);
+                    Some(name)
+                }
+                other => other,
+            };
             write_peft_adapter(&adapter, &req.out, dtype, base_name.as_deref(), &info)?;
             Ok(ExportReport { written: vec![req.out.clone()], divergence: None })
         }
@@ -478,7 +524,9 @@ pub fn export(req: &ExportRequest) -> Result<ExportReport> {
             let mut written = vec![req.out.clone()];
             if req.modelfile {
                 let file = req.out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-                let from = info.base_model.clone().unwrap_or_else(|| base.display().to_string());
+                // Ollama's FROM takes a .gguf file as it is: the file a GGUF-based run trained on
+                let trained_on_gguf = adapter.base_model.clone().filter(|b| b.to_ascii_lowercase().ends_with(".gguf"));
+                let from = info.base_model.clone().or(trained_on_gguf).unwrap_or_else(|| base.display().to_string());
                 let text = gguf::modelfile_text(&from, &file, info.ollama_template.as_deref(), &info.stop_tokens);
                 let path = req.out.with_file_name("Modelfile");
                 gguf::write_file_atomically(&path, text.as_bytes())?;

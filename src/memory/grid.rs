@@ -26,6 +26,19 @@ pub struct GridPoint {
     pub dropout: f32,
     /// Per-block gradient checkpointing.
     pub checkpointing: bool,
+    /// bf16 compute on the CPU (frozen weights and their matmuls in bf16, activations f32: what
+    /// "auto" picks where the CPU's bf16 dot products pay); f32 otherwise.
+    pub bf16: bool,
+}
+
+impl GridPoint {
+    fn dtype(&self) -> candle_core::DType {
+        if self.bf16 {
+            candle_core::DType::BF16
+        } else {
+            candle_core::DType::F32
+        }
+    }
 }
 
 /// What one step of a grid point used, in bytes.
@@ -57,8 +70,8 @@ pub fn measure_from(point: &GridPoint, baseline: Option<usize>) -> Result<Measur
     }
     let device = Device::Cpu;
     let base = match point.method {
-        Method::Lora => BaseWeights::Dense(candle_core::DType::F32),
-        Method::Qlora { double_quant } => BaseWeights::Nf4 { double_quant, compute: candle_core::DType::F32 },
+        Method::Lora => BaseWeights::Dense(point.dtype()),
+        Method::Qlora { double_quant } => BaseWeights::Nf4 { double_quant, compute: point.dtype() },
     };
     // each point carries its own dequantization buffer, not the largest of the points before
     crate::quant::frozen_linear::release_dequantize_buffer();
@@ -105,6 +118,7 @@ pub fn warm_up() -> Result<()> {
         targets: vec!["all-linear".into()],
         dropout: 0.0,
         checkpointing: false,
+        bf16: false,
     };
     measure(&p).map(drop)
 }
@@ -143,6 +157,7 @@ pub fn estimate_point(point: &GridPoint) -> Result<super::Estimate> {
     let mut input = EstimateInput::new(spec, point.method, point.targets.clone(), point.rank, point.batch, point.seq);
     input.dropout = point.dropout;
     input.checkpointing = point.checkpointing;
+    input.dtype = point.dtype();
     estimate(&input)
 }
 
@@ -177,6 +192,11 @@ pub fn default_grid(quick: bool) -> Vec<GridPoint> {
         targets,
         dropout: 0.0,
         checkpointing: false,
+        bf16: false,
+    };
+    let bf16 = |mut point: GridPoint| {
+        point.bf16 = true;
+        point
     };
     let with_dropout = |mut point: GridPoint| {
         point.dropout = 0.05;
@@ -215,6 +235,11 @@ pub fn default_grid(quick: bool) -> Vec<GridPoint> {
         checkpointed(p("smollm2-135m", lora, 256, 4, 8, all())),
         checkpointed(p("smollm2-135m", qlora, 1024, 1, 16, all())),
         checkpointed(p("smollm2-135m", qlora, 2048, 1, 16, all())),
+        // the CPU's bf16 compute, at the shapes of real runs (short chat records, packed text)
+        bf16(p("smollm2-135m", qlora, 64, 4, 16, all())),
+        bf16(p("smollm2-135m", lora, 128, 8, 16, qv())),
+        bf16(p("smollm2-135m", qlora, 1024, 1, 16, all())),
+        bf16(checkpointed(p("smollm2-135m", qlora, 2048, 2, 16, all()))),
     ]);
     grid
 }
@@ -225,16 +250,17 @@ pub fn markdown(rows: &[GridRow]) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "| preset | method | seq | batch | rank | targets | dropout | checkpointing | low MiB | mid MiB | high MiB | measured MiB | error | in band | peak RSS MiB |"
+        "| preset | method | dtype | seq | batch | rank | targets | dropout | checkpointing | low MiB | mid MiB | high MiB | measured MiB | error | in band | peak RSS MiB |"
     );
-    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for r in rows {
         let p = &r.point;
         let _ = writeln!(
             out,
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {:+.1}% | {} | {:.0} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {:+.1}% | {} | {:.0} |",
             p.preset,
             p.method.label(),
+            if p.bf16 { "bf16" } else { "f32" },
             p.seq,
             p.batch,
             p.rank,

@@ -1,6 +1,6 @@
 //! Live memory readings: the process's resident set, the counted heap, and the GPUs.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::alloc;
 
@@ -20,6 +20,21 @@ pub fn process_memory() -> Option<ProcessMemory> {
         Some(kb * 1024)
     };
     Some(ProcessMemory { rss: field("VmRSS:")?, peak_rss: field("VmHWM:")? })
+}
+
+static STARTUP_RSS: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+
+/// Note the resident set now, as the program starts (binary and libraries, nothing loaded):
+/// what a training process of this binary holds before its tokenizer and data.
+pub fn record_startup_rss() {
+    if let Some(m) = process_memory() {
+        let _ = STARTUP_RSS.set(m.rss);
+    }
+}
+
+/// The resident set `record_startup_rss` noted, if it was called.
+pub fn startup_rss() -> Option<u64> {
+    STARTUP_RSS.get().copied()
 }
 
 /// What one GPU reports: its name and memory in bytes.
@@ -112,7 +127,7 @@ pub fn parse_nvidia_smi(text: &str) -> Vec<GpuInfo> {
 }
 
 /// The memory figures a training step event carries.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MemoryReading {
     /// Resident set of the process (CPU runs; also the host side of GPU runs).
     pub rss: u64,
@@ -125,16 +140,25 @@ pub struct MemoryReading {
     /// context and the pool's cached blocks included).
     pub device_used: Option<u64>,
     pub device_free: Option<u64>,
-    /// On CUDA: the most our tensors held at once since the previous reading (the high-water
-    /// mark of the stream-ordered pool candle allocates from; one step, as the trainer reads
-    /// once per step) and the most over the run. What the estimate predicts, less the context.
+    /// On CUDA: the most our tensors held at once since the previous reading or
+    /// `begin_step` (the high-water mark of the stream-ordered pool candle allocates from) and
+    /// the most over the run. What the estimate predicts, less the context.
     pub pool_peak: Option<u64>,
     pub device_peak: Option<u64>,
+    /// The most the run held at once within this step (from `begin_step` to this reading), the
+    /// figure the estimate predicts: on CUDA the pool's high-water mark; on the CPU the counted
+    /// heap's, less what the app held before the run (its window, fonts and caches).
+    pub step_peak: Option<u64>,
 }
 
-/// Takes `MemoryReading`s over a run, keeping the device's peak between readings.
+/// Takes `MemoryReading`s over a run: `begin_step` as a step starts, `read` as it ends, so each
+/// reading's peak is that of its step alone (not of the evaluation or checkpoint between).
 #[derive(Debug, Default)]
 pub struct MemoryMonitor {
+    /// Live heap bytes that are not the run's (taken before it loaded anything).
+    heap_baseline: usize,
+    /// The heap's high-water mark over the readings so far.
+    heap_peak: u64,
     #[cfg(feature = "cuda")]
     gpu: Option<cuda_probe::PoolProbe>,
     #[cfg(feature = "cuda")]
@@ -147,6 +171,8 @@ impl MemoryMonitor {
         alloc::reset_peak();
         let _ = device;
         Self {
+            heap_baseline: 0,
+            heap_peak: 0,
             #[cfg(feature = "cuda")]
             gpu: cuda_probe::PoolProbe::new(device),
             #[cfg(feature = "cuda")]
@@ -154,15 +180,36 @@ impl MemoryMonitor {
         }
     }
 
+    /// The live heap bytes the process held before the run (`live_bytes()` taken then): the
+    /// step peak on the CPU counts from there, as the estimate does.
+    pub fn with_heap_baseline(mut self, bytes: usize) -> Self {
+        self.heap_baseline = bytes;
+        self
+    }
+
+    /// A step starts: its peak counts from what is live now.
+    pub fn begin_step(&mut self) {
+        self.heap_peak = self.heap_peak.max(alloc::reset_peak() as u64);
+        #[cfg(feature = "cuda")]
+        if let Some(gpu) = &self.gpu {
+            if let Some(before) = gpu.take_peak() {
+                self.device_peak = self.device_peak.max(before);
+            }
+        }
+    }
+
     pub fn read(&mut self) -> MemoryReading {
         let process = process_memory();
         let counting = alloc::counting_installed();
+        let heap_step = alloc::peak_bytes();
+        self.heap_peak = self.heap_peak.max(heap_step as u64);
         #[allow(unused_mut)]
         let mut reading = MemoryReading {
             rss: process.map_or(0, |p| p.rss),
             peak_rss: process.map_or(0, |p| p.peak_rss),
             heap_live: counting.then(|| alloc::live_bytes() as u64),
-            heap_peak: counting.then(|| alloc::peak_bytes() as u64),
+            heap_peak: counting.then_some(self.heap_peak),
+            step_peak: counting.then(|| heap_step.saturating_sub(self.heap_baseline) as u64),
             ..Default::default()
         };
         #[cfg(feature = "cuda")]
@@ -175,6 +222,8 @@ impl MemoryMonitor {
                 self.device_peak = self.device_peak.max(peak);
                 reading.pool_peak = Some(peak);
                 reading.device_peak = Some(self.device_peak);
+                // the tensors live in the pool, not on the heap
+                reading.step_peak = Some(peak);
             }
         }
         reading

@@ -12,5 +12,6 @@ pub mod presets;
 pub use alloc::{counting_installed, live_bytes, peak_bytes, reset_peak, CountingAllocator};
 pub use estimate::{estimate, DeviceKind, Estimate, EstimateInput, Method, Term};
 pub use live::{
-    detect_gpus, process_memory, reset_rss_peak, total_memory, GpuInfo, MemoryMonitor, MemoryReading, ProcessMemory,
+    detect_gpus, process_memory, record_startup_rss, reset_rss_peak, startup_rss, total_memory, GpuInfo, MemoryMonitor,
+    MemoryReading, ProcessMemory,
 };

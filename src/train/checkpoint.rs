@@ -118,6 +118,22 @@ pub struct LoadedCheckpoint {
 /// Read a checkpoint folder's config, state and optimizer state (the adapter itself is loaded
 /// onto the model with `Model::load_adapter`).
 pub fn load(dir: &Path, device: &Device) -> Result<LoadedCheckpoint> {
+    let (config, state) = read_summary(dir)?;
+    let file = SafetensorsFile::open(dir.join(OPTIMIZER_STATE))?;
+    let mut moments = std::collections::HashMap::new();
+    for key in file.keys() {
+        if let Some(base) = key.strip_suffix(".exp_avg") {
+            let m = file.tensor(&key, device)?;
+            let v = file.tensor(&format!("{base}.exp_avg_sq"), device)?;
+            moments.insert(base.to_string(), (m, v));
+        }
+    }
+    Ok(LoadedCheckpoint { dir: dir.to_path_buf(), config, state, moments })
+}
+
+/// A checkpoint's config and trainer state only (small text files): what the run history
+/// shows, without the optimizer state `load` reads.
+pub fn read_summary(dir: &Path) -> Result<(RunConfig, TrainerState)> {
     if !dir.is_dir() {
         return Err(Error::Invalid(format!(
             "{}: no such checkpoint folder (checkpoints are the checkpoint-NNNNNN folders in a run's output folder)",
@@ -129,16 +145,7 @@ pub fn load(dir: &Path, device: &Device) -> Result<LoadedCheckpoint> {
     let text = std::fs::read_to_string(&state_path).map_err(|e| Error::io(&state_path, e))?;
     let state: TrainerState = serde_json::from_str(&text)
         .map_err(|e| Error::Invalid(format!("{}: not a trainer state: {e}", state_path.display())))?;
-    let file = SafetensorsFile::open(dir.join(OPTIMIZER_STATE))?;
-    let mut moments = std::collections::HashMap::new();
-    for key in file.keys() {
-        if let Some(base) = key.strip_suffix(".exp_avg") {
-            let m = file.tensor(&key, device)?;
-            let v = file.tensor(&format!("{base}.exp_avg_sq"), device)?;
-            moments.insert(base.to_string(), (m, v));
-        }
-    }
-    Ok(LoadedCheckpoint { dir: dir.to_path_buf(), config, state, moments })
+    Ok((config, state))
 }
 
 /// The newest checkpoint folder in a run's output folder.

@@ -133,6 +133,9 @@ pub struct TrainConfig {
     pub probe: bool,
     /// "off", "on" or "auto" (on when the run would not fit in memory otherwise).
     pub gradient_checkpointing: Checkpointing,
+    /// Start even when the memory estimate's lower bound is more than the memory available
+    /// (otherwise the run trains in smaller micro-batches or is refused with what to change).
+    pub ignore_memory_estimate: bool,
 }
 
 impl Default for TrainConfig {
@@ -156,6 +159,7 @@ impl Default for TrainConfig {
             output_dir: PathBuf::from("runs/run"),
             probe: true,
             gradient_checkpointing: Checkpointing::Auto,
+            ignore_memory_estimate: false,
         }
     }
 }
@@ -200,9 +204,30 @@ impl RunConfig {
         toml::to_string_pretty(self).expect("a RunConfig always serialises")
     }
 
-    /// Write to `path` through a temporary name.
+    /// Write to `path` through a temporary name. A path in the config that is not text (not
+    /// valid UTF-8) cannot be written to TOML: the error names its key.
     pub fn save(&self, path: &Path) -> Result<()> {
-        crate::weights::write_atomic(path, self.to_toml().as_bytes())
+        self.check_paths_are_text()?;
+        let text = toml::to_string_pretty(self)
+            .map_err(|e| Error::Invalid(format!("{}: the run config cannot be written: {e}", path.display())))?;
+        crate::weights::write_atomic(path, text.as_bytes())
+    }
+
+    /// TOML (and so a config file, a checkpoint, the settings) holds text only: every path of
+    /// the config must be valid UTF-8.
+    pub fn check_paths_are_text(&self) -> Result<()> {
+        let mut paths = vec![("data.path", &self.data.path), ("train.output_dir", &self.train.output_dir)];
+        if let crate::data::Validation::File(file) = &self.data.validation {
+            paths.push(("data.validation", file));
+        }
+        match paths.into_iter().find(|(_, p)| p.to_str().is_none()) {
+            Some((key, p)) => Err(Error::Invalid(format!(
+                "{key} = {} is not valid UTF-8, and a run config holds text only: rename that file or \
+                 folder, or choose another",
+                p.display()
+            ))),
+            None => Ok(()),
+        }
     }
 
     /// Every setting a run cannot start with, named by its key.
@@ -242,6 +267,9 @@ impl RunConfig {
         if let Err(e) = self.data.validate() {
             problems.push(e.to_string());
         }
+        if let Err(e) = self.check_paths_are_text() {
+            problems.push(e.to_string());
+        }
         if problems.is_empty() {
             Ok(())
         } else {
@@ -252,13 +280,31 @@ impl RunConfig {
 
 impl RunConfig {
     /// What the memory estimator needs, from this config and the model's config.json (no
-    /// weights are read). The sequence is max_length: the longest batch decides the peak.
-    /// Gradient checkpointing is as `checkpointing_in` decides for the memory `budget`.
-    pub fn estimate_input(&self, budget: Option<u64>) -> Result<crate::memory::EstimateInput> {
+    /// weights are read), sized by the data when it has been prepared (`data`, see
+    /// `estimate_input_for`). Gradient checkpointing is as `checkpointing_in` decides for the
+    /// memory `budget`. `process_bytes`: the resident memory of the process the run will be,
+    /// outside its tensors (`EstimateInput::process_bytes`).
+    pub fn estimate_input(
+        &self,
+        budget: Option<u64>,
+        data: Option<&crate::data::DataReport>,
+        process_bytes: u64,
+    ) -> Result<crate::memory::EstimateInput> {
         let spec = crate::memory::presets::spec_for(&self.model_config_path()?)?;
-        let mut input = self.estimate_input_for(spec);
+        let mut input = self.estimate_input_for(spec, data);
+        input.process_bytes = process_bytes;
         input.checkpointing = self.checkpointing_in(&input, budget);
         Ok(input)
+    }
+
+    /// The model's config.json, the tokenizer beside it and the dataset prepared as the trainer
+    /// will prepare it: what the estimate needs to size the largest micro-batch. Reads no
+    /// weights and downloads nothing.
+    pub fn prepare_data_offline(&self) -> Result<crate::data::DataReport> {
+        let dir = self.model_config_path()?;
+        let spec = crate::memory::presets::spec_for(&dir)?;
+        let tokenizer = crate::data::ModelTokenizer::from_dir(Path::new(&dir))?;
+        Ok(crate::data::prepare(&self.data, &tokenizer, Some(&spec.family))?.report)
     }
 
     /// Whether the run checkpoints: as set; with "auto", always on a GPU (its memory is the
@@ -277,8 +323,16 @@ impl RunConfig {
         }
     }
 
-    /// The estimator's input for a model of `spec`, without checkpointing.
-    pub fn estimate_input_for(&self, spec: crate::model::ModelSpec) -> crate::memory::EstimateInput {
+    /// The estimator's input for a model of `spec`, without checkpointing. The trainer pads
+    /// each micro-batch to its longest sequence and its probe runs the longest first, so with
+    /// the prepared `data` the largest micro-batch is `min(batch_size, sequences)` × the longest
+    /// training sequence; without it, batch_size × max_length (what packing that fills every
+    /// sequence makes).
+    pub fn estimate_input_for(
+        &self,
+        spec: crate::model::ModelSpec,
+        data: Option<&crate::data::DataReport>,
+    ) -> crate::memory::EstimateInput {
         use crate::memory::{DeviceKind, EstimateInput, Method};
         let method = match self.model.mode {
             Mode::Lora => Method::Lora,
@@ -287,9 +341,13 @@ impl RunConfig {
         let targets =
             if self.lora.targets.is_empty() { spec.default_targets.clone() } else { self.lora.targets.clone() };
         let device = if self.model.device == "cpu" { DeviceKind::Cpu } else { DeviceKind::Cuda };
-        let mut input =
-            EstimateInput::new(spec, method, targets, self.lora.r, self.train.batch_size, self.data.max_length)
-                .on(device);
+        let (batch, seq) = match data {
+            Some(d) if d.train_examples > 0 => {
+                (self.train.batch_size.min(d.train_examples), d.longest.tokens.clamp(2, self.data.max_length.max(2)))
+            }
+            _ => (self.train.batch_size, self.data.max_length),
+        };
+        let mut input = EstimateInput::new(spec, method, targets, self.lora.r, batch, seq).on(device);
         input.dropout = self.lora.dropout;
         input.dtype = self.model.compute_dtype();
         input
@@ -330,12 +388,35 @@ mod tests {
         assert_eq!(back, c);
     }
 
+    /// A folder or file name that is not UTF-8 (possible on Linux) cannot go into TOML: saving
+    /// the config and starting a run say which key, and nothing panics.
+    #[cfg(unix)]
+    #[test]
+    fn a_path_that_is_not_utf8_is_an_error_naming_its_key() {
+        use std::os::unix::ffi::OsStrExt;
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = RunConfig::default();
+        c.model.source = "models/tiny".into();
+        c.train.output_dir = dir.path().join(std::ffi::OsStr::from_bytes(b"run-\xff"));
+        let file = dir.path().join("run.toml");
+        let message = c.save(&file).unwrap_err().to_string();
+        assert!(message.contains("train.output_dir") && message.contains("UTF-8"), "{message}");
+        assert!(!file.exists(), "nothing written");
+        assert!(c.validate().unwrap_err().to_string().contains("train.output_dir"));
+        c.train.output_dir = dir.path().join("run");
+        c.data.path = dir.path().join(std::ffi::OsStr::from_bytes(b"data-\xfe.jsonl"));
+        assert!(c.save(&file).unwrap_err().to_string().contains("data.path"));
+        c.data.path = dir.path().join("data.jsonl");
+        c.save(&file).unwrap();
+        assert!(file.is_file());
+    }
+
     #[test]
     fn auto_checkpointing_turns_on_only_when_the_run_would_not_fit() {
         let spec = crate::memory::grid::preset_spec("smollm2-135m").unwrap();
         let mut c = RunConfig::default();
         c.data.max_length = 1024;
-        let input = c.estimate_input_for(spec);
+        let input = c.estimate_input_for(spec, None);
         let plain = crate::memory::estimate(&input).unwrap();
         assert!(!input.checkpointing);
         c.train.gradient_checkpointing = Checkpointing::Auto;

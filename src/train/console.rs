@@ -55,7 +55,10 @@ pub fn train_in_terminal(config: RunConfig, resume_from: Option<PathBuf>) -> Res
                         s.step, s.total_steps, s.loss, s.lr, s.tokens_per_s
                     ));
                 }
-                let memory = format!(" rss {:.0} MiB", s.memory.rss as f64 / 1048576.0);
+                // the step's peak is what the estimate predicts; RSS is the whole process
+                let mib = |b: u64| b as f64 / 1048576.0;
+                let peak = s.memory.step_peak.map(|p| format!(" step peak {:.0} MiB,", mib(p))).unwrap_or_default();
+                let memory = format!("{peak} rss {:.0} MiB", mib(s.memory.rss));
                 bar.set_message(format!(
                     "loss {:.4} lr {:.2e} |g| {:.3} {:.0} tok/s{memory}",
                     s.loss, s.lr, s.grad_norm, s.tokens_per_s

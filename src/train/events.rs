@@ -2,11 +2,13 @@
 
 use std::path::PathBuf;
 
+use serde::{Deserialize, Serialize};
+
 use crate::memory::MemoryReading;
 
 /// Sent by the trainer thread, in this order: Loading…, Started, then Step / Eval / Sample /
 /// CheckpointSaved / Notice / Paused / Resumed as they happen, and one Finished or Failed last.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum TrainEvent {
     /// What is being loaded, and how far along the whole loading is (0..=1).
     Loading {
@@ -43,7 +45,7 @@ pub enum TrainEvent {
     },
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RunStarted {
     pub trainable_params: usize,
     pub total_params: usize,
@@ -59,9 +61,32 @@ pub struct RunStarted {
     pub probe_peak_bytes: Option<u64>,
     /// Whether blocks are recomputed in the backward (gradient checkpointing).
     pub gradient_checkpointing: bool,
+    /// The memory estimate the run was planned with, made in the process that trains.
+    #[serde(default)]
+    pub estimate: Option<RunEstimate>,
 }
 
-#[derive(Debug, Clone, PartialEq)]
+/// A memory estimate in the terms a run's readings compare with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunEstimate {
+    /// The run's tensors at their peak inside a step, the band's low, middle and high: what a
+    /// step's `MemoryReading::step_peak` is compared with.
+    pub step: [u64; 3],
+    /// With what surrounds the run: on the CPU the rest of the process (binary, data, window;
+    /// against RSS), on a GPU the CUDA context and the pool's reserve (against the card's use).
+    pub whole: u64,
+}
+
+impl RunEstimate {
+    pub fn new(e: &crate::memory::Estimate) -> Self {
+        // on the CPU the estimate counts the process around the run as a part of its own (its
+        // band's low edge then also allows for pages RSS does not count: a little wider here)
+        let outside = e.outside_pool + e.process;
+        Self { step: [e.low, e.mid, e.high].map(|b| b.saturating_sub(outside)), whole: e.mid }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StepStats {
     /// 1-based optimizer step.
     pub step: usize,
@@ -78,7 +103,7 @@ pub struct StepStats {
     pub memory: MemoryReading,
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RunFinished {
     pub step: usize,
     /// True when the user stopped the run before its last step.
@@ -90,7 +115,7 @@ pub struct RunFinished {
 }
 
 /// Sent to the trainer thread.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Command {
     Pause,
     Resume,

@@ -5,9 +5,11 @@ pub mod checkpoint;
 pub mod config;
 pub mod console;
 pub mod events;
+pub mod memory_plan;
 pub mod optim;
 pub mod schedule;
 pub mod trainer;
+pub mod worker;
 
 pub use config::{Checkpointing, Mode, ModelConfig, RunConfig, Schedule};
 pub use events::{Command, TrainEvent};

@@ -11,7 +11,8 @@ use crossbeam_channel::{Receiver, Sender};
 
 use super::checkpoint::{self, CheckpointContents, LoadedCheckpoint, TrainerState};
 use super::config::{Mode, RunConfig};
-use super::events::{Command, RunFinished, RunStarted, StepStats, TrainEvent};
+use super::events::{Command, RunEstimate, RunFinished, RunStarted, StepStats, TrainEvent};
+use super::memory_plan;
 use super::optim::{clip_scale, global_norm, AdamW, AdamWParams};
 use super::schedule::learning_rate;
 use crate::data::{self, Example, ModelTokenizer};
@@ -73,7 +74,9 @@ pub fn run(
         Some(dir) => {
             send(TrainEvent::Loading { stage: format!("reading checkpoint {}", dir.display()), fraction: 0.0 });
             let loaded = checkpoint::load(dir, &Device::Cpu)?;
+            let insist = config.train.ignore_memory_estimate;
             config = loaded.config.clone();
+            config.train.ignore_memory_estimate |= insist;
             Some(loaded)
         }
         None => {
@@ -95,21 +98,31 @@ pub fn run(
 
     send(TrainEvent::Loading { stage: format!("loading model {}", config.model.source), fraction: 0.05 });
     let model_dir = resolve_model(&config.model.source, Some(events))?;
+    // the data first (config.json names the family): its longest sequences decide whether the
+    // model, once loaded, will fit
+    send(TrainEvent::Loading { stage: "tokenizing the dataset".into(), fraction: 0.1 });
+    let spec = crate::memory::presets::spec_for(&model_dir.display().to_string())?;
+    let tokenizer = ModelTokenizer::from_dir(&model_dir)?;
+    let prepared = data::prepare(&config.data, &tokenizer, Some(&spec.family))?;
+    let budget = crate::memory::cli::memory_budget(&config.model.device, None).unwrap_or((None, String::new()));
+    let plan = memory_plan::plan(&config, spec, &prepared.report, budget.0, &budget.1)?;
+    for notice in &plan.notices {
+        send(TrainEvent::Notice(notice.clone()));
+    }
+
+    send(TrainEvent::Loading { stage: format!("loading model {}", config.model.source), fraction: 0.2 });
+    // the heap held before the model (the window, the tokenizer, the data): what the estimate
+    // leaves out, and so does the step's peak
+    let heap_before = crate::memory::live_bytes();
     let mut model = Model::load(&model_dir, base_weights(&config)?, &device)?;
     let settings = config.lora.settings(&model.spec.default_targets);
-    if let Some(notice) = choose_checkpointing(&config, &mut model, &settings) {
-        send(TrainEvent::Notice(notice));
-    }
+    model.set_gradient_checkpointing(plan.checkpointing);
     match &resumed {
         Some(ck) => {
             model.load_adapter(&ck.dir)?;
         }
         None => model.add_lora(&settings, config.train.seed)?,
     }
-
-    send(TrainEvent::Loading { stage: "tokenizing the dataset".into(), fraction: 0.6 });
-    let tokenizer = ModelTokenizer::from_dir(&model_dir)?;
-    let prepared = data::prepare(&config.data, &tokenizer, Some(&model.spec.family))?;
     if let Some(warning) = prepared.report.template_check.as_ref().and_then(|c| c.warning.clone()) {
         send(TrainEvent::Notice(warning));
     }
@@ -120,10 +133,19 @@ pub fn run(
             prepared.report.skipped[0]
         )));
     }
-    if prepared.report.truncated > 0 {
+    let report = &prepared.report;
+    if report.truncated > 0 {
         send(TrainEvent::Notice(format!(
-            "{} examples are longer than max_length = {} and were cut",
-            prepared.report.truncated, config.data.max_length
+            "{} conversations are longer than max_length = {} and were cut: {} tokens dropped",
+            report.truncated, config.data.max_length, report.dropped_tokens
+        )));
+    }
+    if report.split_documents > 0 {
+        send(TrainEvent::Notice(format!(
+            "{} text documents are longer than max_length = {}: {} into blocks, no token dropped",
+            report.split_documents,
+            config.data.max_length,
+            if config.data.packing { "packed as one token stream" } else { "split" }
         )));
     }
     // what exports of this run must carry: the template it was trained with and its stop tokens
@@ -149,38 +171,13 @@ pub fn run(
 
     let sampler = template.map(|template| Sampler { tokenizer, template });
     let mut trainer = Trainer::new(config, settings, model, train, validation, resumed, card)?;
+    // a resumed run keeps the micro-batch it found, unless that no longer fits
+    trainer.state.micro_batch = trainer.state.micro_batch.min(plan.micro_batch);
     trainer.sampler = sampler;
+    trainer.heap_before = heap_before;
+    trainer.estimate = Some(RunEstimate::new(&plan.estimate));
     send(TrainEvent::Loading { stage: "ready".into(), fraction: 1.0 });
     trainer.train(&send, commands)
-}
-
-/// Turn gradient checkpointing on as the config says ("auto": when the estimate without it does
-/// not fit in the device's memory); returns a notice when "auto" turned it on.
-fn choose_checkpointing(config: &RunConfig, model: &mut Model, settings: &LoraSettings) -> Option<String> {
-    let mut input = config.estimate_input_for(model.spec.clone());
-    input.targets = settings.targets.clone();
-    let budget = crate::memory::cli::memory_budget(&config.model.device, None).unwrap_or((None, String::new()));
-    let on = config.checkpointing_in(&input, budget.0);
-    model.set_gradient_checkpointing(on);
-    if !on || config.train.gradient_checkpointing != super::config::Checkpointing::Auto {
-        return None;
-    }
-    if !model.device().is_cpu() {
-        return Some(
-            "gradient checkpointing is on (the default on a GPU; train.gradient_checkpointing = \"off\" turns it off)"
-                .into(),
-        );
-    }
-    let plain = crate::memory::estimate(&input).ok()?;
-    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
-    Some(format!(
-        "gradient checkpointing is on: without it the run would need about {:.1} GiB (up to {:.1}), more than the \
-         {:.1} GiB of {}",
-        gib(plain.mid),
-        gib(plain.high),
-        gib(budget.0.unwrap_or(0)),
-        budget.1
-    ))
 }
 
 /// The candle device of a `model.device` value ("cpu", "cuda" or "cuda:N").
@@ -256,6 +253,10 @@ struct Trainer {
     card: ExportInfo,
     /// Renders and decodes the sample prompts (None when the template could not be resolved).
     sampler: Option<Sampler>,
+    /// Live heap bytes before the model was loaded, which the step's memory peak leaves out.
+    heap_before: usize,
+    /// The memory estimate of the run's plan, for the Started event.
+    estimate: Option<RunEstimate>,
 }
 
 /// Generates from the config's sample prompts with the adapter as it is now.
@@ -338,6 +339,8 @@ impl Trainer {
             order,
             card,
             sampler: None,
+            heap_before: 0,
+            estimate: None,
         })
     }
 
@@ -359,6 +362,7 @@ impl Trainer {
             grad_accum: self.effective_batch.div_ceil(self.state.micro_batch),
             probe_peak_bytes: probe_peak,
             gradient_checkpointing: self.model.gradient_checkpointing(),
+            estimate: self.estimate,
         }));
         if self.state.step > 0 {
             send(TrainEvent::Notice(format!("resumed at step {} of {}", self.state.step, self.state.total_steps)));
@@ -368,7 +372,7 @@ impl Trainer {
         let first_step = self.state.step;
         // the readings' peaks count from here
         crate::memory::reset_peak();
-        let mut monitor = crate::memory::MemoryMonitor::start(self.model.device());
+        let mut monitor = crate::memory::MemoryMonitor::start(self.model.device()).with_heap_baseline(self.heap_before);
         let mut last_checkpoint = None;
         let mut stopped = false;
         while self.state.step < self.state.total_steps {
@@ -407,6 +411,8 @@ impl Trainer {
                 }
             }
 
+            // the reading after the step is this step's peak, not the eval's or checkpoint's before
+            monitor.begin_step();
             let step_started = Instant::now();
             let outcome = self.step()?;
             let step = self.state.step;
