@@ -5,6 +5,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
+use common::gui::wait_until;
 use common::tiny_llama::TinyLlama;
 use eframe::egui;
 use egui_kittest::kittest::{by, NodeT, Queryable};
@@ -32,16 +33,6 @@ fn trainable_label(harness: &Harness<'_, StudioApp>) -> String {
         let n = node.accesskit_node();
         n.label().or_else(|| n.value()).unwrap_or_default()
     }
-}
-
-fn wait_until(harness: &mut Harness<'_, StudioApp>, what: &str, done: impl Fn(&StudioApp) -> bool) {
-    let start = Instant::now();
-    while !done(harness.state()) {
-        assert!(start.elapsed() < Duration::from_secs(120), "timed out waiting for {what}");
-        harness.step();
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    harness.step();
 }
 
 /// On the Export tab: pick `format`, press "Export as…" with `target` standing in for the save

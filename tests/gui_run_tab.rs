@@ -5,8 +5,8 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
 
+use common::gui::wait_until;
 use common::tiny_llama::TinyLlama;
 use eframe::egui;
 use egui_kittest::kittest::{NodeT, Queryable};
@@ -35,16 +35,6 @@ fn window(mut app: StudioApp, size: egui::Vec2) -> Harness<'static, StudioApp> {
 }
 
 const DEFAULT_SIZE: egui::Vec2 = egui::vec2(1280.0, 820.0);
-
-fn wait_until(harness: &mut Harness<'_, StudioApp>, what: &str, done: impl Fn(&StudioApp) -> bool) {
-    let start = Instant::now();
-    while !done(harness.state()) {
-        assert!(start.elapsed() < Duration::from_secs(120), "timed out waiting for {what}");
-        harness.step();
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    harness.step();
-}
 
 fn dataset() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/colors.jsonl")

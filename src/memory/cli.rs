@@ -206,18 +206,22 @@ pub fn estimate_report(
     if !est.fits(memory) {
         let _ = writeln!(out, "\nto fit:");
         for s in fit::suggestions(input, memory) {
-            let _ = writeln!(
-                out,
-                "  {:<48} {} (band {} – {}){}",
-                s.change,
-                gib(s.estimate.mid),
-                gib(s.estimate.low),
-                gib(s.estimate.high),
-                if s.estimate.fits(memory) { "  fits" } else { "" }
-            );
+            let _ = writeln!(out, "  {}", suggestion_line(&s, memory));
         }
     }
     Ok(out)
+}
+
+/// One way to fit, with its estimate and whether that fits in `memory`.
+pub fn suggestion_line(s: &fit::Suggestion, memory: u64) -> String {
+    format!(
+        "{:<48} {} (band {} – {}){}",
+        s.change,
+        gib(s.estimate.mid),
+        gib(s.estimate.low),
+        gib(s.estimate.high),
+        if s.estimate.fits(memory) { "  fits" } else { "" }
+    )
 }
 
 /// Run the grid, write its table to `out` (through a temporary file) and print it; true when

@@ -108,15 +108,7 @@ pub fn plan(
     }
     let mut message = format!("the run does not fit: {needs}. To fit:");
     for s in fit::suggestions(&input, memory) {
-        let _ = write!(
-            message,
-            "\n  {} → {} (band {} – {}){}",
-            s.change,
-            gib(s.estimate.mid),
-            gib(s.estimate.low),
-            gib(s.estimate.high),
-            if s.estimate.fits(memory) { ", fits" } else { "" }
-        );
+        let _ = write!(message, "\n  {}", crate::memory::cli::suggestion_line(&s, memory));
     }
     let _ = write!(
         message,

@@ -3,6 +3,7 @@
 
 pub mod fake_hub;
 pub mod gguf_writer;
+pub mod gui;
 pub mod tiny_llama;
 pub mod tokenizer;
 
