@@ -13,7 +13,7 @@ use egui_kittest::kittest::{NodeT, Queryable};
 use egui_kittest::Harness;
 use qlora_studio::gui::app::{plot_id, Tab};
 use qlora_studio::gui::i18n::Lang;
-use qlora_studio::gui::run_view::RunView;
+use qlora_studio::gui::run_view::{RunState, RunView};
 use qlora_studio::gui::StudioApp;
 use qlora_studio::train::events::RunFinished;
 use qlora_studio::train::RunConfig;
@@ -269,4 +269,32 @@ fn unsaveable_configs_and_settings_say_so() {
     app.save_settings();
     let (is_error, message) = app.status.clone().expect("a message");
     assert!(is_error && message.contains("could not be saved") && message.contains("not-a-folder"), "{message}");
+}
+
+/// A run the memory plan refused offers "Start anyway": it starts that run once ignoring the
+/// estimate, and leaves the setting as it was.
+#[test]
+fn a_refused_run_can_be_started_anyway() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut app = StudioApp::new(None);
+    *app.config_mut() = tiny_config(dir.path());
+    app.refresh_model_info();
+    let end = RunFinished { step: 0, stopped: false, checkpoint: None, train_loss: None, validation_loss: None };
+    let mut refused = RunView::from_history(app.config().clone(), &[], &[], end);
+    refused.state = RunState::Failed(format!(
+        "{} the largest micro-batch, 2 × 64 tokens, needs about 90 GiB, more than the 20 GiB of available RAM",
+        qlora_studio::train::memory_plan::REFUSED
+    ));
+    app.run = Some(refused);
+    let mut harness = window(app, DEFAULT_SIZE);
+    wait_until(&mut harness, "the dataset preview", |app| app.data_view.preview.is_some() && !app.data_view.is_busy());
+    harness.get_by_label("Start anyway").click();
+    wait_until(&mut harness, "the run to end", |app| {
+        app.run.as_ref().is_some_and(|r| !r.is_active() && !matches!(r.state, RunState::Failed(_)))
+    });
+    let run = harness.state().run.as_ref().unwrap();
+    assert!(run.config.train.ignore_memory_estimate, "the run started ignoring the estimate");
+    assert!(matches!(&run.state, RunState::Finished(f) if f.step == 3), "{:?}", run.state);
+    assert!(!harness.state().config().train.ignore_memory_estimate, "the setting is unchanged");
+    assert!(harness.query_by_label("Start anyway").is_none(), "no offer once the run started");
 }

@@ -12,7 +12,7 @@ use super::data_view::DataView;
 use super::export_view::ExportView;
 use super::i18n::{tr, tr_message, trf, Lang};
 use super::memory_view::MemoryView;
-use super::run_view::RunView;
+use super::run_view::{RunState, RunView};
 use super::source_view::{SourceState, SourceView};
 use super::try_view::TryView;
 use crate::model::inspect::LinearModule;
@@ -175,6 +175,8 @@ pub struct StudioApp {
     cached_models: Vec<crate::hub::hf_cache::CachedModel>,
     /// Prefer a system CJK font over the bundled subset (tests turn it off to check the subset).
     pub system_fonts: bool,
+    /// The next start ignores the memory estimate ("Start anyway" after a refusal).
+    ignore_memory_estimate_once: bool,
 }
 
 impl StudioApp {
@@ -218,6 +220,7 @@ impl StudioApp {
             cached_models: crate::hub::hf_cache::list_cached_models(&crate::hub::hf_cache::hf_cache_dir())
                 .unwrap_or_default(),
             system_fonts: true,
+            ignore_memory_estimate_once: false,
         };
         app.refresh_model_info();
         app
@@ -303,6 +306,7 @@ impl StudioApp {
     /// Start a run of the current config (or resume from a checkpoint).
     pub fn start_run(&mut self, resume_from: Option<PathBuf>) {
         let mut config = self.settings.config.clone();
+        config.train.ignore_memory_estimate |= std::mem::take(&mut self.ignore_memory_estimate_once);
         if let Err(e) = config.validate() {
             self.status = Some((true, e.to_string()));
             return;
@@ -871,6 +875,20 @@ impl StudioApp {
             Tab::Run => match &mut self.run {
                 Some(run) => {
                     run.controls(ui, lang);
+                    // a run refused because its estimate does not fit: the user may insist
+                    let refused = matches!(&run.state, RunState::Failed(m) if crate::train::memory_plan::is_refusal(m));
+                    if refused
+                        && ui
+                            .button(tr(lang, "Start anyway"))
+                            .on_hover_text(tr(
+                                lang,
+                                "Starts this run once more, ignoring the memory estimate (the Training section's \
+                                 Memory check does so for every run).",
+                            ))
+                            .clicked()
+                    {
+                        self.ignore_memory_estimate_once = true;
+                    }
                     egui::ScrollArea::vertical().show(ui, |ui| {
                         run.plots(ui, lang);
                         run.samples_and_log(ui, lang);
@@ -901,6 +919,9 @@ impl StudioApp {
             }
         }
         self.shown_tab = tab;
+        if self.ignore_memory_estimate_once {
+            self.start_run(None);
+        }
     }
 
     /// The newest checkpoint: of the run on screen, else of the newest past run.

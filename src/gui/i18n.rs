@@ -155,6 +155,11 @@ pub const ZH: &[(&str, &str)] = &[
     ("Gradient accumulation", "梯度累积"),
     ("Gradient checkpointing", "梯度检查点"),
     ("Memory check", "内存检查"),
+    ("Start anyway", "仍然开始"),
+    (
+        "Starts this run once more, ignoring the memory estimate (the Training section's Memory check does so for every run).",
+        "再次开始这次训练，忽略内存估算（“训练”部分的内存检查对每次训练都如此）。",
+    ),
     // the trainer's notices about the data and the memory plan (src/data, src/train/memory_plan.rs)
     (
         "{} conversations are longer than max_length = {} and were cut: {} tokens dropped",

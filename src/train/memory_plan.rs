@@ -12,6 +12,14 @@ use crate::memory::{estimate, fit, DeviceKind, Estimate};
 use crate::model::ModelSpec;
 use crate::{Error, Result};
 
+/// How a refusal begins: the window offers to start the run anyway after one.
+pub const REFUSED: &str = "the run does not fit:";
+
+/// Whether a run's failure message is this module's refusal.
+pub fn is_refusal(message: &str) -> bool {
+    message.starts_with(REFUSED)
+}
+
 /// How the run will use memory.
 #[derive(Debug, Clone)]
 pub struct MemoryPlan {
@@ -106,7 +114,7 @@ pub fn plan(
         notices.push(format!("{needs}: it may not fit (the lower end of the band does)"));
         return Ok(keep(est, notices));
     }
-    let mut message = format!("the run does not fit: {needs}. To fit:");
+    let mut message = format!("{REFUSED} {needs}. To fit:");
     for s in fit::suggestions(&input, memory) {
         let _ = write!(message, "\n  {}", crate::memory::cli::suggestion_line(&s, memory));
     }
@@ -159,7 +167,7 @@ mod tests {
         let d = data(100, 2048);
         let need = estimate(&c.estimate_input_for(smollm2(), Some(&d))).unwrap();
         let e = plan(&c, smollm2(), &d, Some(need.low / 2), "test memory").unwrap_err().to_string();
-        assert!(e.contains("does not fit") && e.contains("data.jsonl:7"), "{e}");
+        assert!(is_refusal(&e) && e.contains("data.jsonl:7"), "{e}");
         assert!(e.contains("gradient checkpointing") && e.contains("ignore_memory_estimate"), "{e}");
         // a user may insist
         let mut insist = c.clone();
