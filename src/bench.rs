@@ -217,6 +217,11 @@ pub fn peft_baseline(
     if !script.is_file() {
         anyhow::bail!("{}: baseline script not found (set --baseline)", script.display());
     }
+    if b.dora {
+        anyhow::bail!(
+            "the PyTorch baseline runs LoRA only: compare DoRA with our own LoRA row (bench step without --dora)"
+        );
+    }
     let mut cmd = std::process::Command::new(python);
     cmd.arg(script)
         .args(["--preset", b.preset, "--mode", b.mode])
@@ -289,6 +294,8 @@ pub struct StepBenchRow {
     pub targets: String,
     /// Per-block gradient checkpointing (not a field of the PyTorch baseline's rows).
     pub gradient_checkpointing: bool,
+    /// DoRA on the targets.
+    pub dora: bool,
     pub threads: usize,
     pub tokens_per_s: f64,
     pub step_s_median: f64,
@@ -340,6 +347,7 @@ pub struct StepBench<'a> {
     pub rank: usize,
     pub targets: Vec<String>,
     pub checkpointing: bool,
+    pub dora: bool,
     /// "cpu", "cuda" or "cuda:N"
     pub device: &'a str,
     /// "auto" (bf16 on a GPU, f32 on the CPU), "f32", "bf16" or "f16"
@@ -359,6 +367,7 @@ pub fn step(b: &StepBench<'_>) -> Result<Vec<StepBenchRow>> {
         alpha: 2.0 * b.rank as f64,
         dropout: 0.0,
         use_rslora: false,
+        use_dora: b.dora,
         targets: b.targets.clone(),
     };
     model.add_lora(&settings, 0)?;
@@ -447,6 +456,7 @@ fn step_run(
         rank: b.rank,
         targets: b.targets.join(","),
         gradient_checkpointing: b.checkpointing,
+        dora: b.dora,
         threads: rayon::current_num_threads(),
         tokens_per_s,
         step_s_median: sorted[sorted.len() / 2],

@@ -204,6 +204,9 @@ enum BenchCommand {
         /// Recompute each block in the backward (per-block gradient checkpointing).
         #[arg(long)]
         checkpointing: bool,
+        /// DoRA on the targets (a magnitude per output row).
+        #[arg(long)]
+        dora: bool,
         /// cpu, cuda or cuda:N
         #[arg(long, default_value = "cpu")]
         device: String,
@@ -455,6 +458,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     rank,
                     targets,
                     checkpointing,
+                    dora,
                     device,
                     dtype,
                     json,
@@ -476,6 +480,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 rank,
                 targets,
                 checkpointing,
+                dora,
                 device: &device,
                 dtype: &dtype,
             };
@@ -485,8 +490,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     println!("{}", serde_json::to_string(&row)?);
                 } else {
                     println!(
-                        "{} {} {} seq {} batch {}{}: {:.1} tokens/s, median step {:.3} s, peak RSS {:.0} MiB{}, loss {:.4} → {:.4}",
+                        "{} {} {} seq {} batch {}{}{}: {:.1} tokens/s, median step {:.3} s, peak RSS {:.0} MiB{}, loss {:.4} → {:.4}",
                         row.preset, row.mode, row.dtype, row.seq, row.batch,
+                        if row.dora { " DoRA" } else { "" },
                         if row.gradient_checkpointing { " checkpointed" } else { "" },
                         row.tokens_per_s, row.step_s_median, row.peak_rss_mib,
                         row.pool_peak_mib.map(|p| format!(", GPU pool peak {p:.0} MiB")).unwrap_or_default(),

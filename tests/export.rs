@@ -71,7 +71,7 @@ fn f32_values(path: &Path, key: &str) -> (Vec<f32>, Vec<usize>) {
 #[test]
 fn peft_export_round_trips_every_fixture_adapter() {
     let tmp = tempfile::tempdir().unwrap();
-    for name in DENSE_FIXTURES.iter().chain(&["llama_bnb4"]) {
+    for name in DENSE_FIXTURES.iter().chain(&["llama_bnb4", "llama_dora"]) {
         let src = model_dir(name).join("adapter");
         let out = tmp.path().join(name);
         write_peft_adapter(&adapter(name), &out, TensorDType::F32, Some("some/base"), &ExportInfo::default()).unwrap();
@@ -91,8 +91,17 @@ fn peft_export_round_trips_every_fixture_adapter() {
             serde_json::from_str(&std::fs::read_to_string(p.join("adapter_config.json")).unwrap()).unwrap()
         };
         let (want, got) = (read(&src), read(&out));
-        for key in ["peft_type", "task_type", "r", "lora_alpha", "lora_dropout", "use_rslora", "bias", "fan_in_fan_out"]
-        {
+        for key in [
+            "peft_type",
+            "task_type",
+            "r",
+            "lora_alpha",
+            "lora_dropout",
+            "use_rslora",
+            "use_dora",
+            "bias",
+            "fan_in_fan_out",
+        ] {
             assert_eq!(want[key], got[key], "{name}: {key}");
         }
         let sorted = |v: &serde_json::Value| {
@@ -172,6 +181,20 @@ fn merged_logits_match(
     let d = max_abs_diff(&got, &want);
     assert!(d <= 1e-4, "{name}: merged logits differ from base + adapter by {d}");
     (tmp, out)
+}
+
+/// DoRA: the merge folds the magnitudes into the weights (the merged model computes what base +
+/// adapter compute); a GGUF adapter, which has no place for them, is refused with the way out.
+#[test]
+fn dora_merges_and_refuses_a_gguf_adapter() {
+    merged_logits_match("llama_dora", F32, MergeInto::Original, None);
+    let dora = adapter("llama_dora");
+    assert!(dora.settings.use_dora && dora.magnitudes.len() == dora.pairs.len());
+    let spec = qlora_studio::lora::export::spec_of(&model_dir("llama_dora")).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let e = write_gguf_adapter(&dora, &spec, &tmp.path().join("a.gguf"), GgufType::F32, None, None).unwrap_err();
+    assert!(e.to_string().contains("DoRA") && e.to_string().contains("merged"), "{e}");
+    assert!(!tmp.path().join("a.gguf").exists());
 }
 
 #[test]
@@ -490,6 +513,7 @@ fn gguf_f16_rslora_alpha_and_moe_experts() {
         alpha: 8.0,
         dropout: 0.0,
         use_rslora: false,
+        use_dora: false,
         targets: vec!["w1".into(), "w2".into(), "q_proj".into()],
     };
     model.add_lora(&settings, 3).unwrap();
@@ -685,8 +709,14 @@ fn gguf_maps_every_linear_of_every_family() {
     // LoRA on all linears: each one gets llama.cpp's tensor name, and only W_pack is split
     for name in DENSE_FIXTURES.iter().filter(|n| **n != "mixtral") {
         let mut model = Model::load(&model_dir(name), F32, &Device::Cpu).unwrap();
-        let settings =
-            LoraSettings { r: 2, alpha: 4.0, dropout: 0.0, use_rslora: false, targets: vec!["all-linear".into()] };
+        let settings = LoraSettings {
+            r: 2,
+            alpha: 4.0,
+            dropout: 0.0,
+            use_rslora: false,
+            use_dora: false,
+            targets: vec!["all-linear".into()],
+        };
         model.add_lora(&settings, 1).unwrap();
         let a = PeftAdapter::from_model(&model, &settings).unwrap();
         let g = write_gguf(name, &a, GgufType::F32, None);
@@ -696,8 +726,14 @@ fn gguf_maps_every_linear_of_every_family() {
     }
     // Qwen v1: w1 is up, w2 the gate, and both c_proj find their own tensor
     let mut model = Model::load(&model_dir("qwen"), F32, &Device::Cpu).unwrap();
-    let settings =
-        LoraSettings { r: 2, alpha: 4.0, dropout: 0.0, use_rslora: false, targets: vec!["all-linear".into()] };
+    let settings = LoraSettings {
+        r: 2,
+        alpha: 4.0,
+        dropout: 0.0,
+        use_rslora: false,
+        use_dora: false,
+        targets: vec!["all-linear".into()],
+    };
     model.add_lora(&settings, 1).unwrap();
     let a = PeftAdapter::from_model(&model, &settings).unwrap();
     let g = write_gguf("qwen", &a, GgufType::F32, None);

@@ -18,6 +18,7 @@ fn settings(targets: &[&str]) -> LoraSettings {
         alpha: 8.0,
         dropout: 0.0,
         use_rslora: false,
+        use_dora: false,
         targets: targets.iter().map(|s| s.to_string()).collect(),
     }
 }

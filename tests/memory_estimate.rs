@@ -26,6 +26,7 @@ fn point(method: Method, seq: usize, batch: usize, rank: usize, targets: &[&str]
         targets: targets.iter().map(|t| t.to_string()).collect(),
         dropout: 0.0,
         checkpointing: false,
+        dora: false,
         bf16: false,
     }
 }
@@ -48,6 +49,8 @@ fn tiny_grid_points_lie_in_the_band() {
         grid::GridPoint { checkpointing: true, dropout: 0.1, ..point(Method::Lora, 384, 1, 8, &["q_proj", "v_proj"]) },
         grid::GridPoint { bf16: true, ..point(Method::Qlora { double_quant: true }, 256, 2, 16, &["all-linear"]) },
         grid::GridPoint { bf16: true, ..point(Method::Lora, 64, 4, 8, &["q_proj", "v_proj"]) },
+        grid::GridPoint { dora: true, ..point(Method::Qlora { double_quant: true }, 256, 2, 16, &["all-linear"]) },
+        grid::GridPoint { dora: true, dropout: 0.1, ..point(Method::Lora, 128, 2, 8, &["q_proj", "v_proj"]) },
     ];
     for p in &points {
         let row = grid::run_point(p, Some(baseline)).unwrap();

@@ -109,7 +109,14 @@ fn quantizing_at_load_equals_the_bitsandbytes_checkpoint() {
 
 #[test]
 fn rslora_scale_and_dropout() {
-    let s = LoraSettings { r: 16, alpha: 32.0, dropout: 0.1, use_rslora: false, targets: vec!["q_proj".into()] };
+    let s = LoraSettings {
+        r: 16,
+        alpha: 32.0,
+        dropout: 0.1,
+        use_rslora: false,
+        use_dora: false,
+        targets: vec!["q_proj".into()],
+    };
     assert_eq!(s.scale(), 2.0);
     assert_eq!(LoraSettings { use_rslora: true, ..s.clone() }.scale(), 8.0);
     // dropout acts in training only, on the LoRA branch only
@@ -198,7 +205,14 @@ fn target_presets_select_exactly_their_modules() {
         for (preset, keep) in presets {
             let targets = info.module_names(keep);
             let mut model = Model::load(&dir, BaseWeights::Dense(DType::F32), &Device::Cpu).unwrap();
-            let settings = LoraSettings { r: 4, alpha: 8.0, dropout: 0.0, use_rslora: false, targets: targets.clone() };
+            let settings = LoraSettings {
+                r: 4,
+                alpha: 8.0,
+                dropout: 0.0,
+                use_rslora: false,
+                use_dora: false,
+                targets: targets.clone(),
+            };
             model.add_lora(&settings, 0).unwrap();
             let roles: std::collections::BTreeMap<String, Role> =
                 model.spec.all_linears().map(|(_, path, l)| (path, l.role)).collect();
@@ -206,7 +220,7 @@ fn target_presets_select_exactly_their_modules() {
                 assert_eq!(lin.lora.is_some(), keep(roles[&lin.path]), "{name}, {preset}: {} ({targets:?})", lin.path);
             }
             let trained: usize = model.trainable().iter().map(|(_, v)| v.elem_count()).sum();
-            assert_eq!(trained, info.lora_parameters(&targets, 4), "{name}, {preset}: {targets:?}");
+            assert_eq!(trained, info.lora_parameters(&targets, 4, false), "{name}, {preset}: {targets:?}");
         }
         if name == "qwen" {
             assert_eq!(info.module_names(|r| r.is_attention()), ["c_attn", "attn.c_proj"]);

@@ -157,6 +157,51 @@ fn llama_bnb4_qlora_device_form() {
 }
 
 #[test]
+fn llama_dora() {
+    // PEFT's use_dora on all linear modules: logits, loss and the gradients of A, B and the
+    // magnitude vectors; with checkpointing and dropout as every fixture
+    check_fixture("llama_dora", F32);
+}
+
+/// DoRA in QLoRA mode takes its norms over the dequantized NF4 weight, as PEFT does on a
+/// bitsandbytes base: the same logits, loss and gradients as LoRA mode on a dense model holding
+/// exactly those dequantized weights.
+#[test]
+fn llama_dora_qlora_on_the_dequantized_weight() {
+    use qlora_studio::quant::{FrozenLinear, FrozenWeight};
+    let dev = common::test_device();
+    let dir = common::fixture("models/llama_dora");
+    let reference = SafetensorsFile::open(dir.join("reference.safetensors")).unwrap();
+    let (ids, labels) = (reference.tensor("input_ids", &dev).unwrap(), reference.tensor("labels", &dev).unwrap());
+    let nf4 = BaseWeights::Nf4 { double_quant: true, compute: DType::F32 };
+    let mut qlora = Model::load(&dir, nf4, &dev).unwrap();
+    let mut dense = Model::load(&dir, nf4, &dev).unwrap();
+    for lin in dense.linears_mut() {
+        let w = lin.base.weight().to_dense(DType::F32, &dev).unwrap();
+        lin.base = FrozenLinear::new(FrozenWeight::Dense(w), lin.base.bias().cloned()).unwrap();
+    }
+    let run = |model: &mut Model| {
+        model.load_adapter(&dir.join("adapter")).unwrap();
+        let logits = model.forward(&ids, false).unwrap();
+        let loss = model.loss(&ids, &labels, true).unwrap();
+        let grads = model.backward(&loss).unwrap();
+        let grads: BTreeMap<String, Tensor> =
+            model.trainable().into_iter().map(|(k, v)| (k, grads.get(v.as_tensor()).unwrap().clone())).collect();
+        (logits, loss.to_scalar::<f32>().unwrap(), grads)
+    };
+    let (q_logits, q_loss, q_grads) = run(&mut qlora);
+    let (d_logits, d_loss, d_grads) = run(&mut dense);
+    let d = max_abs_diff(&q_logits, &d_logits);
+    assert!(d <= LOGITS_ABS, "QLoRA DoRA logits differ from LoRA on the dequantized weights by {d}");
+    assert!((q_loss - d_loss).abs() <= LOSS_ABS, "loss {q_loss} vs {d_loss}");
+    assert!(q_grads.keys().any(|k| k.ends_with("lora_magnitude_vector.weight")));
+    for (key, g) in &q_grads {
+        let rel = l2(&(g - &d_grads[key]).unwrap()) / l2(&d_grads[key]);
+        assert!(rel <= GRAD_REL, "gradient of {key} off by {rel:.2e}");
+    }
+}
+
+#[test]
 fn mixtral_moe() {
     check_fixture("mixtral", F32);
 }

@@ -325,3 +325,41 @@ fn a_diverging_run_stops_with_a_clear_event_and_keeps_its_checkpoints() {
     assert!(saved.iter().all(|p| p.join(checkpoint::ADAPTER_WEIGHTS).is_file()));
     assert!(message.contains(&saved.last().unwrap().display().to_string()), "{message}");
 }
+
+/// DoRA (`lora.dora`) on an NF4 base: the run trains its magnitude vectors with A and B, its
+/// checkpoints are PEFT DoRA adapters, and a stopped run resumes to the same losses.
+#[test]
+fn a_dora_run_checkpoints_as_peft_and_resumes_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = setup(dir.path(), Mode::Qlora);
+    config.lora.dora = true;
+    config.train.max_steps = 6;
+    config.train.probe = false;
+    config.train.checkpoint_every = 3;
+    let whole = run_with_stop(config.clone(), None, None);
+    assert_eq!(failure(&whole), None);
+    let losses = step_losses(&whole);
+    assert!(losses.last().unwrap().1 < losses[0].1, "DoRA does not learn: {losses:?}");
+
+    config.train.output_dir = dir.path().join("interrupted");
+    let first = run_with_stop(config.clone(), None, Some(3));
+    assert_eq!(failure(&first), None);
+    let ck = checkpoint::latest(&config.train.output_dir).expect("a checkpoint");
+    let adapter_config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(ck.join("adapter_config.json")).unwrap()).unwrap();
+    assert_eq!(adapter_config["use_dora"], true);
+    let weights = qlora_studio::weights::SafetensorsFile::open(ck.join(checkpoint::ADAPTER_WEIGHTS)).unwrap();
+    let keys = weights.keys();
+    let magnitudes = keys.iter().filter(|k| k.ends_with(".lora_magnitude_vector")).count();
+    assert_eq!(magnitudes, keys.iter().filter(|k| k.ends_with(".lora_A.weight")).count(), "{keys:?}");
+
+    let rest = run_with_stop(RunConfig::default(), Some(ck), None);
+    assert_eq!(failure(&rest), None);
+    let mut resumed = step_losses(&first);
+    resumed.extend(step_losses(&rest));
+    assert_eq!(resumed.len(), losses.len());
+    for ((sa, a), (sb, b)) in losses.iter().zip(&resumed) {
+        assert_eq!(sa, sb);
+        assert!((a - b).abs() <= 1e-6 * a.abs().max(1.0), "step {sa}: {a} uninterrupted, {b} resumed");
+    }
+}

@@ -692,6 +692,13 @@ impl StudioApp {
             ui.label("rsLoRA");
             ui.checkbox(&mut lora.rslora, "α/√r");
             ui.end_row();
+            ui.label("DoRA");
+            ui.checkbox(&mut lora.dora, tr(lang, "magnitude per output row")).on_hover_text(tr(
+                lang,
+                "Weight-decomposed LoRA (PEFT's use_dora): a trainable magnitude scales each output row of the \
+                 normalised W + s·B·A. Often a little better than LoRA at the same rank; each step costs more.",
+            ));
+            ui.end_row();
         });
         let Some(Ok(info)) = self.source.described() else { return };
         ui.label(egui::RichText::new(tr(lang, "Target modules")).strong());
@@ -736,7 +743,7 @@ impl StudioApp {
                     .collect();
             }
         }
-        let params = info.lora_parameters(&lora.targets, lora.r);
+        let params = info.lora_parameters(&lora.targets, lora.r, lora.dora);
         ui.label(format!(
             "{}: {} ({:.3}%) · {}: {}",
             tr(lang, "Trainable parameters"),

@@ -155,6 +155,11 @@ pub const ZH: &[(&str, &str)] = &[
     ("Gradient accumulation", "梯度累积"),
     ("Gradient checkpointing", "梯度检查点"),
     ("Memory check", "内存检查"),
+    ("magnitude per output row", "每个输出行一个幅度"),
+    (
+        "Weight-decomposed LoRA (PEFT's use_dora): a trainable magnitude scales each output row of the normalised W + s·B·A. Often a little better than LoRA at the same rank; each step costs more.",
+        "权重分解 LoRA（PEFT 的 use_dora）：一个可训练的幅度缩放归一化后的 W + s·B·A 的每个输出行。同样的秩下常比 LoRA 略好；每步更慢。",
+    ),
     ("Start anyway", "仍然开始"),
     (
         "Starts this run once more, ignoring the memory estimate (the Training section's Memory check does so for every run).",

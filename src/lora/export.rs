@@ -187,7 +187,7 @@ pub fn adapter_config_json(adapter: &PeftAdapter, base_model: Option<&str>) -> s
         "peft_type": "LORA", "peft_version": "0.21.2", "qalora_group_size": 16, "r": s.r,
         "rank_pattern": {}, "revision": null, "target_modules": adapted_names(adapter),
         "target_parameters": null, "task_type": "CAUSAL_LM", "trainable_token_indices": null,
-        "use_bdlora": null, "use_dora": false, "use_qalora": false, "use_rslora": s.use_rslora,
+        "use_bdlora": null, "use_dora": s.use_dora, "use_qalora": false, "use_rslora": s.use_rslora,
         "velora_config": null
     })
 }
@@ -208,11 +208,12 @@ pub fn model_card(kind: &str, base_model: Option<&str>, adapter: &PeftAdapter, i
         md.push_str(&format!("- {note}\n"));
     }
     md.push_str(&format!(
-        "- LoRA: r = {}, alpha = {}, dropout = {}, rsLoRA = {}, modules: {}\n",
+        "- LoRA: r = {}, alpha = {}, dropout = {}, rsLoRA = {}, DoRA = {}, modules: {}\n",
         s.r,
         s.alpha,
         s.dropout,
         s.use_rslora,
+        s.use_dora,
         adapted_names(adapter).join(", ")
     ));
     if let Some(name) = &info.dataset_name {
@@ -269,6 +270,10 @@ pub fn write_peft_adapter(
         }
         tensors.push(raw(format!("base_model.model.{path}.lora_A.weight"), a, dtype)?);
         tensors.push(raw(format!("base_model.model.{path}.lora_B.weight"), b, dtype)?);
+        if let Some(m) = adapter.magnitudes.get(path) {
+            // PEFT's own name for DoRA's magnitude in a saved adapter (no `.weight`)
+            tensors.push(raw(format!("base_model.model.{path}.lora_magnitude_vector"), m, dtype)?);
+        }
     }
     let config = adapter_config_json(adapter, base_model);
     replace_folder(out, &["adapter_config.json"], |dir| {

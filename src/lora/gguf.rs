@@ -350,6 +350,13 @@ pub fn write_gguf_adapter(
     name: Option<&str>,
     chat_template: Option<&str>,
 ) -> Result<()> {
+    if adapter.settings.use_dora || !adapter.magnitudes.is_empty() {
+        return Err(Error::Invalid(
+            "a llama.cpp GGUF adapter holds only LoRA's A and B: it has no place for DoRA's magnitude vectors; \
+             export a merged model instead (the magnitudes are folded into its weights)"
+                .into(),
+        ));
+    }
     let arch = llama_cpp_arch(spec)?;
     let tensors = gguf_tensors(adapter, spec)?;
     if tensors.is_empty() {

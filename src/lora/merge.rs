@@ -1,4 +1,5 @@
-//! Merging an adapter into its base: W' = W + scale·B·A per adapted linear, computed in f32
+//! Merging an adapter into its base: W' = W + scale·B·A per adapted linear (with DoRA, each row
+//! of that rescaled to m / ‖W + scale·B·A‖), computed in f32
 //! from the base checkpoint's own weights (docs/adapter-formats.md §5), written as a Hugging
 //! Face checkpoint folder; and the divergence check between base + adapter and the merged model.
 
@@ -254,7 +255,16 @@ pub fn write_merged_model(
                                 ),
                             ));
                         }
-                        (w + delta)?
+                        let merged = (w + delta)?;
+                        // DoRA folds its magnitude in: each row rescaled to m / ‖W + s·B·A‖
+                        match adapter.magnitudes.get(path) {
+                            Some(m) => {
+                                let norm = merged.sqr()?.sum_keepdim(1)?.sqrt()?;
+                                let m = m.to_dtype(DType::F32)?.reshape((m.elem_count(), 1))?;
+                                merged.broadcast_mul(&m.broadcast_div(&norm)?)?
+                            }
+                            None => merged,
+                        }
                     }
                     None => w,
                 };

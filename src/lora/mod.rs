@@ -1,4 +1,5 @@
-//! LoRA on frozen linears: y = base(x) + (dropout(x)·Aᵀ·Bᵀ)·scale, as PEFT computes it; PEFT
+//! LoRA on frozen linears: y = base(x) + (dropout(x)·Aᵀ·Bᵀ)·scale, as PEFT computes it (and
+//! DoRA: the same with a trainable magnitude per output row over the row-normalised W + s·B·A); PEFT
 //! adapter import (peft) and export as a PEFT folder, a llama.cpp GGUF adapter or a merged
 //! model (export, gguf, merge). Knows nothing of the training loop.
 
@@ -25,6 +26,8 @@ pub struct LoraSettings {
     pub alpha: f64,
     pub dropout: f32,
     pub use_rslora: bool,
+    /// DoRA (PEFT's use_dora): a trainable magnitude per output row.
+    pub use_dora: bool,
     pub targets: Vec<String>,
 }
 
@@ -48,6 +51,17 @@ pub struct LoraPair {
     pub b: Var,
     pub scale: f64,
     pub dropout: f32,
+    /// DoRA's magnitude m [out]: the layer computes m ⊙ (W + s·B·A)·x / ‖W + s·B·A‖ per row.
+    pub magnitude: Option<Var>,
+}
+
+impl LoraPair {
+    /// The trainable tensors: A, B and DoRA's magnitude.
+    pub fn vars(&self) -> Vec<Var> {
+        let mut vars = vec![self.a.clone(), self.b.clone()];
+        vars.extend(self.magnitude.clone());
+        vars
+    }
 }
 
 /// A frozen linear, optionally with a LoRA pair on it.
@@ -76,13 +90,30 @@ impl LoraLinear {
         let bound = 1.0 / (in_f as f32).sqrt();
         let a = Var::from_vec(rng.uniform(settings.r * in_f, -bound, bound), (settings.r, in_f), device)?;
         let b = Var::zeros((out_f, settings.r), DType::F32, device)?;
-        self.lora = Some(LoraPair { a, b, scale: settings.scale(), dropout: settings.dropout });
+        let mut pair = LoraPair { a, b, scale: settings.scale(), dropout: settings.dropout, magnitude: None };
+        if settings.use_dora {
+            // PEFT starts m at the row norms of W + s·B·A, which with B = 0 are W's
+            pair.magnitude = Some(Var::from_tensor(&self.dora_weight_norm(&pair)?)?);
+        }
+        self.lora = Some(pair);
         Ok(())
+    }
+
+    /// ‖W + s·B·A‖ over each output row, in f32 and outside the graph (PEFT detaches it): W
+    /// dense, or dequantized from NF4, for the duration of the call.
+    pub fn dora_weight_norm(&self, lora: &LoraPair) -> candle_core::Result<Tensor> {
+        let device = lora.a.device();
+        let w = self.base.weight().to_dense(DType::F32, device)?;
+        let ba = lora.b.as_tensor().detach().matmul(&lora.a.as_tensor().detach())?;
+        (w + (ba * lora.scale)?)?.sqr()?.sum(1)?.sqrt()
     }
 
     /// x: [..., in] → [..., out]. `train` turns dropout on.
     pub fn forward(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
         let Some(lora) = &self.lora else { return self.base.forward(x) };
+        if let Some(magnitude) = &lora.magnitude {
+            return self.forward_dora(x, lora, magnitude, train);
+        }
         if x.device().is_cpu() && x.dtype() == DType::F32 {
             return self.forward_fused(x, lora, train);
         }
@@ -104,6 +135,27 @@ impl LoraLinear {
 }
 
 impl LoraLinear {
+    /// DoRA as PEFT computes it (lora/dora.py): with s_m = m / ‖W + s·B·A‖ per output row
+    /// (the norm detached), y = base(x) + (s_m − 1) ⊙ (x_d·Wᵀ) + s_m ⊙ s·(x_d·Aᵀ·Bᵀ), where x_d
+    /// is the dropped-out input (x itself without dropout, and then x·Wᵀ is base(x) less its
+    /// bias).
+    fn forward_dora(&self, x: &Tensor, lora: &LoraPair, magnitude: &Var, train: bool) -> candle_core::Result<Tensor> {
+        let y = self.base.forward(x)?;
+        let dropped = train && lora.dropout > 0.0;
+        let h = if dropped { seeded_dropout(x, lora.dropout, &self.path)? } else { x.clone() };
+        let dtype = x.dtype();
+        let (a, b) = (lora.a.as_tensor().to_dtype(dtype)?, lora.b.as_tensor().to_dtype(dtype)?);
+        let lora_y = (h.broadcast_matmul(&a.t()?)?.broadcast_matmul(&b.t()?)? * lora.scale)?;
+        let mag_scale = magnitude.as_tensor().broadcast_div(&self.dora_weight_norm(lora)?)?.to_dtype(dtype)?;
+        let base = if dropped { self.base.forward(&h)? } else { y.clone() };
+        let base = match self.base.bias() {
+            Some(bias) => base.broadcast_sub(&bias.to_dtype(dtype)?)?,
+            None => base,
+        };
+        let dora = ((base.broadcast_mul(&(&mag_scale - 1.0)?)?) + lora_y.broadcast_mul(&mag_scale)?)?;
+        y + dora
+    }
+
     /// The CPU's one-node LoRA linear (lora/fused.rs), the same values as `forward`'s
     /// composite path.
     fn forward_fused(&self, x: &Tensor, lora: &LoraPair, train: bool) -> candle_core::Result<Tensor> {
@@ -233,7 +285,8 @@ mod tests {
             for dropout in [0.0, 0.3] {
                 let mut lin =
                     LoraLinear::new("m.q_proj".into(), FrozenLinear::new(weight.clone(), Some(bias.clone())).unwrap());
-                let settings = LoraSettings { r: 4, alpha: 8.0, dropout, use_rslora: false, targets: vec![] };
+                let settings =
+                    LoraSettings { r: 4, alpha: 8.0, dropout, use_rslora: false, use_dora: false, targets: vec![] };
                 lin.init_lora(&settings, &mut rng, &dev).unwrap();
                 let pair = lin.lora.clone().unwrap();
                 pair.b.set(&Tensor::from_vec(rng.normal(out_f * 4, 0.0, 0.5), (out_f, 4), &dev).unwrap()).unwrap();

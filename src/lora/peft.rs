@@ -1,5 +1,6 @@
 //! Reading a PEFT LoRA adapter folder: adapter_config.json and adapter_model.safetensors
-//! (keys `base_model.model.<module path>.lora_A.weight` / `.lora_B.weight`).
+//! (keys `base_model.model.<module path>.lora_A.weight` / `.lora_B.weight`, and with DoRA
+//! `.lora_magnitude_vector`).
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -40,6 +41,8 @@ pub struct PeftAdapter {
     pub settings: LoraSettings,
     /// module path → (A [r, in], B [out, r])
     pub pairs: BTreeMap<String, (Tensor, Tensor)>,
+    /// DoRA: module path → magnitude m [out] (every pair has one when settings.use_dora)
+    pub magnitudes: BTreeMap<String, Tensor>,
     /// The base model named in adapter_config.json (a hub id or a folder), if any.
     pub base_model: Option<String>,
 }
@@ -54,9 +57,6 @@ pub fn read_adapter(dir: &Path, device: &Device) -> Result<PeftAdapter> {
     let bad = |key: &str, message: String| Error::bad_entry(&config_path, key, message);
     if let Some(t) = cfg.peft_type.as_deref().filter(|t| *t != "LORA") {
         return Err(bad("peft_type", format!("{t:?} adapters are not LoRA adapters")));
-    }
-    if cfg.use_dora {
-        return Err(bad("use_dora", "DoRA adapters are not supported".into()));
     }
     if cfg.fan_in_fan_out {
         return Err(bad(
@@ -77,6 +77,7 @@ pub fn read_adapter(dir: &Path, device: &Device) -> Result<PeftAdapter> {
         alpha: cfg.lora_alpha,
         dropout: cfg.lora_dropout,
         use_rslora: cfg.use_rslora,
+        use_dora: cfg.use_dora,
         targets,
     };
 
@@ -84,6 +85,7 @@ pub fn read_adapter(dir: &Path, device: &Device) -> Result<PeftAdapter> {
     let file = SafetensorsFile::open(&weights_path)?;
     let mut a_by_path = BTreeMap::new();
     let mut b_by_path = BTreeMap::new();
+    let mut magnitudes = BTreeMap::new();
     for key in file.keys() {
         let Some(rest) = key.strip_prefix(KEY_PREFIX) else {
             return Err(file.error(&key, format!("not a LoRA key (expected `{KEY_PREFIX}<module>.lora_A.weight`)")));
@@ -93,6 +95,10 @@ pub fn read_adapter(dir: &Path, device: &Device) -> Result<PeftAdapter> {
             a_by_path.insert(path.to_string(), tensor()?);
         } else if let Some(path) = rest.strip_suffix(".lora_B.weight") {
             b_by_path.insert(path.to_string(), tensor()?);
+        } else if let Some(path) =
+            rest.strip_suffix(".lora_magnitude_vector").or_else(|| rest.strip_suffix(".lora_magnitude_vector.weight"))
+        {
+            magnitudes.insert(path.to_string(), tensor()?);
         } else {
             return Err(file
                 .error(&key, "only lora_A / lora_B weights are supported (no embeddings, biases or modules_to_save)"));
@@ -108,7 +114,22 @@ pub fn read_adapter(dir: &Path, device: &Device) -> Result<PeftAdapter> {
     if let Some(path) = b_by_path.keys().next() {
         return Err(file.error(&format!("{KEY_PREFIX}{path}.lora_A.weight"), "missing: lora_B has no lora_A"));
     }
-    Ok(PeftAdapter { settings, pairs, base_model: cfg.base_model_name_or_path.filter(|s| !s.is_empty()) })
+    // DoRA: a magnitude for every pair, and none without use_dora
+    if let Some(path) = magnitudes.keys().find(|p| !pairs.contains_key(*p)) {
+        return Err(
+            file.error(&format!("{KEY_PREFIX}{path}.lora_magnitude_vector"), "a magnitude without its LoRA pair")
+        );
+    }
+    match (settings.use_dora, pairs.keys().find(|p| !magnitudes.contains_key(*p))) {
+        (true, Some(path)) => {
+            return Err(file.error(&format!("{KEY_PREFIX}{path}.lora_magnitude_vector"), "missing: use_dora is true"))
+        }
+        (false, _) if !magnitudes.is_empty() => {
+            return Err(bad("use_dora", "false, but the adapter file holds DoRA magnitude vectors".into()))
+        }
+        _ => {}
+    }
+    Ok(PeftAdapter { settings, pairs, magnitudes, base_model: cfg.base_model_name_or_path.filter(|s| !s.is_empty()) })
 }
 
 impl PeftAdapter {
@@ -129,11 +150,23 @@ impl PeftAdapter {
                     ));
                 }
             }
+            let magnitude = match self.magnitudes.get(&lin.path) {
+                Some(m) if m.dims() != [out_f] => {
+                    return Err(Error::bad_entry(
+                        &weights_path,
+                        format!("{KEY_PREFIX}{}.lora_magnitude_vector", lin.path),
+                        format!("shape {:?}, expected [{out_f}] (one per output row)", m.dims()),
+                    ))
+                }
+                Some(m) => Some(Var::from_tensor(m)?),
+                None => None,
+            };
             lin.lora = Some(LoraPair {
                 a: Var::from_tensor(a)?,
                 b: Var::from_tensor(b)?,
                 scale: self.settings.scale(),
                 dropout: self.settings.dropout,
+                magnitude,
             });
             used.insert(lin.path.clone());
         }
@@ -152,15 +185,20 @@ impl PeftAdapter {
     /// The adapter on `model`'s LoRA pairs, with the settings they were made with.
     pub fn from_model(model: &crate::model::Model, settings: &LoraSettings) -> Result<Self> {
         let mut pairs = BTreeMap::new();
+        let mut magnitudes = BTreeMap::new();
         for lin in model.linears() {
             if let Some(pair) = &lin.lora {
                 pairs.insert(lin.path.clone(), (pair.a.as_tensor().detach(), pair.b.as_tensor().detach()));
+                if let Some(m) = &pair.magnitude {
+                    magnitudes.insert(lin.path.clone(), m.as_tensor().detach());
+                }
             }
         }
         if pairs.is_empty() {
             return Err(Error::Invalid("the model has no LoRA layers to export".into()));
         }
-        Ok(PeftAdapter { settings: settings.clone(), pairs, base_model: None })
+        let settings = LoraSettings { use_dora: !magnitudes.is_empty(), ..settings.clone() };
+        Ok(PeftAdapter { settings, pairs, magnitudes, base_model: None })
     }
 
     /// The base model folder named by base_model_name_or_path, when it is a local folder with

@@ -68,6 +68,8 @@ pub struct EstimateInput {
     pub device: DeviceKind,
     /// Per-block gradient checkpointing (only each block's input kept for the backward).
     pub checkpointing: bool,
+    /// DoRA: a magnitude per output row, and the composite forward that scales by it.
+    pub dora: bool,
     /// On the CPU, the resident memory of the process outside the run's tensors (binary,
     /// libraries, tokenizer, data; in the GUI the window), as measured where the estimate is
     /// made; 0 counts only the run's own allocations (what `bench memory` measures).
@@ -88,6 +90,7 @@ impl EstimateInput {
             dtype: DType::F32,
             device: DeviceKind::Cpu,
             checkpointing: false,
+            dora: false,
             process_bytes: 0,
         }
     }
@@ -205,6 +208,10 @@ pub fn estimate(input: &EstimateInput) -> Result<Estimate> {
         max_linear = max_linear.max(l.out_features * l.in_features);
         if targeted(l) {
             lora_params += r * (l.out_features + l.in_features) as f64;
+            if input.dora {
+                // DoRA's magnitude vector
+                lora_params += l.out_features as f64;
+            }
         }
     }
     frozen *= layers;
@@ -238,14 +245,22 @@ pub fn estimate(input: &EstimateInput) -> Result<Estimate> {
     // again in the backward, not kept], x·Aᵀ, ·Bᵀ, ·scale and the sum with the base output
     // On the CPU in f32 the LoRA linear is one op (lora/fused.rs) that keeps only its output,
     // counted as the base output.
+    // DoRA (lora/mod.rs forward_dora) runs composite ops everywhere and keeps the base output,
+    // x·Aᵀ·Bᵀ, its scaled copy, the base less its bias (when it has one), both products with
+    // the magnitude scale and their sum; with dropout also the base of the dropped input.
     let lora_out = |l: &PlannedLinear| -> f64 {
-        if fused {
+        if fused && !input.dora {
             return 0.0;
         }
         let (out, inp) = (l.out_features as f64, l.in_features as f64);
-        let mut bytes = tok * r * e + 3.0 * tok * out * e;
+        let out_tensors = match (input.dora, l.bias) {
+            (false, _) => 3.0,
+            (true, false) => 6.0,
+            (true, true) => 7.0,
+        };
+        let mut bytes = tok * r * e + out_tensors * tok * out * e;
         if input.dropout > 0.0 {
-            bytes += tok * inp * e;
+            bytes += tok * inp * e + if input.dora { tok * out * e } else { 0.0 };
         }
         bytes
     };
@@ -438,6 +453,9 @@ pub fn estimate(input: &EstimateInput) -> Result<Estimate> {
         Method::Lora => 0.0,
         Method::Qlora { .. } => max_linear as f64 * e_weight,
     };
+    // DoRA's row norms: W in f32 (dequantized for QLoRA), B·A and their sum, one linear at a
+    // time (in the forward, and in a checkpointed block's recomputation in the backward)
+    let dequant = if input.dora { dequant + 3.0 * max_linear as f64 * f4 } else { dequant };
     // the LoRA-weight gradients accumulate in the store through the backward (counted in
     // `adapters`); AdamW's step makes a few adapter-sized temporaries per variable at a time
 

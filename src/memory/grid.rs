@@ -26,6 +26,8 @@ pub struct GridPoint {
     pub dropout: f32,
     /// Per-block gradient checkpointing.
     pub checkpointing: bool,
+    /// DoRA on the targets.
+    pub dora: bool,
     /// bf16 compute on the CPU (frozen weights and their matmuls in bf16, activations f32: what
     /// "auto" picks where the CPU's bf16 dot products pay); f32 otherwise.
     pub bf16: bool,
@@ -82,6 +84,7 @@ pub fn measure_from(point: &GridPoint, baseline: Option<usize>) -> Result<Measur
         alpha: 2.0 * point.rank as f64,
         dropout: point.dropout,
         use_rslora: false,
+        use_dora: point.dora,
         targets: point.targets.clone(),
     };
     model.add_lora(&settings, 0)?;
@@ -118,6 +121,7 @@ pub fn warm_up() -> Result<()> {
         targets: vec!["all-linear".into()],
         dropout: 0.0,
         checkpointing: false,
+        dora: false,
         bf16: false,
     };
     measure(&p).map(drop)
@@ -157,6 +161,7 @@ pub fn estimate_point(point: &GridPoint) -> Result<super::Estimate> {
     let mut input = EstimateInput::new(spec, point.method, point.targets.clone(), point.rank, point.batch, point.seq);
     input.dropout = point.dropout;
     input.checkpointing = point.checkpointing;
+    input.dora = point.dora;
     input.dtype = point.dtype();
     estimate(&input)
 }
@@ -192,7 +197,12 @@ pub fn default_grid(quick: bool) -> Vec<GridPoint> {
         targets,
         dropout: 0.0,
         checkpointing: false,
+        dora: false,
         bf16: false,
+    };
+    let dora = |mut point: GridPoint| {
+        point.dora = true;
+        point
     };
     let bf16 = |mut point: GridPoint| {
         point.bf16 = true;
@@ -240,6 +250,9 @@ pub fn default_grid(quick: bool) -> Vec<GridPoint> {
         bf16(p("smollm2-135m", lora, 128, 8, 16, qv())),
         bf16(p("smollm2-135m", qlora, 1024, 1, 16, all())),
         bf16(checkpointed(p("smollm2-135m", qlora, 2048, 2, 16, all()))),
+        // DoRA: its composite forward keeps more per adapted linear
+        dora(p("smollm2-135m", qlora, 256, 2, 16, all())),
+        dora(checkpointed(p("smollm2-135m", lora, 512, 1, 8, qv()))),
     ]);
     grid
 }
@@ -250,17 +263,18 @@ pub fn markdown(rows: &[GridRow]) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "| preset | method | dtype | seq | batch | rank | targets | dropout | checkpointing | low MiB | mid MiB | high MiB | measured MiB | error | in band | peak RSS MiB |"
+        "| preset | method | dtype | DoRA | seq | batch | rank | targets | dropout | checkpointing | low MiB | mid MiB | high MiB | measured MiB | error | in band | peak RSS MiB |"
     );
-    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for r in rows {
         let p = &r.point;
         let _ = writeln!(
             out,
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {:+.1}% | {} | {:.0} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {:+.1}% | {} | {:.0} |",
             p.preset,
             p.method.label(),
             if p.bf16 { "bf16" } else { "f32" },
+            if p.dora { "on" } else { "off" },
             p.seq,
             p.batch,
             p.rank,

@@ -212,13 +212,17 @@ impl Model {
         Ok(grads)
     }
 
-    /// The trainable tensors, keyed as PEFT names them (`base_model.model.<path>.lora_A.weight`).
+    /// The trainable tensors, keyed as PEFT names them (`base_model.model.<path>.lora_A.weight`,
+    /// and DoRA's `….lora_magnitude_vector.weight`).
     pub fn trainable(&self) -> Vec<(String, Var)> {
         let mut out = Vec::new();
         for lin in self.linears() {
             if let Some(pair) = &lin.lora {
                 out.push((format!("base_model.model.{}.lora_A.weight", lin.path), pair.a.clone()));
                 out.push((format!("base_model.model.{}.lora_B.weight", lin.path), pair.b.clone()));
+                if let Some(m) = &pair.magnitude {
+                    out.push((format!("base_model.model.{}.lora_magnitude_vector.weight", lin.path), m.clone()));
+                }
             }
         }
         out

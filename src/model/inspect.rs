@@ -49,11 +49,13 @@ impl ModelInfo {
     }
 
     /// Trainable parameters of LoRA with rank `r` on `targets` ("all-linear" for all).
-    pub fn lora_parameters(&self, targets: &[String], r: usize) -> usize {
+    pub fn lora_parameters(&self, targets: &[String], r: usize, dora: bool) -> usize {
+        // DoRA adds a magnitude per output row
+        let per_module = |[o, i]: [usize; 2]| r * (o + i) + if dora { o } else { 0 };
         self.linear_modules
             .iter()
             .filter(|m| ModelSpec::targets_select(targets, &m.path))
-            .filter_map(|m| m.shape.map(|[o, i]| r * (o + i) * m.count))
+            .filter_map(|m| m.shape.map(|shape| per_module(shape) * m.count))
             .sum()
     }
 }

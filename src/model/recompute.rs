@@ -45,8 +45,7 @@ impl RecomputedGrads {
 
 /// `block.forward(x)` in training, keeping for the backward only `x`.
 pub fn checkpointed(block: &Block, x: &Tensor, pos: &Positions, grads: &RecomputedGrads) -> Result<Tensor> {
-    let params: Vec<Var> =
-        block.linears().iter().filter_map(|l| l.lora.as_ref()).flat_map(|p| [p.a.clone(), p.b.clone()]).collect();
+    let params: Vec<Var> = block.linears().iter().filter_map(|l| l.lora.as_ref()).flat_map(|p| p.vars()).collect();
     let y = block.forward(&x.detach(), pos, true, None)?;
     // the op must be recorded when the block holds trainable tensors even if x does not track
     // (the first block's input comes from the frozen embeddings): a LoRA tensor anchors it

@@ -84,11 +84,13 @@ pub struct LoraConfig {
     pub alpha: f64,
     pub dropout: f32,
     pub rslora: bool,
+    /// DoRA: a trainable magnitude per output row of each adapted linear (PEFT's use_dora).
+    pub dora: bool,
 }
 
 impl Default for LoraConfig {
     fn default() -> Self {
-        Self { targets: Vec::new(), r: 8, alpha: 16.0, dropout: 0.05, rslora: false }
+        Self { targets: Vec::new(), r: 8, alpha: 16.0, dropout: 0.05, rslora: false, dora: false }
     }
 }
 
@@ -96,7 +98,14 @@ impl LoraConfig {
     /// The settings for the model, with the family's default targets filled in when none are given.
     pub fn settings(&self, default_targets: &[String]) -> LoraSettings {
         let targets = if self.targets.is_empty() { default_targets.to_vec() } else { self.targets.clone() };
-        LoraSettings { r: self.r, alpha: self.alpha, dropout: self.dropout, use_rslora: self.rslora, targets }
+        LoraSettings {
+            r: self.r,
+            alpha: self.alpha,
+            dropout: self.dropout,
+            use_rslora: self.rslora,
+            use_dora: self.dora,
+            targets,
+        }
     }
 }
 
@@ -349,6 +358,7 @@ impl RunConfig {
         };
         let mut input = EstimateInput::new(spec, method, targets, self.lora.r, batch, seq).on(device);
         input.dropout = self.lora.dropout;
+        input.dora = self.lora.dora;
         input.dtype = self.model.compute_dtype();
         input
     }
