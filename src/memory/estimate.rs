@@ -245,14 +245,18 @@ pub fn estimate(input: &EstimateInput) -> Result<Estimate> {
     // again in the backward, not kept], x·Aᵀ, ·Bᵀ, ·scale and the sum with the base output
     // On the CPU in f32 the LoRA linear is one op (lora/fused.rs) that keeps only its output,
     // counted as the base output.
-    // DoRA (lora/mod.rs forward_dora) runs composite ops everywhere and keeps the base output,
-    // x·Aᵀ·Bᵀ, its scaled copy, the base less its bias (when it has one), both products with
-    // the magnitude scale and their sum; with dropout also the base of the dropped input.
+    // DoRA (lora/mod.rs forward_dora): without dropout on the CPU, the one-node LoRA linear
+    // rescaled, keeping its output (and with a bias, that less the bias and the product);
+    // elsewhere composite ops that keep the base output, x·Aᵀ·Bᵀ, its scaled copy, the base
+    // less its bias (when it has one), both products with the magnitude scale and their sum,
+    // with dropout also the base of the dropped input.
     let lora_out = |l: &PlannedLinear| -> f64 {
-        if fused && !input.dora {
-            return 0.0;
-        }
         let (out, inp) = (l.out_features as f64, l.in_features as f64);
+        match (fused, input.dora, input.dropout > 0.0) {
+            (true, false, _) => return 0.0,
+            (true, true, false) => return tok * out * e * if l.bias { 3.0 } else { 1.0 },
+            _ => {}
+        }
         let out_tensors = match (input.dora, l.bias) {
             (false, _) => 3.0,
             (true, false) => 6.0,
@@ -453,9 +457,7 @@ pub fn estimate(input: &EstimateInput) -> Result<Estimate> {
         Method::Lora => 0.0,
         Method::Qlora { .. } => max_linear as f64 * e_weight,
     };
-    // DoRA's row norms: W in f32 (dequantized for QLoRA), B·A and their sum, one linear at a
-    // time (in the forward, and in a checkpointed block's recomputation in the backward)
-    let dequant = if input.dora { dequant + 3.0 * max_linear as f64 * f4 } else { dequant };
+    // (DoRA's row norms come from ‖W‖² kept per row and [r, out]-sized products: no dense copy)
     // the LoRA-weight gradients accumulate in the store through the backward (counted in
     // `adapters`); AdamW's step makes a few adapter-sized temporaries per variable at a time
 
