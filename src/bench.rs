@@ -362,14 +362,7 @@ pub fn step(b: &StepBench<'_>) -> Result<Vec<StepBenchRow>> {
         .compute_dtype();
     let device = crate::train::device_of(b.device)?;
     let mut model = Model::from_preset(b.preset, base_weights(b.mode, dtype)?, &device)?;
-    let settings = LoraSettings {
-        r: b.rank,
-        alpha: 2.0 * b.rank as f64,
-        dropout: 0.0,
-        use_rslora: false,
-        use_dora: b.dora,
-        targets: b.targets.clone(),
-    };
+    let settings = LoraSettings { use_dora: b.dora, ..LoraSettings::with_rank(b.rank, b.targets.clone()) };
     model.add_lora(&settings, 0)?;
     model.set_gradient_checkpointing(b.checkpointing);
     let mut rows = Vec::new();

@@ -508,14 +508,7 @@ fn gguf_f16_rslora_alpha_and_moe_experts() {
 
     // Mixtral: expert LoRAs stack into 3-D tensors [E, r, in] / [E, out, r]
     let mut model = Model::load(&model_dir("mixtral"), F32, &Device::Cpu).unwrap();
-    let settings = LoraSettings {
-        r: 4,
-        alpha: 8.0,
-        dropout: 0.0,
-        use_rslora: false,
-        use_dora: false,
-        targets: vec!["w1".into(), "w2".into(), "q_proj".into()],
-    };
+    let settings = LoraSettings::with_rank(4, vec!["w1".into(), "w2".into(), "q_proj".into()]);
     model.add_lora(&settings, 3).unwrap();
     let a = PeftAdapter::from_model(&model, &settings).unwrap();
     let g = write_gguf("mixtral", &a, GgufType::F32, None);
@@ -709,14 +702,7 @@ fn gguf_maps_every_linear_of_every_family() {
     // LoRA on all linears: each one gets llama.cpp's tensor name, and only W_pack is split
     for name in DENSE_FIXTURES.iter().filter(|n| **n != "mixtral") {
         let mut model = Model::load(&model_dir(name), F32, &Device::Cpu).unwrap();
-        let settings = LoraSettings {
-            r: 2,
-            alpha: 4.0,
-            dropout: 0.0,
-            use_rslora: false,
-            use_dora: false,
-            targets: vec!["all-linear".into()],
-        };
+        let settings = LoraSettings::with_rank(2, vec!["all-linear".into()]);
         model.add_lora(&settings, 1).unwrap();
         let a = PeftAdapter::from_model(&model, &settings).unwrap();
         let g = write_gguf(name, &a, GgufType::F32, None);
@@ -726,14 +712,7 @@ fn gguf_maps_every_linear_of_every_family() {
     }
     // Qwen v1: w1 is up, w2 the gate, and both c_proj find their own tensor
     let mut model = Model::load(&model_dir("qwen"), F32, &Device::Cpu).unwrap();
-    let settings = LoraSettings {
-        r: 2,
-        alpha: 4.0,
-        dropout: 0.0,
-        use_rslora: false,
-        use_dora: false,
-        targets: vec!["all-linear".into()],
-    };
+    let settings = LoraSettings::with_rank(2, vec!["all-linear".into()]);
     model.add_lora(&settings, 1).unwrap();
     let a = PeftAdapter::from_model(&model, &settings).unwrap();
     let g = write_gguf("qwen", &a, GgufType::F32, None);

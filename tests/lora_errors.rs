@@ -13,14 +13,7 @@ fn llama() -> Model {
 }
 
 fn settings(targets: &[&str]) -> LoraSettings {
-    LoraSettings {
-        r: 4,
-        alpha: 8.0,
-        dropout: 0.0,
-        use_rslora: false,
-        use_dora: false,
-        targets: targets.iter().map(|s| s.to_string()).collect(),
-    }
+    LoraSettings::with_rank(4, targets.iter().map(|s| s.to_string()).collect())
 }
 
 #[test]

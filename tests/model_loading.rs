@@ -205,14 +205,7 @@ fn target_presets_select_exactly_their_modules() {
         for (preset, keep) in presets {
             let targets = info.module_names(keep);
             let mut model = Model::load(&dir, BaseWeights::Dense(DType::F32), &Device::Cpu).unwrap();
-            let settings = LoraSettings {
-                r: 4,
-                alpha: 8.0,
-                dropout: 0.0,
-                use_rslora: false,
-                use_dora: false,
-                targets: targets.clone(),
-            };
+            let settings = LoraSettings::with_rank(4, targets.clone());
             model.add_lora(&settings, 0).unwrap();
             let roles: std::collections::BTreeMap<String, Role> =
                 model.spec.all_linears().map(|(_, path, l)| (path, l.role)).collect();

@@ -30,14 +30,7 @@ fn exported_target_modules_adapt_in_peft_exactly_what_was_trained() {
         for (preset, keep) in presets {
             let targets = info.module_names(keep);
             let mut model = Model::load(&dir, BaseWeights::Dense(DType::F32), &Device::Cpu).unwrap();
-            let settings = LoraSettings {
-                r: 2,
-                alpha: 4.0,
-                dropout: 0.0,
-                use_rslora: false,
-                use_dora: false,
-                targets: targets.clone(),
-            };
+            let settings = LoraSettings::with_rank(2, targets.clone());
             model.add_lora(&settings, 0).unwrap();
             let adapter = PeftAdapter::from_model(&model, &settings).unwrap();
             let config = adapter_config_json(&adapter, None);

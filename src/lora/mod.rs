@@ -32,6 +32,12 @@ pub struct LoraSettings {
 }
 
 impl LoraSettings {
+    /// Rank r with alpha 2r on `targets`: no dropout, rsLoRA or DoRA (what benchmarks and tests
+    /// start from).
+    pub fn with_rank(r: usize, targets: Vec<String>) -> Self {
+        Self { r, alpha: 2.0 * r as f64, dropout: 0.0, use_rslora: false, use_dora: false, targets }
+    }
+
     /// alpha/r, or alpha/√r with rsLoRA.
     pub fn scale(&self) -> f64 {
         if self.use_rslora {

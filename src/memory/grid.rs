@@ -80,12 +80,9 @@ pub fn measure_from(point: &GridPoint, baseline: Option<usize>) -> Result<Measur
     let before = baseline.unwrap_or_else(alloc::live_bytes);
     let mut model = Model::from_preset(&point.preset, base, &device)?;
     let settings = LoraSettings {
-        r: point.rank,
-        alpha: 2.0 * point.rank as f64,
         dropout: point.dropout,
-        use_rslora: false,
         use_dora: point.dora,
-        targets: point.targets.clone(),
+        ..LoraSettings::with_rank(point.rank, point.targets.clone())
     };
     model.add_lora(&settings, 0)?;
     model.set_gradient_checkpointing(point.checkpointing);
