@@ -59,6 +59,8 @@ pub struct LoraPair {
     pub dropout: f32,
     /// DoRA's magnitude m [out]: the layer computes m ⊙ (W + s·B·A)·x / ‖W + s·B·A‖ per row.
     pub magnitude: Option<Var>,
+    /// DoRA: ‖W‖² per output row of the frozen weight, taken once when the pair is attached.
+    pub base_row_sq: Option<Tensor>,
 }
 
 impl LoraPair {
@@ -96,22 +98,41 @@ impl LoraLinear {
         let bound = 1.0 / (in_f as f32).sqrt();
         let a = Var::from_vec(rng.uniform(settings.r * in_f, -bound, bound), (settings.r, in_f), device)?;
         let b = Var::zeros((out_f, settings.r), DType::F32, device)?;
-        let mut pair = LoraPair { a, b, scale: settings.scale(), dropout: settings.dropout, magnitude: None };
+        let mut pair =
+            LoraPair { a, b, scale: settings.scale(), dropout: settings.dropout, magnitude: None, base_row_sq: None };
         if settings.use_dora {
             // PEFT starts m at the row norms of W + s·B·A, which with B = 0 are W's
-            pair.magnitude = Some(Var::from_tensor(&self.dora_weight_norm(&pair)?)?);
+            let row_sq = self.base_row_sq(device)?;
+            pair.magnitude = Some(Var::from_tensor(&row_sq.sqrt()?)?);
+            pair.base_row_sq = Some(row_sq);
         }
         self.lora = Some(pair);
         Ok(())
     }
 
-    /// ‖W + s·B·A‖ over each output row, in f32 and outside the graph (PEFT detaches it): W
-    /// dense, or dequantized from NF4, for the duration of the call.
+    /// ‖W‖² over each output row of the frozen weight (dense, or dequantized from NF4 once).
+    pub fn base_row_sq(&self, device: &Device) -> candle_core::Result<Tensor> {
+        self.base.weight().to_dense(DType::F32, device)?.sqr()?.sum(1)
+    }
+
+    /// ‖W + s·B·A‖ over each output row, in f32 and outside the graph (PEFT detaches it),
+    /// without forming W + s·B·A: ‖W_i‖² (kept) + 2s·⟨B_i, (W·Aᵀ)_i⟩ + s²·B_i·(A·Aᵀ)·B_iᵀ, where
+    /// W·Aᵀ is the frozen linear applied to A's r rows.
     pub fn dora_weight_norm(&self, lora: &LoraPair) -> candle_core::Result<Tensor> {
-        let device = lora.a.device();
-        let w = self.base.weight().to_dense(DType::F32, device)?;
-        let ba = lora.b.as_tensor().detach().matmul(&lora.a.as_tensor().detach())?;
-        (w + (ba * lora.scale)?)?.sqr()?.sum(1)?.sqrt()
+        let (a, b) = (lora.a.as_tensor().detach(), lora.b.as_tensor().detach());
+        let row_sq = match &lora.base_row_sq {
+            Some(t) => t.clone(),
+            None => self.base_row_sq(a.device())?,
+        };
+        let mut aw = self.base.forward(&a)?.to_dtype(DType::F32)?; // [r, out] = A·Wᵀ (+ bias)
+        if let Some(bias) = self.base.bias() {
+            aw = aw.broadcast_sub(&bias.to_dtype(DType::F32)?)?;
+        }
+        let cross = (&b * aw.t()?)?.sum(1)?;
+        let gram = a.matmul(&a.t()?)?;
+        let ba_sq = (b.matmul(&gram)? * &b)?.sum(1)?;
+        let s = lora.scale;
+        (row_sq + (cross * (2.0 * s))? + (ba_sq * (s * s))?)?.relu()?.sqrt()
     }
 
     /// x: [..., in] → [..., out]. `train` turns dropout on.

@@ -161,12 +161,14 @@ impl PeftAdapter {
                 Some(m) => Some(Var::from_tensor(m)?),
                 None => None,
             };
+            let base_row_sq = magnitude.as_ref().map(|_| lin.base_row_sq(a.device())).transpose()?;
             lin.lora = Some(LoraPair {
                 a: Var::from_tensor(a)?,
                 b: Var::from_tensor(b)?,
                 scale: self.settings.scale(),
                 dropout: self.settings.dropout,
                 magnitude,
+                base_row_sq,
             });
             used.insert(lin.path.clone());
         }
