@@ -47,6 +47,8 @@ impl Norm {
     }
 }
 
+// one per block, never moved in a hot path: the variants' sizes do not matter
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone)]
 pub enum Qkv {
     Separate {
