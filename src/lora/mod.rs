@@ -169,10 +169,10 @@ impl LoraLinear {
     fn forward_dora(&self, x: &Tensor, lora: &LoraPair, magnitude: &Var, train: bool) -> candle_core::Result<Tensor> {
         let dropped = train && lora.dropout > 0.0;
         let dtype = x.dtype();
+        let mag_scale = magnitude.as_tensor().broadcast_div(&self.dora_weight_norm(lora)?)?;
         if !dropped && x.device().is_cpu() && dtype == DType::F32 {
             // without dropout the same value is m/‖·‖ ⊙ (x·Wᵀ + s·x·Aᵀ·Bᵀ) + bias: the CPU's
             // one-node LoRA linear, rescaled (three nodes where the composite form has ten)
-            let mag_scale = magnitude.as_tensor().broadcast_div(&self.dora_weight_norm(lora)?)?;
             let y = self.forward_fused(x, lora, false)?;
             return match self.base.bias() {
                 Some(bias) => y.broadcast_sub(bias)?.broadcast_mul(&mag_scale)?.broadcast_add(bias),
@@ -183,7 +183,7 @@ impl LoraLinear {
         let h = if dropped { seeded_dropout(x, lora.dropout, &self.path)? } else { x.clone() };
         let (a, b) = (lora.a.as_tensor().to_dtype(dtype)?, lora.b.as_tensor().to_dtype(dtype)?);
         let lora_y = (h.broadcast_matmul(&a.t()?)?.broadcast_matmul(&b.t()?)? * lora.scale)?;
-        let mag_scale = magnitude.as_tensor().broadcast_div(&self.dora_weight_norm(lora)?)?.to_dtype(dtype)?;
+        let mag_scale = mag_scale.to_dtype(dtype)?;
         let base = if dropped { self.base.forward(&h)? } else { y.clone() };
         let base = match self.base.bias() {
             Some(bias) => base.broadcast_sub(&bias.to_dtype(dtype)?)?,
