@@ -74,18 +74,23 @@ enum Command {
         #[arg(long, default_value = "cpu")]
         device: String,
     },
-    /// Export an adapter: a PEFT folder, a llama.cpp GGUF adapter, or a merged model.
+    /// Export an adapter: a PEFT folder, a llama.cpp GGUF adapter, a merged model, or a merged
+    /// model as one GGUF file that llama.cpp and Ollama run as it is.
     Export {
         /// A PEFT adapter folder or a training checkpoint folder.
         #[arg(long)]
         from: PathBuf,
-        /// peft, gguf or merged
+        /// peft, gguf (a LoRA adapter for llama.cpp), merged (safetensors) or gguf-model (merged,
+        /// one .gguf file)
         #[arg(long)]
         format: String,
+        /// For gguf-model: f16, q8_0 or q4_k_m (default q4_k_m).
+        #[arg(long)]
+        quant: Option<String>,
         /// The base model folder (default: the adapter's base_model_name_or_path).
         #[arg(long)]
         model: Option<PathBuf>,
-        /// A folder (peft, merged) or a .gguf file (gguf).
+        /// A folder (peft, merged) or a .gguf file (gguf, gguf-model).
         #[arg(long)]
         out: PathBuf,
         /// f32, bf16 or f16 (default: f32 for adapters, the base's own types for merged).
@@ -105,7 +110,7 @@ enum Command {
         /// For merged: skip the divergence check against base + adapter.
         #[arg(long)]
         no_check: bool,
-        /// For gguf: also write an Ollama Modelfile beside the adapter.
+        /// For gguf and gguf-model: also write an Ollama Modelfile beside the file.
         #[arg(long)]
         modelfile: bool,
         /// The base model's name (hub id) for the model card and base_model_name_or_path.
@@ -320,6 +325,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Export {
             from,
             format,
+            quant,
             model,
             out,
             dtype,
@@ -332,7 +338,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         } => {
             let request = lora::export::ExportRequest {
                 from,
-                format: lora::export::ExportFormat::parse(&format)?,
+                format: match (lora::export::ExportFormat::parse(&format)?, quant) {
+                    (lora::export::ExportFormat::GgufModel(_), Some(q)) => {
+                        lora::export::ExportFormat::GgufModel(lora::gguf_model::GgufQuant::parse(&q)?)
+                    }
+                    (_, Some(_)) => anyhow::bail!("--quant applies only to --format gguf-model"),
+                    (f, None) => f,
+                },
                 base: model,
                 out,
                 dtype: dtype.as_deref().map(lora::export::TensorDType::parse).transpose()?,

@@ -725,3 +725,170 @@ fn gguf_maps_every_linear_of_every_family() {
         assert_same(&g.tensor(&format!("{tensor}.weight.lora_a")), &pair(&a, path).0, tensor);
     }
 }
+
+// Merged models as one llama.cpp GGUF
+
+/// GPT-2's printable stand-in for each byte (its `bytes_to_unicode`), the symbols of a byte-level BPE.
+fn byte_symbols() -> Vec<String> {
+    let printable = |b: u32| (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
+    let mut extra = 0;
+    (0..256u32)
+        .map(|b| {
+            let c = if printable(b) {
+                b
+            } else {
+                extra += 1;
+                255 + extra
+            };
+            char::from_u32(c).unwrap().to_string()
+        })
+        .collect()
+}
+
+/// A copy of fixture `name` with a byte-level BPE tokenizer over its vocabulary (the fixtures
+/// ship none; a GGUF model needs one): the 256 byte symbols, then `<extra_N>` tokens.
+fn fixture_with_tokenizer(tmp: &Path, name: &str) -> PathBuf {
+    use qlora_studio::hub::tokenizer::{build_tokenizer_json, GgufVocab, VocabKind};
+    let fx = common::fixture_model(name);
+    assert!(fx.vocab >= 256, "{name}: a byte-level tokenizer needs at least 256 tokens, the fixture has {}", fx.vocab);
+    let base = tmp.join(format!("base-{name}"));
+    std::fs::create_dir_all(&base).unwrap();
+    for file in ["config.json", "model.safetensors", "generation_config.json"] {
+        std::fs::copy(model_dir(name).join(file), base.join(file)).unwrap();
+    }
+    let mut tokens = byte_symbols();
+    tokens.extend((256..fx.vocab).map(|i| format!("<extra_{i}>")));
+    let vocab = GgufVocab {
+        kind: VocabKind::ByteLevelBpe { pre: "gpt2".into() },
+        token_type: vec![1; tokens.len()],
+        tokens,
+        merges: Vec::new(),
+        bos: None,
+        eos: None,
+        pad: None,
+        unk: None,
+        add_bos: false,
+    };
+    let json = build_tokenizer_json(&vocab).unwrap();
+    std::fs::write(base.join("tokenizer.json"), json.to_string()).unwrap();
+    base
+}
+
+/// The largest |logit| difference between two models on the fixture's input, relative to the
+/// largest |logit| of `want`.
+fn relative_logit_error(name: &str, want: &Model, got: &Model) -> f32 {
+    let ids = reference(name, "input_ids");
+    let (w, g) = (want.forward(&ids, false).unwrap(), got.forward(&ids, false).unwrap());
+    let scale = w.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+    max_abs_diff(&w, &g) / scale
+}
+
+/// The merged GGUF, read back with the GGUF importer (which reads llama.cpp's own files, e.g.
+/// SmolLM2's), computes what the merged safetensors model computes: the tensor names, the q/k row
+/// permutation (GQA included), tied embeddings, biases and the hyper-parameters are llama.cpp's.
+/// F16 holds the logits to 1% of their scale (a wrong layout is off by their whole scale); Q8_0
+/// and Q4_K_M (on these narrow rows mostly Q5_0) hold each tensor to its quantization's error
+/// against the F16 file, and the logits to 6% and 50%.
+#[test]
+fn merged_gguf_models_import_back_with_the_merged_models_logits() {
+    use qlora_studio::lora::gguf_model::GgufQuant;
+    for name in ["llama_gqa_all_linear", "llama_tied", "qwen2"] {
+        let tmp = tempfile::tempdir().unwrap();
+        let base = fixture_with_tokenizer(tmp.path(), name);
+        let merged = tmp.path().join("merged");
+        write_merged_model(&adapter(name), &base, &merged, &MergeOptions::default(), &ExportInfo::default()).unwrap();
+        let want = Model::load(&merged, F32, &Device::Cpu).unwrap();
+        let mut f16: Option<Gguf> = None;
+        for (quant, logit_bound, tensor_bound) in
+            [(GgufQuant::F16, 0.01, 0.0), (GgufQuant::Q8_0, 0.06, 0.01), (GgufQuant::Q4KM, 0.5, 0.08)]
+        {
+            let out = tmp.path().join(format!("{name}-{}.gguf", quant.label()));
+            let req = request(&model_dir(name).join("adapter"), ExportFormat::GgufModel(quant), Some(&base), &out);
+            export(&req).unwrap_or_else(|e| panic!("{name} {quant:?}: {e}"));
+            let gguf = Gguf::read(&out);
+            let arch = if name == "qwen2" { "qwen2" } else { "llama" };
+            assert_eq!(gguf.string("general.architecture"), arch);
+            assert_eq!(gguf.string("tokenizer.ggml.model"), "gpt2");
+            assert_eq!(gguf.string("tokenizer.ggml.pre"), "gpt2", "the byte-level regex, named as llama.cpp names it");
+            let imported = tmp.path().join(format!("imported-{}", quant.label()));
+            std::fs::create_dir_all(&imported).unwrap();
+            qlora_studio::hub::gguf::convert(&out, &imported).unwrap_or_else(|e| panic!("{name} {quant:?}: {e}"));
+            let got = Model::load(&imported, F32, &Device::Cpu).unwrap();
+            let err = relative_logit_error(name, &want, &got);
+            assert!(err <= logit_bound, "{name} {quant:?}: logits off by {err} of their scale (bound {logit_bound})");
+            match &f16 {
+                None => f16 = Some(gguf),
+                Some(reference) => {
+                    assert_eq!(gguf.names(), reference.names());
+                    for t in gguf.names() {
+                        let (a, b) = (gguf.tensor(&t), reference.tensor(&t));
+                        let rms = |x: &Tensor| {
+                            x.sqr().unwrap().mean_all().unwrap().sqrt().unwrap().to_scalar::<f32>().unwrap()
+                        };
+                        let rel = rms(&(&a - &b).unwrap()) / rms(&b);
+                        assert!(rel <= tensor_bound, "{name} {quant:?} {t}: relative RMS error {rel}");
+                    }
+                }
+            }
+        }
+        // the adapter is in it: the base model's logits are far from the merged ones
+        let base_model = Model::load(&base, F32, &Device::Cpu).unwrap();
+        assert!(relative_logit_error(name, &want, &base_model) > 0.05, "{name}: the adapter changed nothing");
+    }
+}
+
+/// Q4_K_M picks each tensor's type as llama-quantize does: more bits for attn_v and ffn_down in
+/// the first and last eighth of the layers and every third between; the output in Q6_K; rows too
+/// narrow for a 256-wide k-quant block fall back (Q4_K → Q5_0, Q6_K → Q8_0); norms in f32.
+#[test]
+fn q4_k_m_tensor_types_follow_llama_quantize() {
+    use qlora_studio::lora::gguf_model::GgufQuant;
+    let name = "llama_gqa_all_linear";
+    let fx = common::fixture_model(name);
+    let tmp = tempfile::tempdir().unwrap();
+    let base = fixture_with_tokenizer(tmp.path(), name);
+    let out = tmp.path().join("m.gguf");
+    export(&request(&model_dir(name).join("adapter"), ExportFormat::GgufModel(GgufQuant::Q4KM), Some(&base), &out))
+        .unwrap();
+    let gguf = Gguf::read(&out);
+    let ty = |t: &str| gguf.content.tensor_infos[t].ggml_dtype;
+    use candle_core::quantized::GgmlDType as T;
+    let k_quant = |wide: T, narrow: T| if fx.hidden.is_multiple_of(256) { wide } else { narrow };
+    let more_bits =
+        |i: usize, n: usize| i < n / 8 || i >= 7 * n / 8 || (i as isize - (n / 8) as isize).rem_euclid(3) == 2;
+    for layer in 0..fx.layers {
+        let down_cols = fx.config["intermediate_size"].as_u64().unwrap() as usize;
+        let (v, down) = (ty(&format!("blk.{layer}.attn_v.weight")), ty(&format!("blk.{layer}.ffn_down.weight")));
+        if more_bits(layer, fx.layers) {
+            assert_eq!(v, k_quant(T::Q6K, T::Q8_0), "layer {layer} attn_v");
+            assert_eq!(down, if down_cols.is_multiple_of(256) { T::Q6K } else { T::Q8_0 }, "layer {layer} ffn_down");
+        } else {
+            assert_eq!(v, k_quant(T::Q4K, T::Q5_0), "layer {layer} attn_v");
+        }
+        assert_eq!(ty(&format!("blk.{layer}.attn_q.weight")), k_quant(T::Q4K, T::Q5_0));
+        assert_eq!(ty(&format!("blk.{layer}.attn_norm.weight")), T::F32);
+    }
+    assert_eq!(ty("output.weight"), k_quant(T::Q6K, T::Q8_0));
+    assert_eq!(gguf.content.metadata["general.file_type"].to_u32().unwrap(), 15, "llama.cpp's MOSTLY_Q4_K_M");
+}
+
+/// Families llama.cpp cannot load, and those whose GGUF layout is not written yet, are refused
+/// before anything is merged or written, naming the family.
+#[test]
+fn merged_gguf_is_refused_for_families_it_cannot_write() {
+    use qlora_studio::lora::gguf_model::GgufQuant;
+    for name in ["bloom", "chatglm3", "baichuan_7b"] {
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("m.gguf");
+        let req = request(
+            &model_dir(name).join("adapter"),
+            ExportFormat::GgufModel(GgufQuant::F16),
+            Some(&model_dir(name)),
+            &out,
+        );
+        let e = export(&req).unwrap_err().to_string();
+        let spec = qlora_studio::lora::export::spec_of(&model_dir(name)).unwrap();
+        assert!(e.contains(&spec.family_name()) && e.contains("merged model (safetensors)"), "{name}: {e}");
+        assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 0, "{name}: nothing may be written");
+    }
+}

@@ -193,6 +193,19 @@ fn choose_tune_start_watch_and_stop() {
     assert_eq!(config["r"], 16);
     assert_eq!(config["peft_type"], "LORA");
 
+    // a merged GGUF in Q8_0: this test model's word-level tokenizer has no llama.cpp form, so the
+    // tab shows the refusal, names the file, and writes nothing
+    harness.get_by_label("Merged model as one GGUF (llama.cpp, Ollama)").click();
+    harness.step();
+    harness.get_by_label("Q8_0").click();
+    harness.step();
+    let merged_gguf = dir.path().join("exported/merged.gguf");
+    let e = export_through_dialog(&mut harness, "Merged model as one GGUF (llama.cpp, Ollama)", &merged_gguf);
+    let e = e.unwrap_err();
+    assert!(e.contains("tokenizer.json") && e.contains("byte-level BPE"), "{e}");
+    assert!(!merged_gguf.exists());
+    assert_eq!(std::fs::read_dir(merged_gguf.parent().unwrap()).unwrap().count(), 3, "only the earlier exports");
+
     // the run is in the history: compared, reopened with its curve, resumed from its checkpoint
     harness.get_by_label("Runs").click();
     harness.step();

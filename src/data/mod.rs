@@ -50,8 +50,8 @@ use serde::{Deserialize, Serialize};
 pub use encode::{pack, Example, LengthBucket, LengthStats, PackItem, IGNORE};
 pub use records::{dataset_files, read_file, BadRecord, Content, FileRecords, Message, Record, Role};
 pub use template::{
-    check_template, family_template_name, named_template, named_templates, ChatTemplate, NamedTemplate, TemplateCheck,
-    TemplateChoice, TemplateOrigin,
+    check_template, family_template_name, named_template, named_templates, ollama_template_for, ChatTemplate,
+    NamedTemplate, TemplateCheck, TemplateChoice, TemplateOrigin,
 };
 pub use tokenizer::{missing_tokenizer_hint, Encoded, ModelTokenizer, MAKE_TOKENIZER_JSON};
 

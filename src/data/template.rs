@@ -65,6 +65,9 @@ pub struct NamedTemplate {
     pub families: Vec<String>,
     pub source: String,
     pub template: String,
+    /// The same format as an Ollama Modelfile TEMPLATE (Go template), where known.
+    #[serde(default)]
+    pub ollama: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -84,6 +87,14 @@ pub fn named_templates() -> &'static [NamedTemplate] {
 
 pub fn named_template(name: &str) -> Option<&'static NamedTemplate> {
     named_templates().iter().find(|t| t.name.eq_ignore_ascii_case(name))
+}
+
+/// The Ollama TEMPLATE for a Jinja chat template: the named template's, when `jinja` is one of
+/// ours, or ChatML's for any template built on `<|im_start|>` (SmolLM2, Qwen, Yi models' own).
+pub fn ollama_template_for(jinja: &str) -> Option<&'static str> {
+    let same = named_templates().iter().find(|t| t.template.trim() == jinja.trim());
+    let chatml = || named_template("chatml").filter(|_| jinja.contains("<|im_start|>"));
+    same.or_else(chatml).and_then(|t| t.ollama.as_deref())
 }
 
 /// The named template a family of the architecture table uses (`default` for none).

@@ -9,6 +9,7 @@ use eframe::egui;
 use super::checkpoint_field::CheckpointField;
 use super::i18n::{tr, tr_message, Lang};
 use crate::lora::export::{export, ExportFormat, ExportInfo, ExportReport, ExportRequest, TensorDType};
+use crate::lora::gguf_model::GgufQuant;
 use crate::lora::merge::MergeInto;
 
 pub struct ExportView {
@@ -17,6 +18,8 @@ pub struct ExportView {
     pub half_precision: bool,
     pub merge_into_dequantized: bool,
     pub modelfile: bool,
+    /// The quantization the merged-GGUF choice uses (kept while another format is chosen).
+    pub gguf_quant: GgufQuant,
     job: Option<JoinHandle<crate::Result<ExportReport>>>,
     pub result: Option<Result<String, String>>,
 }
@@ -29,6 +32,7 @@ impl Default for ExportView {
             half_precision: false,
             merge_into_dequantized: true,
             modelfile: true,
+            gguf_quant: GgufQuant::Q4KM,
             job: None,
             result: None,
         }
@@ -55,6 +59,8 @@ impl ExportView {
         ui.radio_value(&mut self.format, ExportFormat::Peft, tr(lang, "PEFT adapter"));
         ui.radio_value(&mut self.format, ExportFormat::Gguf, tr(lang, "GGUF adapter (llama.cpp, Ollama)"));
         ui.radio_value(&mut self.format, ExportFormat::Merged, tr(lang, "Merged model"));
+        let gguf_model = ExportFormat::GgufModel(self.gguf_quant);
+        ui.radio_value(&mut self.format, gguf_model, tr(lang, "Merged model as one GGUF (llama.cpp, Ollama)"));
         match self.format {
             ExportFormat::Peft => {
                 ui.checkbox(&mut self.half_precision, tr(lang, "bf16 tensors (half the size)"));
@@ -69,6 +75,20 @@ impl ExportView {
                     tr(lang, "Merge into the dequantized NF4 weights the adapter was trained against (QLoRA)"),
                 );
                 ui.weak(tr(lang, "A divergence check compares the merged model with base + adapter."));
+            }
+            ExportFormat::GgufModel(_) => {
+                ui.horizontal(|ui| {
+                    ui.label(tr(lang, "Quantization:"));
+                    for quant in GgufQuant::ALL {
+                        ui.radio_value(&mut self.gguf_quant, quant, quant.label());
+                    }
+                });
+                self.format = ExportFormat::GgufModel(self.gguf_quant);
+                ui.checkbox(
+                    &mut self.merge_into_dequantized,
+                    tr(lang, "Merge into the dequantized NF4 weights the adapter was trained against (QLoRA)"),
+                );
+                ui.checkbox(&mut self.modelfile, tr(lang, "Also write an Ollama Modelfile"));
             }
         }
         let ready = self.checkpoint.path().is_some() && !self.is_busy();
@@ -204,6 +224,7 @@ pub fn save_suggestion(checkpoint: &Path, format: ExportFormat, last_dir: Option
         ExportFormat::Peft => format!("{stem}-peft"),
         ExportFormat::Gguf => format!("{stem}-lora.gguf"),
         ExportFormat::Merged => format!("{stem}-merged"),
+        ExportFormat::GgufModel(quant) => format!("{stem}-{}.gguf", quant.label()),
     };
     (dir, name)
 }
@@ -237,6 +258,8 @@ mod tests {
         assert_eq!(name, "SmolLM2-135M-colors-step80-peft");
         assert_eq!(save_suggestion(&ck, ExportFormat::Gguf, None).1, "SmolLM2-135M-colors-step80-lora.gguf");
         assert_eq!(save_suggestion(&ck, ExportFormat::Merged, None).1, "SmolLM2-135M-colors-step80-merged");
+        let q4 = ExportFormat::GgufModel(GgufQuant::Q4KM);
+        assert_eq!(save_suggestion(&ck, q4, None).1, "SmolLM2-135M-colors-step80-Q4_K_M.gguf");
 
         // a local folder or a GGUF file gives its own name
         std::fs::write(ck.join("run.toml"), "[model]\nsource = \"/models/tiny llama/\"\n").unwrap();

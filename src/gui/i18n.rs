@@ -319,6 +319,8 @@ pub const ZH: &[(&str, &str)] = &[
     ("PEFT adapter", "PEFT 适配器"),
     ("GGUF adapter (llama.cpp, Ollama)", "GGUF 适配器（llama.cpp、Ollama）"),
     ("Merged model", "合并后的模型"),
+    ("Merged model as one GGUF (llama.cpp, Ollama)", "合并为单个 GGUF 模型（llama.cpp、Ollama）"),
+    ("Quantization:", "量化："),
     ("Exported to", "已导出到"),
     ("Exporting…", "导出中…"),
     ("Use the last checkpoint", "使用最近的检查点"),

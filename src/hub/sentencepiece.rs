@@ -78,6 +78,37 @@ pub fn tokenizer_from_model(path: &Path, add_bos: bool) -> Result<(Tokenizer, Op
     Ok((check_round_trips(&json, path)?, bos, eos))
 }
 
+/// A SentencePiece model's pieces as llama.cpp's converter writes them to GGUF (`llama`
+/// tokenizer): piece, score and type per id, the special ids and the dummy-prefix flag.
+pub struct Pieces {
+    pub tokens: Vec<String>,
+    pub scores: Vec<f32>,
+    /// llama.cpp's token types, which are SentencePiece's piece types.
+    pub kinds: Vec<i32>,
+    pub unk: Option<u32>,
+    pub bos: Option<u32>,
+    pub eos: Option<u32>,
+    pub add_space_prefix: bool,
+}
+
+/// The pieces of the tokenizer.model at `path`, for a GGUF export (the same checks as reading
+/// it to train: what llama.cpp's `llama` tokenizer could not reproduce is refused).
+pub fn pieces(path: &Path) -> Result<Pieces> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let model = ModelProto::decode(bytes.as_slice())
+        .map_err(|e| Error::Invalid(format!("{}: not a SentencePiece model file ({e})", path.display())))?;
+    let vocab = vocabulary(&model, false, path)?;
+    Ok(Pieces {
+        scores: model.pieces.iter().map(|p| p.score.unwrap_or(0.0)).collect(),
+        kinds: model.pieces.iter().map(|p| p.kind.unwrap_or(1)).collect(),
+        add_space_prefix: matches!(vocab.kind, VocabKind::SentencePiece { add_space_prefix: true }),
+        tokens: vocab.tokens,
+        unk: vocab.unk,
+        bos: vocab.bos,
+        eos: vocab.eos,
+    })
+}
+
 /// What a converted tokenizer cannot reproduce is refused, with the way out.
 fn vocabulary(model: &ModelProto, add_bos: bool, path: &Path) -> Result<GgufVocab> {
     let unsupported = |what: &str| {

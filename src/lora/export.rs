@@ -11,6 +11,7 @@ use candle_core::{DType, Device, Tensor};
 use safetensors::Dtype;
 
 use super::gguf::{self, GgufType};
+use super::gguf_model::{self, GgufQuant};
 use super::merge::{self, Divergence, MergeInto, MergeOptions};
 use super::peft::{read_adapter, PeftAdapter};
 use crate::error::{Error, Result};
@@ -420,6 +421,8 @@ pub enum ExportFormat {
     Peft,
     Gguf,
     Merged,
+    /// The merged model as one llama.cpp GGUF file in this quantization.
+    GgufModel(GgufQuant),
 }
 
 impl ExportFormat {
@@ -428,7 +431,10 @@ impl ExportFormat {
             "peft" => Ok(ExportFormat::Peft),
             "gguf" => Ok(ExportFormat::Gguf),
             "merged" => Ok(ExportFormat::Merged),
-            other => Err(Error::Invalid(format!("unknown export format {other:?}: use peft, gguf or merged"))),
+            "gguf-model" => Ok(ExportFormat::GgufModel(GgufQuant::Q4KM)),
+            other => {
+                Err(Error::Invalid(format!("unknown export format {other:?}: use peft, gguf, merged or gguf-model")))
+            }
         }
     }
 }
@@ -488,7 +494,7 @@ pub fn export(req: &ExportRequest) -> Result<ExportReport> {
     }
     // a trainer checkpoint says whether its adapter was trained on the NF4 base
     let run = info.run_config.as_deref().and_then(|t| crate::train::RunConfig::from_toml_str(t, "run.toml").ok());
-    let trained_on_nf4 = req.trained_on_nf4.or_else(|| run.map(|c| c.model.mode == crate::train::Mode::Qlora));
+    let trained_on_nf4 = req.trained_on_nf4.or_else(|| run.as_ref().map(|c| c.model.mode == crate::train::Mode::Qlora));
     match req.format {
         ExportFormat::Peft => {
             let dtype = req.dtype.unwrap_or(TensorDType::F32);
@@ -532,7 +538,7 @@ pub fn export(req: &ExportRequest) -> Result<ExportReport> {
                 // Ollama's FROM takes a .gguf file as it is: the file a GGUF-based run trained on
                 let trained_on_gguf = adapter.base_model.clone().filter(|b| b.to_ascii_lowercase().ends_with(".gguf"));
                 let from = info.base_model.clone().or(trained_on_gguf).unwrap_or_else(|| base.display().to_string());
-                let text = gguf::modelfile_text(&from, &file, info.ollama_template.as_deref(), &info.stop_tokens);
+                let text = gguf::modelfile_text(&from, Some(&file), info.ollama_template.as_deref(), &info.stop_tokens);
                 let path = req.out.with_file_name("Modelfile");
                 gguf::write_file_atomically(&path, text.as_bytes())?;
                 written.push(path);
@@ -562,5 +568,73 @@ pub fn export(req: &ExportRequest) -> Result<ExportReport> {
             };
             Ok(ExportReport { written: vec![req.out.clone()], divergence })
         }
+        ExportFormat::GgufModel(quant) => {
+            let base = base_dir(&adapter, &dir, req.base.as_deref())?;
+            let spec = spec_of(&base)?;
+            check_adapter_fits(&adapter, &spec, &base)?;
+            // refused before any weight is merged
+            gguf_model::model_arch(&spec)?;
+            gguf::check_output_path(&req.out)?;
+            if info.base_model.is_none() {
+                info.base_model = Some(base.display().to_string());
+            }
+            let file = req.out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            // the merged checkpoint is written beside the output first (in the base's own dtype),
+            // then read back tensor by tensor into the GGUF, and removed
+            let scratch = req.out.with_file_name(format!(".{file}.merged-{}", std::process::id()));
+            let opts = MergeOptions { into: req.merge_into, dtype: None, ..MergeOptions::default() };
+            // a run on a named template: the GGUF carries that one, not the base's own
+            if info.chat_template.is_none() {
+                info.chat_template = run.as_ref().and_then(|c| run_template(&c.data.template, &spec, &base));
+            }
+            if info.stop_tokens.is_empty() {
+                info.stop_tokens = base_eos_token(&base).into_iter().collect();
+            }
+            let gguf_info = gguf_model::GgufModelInfo {
+                name: info.base_model.as_deref().map(|b| format!("{} (merged LoRA)", model_name(b))),
+                chat_template: info.chat_template.clone(),
+            };
+            let result = merge::write_merged_model(&adapter, &base, &scratch, &opts, &info)
+                .and_then(|()| gguf_model::write_gguf_model(&scratch, &spec, quant, &req.out, &gguf_info));
+            let _ = std::fs::remove_dir_all(&scratch);
+            result?;
+            let mut written = vec![req.out.clone()];
+            if req.modelfile {
+                let template = info.ollama_template.clone().or_else(|| {
+                    let jinja = info.chat_template.clone().or_else(|| base_chat_template(&base))?;
+                    crate::data::ollama_template_for(&jinja).map(str::to_string)
+                });
+                let text = gguf::modelfile_text(&format!("./{file}"), None, template.as_deref(), &info.stop_tokens);
+                let path = req.out.with_file_name("Modelfile");
+                gguf::write_file_atomically(&path, text.as_bytes())?;
+                written.push(path);
+            }
+            Ok(ExportReport { written, divergence: None })
+        }
     }
+}
+
+/// The Jinja template a run's `[data] template` choice means for `base`.
+fn run_template(choice: &crate::data::TemplateChoice, spec: &ModelSpec, base: &Path) -> Option<String> {
+    use crate::data::{family_template_name, named_template, TemplateChoice};
+    match choice {
+        TemplateChoice::Named(name) => named_template(name).map(|t| t.template.clone()),
+        TemplateChoice::Auto => base_chat_template(base)
+            .or_else(|| named_template(family_template_name(Some(&spec.family))).map(|t| t.template.clone())),
+        TemplateChoice::Model | TemplateChoice::ModelNamed(_) => base_chat_template(base),
+    }
+}
+
+/// The base tokenizer's end-of-sequence token (tokenizer_config.json), a reply's stop string.
+fn base_eos_token(base: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(base.join("tokenizer_config.json")).ok()?;
+    let tc: serde_json::Value = serde_json::from_str(&text).ok()?;
+    let eos = &tc["eos_token"];
+    eos.as_str().or_else(|| eos["content"].as_str()).map(str::to_string)
+}
+
+/// The last part of a hub id or path, for `general.name`.
+fn model_name(base: &str) -> &str {
+    let trimmed = base.trim_end_matches(['/', '\\']);
+    trimmed.rsplit(['/', '\\']).next().unwrap_or(trimmed)
 }

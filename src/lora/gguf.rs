@@ -315,8 +315,8 @@ pub fn gguf_bytes(metadata: &[(String, GgufValue)], tensors: &[GgufTensor], dtyp
     Ok(out)
 }
 
-/// Write `bytes` to `path` through a temporary file and a rename.
-pub(crate) fn write_file_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
+/// An output file path that can be written: not a folder, in a folder that exists.
+pub(crate) fn check_output_path(path: &Path) -> Result<()> {
     if path.is_dir() {
         return Err(Error::Invalid(format!("{} is a folder; give a file name to write to", path.display())));
     }
@@ -327,6 +327,12 @@ pub(crate) fn write_file_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
             path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default()
         )));
     }
+    Ok(())
+}
+
+/// Write `bytes` to `path` through a temporary file and a rename.
+pub(crate) fn write_file_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
+    check_output_path(path)?;
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let tmp = path.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
     let write = || -> std::io::Result<()> {
@@ -368,12 +374,28 @@ pub fn write_gguf_adapter(
 
 /// An Ollama Modelfile for a GGUF adapter: FROM the base, ADAPTER the file, the template
 /// when one in Ollama's Go-template syntax is known, and a stop parameter per stop token.
-pub fn modelfile_text(base: &str, adapter_file: &str, ollama_template: Option<&str>, stop_tokens: &[String]) -> String {
+/// Without an adapter, FROM is the (merged) model itself.
+pub fn modelfile_text(
+    from: &str,
+    adapter_file: Option<&str>,
+    ollama_template: Option<&str>,
+    stop_tokens: &[String],
+) -> String {
     let mut text = String::new();
-    text.push_str("# Ollama Modelfile written by qlora-studio. FROM must be the same base model the adapter was\n");
-    text.push_str("# trained on (an Ollama model name or a path to its GGUF).\n");
-    text.push_str(&format!("FROM {base}\n"));
-    text.push_str(&format!("ADAPTER ./{adapter_file}\n"));
+    match adapter_file {
+        Some(adapter) => {
+            text.push_str(
+                "# Ollama Modelfile written by qlora-studio. FROM must be the same base model the adapter was\n",
+            );
+            text.push_str("# trained on (an Ollama model name or a path to its GGUF).\n");
+            text.push_str(&format!("FROM {from}\nADAPTER ./{adapter}\n"));
+        }
+        None => {
+            text.push_str("# Ollama Modelfile written by qlora-studio for the merged model beside it:\n");
+            text.push_str("#   ollama create my-model -f Modelfile && ollama run my-model\n");
+            text.push_str(&format!("FROM {from}\n"));
+        }
+    }
     match ollama_template {
         Some(t) => text.push_str(&format!("TEMPLATE \"\"\"{t}\"\"\"\n")),
         None => text.push_str("# TEMPLATE: none given; Ollama uses the base model's template\n"),

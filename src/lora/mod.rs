@@ -5,6 +5,7 @@
 
 pub mod export;
 mod fused;
+pub mod gguf_model;
 pub mod gguf;
 pub mod merge;
 pub mod peft;
