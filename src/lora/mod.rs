@@ -5,8 +5,8 @@
 
 pub mod export;
 mod fused;
-pub mod gguf_model;
 pub mod gguf;
+pub mod gguf_model;
 pub mod merge;
 pub mod peft;
 
@@ -117,23 +117,25 @@ impl LoraLinear {
     }
 
     /// ‖W + s·B·A‖ over each output row, in f32 and outside the graph (PEFT detaches it),
-    /// without forming W + s·B·A: ‖W_i‖² (kept) + 2s·⟨B_i, (W·Aᵀ)_i⟩ + s²·B_i·(A·Aᵀ)·B_iᵀ, where
-    /// W·Aᵀ is the frozen linear applied to A's r rows.
-    pub fn dora_weight_norm(&self, lora: &LoraPair) -> candle_core::Result<Tensor> {
-        let (a, b) = (lora.a.as_tensor().detach(), lora.b.as_tensor().detach());
+    /// without forming W + s·B·A: ‖W_i‖² (kept) + 2s·⟨B_i, (W·Aᵀ)_i⟩ + s²·B_i·(A·Aᵀ)·B_iᵀ, from
+    /// A·Wᵀ ([r, out], no bias) and A·Aᵀ.
+    fn dora_norm_from(&self, lora: &LoraPair, aw: &Tensor, gram: &Tensor) -> candle_core::Result<Tensor> {
+        let b = lora.b.as_tensor().detach();
         let row_sq = match &lora.base_row_sq {
             Some(t) => t.clone(),
-            None => self.base_row_sq(a.device())?,
+            None => self.base_row_sq(b.device())?,
         };
-        let mut aw = self.base.forward(&a)?.to_dtype(DType::F32)?; // [r, out] = A·Wᵀ (+ bias)
-        if let Some(bias) = self.base.bias() {
-            aw = aw.broadcast_sub(&bias.to_dtype(DType::F32)?)?;
-        }
         let cross = (&b * aw.t()?)?.sum(1)?;
-        let gram = a.matmul(&a.t()?)?;
-        let ba_sq = (b.matmul(&gram)? * &b)?.sum(1)?;
+        let ba_sq = (b.matmul(gram)? * &b)?.sum(1)?;
         let s = lora.scale;
         (row_sq + (cross * (2.0 * s))? + (ba_sq * (s * s))?)?.relu()?.sqrt()
+    }
+
+    fn without_bias(&self, y: Tensor) -> candle_core::Result<Tensor> {
+        match self.base.bias() {
+            Some(bias) => y.broadcast_sub(&bias.to_dtype(y.dtype())?),
+            None => Ok(y),
+        }
     }
 
     /// x: [..., in] → [..., out]. `train` turns dropout on.
@@ -167,29 +169,51 @@ impl LoraLinear {
     /// (the norm detached), y = base(x) + (s_m − 1) ⊙ (x_d·Wᵀ) + s_m ⊙ s·(x_d·Aᵀ·Bᵀ), where x_d
     /// is the dropped-out input (x itself without dropout, and then x·Wᵀ is base(x) less its
     /// bias).
+    /// DoRA: m/‖W + s·B·A‖ ⊙ (base(x) + s·x·Aᵀ·Bᵀ) + bias, as PEFT's `lora/dora.py`. The norm's
+    /// W·Aᵀ rides along as r extra rows of a base matmul the forward does anyway (A appended to
+    /// its input, detached), so W is read once per pass; for NF4 that is one dequantization, not
+    /// two. Those rows get no gradient: the norm is outside the graph.
     fn forward_dora(&self, x: &Tensor, lora: &LoraPair, magnitude: &Var, train: bool) -> candle_core::Result<Tensor> {
         let dropped = train && lora.dropout > 0.0;
         let dtype = x.dtype();
-        let mag_scale = magnitude.as_tensor().broadcast_div(&self.dora_weight_norm(lora)?)?;
+        let dims = x.dims();
+        let Some((&in_f, lead)) = dims.split_last() else { candle_core::bail!("DoRA linear: input is a scalar") };
+        let rows: usize = lead.iter().product();
+        let mut out_dims = lead.to_vec();
+        out_dims.push(self.base.out_features());
+        let a = lora.a.as_tensor().detach();
+        let r = a.dim(0)?;
+        let gram = a.matmul(&a.t()?)?;
+        let with_a_rows = |input: &Tensor| Tensor::cat(&[&input.reshape((rows, in_f))?, &a.to_dtype(dtype)?], 0);
+        // splits [rows + r, out] into the input's rows (back to its shape) and A·Wᵀ (f32)
+        let split = |y: Tensor| -> candle_core::Result<(Tensor, Tensor)> {
+            Ok((
+                y.narrow(0, 0, rows)?.reshape(out_dims.as_slice())?,
+                y.narrow(0, rows, r)?.detach().to_dtype(DType::F32)?,
+            ))
+        };
         if !dropped && x.device().is_cpu() && dtype == DType::F32 {
-            // without dropout the same value is m/‖·‖ ⊙ (x·Wᵀ + s·x·Aᵀ·Bᵀ) + bias: the CPU's
-            // one-node LoRA linear, rescaled (three nodes where the composite form has ten)
-            let y = self.forward_fused(x, lora, false)?;
+            // without dropout the value is m/‖·‖ ⊙ (x·Wᵀ + s·x·Aᵀ·Bᵀ) + bias: the CPU's one-node
+            // LoRA linear, rescaled; its A rows carry A·Wᵀ + s·(A·Aᵀ)·Bᵀ + bias
+            let (y, aw) = split(self.forward_fused(&with_a_rows(x)?, lora, false)?)?;
+            let lora_part = (gram.matmul(&lora.b.as_tensor().detach().t()?)? * lora.scale)?;
+            let aw = self.without_bias((aw - lora_part)?)?;
+            let mag_scale = magnitude.as_tensor().broadcast_div(&self.dora_norm_from(lora, &aw, &gram)?)?;
             return match self.base.bias() {
                 Some(bias) => y.broadcast_sub(bias)?.broadcast_mul(&mag_scale)?.broadcast_add(bias),
                 None => y.broadcast_mul(&mag_scale),
             };
         }
-        let y = self.base.forward(x)?;
         let h = if dropped { seeded_dropout(x, lora.dropout, &self.path)? } else { x.clone() };
+        // the base on the dropped input (PEFT's DoRA term) carries A's rows; without dropout
+        // that is the main output itself
+        let (base_h, aw) = split(self.base.forward(&with_a_rows(&h)?)?)?;
+        let y = if dropped { self.base.forward(x)? } else { base_h.clone() };
+        let norm = self.dora_norm_from(lora, &self.without_bias(aw)?, &gram)?;
+        let mag_scale = magnitude.as_tensor().broadcast_div(&norm)?.to_dtype(dtype)?;
         let (a, b) = (lora.a.as_tensor().to_dtype(dtype)?, lora.b.as_tensor().to_dtype(dtype)?);
         let lora_y = (h.broadcast_matmul(&a.t()?)?.broadcast_matmul(&b.t()?)? * lora.scale)?;
-        let mag_scale = mag_scale.to_dtype(dtype)?;
-        let base = if dropped { self.base.forward(&h)? } else { y.clone() };
-        let base = match self.base.bias() {
-            Some(bias) => base.broadcast_sub(&bias.to_dtype(dtype)?)?,
-            None => base,
-        };
+        let base = self.without_bias(base_h)?;
         let dora = ((base.broadcast_mul(&(&mag_scale - 1.0)?)?) + lora_y.broadcast_mul(&mag_scale)?)?;
         y + dora
     }
@@ -358,6 +382,45 @@ mod tests {
                     );
                 }
             }
+        }
+    }
+
+    /// DoRA's forward, whose row norms ride along the base matmul (fused CPU path in f32,
+    /// composite in bf16, with and without dropout's masks off), against the definition on the
+    /// dense weight: m/‖W + s·B·A‖ ⊙ (x·(W + s·B·A)ᵀ) + bias, over an NF4 base with a bias.
+    #[test]
+    fn dora_forward_matches_the_dense_definition() {
+        use crate::quant::{quantize, FloatType, FrozenWeight};
+        let dev = Device::Cpu;
+        let (rows, in_f, out_f, r) = (5, 64, 24, 4);
+        let mut rng = Rng::new(9);
+        let w = rng.normal(out_f * in_f, 0.0, 0.2);
+        let bias = Tensor::from_vec(rng.normal(out_f, 0.0, 0.1), out_f, &dev).unwrap();
+        let nf4 = FrozenWeight::nf4(quantize(&w, &[out_f, in_f], FloatType::F32, 64, true).unwrap(), &dev).unwrap();
+        let mut lin = LoraLinear::new("m.v_proj".into(), FrozenLinear::new(nf4, Some(bias.clone())).unwrap());
+        let settings = LoraSettings { r, alpha: 8.0, dropout: 0.0, use_rslora: false, use_dora: true, targets: vec![] };
+        lin.init_lora(&settings, &mut rng, &dev).unwrap();
+        let pair = lin.lora.clone().unwrap();
+        pair.b.set(&Tensor::from_vec(rng.normal(out_f * r, 0.0, 0.5), (out_f, r), &dev).unwrap()).unwrap();
+        let m = pair.magnitude.clone().unwrap();
+        m.set(&(m.as_tensor() * 1.3).unwrap()).unwrap();
+        let x = Tensor::from_vec(rng.normal(2 * rows * in_f, 0.0, 1.0), (2, rows, in_f), &dev).unwrap();
+
+        let dense = lin.base.weight().to_dense(DType::F32, &dev).unwrap();
+        let merged = (dense + (pair.b.matmul(pair.a.as_tensor()).unwrap() * settings.scale()).unwrap()).unwrap();
+        let norm = merged.sqr().unwrap().sum(1).unwrap().sqrt().unwrap();
+        let want = x
+            .broadcast_matmul(&merged.t().unwrap())
+            .unwrap()
+            .broadcast_mul(&m.as_tensor().broadcast_div(&norm).unwrap())
+            .unwrap()
+            .broadcast_add(&bias)
+            .unwrap();
+        let scale = want.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        for (dtype, tolerance) in [(DType::F32, 1e-5), (DType::BF16, 2e-2)] {
+            let got = lin.forward(&x.to_dtype(dtype).unwrap(), false).unwrap().to_dtype(DType::F32).unwrap();
+            let diff = (got - &want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            assert!(diff <= tolerance * scale, "{dtype:?}: off by {diff} (scale {scale})");
         }
     }
 
