@@ -892,3 +892,42 @@ fn merged_gguf_is_refused_for_families_it_cannot_write() {
         assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 0, "{name}: nothing may be written");
     }
 }
+
+/// Mixtral: each layer's experts stacked into one 3-D tensor per projection (w1 → ffn_gate_exps,
+/// w3 → ffn_up_exps, w2 → ffn_down_exps) as llama.cpp holds them, the router as ffn_gate_inp in
+/// f32, and the expert counts in the metadata; values as the merged checkpoint's.
+#[test]
+fn merged_gguf_of_mixtral_stacks_the_experts() {
+    use qlora_studio::lora::gguf_model::GgufQuant;
+    let name = "mixtral";
+    let fx = common::fixture_model(name);
+    let tmp = tempfile::tempdir().unwrap();
+    let base = fixture_with_tokenizer(tmp.path(), name);
+    let merged = tmp.path().join("merged");
+    write_merged_model(&adapter(name), &base, &merged, &MergeOptions::default(), &ExportInfo::default()).unwrap();
+    let out = tmp.path().join("m.gguf");
+    export(&request(&model_dir(name).join("adapter"), ExportFormat::GgufModel(GgufQuant::F16), Some(&base), &out))
+        .unwrap();
+    let gguf = Gguf::read(&out);
+    let experts = fx.config["num_local_experts"].as_u64().unwrap() as usize;
+    assert_eq!(gguf.content.metadata["llama.expert_count"].to_u32().unwrap() as usize, experts);
+    assert_eq!(
+        gguf.content.metadata["llama.expert_used_count"].to_u32().unwrap() as u64,
+        fx.config["num_experts_per_tok"].as_u64().unwrap()
+    );
+    let ckpt = SafetensorsFile::open(merged.join("model.safetensors")).unwrap();
+    for layer in 0..fx.layers {
+        let router = format!("blk.{layer}.ffn_gate_inp.weight");
+        assert_eq!(gguf.content.tensor_infos[&router].ggml_dtype, candle_core::quantized::GgmlDType::F32);
+        for (gguf_name, hf) in [("ffn_gate_exps", "w1"), ("ffn_up_exps", "w3"), ("ffn_down_exps", "w2")] {
+            let stacked = gguf.tensor(&format!("blk.{layer}.{gguf_name}.weight"));
+            assert_eq!(stacked.dim(0).unwrap(), experts);
+            for e in 0..experts {
+                let key = format!("model.layers.{layer}.block_sparse_moe.experts.{e}.{hf}.weight");
+                let want = ckpt.tensor(&key, &Device::Cpu).unwrap().to_dtype(DType::F32).unwrap();
+                let d = max_abs_diff(&stacked.get(e).unwrap(), &want);
+                assert!(d <= 1e-3, "{key}: off by {d} in the GGUF");
+            }
+        }
+    }
+}

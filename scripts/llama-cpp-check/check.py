@@ -10,8 +10,9 @@ and answers each prompt greedily with
   - qlora-studio itself (`generate --adapter CHECKPOINT --chat`: the NF4 base + adapter of a QLoRA
     run, as trained): the reference,
   - llama-completion on each merged GGUF,
-  - llama-completion on the base GGUF with `--lora` on the exported adapter (llama.cpp computes with
-    the base's own Q4_1 weights, not the NF4 ones the adapter was trained on: agreement, not identity),
+  - llama-completion with `--lora` on the exported adapter, over the NF4-dequantized base written
+    as an F16 GGUF (the base the adapter was trained on), and over the original Q4_1 base GGUF (not
+    the weights it was trained on: agreement, not identity),
   - llama-completion on llama-quantize's own Q8_0 of our F16 (what llama.cpp's tools make from it),
 then prints, per variant, how many answers are the same text as ours.
 
@@ -24,12 +25,15 @@ file) rendered with jinja2 for one user turn, so the template in the file is che
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
 
 import gguf
 import jinja2
+import numpy as np
+import safetensors.numpy
 
 
 def log(*a):
@@ -108,6 +112,19 @@ def main():
     adapter = os.path.join(args.out, "adapter-f16.gguf")
     run([args.bin, "export", "--from", args.checkpoint, "--format", "gguf", "--dtype", "f16", "--out", adapter])
     log(f"exported GGUF adapter: {os.path.getsize(adapter) / 2**20:.1f} MiB")
+    # the base the adapter was trained on (NF4, dequantized) as an F16 GGUF of its own: the same
+    # checkpoint with every lora_B zero, merged; with --lora on it, llama.cpp adds the adapter itself
+    zero = os.path.join(args.out, "zero-adapter")
+    os.makedirs(zero, exist_ok=True)
+    for name in ["adapter_config.json", "run.toml"]:
+        shutil.copy(os.path.join(args.checkpoint, name), zero)
+    tensors = safetensors.numpy.load_file(os.path.join(args.checkpoint, "adapter_model.safetensors"))
+    tensors = {k: (np.zeros_like(v) if "lora_B" in k else v) for k, v in tensors.items()}
+    safetensors.numpy.save_file(tensors, os.path.join(zero, "adapter_model.safetensors"))
+    nf4_base = os.path.join(args.out, "nf4-base-f16.gguf")
+    run([args.bin, "export", "--from", zero, "--format", "gguf-model", "--quant", "f16", "--merge-into", "dequantized",
+         "--out", nf4_base])
+    log("exported the NF4-dequantized base alone as F16")
     requant = os.path.join(args.out, "llama-quantize-q8_0.gguf")
     run([os.path.join(args.llama_bin, "llama-quantize"), files["f16"], requant, "Q8_0"])
     log("llama-quantize made Q8_0 from our F16")
@@ -125,7 +142,8 @@ def main():
         "merged Q8_0": lambda p: llama_answer(args.llama_bin, files["q8_0"], p, args.max_tokens),
         "merged Q4_K_M": lambda p: llama_answer(args.llama_bin, files["q4_k_m"], p, args.max_tokens),
         "llama-quantize Q8_0 of our F16": lambda p: llama_answer(args.llama_bin, requant, p, args.max_tokens),
-        "base GGUF + --lora adapter": lambda p: llama_answer(args.llama_bin, args.base, p, args.max_tokens, adapter),
+        "NF4 base (F16) + --lora adapter": lambda p: llama_answer(args.llama_bin, nf4_base, p, args.max_tokens, adapter),
+        "Q4_1 base GGUF + --lora adapter": lambda p: llama_answer(args.llama_bin, args.base, p, args.max_tokens, adapter),
     }
     same = {k: 0 for k in variants}
     rows = []
@@ -146,7 +164,7 @@ def main():
     print(f"\n{len(questions)} training prompts, greedy, at most {args.max_tokens} tokens; "
           "answers the same text as qlora-studio's (base + adapter):")
     for name in variants:
-        print(f"  {name:34s} {same[name]:3d} / {len(questions)}")
+        print(f"  {name:36s} {same[name]:3d} / {len(questions)}")
     for row in rows:
         for name in variants:
             if row[name] != row["qlora-studio"]:
