@@ -1154,8 +1154,11 @@ pub fn human_bytes(b: u64) -> String {
         format!("{:.2} GiB", b / 1073741824.0)
     } else if b >= 1048576.0 {
         format!("{:.1} MiB", b / 1048576.0)
-    } else {
+    } else if b >= 1024.0 {
         format!("{:.0} KiB", b / 1024.0)
+    } else {
+        // a Modelfile or a config: "0 KiB" would read as empty
+        format!("{b:.0} B")
     }
 }
 
