@@ -1,16 +1,20 @@
 //! llama.cpp GGUF LoRA adapters (docs/adapter-formats.md §3-§4): the family's tensor names,
 //! the row transforms llama.cpp's converter applies to the base weights (so the adapter's B
-//! must get the same), and the GGUF container itself.
+//! must get the same), and the GGUF container itself, which the merged-model export
+//! (gguf_model.rs) writes through too.
 //!
 //! A is written as it is (`ne = [in, r]`), B after the row transform (`ne = [r, out]`); a
 //! fused projection that llama.cpp splits (Baichuan's W_pack) becomes one pair per part with
 //! the same A.
 
 use std::collections::BTreeMap;
-use std::io::Write;
+use std::fs::File;
+use std::io::{BufWriter, Write};
 use std::path::Path;
 
-use candle_core::Tensor;
+use candle_core::quantized::gguf_file::Value;
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{Device, Tensor};
 
 use super::peft::PeftAdapter;
 use crate::arch::SplitKind;
@@ -25,17 +29,10 @@ pub enum GgufType {
 }
 
 impl GgufType {
-    fn code(self) -> u32 {
+    fn ggml(self) -> GgmlDType {
         match self {
-            GgufType::F32 => 0,
-            GgufType::F16 => 1,
-        }
-    }
-
-    fn bytes_per_value(self) -> usize {
-        match self {
-            GgufType::F32 => 4,
-            GgufType::F16 => 2,
+            GgufType::F32 => GgmlDType::F32,
+            GgufType::F16 => GgmlDType::F16,
         }
     }
 }
@@ -223,14 +220,6 @@ pub fn gguf_tensors(adapter: &PeftAdapter, spec: &ModelSpec) -> Result<Vec<GgufT
     Ok(out)
 }
 
-/// A GGUF metadata value (the kinds an adapter needs).
-#[derive(Debug, Clone)]
-pub enum GgufValue {
-    U32(u32),
-    F32(f32),
-    String(String),
-}
-
 /// The adapter's metadata: architecture, type, alpha (for rsLoRA the alpha whose alpha/r is
 /// rsLoRA's alpha/√r, since llama.cpp only knows alpha/r), and the chat template if known.
 pub fn gguf_metadata(
@@ -238,81 +227,95 @@ pub fn gguf_metadata(
     arch: &str,
     name: Option<&str>,
     chat_template: Option<&str>,
-) -> Vec<(String, GgufValue)> {
+) -> Vec<(String, Value)> {
     let s = &adapter.settings;
     let alpha = if s.use_rslora { s.alpha * (s.r as f64).sqrt() } else { s.alpha };
     let mut kvs = vec![
-        ("general.architecture".to_string(), GgufValue::String(arch.to_string())),
-        ("general.type".to_string(), GgufValue::String("adapter".into())),
-        ("adapter.type".to_string(), GgufValue::String("lora".into())),
-        ("adapter.lora.alpha".to_string(), GgufValue::F32(alpha as f32)),
+        ("general.architecture".to_string(), Value::String(arch.to_string())),
+        ("general.type".to_string(), Value::String("adapter".into())),
+        ("adapter.type".to_string(), Value::String("lora".into())),
+        ("adapter.lora.alpha".to_string(), Value::F32(alpha as f32)),
     ];
     if let Some(name) = name {
-        kvs.push(("general.name".to_string(), GgufValue::String(name.to_string())));
+        kvs.push(("general.name".to_string(), Value::String(name.to_string())));
     }
     if let Some(t) = chat_template {
-        kvs.push(("tokenizer.chat_template".to_string(), GgufValue::String(t.to_string())));
+        kvs.push(("tokenizer.chat_template".to_string(), Value::String(t.to_string())));
     }
     kvs
 }
 
-const ALIGNMENT: usize = 32;
+const ALIGNMENT: u64 = 32;
 
-fn write_string(out: &mut Vec<u8>, s: &str) {
-    out.extend((s.len() as u64).to_le_bytes());
-    out.extend(s.as_bytes());
+fn write_str(w: &mut impl Write, s: &str) -> std::io::Result<()> {
+    w.write_all(&(s.len() as u64).to_le_bytes())?;
+    w.write_all(s.as_bytes())
 }
 
-/// The bytes of a GGUF v3 file: header, metadata, tensor infos, then each tensor's data
-/// padded to 32 bytes, in info order (offsets are the running sum of padded sizes).
-pub fn gguf_bytes(metadata: &[(String, GgufValue)], tensors: &[GgufTensor], dtype: GgufType) -> Result<Vec<u8>> {
-    let mut out = Vec::new();
-    out.extend(0x4655_4747u32.to_le_bytes());
-    out.extend(3u32.to_le_bytes());
-    out.extend((tensors.len() as u64).to_le_bytes());
-    out.extend((metadata.len() as u64).to_le_bytes());
-    for (key, value) in metadata {
-        write_string(&mut out, key);
-        match value {
-            GgufValue::U32(v) => {
-                out.extend(4u32.to_le_bytes());
-                out.extend(v.to_le_bytes());
-            }
-            GgufValue::F32(v) => {
-                out.extend(6u32.to_le_bytes());
-                out.extend(v.to_le_bytes());
-            }
-            GgufValue::String(s) => {
-                out.extend(8u32.to_le_bytes());
-                write_string(&mut out, s);
-            }
-        }
+fn value_type(v: &Value) -> u32 {
+    match v {
+        Value::U8(_) => 0,
+        Value::I8(_) => 1,
+        Value::U16(_) => 2,
+        Value::I16(_) => 3,
+        Value::U32(_) => 4,
+        Value::I32(_) => 5,
+        Value::F32(_) => 6,
+        Value::Bool(_) => 7,
+        Value::String(_) => 8,
+        Value::Array(_) => 9,
+        Value::U64(_) => 10,
+        Value::I64(_) => 11,
+        Value::F64(_) => 12,
     }
-    let padded = |n: usize| n.div_ceil(ALIGNMENT) * ALIGNMENT;
-    let mut offset = 0usize;
-    for t in tensors {
-        // llama.cpp's GGML_MAX_NAME is 64 bytes with the terminating NUL
-        if t.name.len() >= 64 || t.dims.is_empty() || t.dims.len() > 4 {
-            return Err(Error::Invalid(format!("GGUF export: tensor {} cannot be stored in GGUF", t.name)));
+}
+
+fn write_value(w: &mut impl Write, v: &Value) -> std::io::Result<()> {
+    match v {
+        Value::U8(x) => w.write_all(&[*x]),
+        Value::I8(x) => w.write_all(&x.to_le_bytes()),
+        Value::U16(x) => w.write_all(&x.to_le_bytes()),
+        Value::I16(x) => w.write_all(&x.to_le_bytes()),
+        Value::U32(x) => w.write_all(&x.to_le_bytes()),
+        Value::I32(x) => w.write_all(&x.to_le_bytes()),
+        Value::F32(x) => w.write_all(&x.to_le_bytes()),
+        Value::Bool(x) => w.write_all(&[u8::from(*x)]),
+        Value::String(s) => write_str(w, s),
+        Value::Array(items) => {
+            // an empty array still needs an element type; llama.cpp reads any
+            w.write_all(&items.first().map_or(4, value_type).to_le_bytes())?;
+            w.write_all(&(items.len() as u64).to_le_bytes())?;
+            items.iter().try_for_each(|i| write_value(w, i))
         }
-        write_string(&mut out, &t.name);
-        out.extend((t.dims.len() as u32).to_le_bytes());
-        for &d in t.dims.iter().rev() {
-            out.extend((d as u64).to_le_bytes());
-        }
-        out.extend(dtype.code().to_le_bytes());
-        out.extend((offset as u64).to_le_bytes());
-        offset += padded(t.values.len() * dtype.bytes_per_value());
+        Value::U64(x) => w.write_all(&x.to_le_bytes()),
+        Value::I64(x) => w.write_all(&x.to_le_bytes()),
+        Value::F64(x) => w.write_all(&x.to_le_bytes()),
     }
-    out.resize(padded(out.len()), 0);
-    for t in tensors {
-        match dtype {
-            GgufType::F32 => out.extend(t.values.iter().flat_map(|v| v.to_le_bytes())),
-            GgufType::F16 => out.extend(t.values.iter().flat_map(|v| half::f16::from_f32(*v).to_le_bytes())),
-        }
-        out.resize(padded(out.len()), 0);
+}
+
+/// GGML's type ids, as GGUF tensor infos store them.
+fn ggml_type_id(t: GgmlDType) -> u32 {
+    match t {
+        GgmlDType::F32 => 0,
+        GgmlDType::F16 => 1,
+        GgmlDType::Q4_0 => 2,
+        GgmlDType::Q4_1 => 3,
+        GgmlDType::Q5_0 => 6,
+        GgmlDType::Q5_1 => 7,
+        GgmlDType::Q8_0 => 8,
+        GgmlDType::Q8_1 => 9,
+        GgmlDType::Q2K => 10,
+        GgmlDType::Q3K => 11,
+        GgmlDType::Q4K => 12,
+        GgmlDType::Q5K => 13,
+        GgmlDType::Q6K => 14,
+        GgmlDType::Q8K => 15,
+        GgmlDType::BF16 => 30,
     }
-    Ok(out)
+}
+
+pub(crate) fn byte_size(t: GgmlDType, elems: usize) -> usize {
+    elems / t.block_size() * t.type_size()
 }
 
 /// An output file path that can be written: not a folder, in a folder that exists.
@@ -328,6 +331,82 @@ pub(crate) fn check_output_path(path: &Path) -> Result<()> {
         )));
     }
     Ok(())
+}
+
+/// One tensor of a GGUF file: its name, PyTorch-order shape (GGUF's `ne` is it reversed) and type.
+#[derive(Clone)]
+pub(crate) struct TensorEntry {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub ggml: GgmlDType,
+}
+
+/// GGUF v3: header, metadata, tensor infos (offsets from the planned sizes), then tensor i as
+/// `produce(i)` makes it, padded to 32 bytes; written to a temporary name and renamed, so a large
+/// model is never in memory whole.
+pub(crate) fn write_gguf_file(
+    out: &Path,
+    metadata: &[(String, Value)],
+    tensors: &[TensorEntry],
+    mut produce: impl FnMut(usize) -> Result<QTensor>,
+) -> Result<()> {
+    check_output_path(out)?;
+    let name = out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = out.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
+    let result = (|| -> Result<()> {
+        let io = |e| Error::io(&tmp, e);
+        let mut w = BufWriter::new(File::create(&tmp).map_err(io)?);
+        let mut header = Vec::new();
+        header.extend(0x4655_4747u32.to_le_bytes());
+        header.extend(3u32.to_le_bytes());
+        header.extend((tensors.len() as u64).to_le_bytes());
+        header.extend((metadata.len() as u64).to_le_bytes());
+        for (key, value) in metadata {
+            write_str(&mut header, key).map_err(io)?;
+            header.extend(value_type(value).to_le_bytes());
+            write_value(&mut header, value).map_err(io)?;
+        }
+        let padded = |n: u64| n.div_ceil(ALIGNMENT) * ALIGNMENT;
+        let mut offset = 0u64;
+        for p in tensors {
+            // llama.cpp's GGML_MAX_NAME is 64 bytes with the terminating NUL
+            if p.name.len() >= 64 || p.shape.is_empty() || p.shape.len() > 4 {
+                return Err(Error::Invalid(format!("GGUF export: tensor {} cannot be stored in GGUF", p.name)));
+            }
+            write_str(&mut header, &p.name).map_err(io)?;
+            header.extend((p.shape.len() as u32).to_le_bytes());
+            for &d in p.shape.iter().rev() {
+                header.extend((d as u64).to_le_bytes());
+            }
+            header.extend(ggml_type_id(p.ggml).to_le_bytes());
+            header.extend(offset.to_le_bytes());
+            offset += padded(byte_size(p.ggml, p.shape.iter().product()) as u64);
+        }
+        header.resize(padded(header.len() as u64) as usize, 0);
+        w.write_all(&header).map_err(io)?;
+        for (i, p) in tensors.iter().enumerate() {
+            let q = produce(i)?;
+            let data = q.data()?;
+            let expected = byte_size(p.ggml, p.shape.iter().product());
+            if data.len() != expected {
+                return Err(Error::Invalid(format!(
+                    "GGUF export: {} came out as {} bytes of {:?}, expected {expected}",
+                    p.name,
+                    data.len(),
+                    p.ggml
+                )));
+            }
+            w.write_all(&data).map_err(io)?;
+            w.write_all(&vec![0u8; (padded(data.len() as u64) - data.len() as u64) as usize]).map_err(io)?;
+        }
+        let f = w.into_inner().map_err(|e| Error::io(&tmp, e.into_error()))?;
+        f.sync_all().map_err(io)
+    })();
+    if let Err(e) = result {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    std::fs::rename(&tmp, out).map_err(|e| Error::io(out, e))
 }
 
 /// Write `bytes` to `path` through a temporary file and a rename.
@@ -369,7 +448,14 @@ pub fn write_gguf_adapter(
         return Err(Error::Invalid("GGUF export: the adapter has no LoRA tensors".into()));
     }
     let metadata = gguf_metadata(adapter, arch, name, chat_template);
-    write_file_atomically(path, &gguf_bytes(&metadata, &tensors, dtype)?)
+    let entries: Vec<TensorEntry> = tensors
+        .iter()
+        .map(|t| TensorEntry { name: t.name.clone(), shape: t.dims.clone(), ggml: dtype.ggml() })
+        .collect();
+    write_gguf_file(path, &metadata, &entries, |i| {
+        let t = &tensors[i];
+        Ok(QTensor::quantize(&Tensor::from_slice(&t.values, t.dims.as_slice(), &Device::Cpu)?, dtype.ggml())?)
+    })
 }
 
 /// An Ollama Modelfile for a GGUF adapter: FROM the base, ADAPTER the file, the template
@@ -428,8 +514,17 @@ mod tests {
 
     #[test]
     fn tensor_data_is_aligned_and_in_info_order() {
-        let t = |name: &str, n: usize| GgufTensor { name: name.into(), dims: vec![n], values: vec![1.0; n] };
-        let bytes = gguf_bytes(&[], &[t("a", 3), t("b", 9)], GgufType::F16).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.gguf");
+        let entry = |name: &str, n: usize| TensorEntry { name: name.into(), shape: vec![n], ggml: GgmlDType::F16 };
+        let values = |n: usize| Tensor::ones(n, candle_core::DType::F32, &Device::Cpu).unwrap();
+        let write = |entries: &[TensorEntry]| {
+            write_gguf_file(&path, &[], entries, |i| {
+                Ok(QTensor::quantize(&values(entries[i].shape[0]), GgmlDType::F16)?)
+            })
+        };
+        write(&[entry("a", 3), entry("b", 9)]).unwrap();
+        let bytes = std::fs::read(&path).unwrap();
         // header 24 bytes, then per tensor: name (8 + 1), n_dims 4, ne 8, type 4, offset 8
         let info = |i: usize| 24 + i * 33;
         let offset = |i: usize| u64::from_le_bytes(bytes[info(i) + 25..info(i) + 33].try_into().unwrap());
@@ -437,7 +532,7 @@ mod tests {
         let data = info(2).div_ceil(32) * 32;
         assert_eq!(bytes.len(), data + 32 + 32);
         assert_eq!(&bytes[data + 32..data + 34], &half::f16::from_f32(1.0).to_le_bytes());
-        let long = GgufTensor { name: "x".repeat(64), dims: vec![1], values: vec![0.0] };
-        assert!(gguf_bytes(&[], &[long], GgufType::F32).is_err(), "llama.cpp names are under 64 bytes");
+        assert!(write(&[entry(&"x".repeat(64), 1)]).is_err(), "llama.cpp names are under 64 bytes");
+        assert_eq!(std::fs::read(&path).unwrap(), bytes, "a failed write leaves the earlier file");
     }
 }

@@ -10,7 +10,7 @@
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::io::{BufReader, BufWriter, Write};
+use std::io::BufReader;
 use std::path::Path;
 
 use candle_core::quantized::gguf_file::{Content, Value};
@@ -18,7 +18,7 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 use serde_json::Value as Json;
 
-use super::gguf::llama_permutation;
+use super::gguf::{llama_permutation, write_gguf_file, TensorEntry};
 use crate::error::{Error, Result};
 use crate::model::spec::{Activation, MlpKind, ModelSpec, NormKind, Position, Role};
 
@@ -79,14 +79,11 @@ enum Category {
 
 /// One tensor of the output file.
 struct Planned {
-    name: String,
+    entry: TensorEntry,
     /// The Hugging Face tensors it is made of (several: experts stacked on a new first axis).
     sources: Vec<String>,
     /// llama.cpp's q/k row permutation over this many heads.
     permute: Option<usize>,
-    /// PyTorch order (GGUF's `ne` is this reversed).
-    shape: Vec<usize>,
-    ggml: GgmlDType,
 }
 
 /// llama.cpp's architecture for a merged GGUF of `spec`, or why it cannot be written.
@@ -177,31 +174,6 @@ fn tensor_type(
     }
 }
 
-/// GGML's type ids, as GGUF tensor infos store them.
-fn ggml_type_id(t: GgmlDType) -> u32 {
-    match t {
-        GgmlDType::F32 => 0,
-        GgmlDType::F16 => 1,
-        GgmlDType::Q4_0 => 2,
-        GgmlDType::Q4_1 => 3,
-        GgmlDType::Q5_0 => 6,
-        GgmlDType::Q5_1 => 7,
-        GgmlDType::Q8_0 => 8,
-        GgmlDType::Q8_1 => 9,
-        GgmlDType::Q2K => 10,
-        GgmlDType::Q3K => 11,
-        GgmlDType::Q4K => 12,
-        GgmlDType::Q5K => 13,
-        GgmlDType::Q6K => 14,
-        GgmlDType::Q8K => 15,
-        GgmlDType::BF16 => 30,
-    }
-}
-
-fn byte_size(t: GgmlDType, elems: usize) -> usize {
-    elems / t.block_size() * t.type_size()
-}
-
 /// The output tensors, named and typed as llama.cpp names them for `spec`, from the keys of
 /// the merged checkpoint.
 fn plan_tensors(
@@ -231,7 +203,7 @@ fn plan_tensors(
         let cols = *shape.last().unwrap_or(&1);
         let ggml = tensor_type(quant, category, layer, spec.layers, cols, experts);
         used.extend(sources.iter().cloned());
-        plan.push(Planned { name, sources, permute, shape, ggml });
+        plan.push(Planned { entry: TensorEntry { name, shape, ggml }, sources, permute });
         Ok::<(), Error>(())
     };
     let has = |key: &str| shapes.contains_key(key);
@@ -337,12 +309,14 @@ pub fn write_gguf_model(
     let plan = plan_tensors(spec, &shapes, arch, quant, merged)?;
 
     let config = read_json(&merged.join("config.json"))?;
-    let vocab_rows = plan.iter().find(|p| p.name == "token_embd.weight").map(|p| p.shape[0]).unwrap_or(spec.vocab);
+    let vocab_rows =
+        plan.iter().find(|p| p.entry.name == "token_embd.weight").map(|p| p.entry.shape[0]).unwrap_or(spec.vocab);
     let mut metadata = model_metadata(spec, arch, quant, &config, info);
     metadata.extend(tokenizer_metadata(merged, &config, vocab_rows, info.chat_template.as_deref())?);
 
     let device = Device::Cpu;
-    let produce = |p: &Planned| -> Result<QTensor> {
+    let produce = |i: usize| -> Result<QTensor> {
+        let p = &plan[i];
         let mut parts = Vec::with_capacity(p.sources.len());
         for key in &p.sources {
             let (values, shape) = ckpt.file_of(key)?.f32_values(key)?;
@@ -358,9 +332,10 @@ pub fn write_gguf_model(
             parts.push(t);
         }
         let t = if parts.len() == 1 { parts.remove(0) } else { Tensor::stack(&parts, 0)? };
-        Ok(QTensor::quantize(&t, p.ggml)?)
+        Ok(QTensor::quantize(&t, p.entry.ggml)?)
     };
-    write_streaming(out, &metadata, &plan, produce)
+    let entries: Vec<TensorEntry> = plan.iter().map(|p| p.entry.clone()).collect();
+    write_gguf_file(out, &metadata, &entries, produce)
 }
 
 /// The architecture's hyper-parameters as convert_hf_to_gguf.py writes them.
@@ -651,122 +626,6 @@ fn tokenizer_from_sentencepiece(dir: &Path, config: &Json, rows: usize) -> Resul
     }
     kvs.push(("tokenizer.ggml.tokens".to_string(), strings(tokens)));
     Ok(kvs)
-}
-
-// ---- the GGUF container, written as a stream ----
-
-const ALIGNMENT: u64 = 32;
-
-fn write_str(w: &mut impl Write, s: &str) -> std::io::Result<()> {
-    w.write_all(&(s.len() as u64).to_le_bytes())?;
-    w.write_all(s.as_bytes())
-}
-
-fn value_type(v: &Value) -> u32 {
-    match v {
-        Value::U8(_) => 0,
-        Value::I8(_) => 1,
-        Value::U16(_) => 2,
-        Value::I16(_) => 3,
-        Value::U32(_) => 4,
-        Value::I32(_) => 5,
-        Value::F32(_) => 6,
-        Value::Bool(_) => 7,
-        Value::String(_) => 8,
-        Value::Array(_) => 9,
-        Value::U64(_) => 10,
-        Value::I64(_) => 11,
-        Value::F64(_) => 12,
-    }
-}
-
-fn write_value(w: &mut impl Write, v: &Value) -> std::io::Result<()> {
-    match v {
-        Value::U8(x) => w.write_all(&[*x]),
-        Value::I8(x) => w.write_all(&x.to_le_bytes()),
-        Value::U16(x) => w.write_all(&x.to_le_bytes()),
-        Value::I16(x) => w.write_all(&x.to_le_bytes()),
-        Value::U32(x) => w.write_all(&x.to_le_bytes()),
-        Value::I32(x) => w.write_all(&x.to_le_bytes()),
-        Value::F32(x) => w.write_all(&x.to_le_bytes()),
-        Value::Bool(x) => w.write_all(&[u8::from(*x)]),
-        Value::String(s) => write_str(w, s),
-        Value::Array(items) => {
-            // an empty array still needs an element type; llama.cpp reads any
-            w.write_all(&items.first().map_or(4, value_type).to_le_bytes())?;
-            w.write_all(&(items.len() as u64).to_le_bytes())?;
-            items.iter().try_for_each(|i| write_value(w, i))
-        }
-        Value::U64(x) => w.write_all(&x.to_le_bytes()),
-        Value::I64(x) => w.write_all(&x.to_le_bytes()),
-        Value::F64(x) => w.write_all(&x.to_le_bytes()),
-    }
-}
-
-/// GGUF v3: header, metadata, tensor infos (offsets from the planned sizes), then each
-/// tensor as `produce` makes it, padded to 32 bytes; written to a temporary name and renamed.
-fn write_streaming(
-    out: &Path,
-    metadata: &[(String, Value)],
-    plan: &[Planned],
-    produce: impl Fn(&Planned) -> Result<QTensor>,
-) -> Result<()> {
-    super::gguf::check_output_path(out)?;
-    let name = out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let tmp = out.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
-    let result = (|| -> Result<()> {
-        let io = |e| Error::io(&tmp, e);
-        let mut w = BufWriter::new(File::create(&tmp).map_err(io)?);
-        let mut header = Vec::new();
-        header.extend(0x4655_4747u32.to_le_bytes());
-        header.extend(3u32.to_le_bytes());
-        header.extend((plan.len() as u64).to_le_bytes());
-        header.extend((metadata.len() as u64).to_le_bytes());
-        for (key, value) in metadata {
-            write_str(&mut header, key).map_err(io)?;
-            header.extend(value_type(value).to_le_bytes());
-            write_value(&mut header, value).map_err(io)?;
-        }
-        let padded = |n: u64| n.div_ceil(ALIGNMENT) * ALIGNMENT;
-        let mut offset = 0u64;
-        for p in plan {
-            if p.name.len() >= 64 {
-                return Err(Error::Invalid(format!("GGUF export: tensor name {} is too long for llama.cpp", p.name)));
-            }
-            write_str(&mut header, &p.name).map_err(io)?;
-            header.extend((p.shape.len() as u32).to_le_bytes());
-            for &d in p.shape.iter().rev() {
-                header.extend((d as u64).to_le_bytes());
-            }
-            header.extend(ggml_type_id(p.ggml).to_le_bytes());
-            header.extend(offset.to_le_bytes());
-            offset += padded(byte_size(p.ggml, p.shape.iter().product()) as u64);
-        }
-        header.resize(padded(header.len() as u64) as usize, 0);
-        w.write_all(&header).map_err(io)?;
-        for p in plan {
-            let q = produce(p)?;
-            let data = q.data()?;
-            let expected = byte_size(p.ggml, p.shape.iter().product());
-            if data.len() != expected {
-                return Err(Error::Invalid(format!(
-                    "GGUF export: {} came out as {} bytes of {:?}, expected {expected}",
-                    p.name,
-                    data.len(),
-                    p.ggml
-                )));
-            }
-            w.write_all(&data).map_err(io)?;
-            w.write_all(&vec![0u8; (padded(data.len() as u64) - data.len() as u64) as usize]).map_err(io)?;
-        }
-        let f = w.into_inner().map_err(|e| Error::io(&tmp, e.into_error()))?;
-        f.sync_all().map_err(io)
-    })();
-    if let Err(e) = result {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(e);
-    }
-    std::fs::rename(&tmp, out).map_err(|e| Error::io(out, e))
 }
 
 #[cfg(test)]
