@@ -296,6 +296,9 @@ pub struct StepBenchRow {
     pub gradient_checkpointing: bool,
     /// DoRA on the targets.
     pub dora: bool,
+    /// LoRA dropout (0: the PyTorch baseline's setting).
+    #[serde(default)]
+    pub lora_dropout: f32,
     pub threads: usize,
     pub tokens_per_s: f64,
     pub step_s_median: f64,
@@ -348,6 +351,7 @@ pub struct StepBench<'a> {
     pub targets: Vec<String>,
     pub checkpointing: bool,
     pub dora: bool,
+    pub dropout: f32,
     /// "cpu", "cuda" or "cuda:N"
     pub device: &'a str,
     /// "auto" (bf16 on a GPU, f32 on the CPU), "f32", "bf16" or "f16"
@@ -362,7 +366,8 @@ pub fn step(b: &StepBench<'_>) -> Result<Vec<StepBenchRow>> {
         .compute_dtype();
     let device = crate::train::device_of(b.device)?;
     let mut model = Model::from_preset(b.preset, base_weights(b.mode, dtype)?, &device)?;
-    let settings = LoraSettings { use_dora: b.dora, ..LoraSettings::with_rank(b.rank, b.targets.clone()) };
+    let settings =
+        LoraSettings { use_dora: b.dora, dropout: b.dropout, ..LoraSettings::with_rank(b.rank, b.targets.clone()) };
     model.add_lora(&settings, 0)?;
     model.set_gradient_checkpointing(b.checkpointing);
     let mut rows = Vec::new();
@@ -450,6 +455,7 @@ fn step_run(
         targets: b.targets.join(","),
         gradient_checkpointing: b.checkpointing,
         dora: b.dora,
+        lora_dropout: b.dropout,
         threads: rayon::current_num_threads(),
         tokens_per_s,
         step_s_median: sorted[sorted.len() / 2],

@@ -212,6 +212,9 @@ enum BenchCommand {
         /// DoRA on the targets (a magnitude per output row).
         #[arg(long)]
         dora: bool,
+        /// LoRA dropout (the PyTorch baseline runs without).
+        #[arg(long, default_value_t = 0.0)]
+        dropout: f32,
         /// cpu, cuda or cuda:N
         #[arg(long, default_value = "cpu")]
         device: String,
@@ -471,6 +474,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     targets,
                     checkpointing,
                     dora,
+                    dropout,
                     device,
                     dtype,
                     json,
@@ -481,6 +485,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         } => {
             if steps == 0 || seq.iter().any(|&s| s < 2) || batch.contains(&0) {
                 anyhow::bail!("--steps and --batch must be at least 1 and --seq at least 2");
+            }
+            if !(0.0..1.0).contains(&dropout) {
+                anyhow::bail!("--dropout {dropout}: give a probability from 0 up to (not including) 1");
             }
             let targets = targets.split(',').map(|t| t.trim().to_string()).filter(|t| !t.is_empty()).collect();
             let bench = bench::StepBench {
@@ -493,6 +500,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 targets,
                 checkpointing,
                 dora,
+                dropout,
                 device: &device,
                 dtype: &dtype,
             };
@@ -502,9 +510,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     println!("{}", serde_json::to_string(&row)?);
                 } else {
                     println!(
-                        "{} {} {} seq {} batch {}{}{}: {:.1} tokens/s, median step {:.3} s, peak RSS {:.0} MiB{}, loss {:.4} → {:.4}",
+                        "{} {} {} seq {} batch {}{}{}{}: {:.1} tokens/s, median step {:.3} s, peak RSS {:.0} MiB{}, loss {:.4} → {:.4}",
                         row.preset, row.mode, row.dtype, row.seq, row.batch,
                         if row.dora { " DoRA" } else { "" },
+                        if row.lora_dropout > 0.0 { format!(" dropout {}", row.lora_dropout) } else { String::new() },
                         if row.gradient_checkpointing { " checkpointed" } else { "" },
                         row.tokens_per_s, row.step_s_median, row.peak_rss_mib,
                         row.pool_peak_mib.map(|p| format!(", GPU pool peak {p:.0} MiB")).unwrap_or_default(),
