@@ -195,16 +195,18 @@ impl LoraLinear {
         };
         if !dropped && x.device().is_cpu() && dtype == DType::F32 {
             // without dropout the value is m/‖·‖ ⊙ (x·Wᵀ + s·x·Aᵀ·Bᵀ) + bias: the CPU's one-node
-            // LoRA linear, rescaled. Here A·Wᵀ is a pass of its own: the CPU's frozen op on r rows
-            // costs little (measured: the same step time), while appending A to x would keep a
-            // copy of x per linear for the backward (+150 MiB on SmolLM2 at 256 tokens)
-            let y = self.forward_fused(x, lora, false)?;
+            // LoRA linear with the scale applied inside. Here A·Wᵀ is a pass of its own: the
+            // CPU's frozen op on r rows costs little, while appending A to x would keep a copy of
+            // x per linear for the backward (+150 MiB on SmolLM2 at 256 tokens)
             let aw = self.without_bias(self.base.forward(&a)?)?;
             let mag_scale = magnitude.as_tensor().broadcast_div(&self.dora_norm_from(lora, &aw, &gram)?)?;
-            return match self.base.bias() {
-                Some(bias) => y.broadcast_sub(bias)?.broadcast_mul(&mag_scale)?.broadcast_add(bias),
-                None => y.broadcast_mul(&mag_scale),
-            };
+            // the op reads the unscaled output back as (y − bias)/scale: a zero scale (m = 0)
+            // takes the composite path instead
+            let smallest = mag_scale.abs()?.min_all()?.to_scalar::<f32>()?;
+            if smallest > 1e-12 {
+                let b_ext = Tensor::cat(&[lora.b.as_tensor(), &mag_scale.unsqueeze(1)?], 1)?;
+                return self.fused_op(x, lora.a.as_tensor(), &b_ext, lora.scale, None, true);
+            }
         }
         let h = if dropped { seeded_dropout(x, lora.dropout, &self.path)? } else { x.clone() };
         // the base on the dropped input (PEFT's DoRA term) carries A's rows; without dropout
@@ -223,13 +225,26 @@ impl LoraLinear {
     /// The CPU's one-node LoRA linear (lora/fused.rs), the same values as `forward`'s
     /// composite path.
     fn forward_fused(&self, x: &Tensor, lora: &LoraPair, train: bool) -> candle_core::Result<Tensor> {
+        let dropout =
+            (train && lora.dropout > 0.0).then(|| (lora.dropout, Rng::key(DROPOUT_SEED.with(Cell::get), &self.path)));
+        self.fused_op(x, lora.a.as_tensor(), lora.b.as_tensor(), lora.scale, dropout, false)
+    }
+
+    /// x [..., in] through lora/fused.rs's op; with `dora`, `b` is [B | scale].
+    fn fused_op(
+        &self,
+        x: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        scale: f64,
+        dropout: Option<(f32, u64)>,
+        dora: bool,
+    ) -> candle_core::Result<Tensor> {
         let dims = x.dims();
         let Some((&in_f, lead)) = dims.split_last() else { candle_core::bail!("LoRA linear: input is a scalar") };
         let rows: usize = lead.iter().product();
-        let dropout =
-            (train && lora.dropout > 0.0).then(|| (lora.dropout, Rng::key(DROPOUT_SEED.with(Cell::get), &self.path)));
-        let op = fused::FusedLora { base: self.base.clone(), scale: lora.scale as f32, dropout };
-        let y = x.reshape((rows, in_f))?.contiguous()?.apply_op3(lora.a.as_tensor(), lora.b.as_tensor(), op)?;
+        let op = fused::FusedLora { base: self.base.clone(), scale: scale as f32, dropout, dora };
+        let y = x.reshape((rows, in_f))?.contiguous()?.apply_op3(a, b, op)?;
         let mut out_dims = lead.to_vec();
         out_dims.push(self.base.out_features());
         y.reshape(out_dims)
@@ -387,11 +402,12 @@ mod tests {
         }
     }
 
-    /// DoRA's forward, whose row norms ride along the base matmul (fused CPU path in f32,
-    /// composite in bf16, with and without dropout's masks off), against the definition on the
-    /// dense weight: m/‖W + s·B·A‖ ⊙ (x·(W + s·B·A)ᵀ) + bias, over an NF4 base with a bias.
+    /// DoRA's forward and backward (the fused CPU op in f32, the composite ops in bf16) against
+    /// the definition on the dense weight with candle's autograd, m/‖W + s·B·A‖ ⊙ x·(W + s·B·A)ᵀ
+    /// plus the bias, the norm detached as PEFT does; the gradients of x, A, B and m (f32), over
+    /// an NF4 base with a bias.
     #[test]
-    fn dora_forward_matches_the_dense_definition() {
+    fn dora_forward_and_backward_match_the_dense_definition() {
         use crate::quant::{quantize, FloatType, FrozenWeight};
         let dev = Device::Cpu;
         let (rows, in_f, out_f, r) = (5, 64, 24, 4);
@@ -406,24 +422,47 @@ mod tests {
         pair.b.set(&Tensor::from_vec(rng.normal(out_f * r, 0.0, 0.5), (out_f, r), &dev).unwrap()).unwrap();
         let m = pair.magnitude.clone().unwrap();
         m.set(&(m.as_tensor() * 1.3).unwrap()).unwrap();
-        let x = Tensor::from_vec(rng.normal(2 * rows * in_f, 0.0, 1.0), (2, rows, in_f), &dev).unwrap();
-
+        let x = Var::from_vec(rng.normal(2 * rows * in_f, 0.0, 1.0), (2, rows, in_f), &dev).unwrap();
         let dense = lin.base.weight().to_dense(DType::F32, &dev).unwrap();
-        let merged = (dense + (pair.b.matmul(pair.a.as_tensor()).unwrap() * settings.scale()).unwrap()).unwrap();
-        let norm = merged.sqr().unwrap().sum(1).unwrap().sqrt().unwrap();
-        let want = x
-            .broadcast_matmul(&merged.t().unwrap())
-            .unwrap()
-            .broadcast_mul(&m.as_tensor().broadcast_div(&norm).unwrap())
-            .unwrap()
-            .broadcast_add(&bias)
-            .unwrap();
-        let scale = want.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-        for (dtype, tolerance) in [(DType::F32, 1e-5), (DType::BF16, 2e-2)] {
-            let got = lin.forward(&x.to_dtype(dtype).unwrap(), false).unwrap().to_dtype(DType::F32).unwrap();
-            let diff = (got - &want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-            assert!(diff <= tolerance * scale, "{dtype:?}: off by {diff} (scale {scale})");
+
+        // a loss that weights every output differently; the gradients of x, A, B and m
+        let grads_of = |y: &Tensor| {
+            let weights = Tensor::arange(0f32, y.elem_count() as f32, &dev).unwrap().reshape(y.shape()).unwrap();
+            let y32 = y.to_dtype(DType::F32).unwrap();
+            let grads =
+                (&y32 * ((weights * 0.01).unwrap().sin().unwrap())).unwrap().sum_all().unwrap().backward().unwrap();
+            let g = |t: &Tensor| grads.get(t).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let y = y32.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            [y, g(x.as_tensor()), g(pair.a.as_tensor()), g(pair.b.as_tensor()), g(m.as_tensor())]
+        };
+        let merged =
+            (dense + (pair.b.as_tensor().matmul(pair.a.as_tensor()).unwrap() * settings.scale()).unwrap()).unwrap();
+        let norm = merged.detach().sqr().unwrap().sum(1).unwrap().sqrt().unwrap();
+        let want = grads_of(
+            &x.as_tensor()
+                .broadcast_matmul(&merged.t().unwrap())
+                .unwrap()
+                .broadcast_mul(&m.as_tensor().broadcast_div(&norm).unwrap())
+                .unwrap()
+                .broadcast_add(&bias)
+                .unwrap(),
+        );
+        let close = |got: &[f32], want: &[f32], tolerance: f32, what: &str| {
+            let scale = want.iter().fold(0f32, |acc, v| acc.max(v.abs()));
+            let diff = got.iter().zip(want).fold(0f32, |acc, (a, b)| acc.max((a - b).abs()));
+            assert!(diff <= tolerance * scale.max(1.0), "{what}: off by {diff} (scale {scale})");
+        };
+        let fused = grads_of(&lin.forward(x.as_tensor(), false).unwrap());
+        for (name, (got, want)) in ["y", "dx", "dA", "dB", "dm"].iter().zip(fused.iter().zip(&want)) {
+            close(got, want, 1e-5, &format!("f32 {name}"));
         }
+        let bf16 = lin.forward(&x.as_tensor().to_dtype(DType::BF16).unwrap(), false).unwrap();
+        close(
+            &bf16.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            &want[0],
+            2e-2,
+            "bf16 y",
+        );
     }
 
     #[test]
