@@ -193,11 +193,10 @@ impl LoraLinear {
                 y.narrow(0, rows, r)?.detach().to_dtype(DType::F32)?,
             ))
         };
-        if !dropped && x.device().is_cpu() && dtype == DType::F32 {
-            // without dropout the value is m/‖·‖ ⊙ (x·Wᵀ + s·x·Aᵀ·Bᵀ) + bias: the CPU's one-node
-            // LoRA linear with the scale applied inside. Here A·Wᵀ is a pass of its own: the
-            // CPU's frozen op on r rows costs little, while appending A to x would keep a copy of
-            // x per linear for the backward (+150 MiB on SmolLM2 at 256 tokens)
+        if x.device().is_cpu() && dtype == DType::F32 {
+            // the CPU's one-node LoRA linear with the scale applied inside. Here A·Wᵀ is a pass of
+            // its own: the CPU's frozen op on r rows costs little, while appending A to x would
+            // keep a copy of x per linear for the backward (+150 MiB on SmolLM2 at 256 tokens)
             let aw = self.without_bias(self.base.forward(&a)?)?;
             let mag_scale = magnitude.as_tensor().broadcast_div(&self.dora_norm_from(lora, &aw, &gram)?)?;
             // the op reads the unscaled output back as (y − bias)/scale: a zero scale (m = 0)
@@ -205,7 +204,17 @@ impl LoraLinear {
             let smallest = mag_scale.abs()?.min_all()?.to_scalar::<f32>()?;
             if smallest > 1e-12 {
                 let b_ext = Tensor::cat(&[lora.b.as_tensor(), &mag_scale.unsqueeze(1)?], 1)?;
-                return self.fused_op(x, lora.a.as_tensor(), &b_ext, lora.scale, None, true);
+                if !dropped {
+                    // m/‖·‖ ⊙ (x·Wᵀ + s·x·Aᵀ·Bᵀ) + bias
+                    return self.fused_op(x, lora.a.as_tensor(), &b_ext, lora.scale, None, true);
+                }
+                // PEFT's value with dropout, base(x) + (m/‖·‖ − 1) ⊙ base(h) + m/‖·‖ ⊙ s·h·Aᵀ·Bᵀ
+                // (h the dropped x, base without its bias there), is the op on h plus the base
+                // of what dropout removed, (x − h)·Wᵀ: four [tokens, out] tensors fewer
+                let h = seeded_dropout(x, lora.dropout, &self.path)?;
+                let scaled = self.fused_op(&h, lora.a.as_tensor(), &b_ext, lora.scale, None, true)?;
+                let removed = self.without_bias(self.base.forward(&(x - &h)?)?)?;
+                return scaled + removed;
             }
         }
         let h = if dropped { seeded_dropout(x, lora.dropout, &self.path)? } else { x.clone() };
@@ -423,7 +432,7 @@ mod tests {
         let m = pair.magnitude.clone().unwrap();
         m.set(&(m.as_tensor() * 1.3).unwrap()).unwrap();
         let x = Var::from_vec(rng.normal(2 * rows * in_f, 0.0, 1.0), (2, rows, in_f), &dev).unwrap();
-        let dense = lin.base.weight().to_dense(DType::F32, &dev).unwrap();
+        let dense = lin.base.weight().to_dense(DType::F32, &dev).unwrap().detach();
 
         // a loss that weights every output differently; the gradients of x, A, B and m
         let grads_of = |y: &Tensor| {
@@ -436,7 +445,7 @@ mod tests {
             [y, g(x.as_tensor()), g(pair.a.as_tensor()), g(pair.b.as_tensor()), g(m.as_tensor())]
         };
         let merged =
-            (dense + (pair.b.as_tensor().matmul(pair.a.as_tensor()).unwrap() * settings.scale()).unwrap()).unwrap();
+            (&dense + (pair.b.as_tensor().matmul(pair.a.as_tensor()).unwrap() * settings.scale()).unwrap()).unwrap();
         let norm = merged.detach().sqr().unwrap().sum(1).unwrap().sqrt().unwrap();
         let want = grads_of(
             &x.as_tensor()
@@ -456,6 +465,31 @@ mod tests {
         for (name, (got, want)) in ["y", "dx", "dA", "dB", "dm"].iter().zip(fused.iter().zip(&want)) {
             close(got, want, 1e-5, &format!("f32 {name}"));
         }
+        // with dropout: PEFT's base(x) + (g − 1) ⊙ base(h) + g ⊙ s·h·Aᵀ·Bᵀ (h the dropped x, that
+        // base without the bias), the same mask on both sides
+        lin.lora.as_mut().unwrap().dropout = 0.3;
+        set_dropout_seed(11);
+        let h = seeded_dropout(x.as_tensor(), 0.3, &lin.path).unwrap();
+        let g = m.as_tensor().broadcast_div(&norm).unwrap();
+        let want_dropped = grads_of(
+            &(x.as_tensor().broadcast_matmul(&dense.t().unwrap()).unwrap().broadcast_add(&bias).unwrap()
+                + h.broadcast_matmul(&dense.t().unwrap()).unwrap().broadcast_mul(&(&g - 1.0).unwrap()).unwrap()
+                + (h.broadcast_matmul(&pair.a.as_tensor().t().unwrap())
+                    .unwrap()
+                    .broadcast_matmul(&pair.b.as_tensor().t().unwrap())
+                    .unwrap()
+                    * settings.scale())
+                .unwrap()
+                .broadcast_mul(&g)
+                .unwrap())
+            .unwrap(),
+        );
+        set_dropout_seed(11);
+        let fused_dropped = grads_of(&lin.forward(x.as_tensor(), true).unwrap());
+        for (name, (got, want)) in ["y", "dx", "dA", "dB", "dm"].iter().zip(fused_dropped.iter().zip(&want_dropped)) {
+            close(got, want, 1e-5, &format!("f32 with dropout {name}"));
+        }
+        lin.lora.as_mut().unwrap().dropout = 0.0;
         let bf16 = lin.forward(&x.as_tensor().to_dtype(DType::BF16).unwrap(), false).unwrap();
         close(
             &bf16.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap(),
