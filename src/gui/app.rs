@@ -69,6 +69,20 @@ fn write_settings(path: &Path, settings: &Settings) -> Result<(), String> {
     crate::weights::write_atomic(path, text.as_bytes()).map_err(|e| e.to_string())
 }
 
+/// Adds a run folder (e.g. the result of a job handed to another tool) to the Runs tab of the
+/// settings at `path`, for the app's next start; a folder already listed is left where it is.
+pub fn add_run_to_settings(path: &Path, dir: &Path) -> Result<(), String> {
+    let (mut settings, problem) = load_settings(path);
+    if let Some((_, message)) = problem {
+        return Err(message);
+    }
+    let dir = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
+    if !settings.runs.contains(&dir) {
+        settings.runs.push(dir);
+    }
+    write_settings(path, &settings)
+}
+
 /// The machine as the header shows it.
 struct Machine {
     cores: usize,
