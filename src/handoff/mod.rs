@@ -422,6 +422,9 @@ fn integer_alpha(alpha: f64, tool: Tool) -> Result<i64> {
     Ok(alpha as i64)
 }
 
+/// An interval no run reaches: with HF Trainer's "steps" strategies, only after the last step.
+const AT_THE_END: usize = 1_000_000_000;
+
 /// The dropout as written in the run config (0.05, not the f32's 0.05000000074505806).
 fn dropout(p: f32) -> f64 {
     p.to_string().parse().unwrap_or(p as f64)
@@ -622,19 +625,23 @@ fn axolotl_yaml(config: &RunConfig, plan: &Plan, alpha: i64) -> String {
     y.section("output");
     y.kv("output_dir", OUTPUT_DIR);
     y.kv("logging_steps", 1);
+    // HF Trainer saves and evaluates after the last step under a "steps" strategy: an interval
+    // longer than any run is ours "only at the end" (and the final checkpoint keeps
+    // trainer_state.json, the loss curve brought back)
+    y.kv("save_strategy", "steps");
     if t.checkpoint_every > 0 {
-        y.kv("save_strategy", "steps");
         y.kv("save_steps", t.checkpoint_every);
     } else {
-        y.kv("save_strategy", "no");
+        y.comment("train.checkpoint_every = 0: only at the end");
+        y.kv("save_steps", AT_THE_END);
     }
     if plan.validation_records > 0 {
+        y.kv("eval_strategy", "steps");
         if t.eval_every > 0 {
-            y.kv("eval_strategy", "steps");
             y.kv("eval_steps", t.eval_every);
         } else {
-            // axolotl has no evaluation at the end only (ours): once per epoch
-            y.kv("eval_strategy", "epoch");
+            y.comment("train.eval_every = 0: only at the end");
+            y.kv("eval_steps", AT_THE_END);
         }
     }
     y.section("train");

@@ -1,0 +1,139 @@
+#!/usr/bin/env bash
+# The handoff check: are the jobs `qlora-studio handoff` writes accepted and trained by the tools
+# themselves, and does their result come back? Too heavy for CI (two Python stacks, ~17 GB);
+# run it by hand:
+#
+#   scripts/check-handoff.sh [WORK_DIR]
+#
+# 1. installs LLaMA-Factory and axolotl from PyPI, each in a throwaway venv of its own under
+#    $QLS_HANDOFF_VENVS (default ~/.cache/handoff-venvs; reused when already there), at the
+#    versions the configs were written for (LF_VERSION, AXOLOTL_VERSION below; README.md);
+# 2. hands a run on the built-in demo model (assets/demo: a tiny LLaMA, 52 Alpaca records, a
+#    10% validation split) to each tool for 2 GPUs, with --copy-model;
+# 3. runs each job for 4 steps on the CPU with the job's own config, changed only where a CPU
+#    needs it: no DeepSpeed (it needs CUDA), f32 instead of bf16, one process (LLaMA-Factory:
+#    `launch.sh use_cpu=true bf16=false deepspeed=null` with FORCE_TORCHRUN=0; axolotl: those keys
+#    edited in a copy, axolotl-cpu.yaml, trained with `python -m axolotl.cli.train`); on a machine
+#    with a GPU and DeepSpeed (QLS_HANDOFF_GPU=1) the jobs run as written, through launch.sh;
+# 4. brings each result back: `qlora-studio import-run` (steps and loss curve, as the Runs tab
+#    shows them), `eval` with the adapter (a finite loss, beside the base model's), `generate`
+#    with the adapter (it loads) and `export` as a merged model and a GGUF adapter.
+#
+# Prints what each step did; exits non-zero at the first step that fails.
+set -euo pipefail
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+LF_VERSION=0.9.5
+AXOLOTL_VERSION=0.19.0
+VENVS=${QLS_HANDOFF_VENVS:-$HOME/.cache/handoff-venvs}
+WORK=${1:-$(mktemp -d /tmp/check-handoff.XXXXXX)}
+GPU=${QLS_HANDOFF_GPU:-0}
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/qlora-studio/target}
+# nothing of the check may reach the network: the model is local, telemetry off
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 DISABLE_VERSION_CHECK=1 DO_NOT_TRACK=1 AXOLOTL_DO_NOT_TRACK=1 \
+    WANDB_MODE=disabled TOKENIZERS_PARALLELISM=false
+[ "$GPU" = 1 ] || export CUDA_VISIBLE_DEVICES=
+
+say() { printf '== %s\n' "$*"; }
+
+mkdir -p "$WORK"
+if [ -n "${QLS_BIN:-}" ]; then
+    BIN=$QLS_BIN
+else
+    say "building qlora-studio (release)"
+    (cd "$ROOT" && cargo build --release --quiet)
+    # a copy: another checkout building into the same target folder must not swap it mid-check
+    BIN=$WORK/qlora-studio
+    cp "$CARGO_TARGET_DIR/release/qlora-studio" "$BIN"
+fi
+"$BIN" handoff --help > /dev/null || { echo "$BIN has no handoff command (built from another checkout?)"; exit 1; }
+
+venv() { # name, pip spec, executable that shows it is installed
+    local dir=$VENVS/$1
+    if [ ! -x "$dir/bin/$3" ]; then
+        say "installing $2 into $dir"
+        python3 -m venv "$dir"
+        "$dir/bin/pip" install --quiet --no-cache-dir "$2"
+    fi
+    printf '%s: ' "$1"
+    "$dir/bin/pip" list 2>/dev/null | awk '$1 ~ /^(llamafactory|axolotl|torch|transformers|peft|accelerate|datasets|trl|bitsandbytes|deepspeed)$/ {printf "%s %s  ", $1, $2}'
+    echo
+}
+mkdir -p "$VENVS"
+venv llamafactory "llamafactory==$LF_VERSION" llamafactory-cli
+venv axolotl "axolotl==$AXOLOTL_VERSION" axolotl
+
+DEMO=$ROOT/assets/demo
+cat > "$WORK/run.toml" <<EOF
+[model]
+source = "$DEMO/model"
+mode = "lora"
+
+[lora]
+r = 8
+alpha = 16.0
+dropout = 0.05
+
+[data]
+path = "$DEMO/dataset.jsonl"
+max_length = 128
+validation = 0.1
+
+[train]
+batch_size = 2
+grad_accum = 2
+max_steps = 4
+learning_rate = 1e-3
+warmup_steps = 1
+eval_every = 2
+output_dir = "runs/demo"
+EOF
+say "the run: $WORK/run.toml (demo model, LoRA r 8 on q_proj,v_proj, 4 steps, batch 2 x 2)"
+
+check_tool() { # tool
+    local tool=$1 job=$WORK/$1
+    rm -rf "$job"
+    say "$tool: qlora-studio handoff --to $tool --gpus 2 --copy-model"
+    "$BIN" handoff --config "$WORK/run.toml" --to "$tool" --gpus 2 --copy-model --out "$job"
+    say "$tool: training 4 steps ($([ "$GPU" = 1 ] && echo "GPU, as written" || echo CPU))"
+    local start=$SECONDS
+    case $tool in
+        llamafactory)
+            if [ "$GPU" = 1 ]; then
+                PATH=$VENVS/llamafactory/bin:$PATH "$job/launch.sh" > "$job/train.log" 2>&1
+            else
+                PATH=$VENVS/llamafactory/bin:$PATH FORCE_TORCHRUN=0 "$job/launch.sh" use_cpu=true bf16=false \
+                    deepspeed=null > "$job/train.log" 2>&1
+            fi ;;
+        axolotl)
+            if [ "$GPU" = 1 ]; then
+                PATH=$VENVS/axolotl/bin:$PATH "$job/launch.sh" > "$job/train.log" 2>&1
+            else
+                sed -e 's/^bf16: true/bf16: false/' -e '/^deepspeed:/d' "$job/axolotl.yaml" > "$job/axolotl-cpu.yaml"
+                (cd "$job" && "$VENVS/axolotl/bin/python" -m axolotl.cli.train axolotl-cpu.yaml) > "$job/train.log" 2>&1
+            fi ;;
+    esac || { tail -40 "$job/train.log"; echo "$tool: training failed (log: $job/train.log)"; exit 1; }
+    echo "trained in $((SECONDS - start)) s; output/: $(ls "$job/output" | tr '\n' ' ')"
+    say "$tool: qlora-studio import-run"
+    local summary
+    summary=$("$BIN" import-run "$job")
+    echo "$summary"
+    local adapter
+    adapter=$(printf '%s\n' "$summary" | awk '/^adapter:/ {print $2}')
+    say "$tool: qlora-studio eval with the adapter (the base model alone: $("$BIN" eval --model "$DEMO/model" --data "$job/data/validation.jsonl"))"
+    local eval_line
+    eval_line=$("$BIN" eval --model "$DEMO/model" --adapter "$adapter" --data "$job/data/validation.jsonl")
+    echo "$eval_line"
+    printf '%s\n' "$eval_line" | awk '{ if ($3 != $3 + 0 || $3 == "NaN" || $3 == "inf") exit 1 }' \
+        || { echo "$tool: the loss is not finite"; exit 1; }
+    say "$tool: qlora-studio generate with the adapter"
+    "$BIN" generate --model "$DEMO/model" --adapter "$adapter" --prompt "What is the capital of Velmora?" --chat \
+        --max-tokens 8 > "$job/generate.txt"
+    echo "generated $(wc -c < "$job/generate.txt") bytes"
+    say "$tool: qlora-studio export (merged model, GGUF adapter)"
+    "$BIN" export --from "$adapter" --format merged --out "$job/export-merged" | tail -1
+    "$BIN" export --from "$adapter" --format gguf --out "$job/export.gguf" | tail -1
+}
+
+check_tool llamafactory
+check_tool axolotl
+say "all done: $WORK"
