@@ -5,13 +5,17 @@
 //!   formatting with OpenAI-style tags in data/dataset_info.json; axolotl: `type: chat_template`);
 //! - plain-text documents as `{"text": ...}` (LLaMA-Factory: the `pt` stage with a `prompt`
 //!   column; axolotl: `type: completion`).
+//!
+//! LLaMA-Factory's sharegpt converter silently drops a conversation whose turns do not alternate
+//! user, assistant after one leading system message, or that does not end with the assistant;
+//! our reader already refuses such a record (naming its file and line), so none is lost there.
 
 use std::path::{Path, PathBuf};
 
 use serde_json::{json, Value};
 
 use super::Tool;
-use crate::data::{Content, DataConfig, Record, Role};
+use crate::data::{Content, DataConfig, Record};
 use crate::error::{Error, Result};
 use crate::weights::write_atomic;
 
@@ -42,11 +46,6 @@ pub struct Converted {
 pub fn convert(config: &DataConfig, dir: &Path, tool: Tool) -> Result<Converted> {
     let split = crate::data::read_split(config)?;
     let kind = kind_of(split.train.iter().chain(&split.validation))?;
-    if tool == Tool::LlamaFactory && kind == Kind::Chat {
-        for r in split.train.iter().chain(&split.validation) {
-            check_alternation(r)?;
-        }
-    }
     let mut files = Vec::new();
     let write = |records: &[Record], name: &str, files: &mut Vec<PathBuf>| -> Result<()> {
         let path = dir.join(name);
@@ -98,39 +97,6 @@ fn kind_of<'a>(records: impl Iterator<Item = &'a Record>) -> Result<Kind> {
         ))),
         (None, Some(_)) => Ok(Kind::Text),
         _ => Ok(Kind::Chat),
-    }
-}
-
-/// LLaMA-Factory's sharegpt converter drops a conversation whose turns do not alternate user,
-/// assistant after an optional system message, or that does not end with the assistant: an
-/// error here, with the record, rather than records silently missing there.
-fn check_alternation(r: &Record) -> Result<()> {
-    let Content::Chat(messages) = &r.content else { return Ok(()) };
-    let turns: Vec<&crate::data::Message> = messages.iter().skip_while(|m| m.role == Role::System).collect();
-    let problem = if messages.iter().skip_while(|m| m.role == Role::System).any(|m| m.role == Role::System) {
-        Some("a system message after the first turn".to_string())
-    } else if let Some((i, m)) = turns.iter().enumerate().find(|(i, m)| {
-        let want = if i % 2 == 0 { Role::User } else { Role::Assistant };
-        m.role != want
-    }) {
-        Some(format!(
-            "turn {} is {} where LLaMA-Factory needs {}",
-            i + 1,
-            m.role.as_str(),
-            if i % 2 == 0 { "user" } else { "assistant" }
-        ))
-    } else if turns.len() % 2 != 0 || turns.is_empty() {
-        Some("it does not end with an assistant reply".to_string())
-    } else {
-        None
-    };
-    match problem {
-        Some(p) => Err(Error::Invalid(format!(
-            "{}: {p}; LLaMA-Factory trains on conversations of user and assistant turns in alternation (after one \
-             optional system message): fix the record, set skip_bad_records, or hand the run to axolotl",
-            r.location()
-        ))),
-        None => Ok(()),
     }
 }
 

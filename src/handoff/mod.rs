@@ -124,7 +124,7 @@ pub struct Written {
 
 /// The per-device micro-batch and accumulation that keep `batch × accum` (one device here)
 /// across `world` GPUs: the largest micro-batch up to ours that divides it; when none does,
-/// ours with the accumulation rounded (and `false`).
+/// the nearest effective batch there is (the larger micro-batch on a tie), and `false`.
 pub fn batch_plan(batch: usize, accum: usize, world: usize) -> (usize, usize, bool) {
     let total = batch * accum;
     for b in (1..=batch).rev() {
@@ -132,8 +132,12 @@ pub fn batch_plan(batch: usize, accum: usize, world: usize) -> (usize, usize, bo
             return (b, total / (b * world), true);
         }
     }
-    let accum = ((total as f64 / (batch * world) as f64).round() as usize).max(1);
-    (batch, accum, false)
+    let (b, a) = (1..=batch)
+        .rev()
+        .map(|b| (b, ((total as f64 / (b * world) as f64).round() as usize).max(1)))
+        .min_by_key(|&(b, a)| (b * a * world).abs_diff(total))
+        .unwrap_or((batch, 1));
+    (b, a, false)
 }
 
 /// Writes the job for `request.tool` into `request.out`.
@@ -862,8 +866,9 @@ mod tests {
         assert_eq!(batch_plan(4, 4, 2), (4, 2, true));
         assert_eq!(batch_plan(1, 8, 4), (1, 2, true));
         assert_eq!(batch_plan(1, 1, 1), (1, 1, true));
-        // 6 is not a multiple of 4: ours, accumulation rounded
-        assert_eq!(batch_plan(3, 2, 4), (3, 1, false));
+        // 6 is not a multiple of 4: the nearest, 8, with the larger micro-batch
+        assert_eq!(batch_plan(3, 2, 4), (2, 1, false));
+        assert_eq!(batch_plan(1, 1, 2), (1, 1, false));
     }
 
     #[test]
