@@ -40,6 +40,19 @@ pub struct CardsNeeded {
 /// Card sizes the offer lists: 24 GiB (RTX 3090/4090), 48 GiB (A6000, L40S), 80 GiB (A100, H100).
 const CARD_SIZES: [u64; 3] = [24 << 30, 48 << 30, 80 << 30];
 
+/// The run as it trains on a GPU elsewhere: bf16 with "auto", gradient checkpointing unless it
+/// is off, no process of ours around it.
+fn on_gpus(config: &RunConfig, input: &EstimateInput) -> EstimateInput {
+    let mut c = config.clone();
+    c.model.device = "cuda".into();
+    let mut gpu = input.clone();
+    gpu.device = memory::DeviceKind::Cuda;
+    gpu.dtype = c.model.compute_dtype();
+    gpu.checkpointing = config.train.gradient_checkpointing != crate::train::Checkpointing::Off;
+    gpu.process_bytes = 0;
+    gpu
+}
+
 /// For each card size, the fewest GPUs (1, 2, 4, … 64) whose per-GPU estimate fits, ZeRO-2 before
 /// ZeRO-3 at the same count.
 pub fn cards_needed(input: &EstimateInput) -> Vec<CardsNeeded> {
@@ -104,7 +117,7 @@ impl MemoryView {
                 };
                 let fits_here = self.budget.as_ref().is_none_or(|(b, _)| est.fits(*b))
                     || self.gpus.iter().any(|g| est.fits(g.total));
-                self.cards = if fits_here { Vec::new() } else { cards_needed(&input) };
+                self.cards = if fits_here { Vec::new() } else { cards_needed(&on_gpus(config, &input)) };
                 self.estimate = Some(Ok(est));
                 self.input = Some(input);
             }
