@@ -10,11 +10,12 @@
 #    versions the configs were written for (LF_VERSION, AXOLOTL_VERSION below; README.md);
 # 2. hands a run on the built-in demo model (assets/demo: a tiny LLaMA, 52 Alpaca records, a
 #    10% validation split) to each tool for 2 GPUs, with --copy-model;
-# 3. runs each job for 4 steps on the CPU with the job's own config, changed only where a CPU
+# 3. runs each job for its 4 steps on the CPU with the job's own config, changed only where a CPU
 #    needs it: no DeepSpeed (it needs CUDA), f32 instead of bf16, one process (LLaMA-Factory:
 #    `launch.sh use_cpu=true bf16=false deepspeed=null` with FORCE_TORCHRUN=0; axolotl: those keys
 #    edited in a copy, axolotl-cpu.yaml, trained with `python -m axolotl.cli.train`); on a machine
 #    with a GPU and DeepSpeed (QLS_HANDOFF_GPU=1) the jobs run as written, through launch.sh;
+#    then a QLoRA run of SmolLM2-135M-Instruct (from its GGUF file) handed to LLaMA-Factory, 3 steps;
 # 4. brings each result back: `qlora-studio import-run` (steps and loss curve, as the Runs tab
 #    shows them), `eval` with the adapter (a finite loss, beside the base model's), `generate`
 #    with the adapter (it loads) and `export` as a merged model and a GGUF adapter.
@@ -89,12 +90,12 @@ output_dir = "runs/demo"
 EOF
 say "the run: $WORK/run.toml (demo model, LoRA r 8 on q_proj,v_proj, 4 steps, batch 2 x 2)"
 
-check_tool() { # tool
-    local tool=$1 job=$WORK/$1
+check_tool() { # tool, run config, job folder, base model for eval, mode
+    local tool=$1 config=$2 job=$3 base=$4 mode=$5
     rm -rf "$job"
-    say "$tool: qlora-studio handoff --to $tool --gpus 2 --copy-model"
-    "$BIN" handoff --config "$WORK/run.toml" --to "$tool" --gpus 2 --copy-model --out "$job"
-    say "$tool: training 4 steps ($([ "$GPU" = 1 ] && echo "GPU, as written" || echo CPU))"
+    say "$tool: qlora-studio handoff --config $(basename "$config") --to $tool --gpus 2 --copy-model"
+    "$BIN" handoff --config "$config" --to "$tool" --gpus 2 --copy-model --out "$job"
+    say "$tool: training ($([ "$GPU" = 1 ] && echo "GPU, as written" || echo CPU))"
     local start=$SECONDS
     case $tool in
         llamafactory)
@@ -119,14 +120,15 @@ check_tool() { # tool
     echo "$summary"
     local adapter
     adapter=$(printf '%s\n' "$summary" | awk '/^adapter:/ {print $2}')
-    say "$tool: qlora-studio eval with the adapter (the base model alone: $("$BIN" eval --model "$DEMO/model" --data "$job/data/validation.jsonl"))"
+    say "$tool: qlora-studio eval with the adapter (the base model alone: $("$BIN" eval --model "$base" --mode "$mode" \
+        --data "$job/data/validation.jsonl"))"
     local eval_line
-    eval_line=$("$BIN" eval --model "$DEMO/model" --adapter "$adapter" --data "$job/data/validation.jsonl")
+    eval_line=$("$BIN" eval --model "$base" --mode "$mode" --adapter "$adapter" --data "$job/data/validation.jsonl")
     echo "$eval_line"
     printf '%s\n' "$eval_line" | awk '{ if ($3 != $3 + 0 || $3 == "NaN" || $3 == "inf") exit 1 }' \
         || { echo "$tool: the loss is not finite"; exit 1; }
     say "$tool: qlora-studio generate with the adapter"
-    "$BIN" generate --model "$DEMO/model" --adapter "$adapter" --prompt "What is the capital of Velmora?" --chat \
+    "$BIN" generate --model "$base" --adapter "$adapter" --prompt "What is the capital of Velmora?" --chat \
         --max-tokens 8 > "$job/generate.txt"
     echo "generated $(wc -c < "$job/generate.txt") bytes"
     say "$tool: qlora-studio export (merged model, GGUF adapter)"
@@ -134,6 +136,42 @@ check_tool() { # tool
     "$BIN" export --from "$adapter" --format gguf --out "$job/export.gguf" | tail -1
 }
 
-check_tool llamafactory
-check_tool axolotl
+check_tool llamafactory "$WORK/run.toml" "$WORK/llamafactory" "$DEMO/model" lora
+check_tool axolotl "$WORK/run.toml" "$WORK/axolotl" "$DEMO/model" lora
+
+# QLoRA on a real model: SmolLM2-135M-Instruct from its GGUF file (imported by qlora-studio and
+# copied into the job), 4-bit NF4 with double quantization through bitsandbytes. LLaMA-Factory
+# only: axolotl 0.19's QLoRA on the CPU trains with zero gradients (grad_norm 0 at every step,
+# with or without gradient checkpointing; bitsandbytes 0.50.2's CPU path), so its CPU run proves
+# nothing about the config.
+GGUF=${QLS_SMOLLM2_GGUF:-$HOME/.cache/qlora-studio/real/SmolLM2-135M-Instruct.Q4_1.gguf}
+if [ -f "$GGUF" ]; then
+    "$VENVS/llamafactory/bin/python" -c "import bitsandbytes" 2> /dev/null \
+        || "$VENVS/llamafactory/bin/pip" install --quiet --no-cache-dir "bitsandbytes==0.50.2"
+    cat > "$WORK/smollm2-qlora.toml" <<EOF
+[model]
+source = "$GGUF"
+mode = "qlora"
+
+[lora]
+r = 8
+alpha = 16.0
+
+[data]
+path = "$DEMO/dataset.jsonl"
+max_length = 128
+validation = 0.1
+
+[train]
+batch_size = 2
+grad_accum = 1
+max_steps = 3
+learning_rate = 1e-3
+output_dir = "runs/smollm2"
+EOF
+    say "QLoRA: $WORK/smollm2-qlora.toml (SmolLM2-135M-Instruct from $GGUF, NF4, 3 steps)"
+    check_tool llamafactory "$WORK/smollm2-qlora.toml" "$WORK/llamafactory-qlora" "$GGUF" qlora
+else
+    say "QLoRA check skipped: no SmolLM2 GGUF at $GGUF (set QLS_SMOLLM2_GGUF)"
+fi
 say "all done: $WORK"

@@ -95,6 +95,13 @@ pub fn read_result(dir: &Path) -> Result<Imported> {
         let from_log = state_from_log(&log)?;
         state.losses = from_log.losses;
     }
+    // LLaMA-Factory's evaluation after training (do_eval) is in eval_results.json only
+    let final_eval = root.join("eval_results.json");
+    if final_eval.is_file() && state.eval_losses.last().is_none_or(|(s, _)| *s < state.step) {
+        if let Some(loss) = read_json(&final_eval)?.get("eval_loss").and_then(Value::as_f64) {
+            state.eval_losses.push((state.step, loss));
+        }
+    }
 
     // the run config as handed off, in the job folder (the result's parent) or beside it
     let config_file = [root.join(RUN_CONFIG_FILE), root.parent().map(|p| p.join(RUN_CONFIG_FILE)).unwrap_or_default()]
