@@ -128,7 +128,7 @@ pub struct Written {
 pub fn batch_plan(batch: usize, accum: usize, world: usize) -> (usize, usize, bool) {
     let total = batch * accum;
     for b in (1..=batch).rev() {
-        if total % (b * world) == 0 {
+        if total.is_multiple_of(b * world) {
             return (b, total / (b * world), true);
         }
     }
@@ -856,30 +856,6 @@ fn set_executable(path: &Path) {
 #[cfg(not(unix))]
 fn set_executable(_: &Path) {}
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_effective_batch_is_kept_across_gpus() {
-        assert_eq!(batch_plan(4, 4, 8), (2, 1, true));
-        assert_eq!(batch_plan(4, 4, 2), (4, 2, true));
-        assert_eq!(batch_plan(1, 8, 4), (1, 2, true));
-        assert_eq!(batch_plan(1, 1, 1), (1, 1, true));
-        // 6 is not a multiple of 4: the nearest, 8, with the larger micro-batch
-        assert_eq!(batch_plan(3, 2, 4), (2, 1, false));
-        assert_eq!(batch_plan(1, 1, 2), (1, 1, false));
-    }
-
-    #[test]
-    fn tools_parse_in_their_spellings() {
-        assert_eq!(Tool::parse("LLaMA-Factory").unwrap(), Tool::LlamaFactory);
-        assert_eq!(Tool::parse("llamafactory").unwrap(), Tool::LlamaFactory);
-        assert_eq!(Tool::parse("axolotl").unwrap(), Tool::Axolotl);
-        assert!(Tool::parse("deepspeed").is_err());
-    }
-}
-
 /// What `handoff` prints: the files, the plan and the notes.
 pub fn summary(w: &Written, tool: Tool) -> String {
     let p = &w.plan;
@@ -915,4 +891,28 @@ pub fn summary(w: &Written, tool: Tool) -> String {
     }
     s.push_str(&format!("run it there: {}/launch.sh\n", w.dir.display()));
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_effective_batch_is_kept_across_gpus() {
+        assert_eq!(batch_plan(4, 4, 8), (2, 1, true));
+        assert_eq!(batch_plan(4, 4, 2), (4, 2, true));
+        assert_eq!(batch_plan(1, 8, 4), (1, 2, true));
+        assert_eq!(batch_plan(1, 1, 1), (1, 1, true));
+        // 6 is not a multiple of 4: the nearest, 8, with the larger micro-batch
+        assert_eq!(batch_plan(3, 2, 4), (2, 1, false));
+        assert_eq!(batch_plan(1, 1, 2), (1, 1, false));
+    }
+
+    #[test]
+    fn tools_parse_in_their_spellings() {
+        assert_eq!(Tool::parse("LLaMA-Factory").unwrap(), Tool::LlamaFactory);
+        assert_eq!(Tool::parse("llamafactory").unwrap(), Tool::LlamaFactory);
+        assert_eq!(Tool::parse("axolotl").unwrap(), Tool::Axolotl);
+        assert!(Tool::parse("deepspeed").is_err());
+    }
 }
