@@ -15,7 +15,8 @@
 #    `launch.sh use_cpu=true bf16=false deepspeed=null` with FORCE_TORCHRUN=0; axolotl: those keys
 #    edited in a copy, axolotl-cpu.yaml, trained with `python -m axolotl.cli.train`); on a machine
 #    with a GPU and DeepSpeed (QLS_HANDOFF_GPU=1) the jobs run as written, through launch.sh;
-#    then a QLoRA run of SmolLM2-135M-Instruct (from its GGUF file) handed to LLaMA-Factory, 3 steps;
+#    then a QLoRA run of SmolLM2-135M-Instruct (from its GGUF file) handed to LLaMA-Factory, 3 steps,
+#    and the configs CI compares (tests/data/handoff/*.toml) trained 2 steps by each tool;
 # 4. brings each result back: `qlora-studio import-run` (steps and loss curve, as the Runs tab
 #    shows them), `eval` with the adapter (a finite loss, beside the base model's), `generate`
 #    with the adapter (it loads) and `export` as a merged model and a GGUF adapter.
@@ -41,8 +42,11 @@ if [ -n "${QLS_BIN:-}" ]; then
     BIN=$QLS_BIN
 else
     say "building qlora-studio (release)"
+    # another checkout of this package building into the same target folder shares its
+    # artifacts (the same names and hashes): ours are rebuilt when our sources are newer
+    touch "$ROOT/src/lib.rs" "$ROOT/src/main.rs"
     (cd "$ROOT" && cargo build --release --quiet)
-    # a copy: another checkout building into the same target folder must not swap it mid-check
+    # a copy, which that other build cannot replace mid-check
     BIN=$WORK/qlora-studio
     cp "$CARGO_TARGET_DIR/release/qlora-studio" "$BIN"
 fi
@@ -90,8 +94,8 @@ output_dir = "runs/demo"
 EOF
 say "the run: $WORK/run.toml (demo model, LoRA r 8 on q_proj,v_proj, 4 steps, batch 2 x 2)"
 
-check_tool() { # tool, run config, job folder, base model for eval, mode
-    local tool=$1 config=$2 job=$3 base=$4 mode=$5
+check_tool() { # tool, run config, job folder, base model for eval, mode, merged export (yes/no)
+    local tool=$1 config=$2 job=$3 base=$4 mode=$5 merged=$6
     rm -rf "$job"
     say "$tool: qlora-studio handoff --config $(basename "$config") --to $tool --gpus 2 --copy-model"
     "$BIN" handoff --config "$config" --to "$tool" --gpus 2 --copy-model --out "$job"
@@ -131,13 +135,15 @@ check_tool() { # tool, run config, job folder, base model for eval, mode
     "$BIN" generate --model "$base" --adapter "$adapter" --prompt "What is the capital of Velmora?" --chat \
         --max-tokens 8 > "$job/generate.txt"
     echo "generated $(wc -c < "$job/generate.txt") bytes"
-    say "$tool: qlora-studio export (merged model, GGUF adapter)"
-    "$BIN" export --from "$adapter" --format merged --out "$job/export-merged" | tail -1
+    say "$tool: qlora-studio export ($([ "$merged" = yes ] && echo "merged model, ")GGUF adapter)"
+    if [ "$merged" = yes ]; then
+        "$BIN" export --from "$adapter" --format merged --out "$job/export-merged" | tail -1
+    fi
     "$BIN" export --from "$adapter" --format gguf --out "$job/export.gguf" | tail -1
 }
 
-check_tool llamafactory "$WORK/run.toml" "$WORK/llamafactory" "$DEMO/model" lora
-check_tool axolotl "$WORK/run.toml" "$WORK/axolotl" "$DEMO/model" lora
+check_tool llamafactory "$WORK/run.toml" "$WORK/llamafactory" "$DEMO/model" lora yes
+check_tool axolotl "$WORK/run.toml" "$WORK/axolotl" "$DEMO/model" lora yes
 
 # QLoRA on a real model: SmolLM2-135M-Instruct from its GGUF file (imported by qlora-studio and
 # copied into the job), 4-bit NF4 with double quantization through bitsandbytes. LLaMA-Factory
@@ -170,8 +176,42 @@ learning_rate = 1e-3
 output_dir = "runs/smollm2"
 EOF
     say "QLoRA: $WORK/smollm2-qlora.toml (SmolLM2-135M-Instruct from $GGUF, NF4, 3 steps)"
-    check_tool llamafactory "$WORK/smollm2-qlora.toml" "$WORK/llamafactory-qlora" "$GGUF" qlora
+    # (no merged export: 0.5 GB more on the disk, and the demo runs above export merged models)
+    check_tool llamafactory "$WORK/smollm2-qlora.toml" "$WORK/llamafactory-qlora" "$GGUF" qlora no
 else
     say "QLoRA check skipped: no SmolLM2 GGUF at $GGUF (set QLS_SMOLLM2_GGUF)"
 fi
+# The configs CI compares with tests/data/handoff/expected (a QLoRA chat run with a named
+# template, rsLoRA and save/eval intervals for 4 GPUs × 2 nodes; packed plain text on all linear
+# modules in f16): each tool trains them 2 steps. On the CPU with the overrides above, and LoRA
+# instead of QLoRA (bitsandbytes' CPU kernels refuse the demo model's 32-wide projections).
+say "the configs of tests/data/handoff: 2 steps each"
+python3 -c "
+import random
+random.seed(1)
+w = 'the island of velmora has rivers hills towns and a capital called quillhaven where people trade glints'.split()
+print('\n\n'.join(' '.join(random.choice(w) for _ in range(60)) for _ in range(300)))" > "$WORK/text.txt"
+for name in chat text; do
+    sed -e "s#^source = .*#source = \"$DEMO/model\"#" \
+        -e "s#^path = \"chat.jsonl\"#path = \"$ROOT/tests/data/handoff/chat.jsonl\"#" \
+        -e "s#^path = \"../text.txt\"#path = \"$WORK/text.txt\"#" "$ROOT/tests/data/handoff/$name.toml" > "$WORK/$name.toml"
+    for tool in llamafactory axolotl; do
+        job=$WORK/$name-$tool
+        rm -rf "$job"
+        "$BIN" handoff --config "$WORK/$name.toml" --to "$tool" --gpus 4 --nodes 2 --copy-model --out "$job" > /dev/null
+        case $tool in
+            llamafactory)
+                PATH=$VENVS/llamafactory/bin:$PATH FORCE_TORCHRUN=0 "$job/launch.sh" use_cpu=true bf16=false fp16=false \
+                    deepspeed=null quantization_bit=null max_steps=2 > "$job/train.log" 2>&1 ;;
+            axolotl)
+                sed -e 's/^bf16: true/bf16: false/' -e 's/^fp16: true/fp16: false/' -e '/^deepspeed:/d' \
+                    -e 's/^adapter: "qlora"/adapter: "lora"/' -e '/^load_in_4bit/d' -e '/^bnb_config_kwargs/d' \
+                    -e 's/^num_epochs: .*/max_steps: 2/' -e 's/^max_steps: .*/max_steps: 2/' "$job/axolotl.yaml" > "$job/axolotl-cpu.yaml"
+                (cd "$job" && "$VENVS/axolotl/bin/python" -m axolotl.cli.train axolotl-cpu.yaml) > "$job/train.log" 2>&1 ;;
+        esac || { tail -40 "$job/train.log"; echo "$name-$tool: training failed (log: $job/train.log)"; exit 1; }
+        printf '%s-%s: ' "$name" "$tool"
+        "$BIN" import-run "$job" | awk '/^steps:|^training loss:/ {printf "%s  ", $0} END {print ""}'
+    done
+done
+
 say "all done: $WORK"

@@ -94,7 +94,11 @@ fn a_text_run_becomes_a_pretraining_job() {
         let dir = tempfile::tempdir().unwrap();
         let mut r = request("text.toml", tool, dir.path());
         (r.gpus, r.nodes) = (4, 1);
+        // an earlier job's validation split in the same folder goes: this run has none
+        std::fs::create_dir_all(dir.path().join("data")).unwrap();
+        std::fs::write(dir.path().join("data/validation.jsonl"), "{}\n").unwrap();
         let written = handoff::write(&r).unwrap();
+        assert!(!dir.path().join("data/validation.jsonl").exists());
         compare_tree(&data(&format!("expected/{name}")), dir.path());
         // 3 × 2 = 6 is not a multiple of 4 GPUs: said, not hidden
         assert!(written.plan.notes.iter().any(|n| n.contains("not a multiple of 4 GPUs")), "{:?}", written.plan.notes);

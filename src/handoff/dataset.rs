@@ -61,6 +61,10 @@ pub fn convert(config: &DataConfig, dir: &Path, tool: Tool) -> Result<Converted>
     write(&split.train, TRAIN_FILE, &mut files)?;
     if !split.validation.is_empty() {
         write(&split.validation, VALIDATION_FILE, &mut files)?;
+    } else if dir.join(VALIDATION_FILE).is_file() {
+        // an earlier job's split in the same folder is not this run's
+        let stale = dir.join(VALIDATION_FILE);
+        std::fs::remove_file(&stale).map_err(|e| Error::io(&stale, e))?;
     }
     if tool == Tool::LlamaFactory {
         let path = dir.join("data/dataset_info.json");
