@@ -484,6 +484,20 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 }
                 None => memory::cli::estimate_command(&args)?,
             };
+            let text = match (&args.config, args.gpus) {
+                (Some(path), Some(n)) => {
+                    // the run as it trains on GPUs elsewhere: its compute dtype there, checkpointing
+                    // unless it is off
+                    let mut config = RunConfig::load(path)?;
+                    config.model.device = "cuda".into();
+                    let data = config.prepare_data_offline().ok();
+                    let mut input = config.estimate_input(None, data.as_ref(), 0)?;
+                    input.checkpointing =
+                        config.train.gradient_checkpointing != qlora_studio::train::Checkpointing::Off;
+                    text + &memory::cli::per_gpu_report(&input, n)?
+                }
+                _ => text,
+            };
             print!("{text}");
             Ok(())
         }
