@@ -12,8 +12,8 @@
 #    10% validation split) to each tool for 2 GPUs, with --copy-model;
 # 3. runs each job for its 4 steps on the CPU with the job's own config, changed only where a CPU
 #    needs it: no DeepSpeed (it needs CUDA), f32 instead of bf16, one process (LLaMA-Factory:
-#    `launch.sh use_cpu=true bf16=false deepspeed=null` with FORCE_TORCHRUN=0; axolotl: those keys
-#    edited in a copy, axolotl-cpu.yaml, trained with `python -m axolotl.cli.train`); on a machine
+#    `launch.sh use_cpu=true bf16=false deepspeed=null` with FORCE_TORCHRUN=0; axolotl:
+#    `launch.sh --bf16=False --deepspeed=None` with NPROC_PER_NODE=1); on a machine
 #    with a GPU and DeepSpeed (QLS_HANDOFF_GPU=1) the jobs run as written, through launch.sh;
 #    then a QLoRA run of SmolLM2-135M-Instruct (from its GGUF file) handed to LLaMA-Factory, 3 steps,
 #    and the configs CI compares (tests/data/handoff/*.toml) trained 2 steps by each tool;
@@ -113,8 +113,8 @@ check_tool() { # tool, run config, job folder, base model for eval, mode, merged
             if [ "$GPU" = 1 ]; then
                 PATH=$VENVS/axolotl/bin:$PATH "$job/launch.sh" > "$job/train.log" 2>&1
             else
-                sed -e 's/^bf16: true/bf16: false/' -e '/^deepspeed:/d' "$job/axolotl.yaml" > "$job/axolotl-cpu.yaml"
-                (cd "$job" && "$VENVS/axolotl/bin/python" -m axolotl.cli.train axolotl-cpu.yaml) > "$job/train.log" 2>&1
+                PATH=$VENVS/axolotl/bin:$PATH NPROC_PER_NODE=1 "$job/launch.sh" --bf16=False --deepspeed=None \
+                    > "$job/train.log" 2>&1
             fi ;;
     esac || { tail -40 "$job/train.log"; echo "$tool: training failed (log: $job/train.log)"; exit 1; }
     echo "trained in $((SECONDS - start)) s; output/: $(ls "$job/output" | tr '\n' ' ')"

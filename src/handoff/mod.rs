@@ -338,7 +338,14 @@ fn model_reference(
     let path = Path::new(source);
     if !path.exists() {
         return match crate::hub::parse_hub_id(source) {
-            Some(_) => Ok((source.to_string(), None)),
+            Some(_) => {
+                if copy {
+                    notes.push(format!(
+                        "--copy-model: {source} is a hub id, which the job downloads there; nothing was copied"
+                    ));
+                }
+                Ok((source.to_string(), None))
+            }
             None => Err(Error::Invalid(format!(
                 "model.source = {source:?} is neither a folder, a GGUF file nor a hub id (owner/name)"
             ))),
@@ -740,7 +747,7 @@ fn launch_sh(tool: Tool, gpus: usize, nodes: usize, local_model: bool) -> String
         Tool::Axolotl => s.push_str(
             "exec accelerate launch --num_processes \"$((NPROC_PER_NODE * NNODES))\" --num_machines \"$NNODES\" \\\n    \
              --machine_rank \"$NODE_RANK\" --main_process_ip \"$MASTER_ADDR\" --main_process_port \"$MASTER_PORT\" \\\n    \
-             --use_deepspeed -m axolotl.cli.train axolotl.yaml \"$@\"\n",
+             -m axolotl.cli.train axolotl.yaml \"$@\"\n",
         ),
     }
     s
@@ -824,11 +831,12 @@ fn readme(config: &RunConfig, tool: Tool, gpus: usize, nodes: usize, plan: &Plan
     }
     s.push_str(&format!(
         "\n## What comes back\n\n`{OUTPUT_DIR}/` holds the LoRA adapter as a PEFT folder (adapter_config.json, \
-         adapter_model.safetensors), HF Trainer's `trainer_state.json`{} and a `checkpoint-N` folder per save. Copy \
+         adapter_model.safetensors), HF Trainer's `trainer_state.json`{} and a `checkpoint-N` folder per save (the last \
+         one after the last step). Copy \
          `{OUTPUT_DIR}/` back next to `{RUN_CONFIG_FILE}` (this folder's layout) and open it in qlora-studio: \
          `qlora-studio import-run {OUTPUT_DIR} --add`, or the Runs tab's \"Add a finished run…\". It then shows its loss \
          curve, and works in Try and Export like a run of qlora-studio's own.\n",
-        if tool == Tool::LlamaFactory { " and `trainer_log.jsonl`" } else { "" }
+        if tool == Tool::LlamaFactory { " and `trainer_log.jsonl`" } else { " (in its checkpoints)" }
     ));
     s
 }

@@ -15,4 +15,4 @@ MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
 MASTER_PORT=${MASTER_PORT:-29500}
 exec accelerate launch --num_processes "$((NPROC_PER_NODE * NNODES))" --num_machines "$NNODES" \
     --machine_rank "$NODE_RANK" --main_process_ip "$MASTER_ADDR" --main_process_port "$MASTER_PORT" \
-    --use_deepspeed -m axolotl.cli.train axolotl.yaml "$@"
+    -m axolotl.cli.train axolotl.yaml "$@"
