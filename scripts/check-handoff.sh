@@ -12,7 +12,9 @@
 #    10% validation split) to each tool for 2 GPUs, with --copy-model;
 # 3. runs each job for its 4 steps on the CPU with the job's own config, changed only where a CPU
 #    needs it: no DeepSpeed (it needs CUDA), f32 instead of bf16, one process (LLaMA-Factory:
-#    `launch.sh use_cpu=true bf16=false deepspeed=null` with FORCE_TORCHRUN=0; axolotl:
+#    `launch.sh use_cpu=true bf16=false deepspeed=null`, the demo job through torchrun with 2
+#    processes over gloo (the job's 2 GPUs, the effective batch kept), the others in one process with
+#    FORCE_TORCHRUN=0; axolotl:
 #    `launch.sh --bf16=False --deepspeed=None` with NPROC_PER_NODE=1); on a machine
 #    with a GPU and DeepSpeed (QLS_HANDOFF_GPU=1) the jobs run as written, through launch.sh;
 #    then a QLoRA run of SmolLM2-135M-Instruct (from its GGUF file) handed to LLaMA-Factory, 3 steps,
@@ -105,6 +107,10 @@ check_tool() { # tool, run config, job folder, base model for eval, mode, merged
         llamafactory)
             if [ "$GPU" = 1 ]; then
                 PATH=$VENVS/llamafactory/bin:$PATH "$job/launch.sh" > "$job/train.log" 2>&1
+            elif [ "${LF_PROCS:-1}" -gt 1 ]; then
+                # torchrun as launch.sh starts it, $LF_PROCS processes talking over gloo
+                PATH=$VENVS/llamafactory/bin:$PATH NPROC_PER_NODE=$LF_PROCS "$job/launch.sh" use_cpu=true bf16=false \
+                    deepspeed=null ddp_backend=gloo > "$job/train.log" 2>&1
             else
                 PATH=$VENVS/llamafactory/bin:$PATH FORCE_TORCHRUN=0 "$job/launch.sh" use_cpu=true bf16=false \
                     deepspeed=null > "$job/train.log" 2>&1
@@ -118,6 +124,8 @@ check_tool() { # tool, run config, job folder, base model for eval, mode, merged
             fi ;;
     esac || { tail -40 "$job/train.log"; echo "$tool: training failed (log: $job/train.log)"; exit 1; }
     echo "trained in $((SECONDS - start)) s; output/: $(ls "$job/output" | tr '\n' ' ')"
+    grep -o 'world size: [0-9]*' "$job/train.log" | sort -u | sed 's/^/torchrun: /' || true
+    grep -o 'Total train batch size (w. parallel, distributed & accumulation) = [0-9]*' "$job/train.log" | head -1 || true
     say "$tool: qlora-studio import-run"
     local summary
     summary=$("$BIN" import-run "$job")
@@ -142,7 +150,7 @@ check_tool() { # tool, run config, job folder, base model for eval, mode, merged
     "$BIN" export --from "$adapter" --format gguf --out "$job/export.gguf" | tail -1
 }
 
-check_tool llamafactory "$WORK/run.toml" "$WORK/llamafactory" "$DEMO/model" lora yes
+LF_PROCS=2 check_tool llamafactory "$WORK/run.toml" "$WORK/llamafactory" "$DEMO/model" lora yes
 check_tool axolotl "$WORK/run.toml" "$WORK/axolotl" "$DEMO/model" lora yes
 
 # QLoRA on a real model: SmolLM2-135M-Instruct from its GGUF file (imported by qlora-studio and
