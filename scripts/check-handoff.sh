@@ -124,7 +124,7 @@ check_tool() { # tool, run config, job folder, base model for eval, mode, merged
             fi ;;
     esac || { tail -40 "$job/train.log"; echo "$tool: training failed (log: $job/train.log)"; exit 1; }
     echo "trained in $((SECONDS - start)) s; output/: $(ls "$job/output" | tr '\n' ' ')"
-    grep -o 'world size: [0-9]*' "$job/train.log" | sort -u | sed 's/^/torchrun: /' || true
+    grep -o 'world size: [0-9]*' "$job/train.log" | sort -u | sed 's/^/LLaMA-Factory: /' || true
     grep -o 'Total train batch size (w. parallel, distributed & accumulation) = [0-9]*' "$job/train.log" | head -1 || true
     say "$tool: qlora-studio import-run"
     local summary
