@@ -11,6 +11,7 @@ pub mod cuda;
 pub mod data;
 pub mod error;
 pub mod gui;
+pub mod handoff;
 pub mod hub;
 pub mod lora;
 pub mod memory;

@@ -9,7 +9,7 @@ use clap::{Parser, Subcommand};
 use qlora_studio::data::DataConfig;
 use qlora_studio::train::console::train_in_terminal;
 use qlora_studio::train::{evaluate_dataset, Mode, RunConfig};
-use qlora_studio::{arch, bench, gui, hub, lora, memory};
+use qlora_studio::{arch, bench, gui, handoff, hub, lora, memory};
 
 // Counts live heap bytes: the peak of live tensors on the CPU (bench memory, step events).
 #[global_allocator]
@@ -139,6 +139,39 @@ enum Command {
         top_p: f64,
         #[arg(long, default_value_t = 0)]
         seed: u64,
+    },
+    /// Write a run as a LLaMA-Factory or axolotl job for N GPUs on M nodes: the converted
+    /// dataset, the config YAML, DeepSpeed configs, launch.sh and a README.
+    Handoff {
+        /// The run config (TOML) to hand off.
+        #[arg(long)]
+        config: PathBuf,
+        /// llamafactory or axolotl
+        #[arg(long)]
+        to: String,
+        /// GPUs per node.
+        #[arg(long, default_value_t = 1)]
+        gpus: usize,
+        #[arg(long, default_value_t = 1)]
+        nodes: usize,
+        /// Memory of one GPU there (e.g. 80GiB, 24GiB): ZeRO-3 when the ZeRO-2 estimate exceeds it.
+        #[arg(long, default_value = "80GiB")]
+        gpu_memory: String,
+        /// Copy a local model folder (or a GGUF file's import) into DIR/model.
+        #[arg(long)]
+        copy_model: bool,
+        /// The job folder to write.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Read back what a LLaMA-Factory or axolotl job wrote (a PEFT adapter and its trainer
+    /// state or log): its steps and losses; with --add, list it in the app's Runs tab.
+    ImportRun {
+        /// The job's output folder (or the job folder holding output/).
+        dir: PathBuf,
+        /// Add it to the Runs tab (the app's settings file).
+        #[arg(long)]
+        add: bool,
     },
     /// Peak memory of a run before launching it, as a breakdown (no weights are loaded).
     Estimate(memory::cli::EstimateArgs),
@@ -305,6 +338,30 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::TrainWorker => Ok(qlora_studio::train::worker::serve()?),
+        Command::Handoff { config, to, gpus, nodes, gpu_memory, copy_model, out } => {
+            let request = handoff::Request {
+                config: RunConfig::load(&config)?,
+                tool: handoff::Tool::parse(&to)?,
+                gpus,
+                nodes,
+                gpu_memory: memory::cli::parse_size(&gpu_memory)?,
+                out,
+                copy_model,
+            };
+            let written = handoff::write(&request)?;
+            print!("{}", handoff::summary(&written, request.tool));
+            Ok(())
+        }
+        Command::ImportRun { dir, add } => {
+            let imported = handoff::read_result(&dir)?;
+            print!("{}", handoff::import::summary(&imported));
+            if add {
+                let path = gui::app::default_settings_path().context("no home folder for the app's settings")?;
+                gui::app::add_run_to_settings(&path, &imported.dir).map_err(anyhow::Error::msg)?;
+                println!("added to the Runs tab ({})", path.display());
+            }
+            Ok(())
+        }
         Command::Preview { config, examples } => {
             print!("{}", qlora_studio::train::preview_run(&RunConfig::load(&config)?, examples)?);
             Ok(())
@@ -441,6 +498,20 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     text
                 }
                 None => memory::cli::estimate_command(&args)?,
+            };
+            let text = match (&args.config, args.gpus) {
+                (Some(path), Some(n)) => {
+                    // the run as it trains on GPUs elsewhere: its compute dtype there, checkpointing
+                    // unless it is off
+                    let mut config = RunConfig::load(path)?;
+                    config.model.device = "cuda".into();
+                    let data = config.prepare_data_offline().ok();
+                    let mut input = config.estimate_input(None, data.as_ref(), 0)?;
+                    input.checkpointing =
+                        config.train.gradient_checkpointing != qlora_studio::train::Checkpointing::Off;
+                    text + &memory::cli::per_gpu_report(&input, n)?
+                }
+                _ => text,
             };
             print!("{text}");
             Ok(())

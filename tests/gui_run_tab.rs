@@ -298,3 +298,92 @@ fn a_refused_run_can_be_started_anyway() {
     assert!(!harness.state().config().train.ignore_memory_estimate, "the setting is unchanged");
     assert!(harness.query_by_label("Start anyway").is_none(), "no offer once the run started");
 }
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        if e.path().is_dir() {
+            copy_dir(&e.path(), &to.join(e.file_name()));
+        } else {
+            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+        }
+    }
+}
+
+/// A run handed to LLaMA-Factory and brought back (its output folder: a PEFT adapter and
+/// trainer_state.json / trainer_log.jsonl) is a card of the Runs tab like ours: its steps, its
+/// loss curve to compare, Export; not resumable here.
+#[test]
+fn a_run_trained_by_llamafactory_opens_in_the_runs_tab() {
+    let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let tmp = tempfile::tempdir().unwrap();
+    let job = tmp.path().join("llamafactory");
+    copy_dir(&repo.join("tests/data/handoff/returned/llamafactory"), &job);
+    let config = job.join("qlora-studio-run.toml");
+    let text = std::fs::read_to_string(&config).unwrap().replace("../../../../../", &format!("{}/", repo.display()));
+    std::fs::write(&config, text).unwrap();
+
+    let mut app = StudioApp::new(None);
+    app.settings.runs = vec![job.join("output")];
+    let mut harness = window(app, DEFAULT_SIZE);
+    harness.get_by_label("Runs").click();
+    harness.step();
+    wait_until(&mut harness, "the run history", |app| !app.records_loading());
+    assert!(harness.query_by_label("trained by LLaMA-Factory").is_some(), "the card names the tool");
+    assert!(harness.query_by_label("4/4").is_some(), "the card shows the run's steps");
+    harness.get_by_label("Compare").click();
+    harness.step();
+    assert!(harness.query_by_label("Training loss of the compared runs").is_some(), "its loss curve");
+    harness.get_by_label("Export…").click();
+    harness.step();
+    assert_eq!(harness.state().tab, Tab::Export);
+    assert_eq!(harness.state().export.checkpoint.path(), Some(job.join("output")), "its adapter is what Export reads");
+}
+
+/// A run that fits no device here: the Memory panel says how many cards of each size it needs
+/// under ZeRO and offers the handoff, whose panel writes the job.
+#[test]
+fn the_memory_panel_offers_a_handoff_when_nothing_here_fits() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut app = StudioApp::new(None);
+    app.config_mut().model.source = "meta-llama/Llama-2-70b-hf".into();
+    app.config_mut().model.mode = qlora_studio::train::Mode::Lora;
+    app.config_mut().data.max_length = 4096;
+    app.config_mut().train.batch_size = 1;
+    app.refresh_model_info();
+    let mut harness = window(app, DEFAULT_SIZE);
+    wait_until(&mut harness, "the estimate", |app| app.memory_view.estimate.is_some());
+    assert!(!harness.state().memory_view.cards.is_empty(), "no offer for a run that fits nowhere here");
+    assert!(harness.query_by_label_contains("On several GPUs").is_some());
+    let cards = harness.state().memory_view.cards.clone();
+    assert_eq!(cards.len(), 3, "{cards:?}");
+    assert!(
+        cards.iter().all(|c| c.needs.is_some_and(|(n, _, _)| n > 1)),
+        "a 70B LoRA at 4096 tokens needs several cards: {cards:?}"
+    );
+    assert_eq!(harness.query_all_by_label_contains(" cards: ").count(), 3, "how many cards of each size it needs");
+    // at the foot of the settings column: brought into view first
+    harness.get_by_label("Hand off to LLaMA-Factory or axolotl…").scroll_to_me();
+    harness.step();
+    harness.get_by_label("Hand off to LLaMA-Factory or axolotl…").click_accesskit();
+    harness.step();
+    assert!(harness.state().handoff.open, "the offer opens the handoff panel");
+
+    // the demo run, written as a job from the panel
+    *harness.state_mut().config_mut() = qlora_studio::gui::app::demo_config();
+    harness.state_mut().handoff.out = tmp.path().join("job").display().to_string();
+    harness.state_mut().handoff.copy_model = true;
+    harness.step();
+    harness.get_by_label("Write the LLaMA-Factory job").scroll_to_me();
+    harness.step();
+    harness.get_by_label("Write the LLaMA-Factory job").click();
+    harness.step();
+    wait_until(&mut harness, "the job", |app| !app.handoff.busy());
+    assert!(
+        matches!(&harness.state().handoff.result, Some(Ok(s)) if s.contains("launch.sh")),
+        "{:?}",
+        harness.state().handoff.result
+    );
+    assert!(tmp.path().join("job/llamafactory.yaml").is_file() && tmp.path().join("job/model/config.json").is_file());
+}

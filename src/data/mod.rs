@@ -411,6 +411,59 @@ fn encode_all(
     Ok(out)
 }
 
+/// The records of a dataset split into training and validation as a run splits them (the same
+/// seeded draw of a fraction, or a file of its own), before any template or tokenizer: what a
+/// job handed to another tool trains on.
+#[derive(Debug, Clone)]
+pub struct SplitRecords {
+    pub train: Vec<Record>,
+    pub validation: Vec<Record>,
+    /// The files read, the formats detected and the records skipped (with skip_bad_records).
+    pub report: DataReport,
+}
+
+/// Reads the dataset and splits it as `prepare` does.
+pub fn read_split(config: &DataConfig) -> Result<SplitRecords> {
+    config.validate()?;
+    let set = read_set(&config.path, config.format, config.skip_bad_records)?;
+    let mut report = DataReport {
+        format: format_summary(&set.files),
+        files: set.files,
+        skipped: set.skipped,
+        records: set.records.len(),
+        ..Default::default()
+    };
+    let (train, validation) = split_set(set.records, config, &mut report)?;
+    report.train_records = train.len();
+    report.validation_records = validation.len();
+    Ok(SplitRecords { train, validation, report })
+}
+
+/// Training and validation records: a seeded fraction of `records`, or the validation file.
+fn split_set(records: Vec<Record>, config: &DataConfig, report: &mut DataReport) -> Result<(Vec<Record>, Vec<Record>)> {
+    Ok(match &config.validation {
+        Validation::Fraction(f) => {
+            let val = validation_indices(records.len(), *f, config.seed, &config.path)?;
+            let mut train = Vec::new();
+            let mut validation = Vec::new();
+            for (i, r) in records.into_iter().enumerate() {
+                if val.binary_search(&i).is_ok() {
+                    validation.push(r);
+                } else {
+                    train.push(r);
+                }
+            }
+            (train, validation)
+        }
+        Validation::File(path) => {
+            let val = read_set(path, config.format, config.skip_bad_records)?;
+            report.files.extend(val.files);
+            report.skipped.extend(val.skipped);
+            (records, val.records)
+        }
+    })
+}
+
 /// Reads, templates, tokenizes, cuts, splits and (optionally) packs the dataset.
 /// `family_id` is the model's row of the architecture table, which picks the template when the
 /// model has none of its own.
@@ -424,27 +477,7 @@ pub fn prepare(config: &DataConfig, tokenizer: &ModelTokenizer, family_id: Optio
         records: set.records.len(),
         ..Default::default()
     };
-    let (train_records, validation_records): (Vec<Record>, Vec<Record>) = match &config.validation {
-        Validation::Fraction(f) => {
-            let val = validation_indices(set.records.len(), *f, config.seed, &config.path)?;
-            let mut train = Vec::new();
-            let mut validation = Vec::new();
-            for (i, r) in set.records.into_iter().enumerate() {
-                if val.binary_search(&i).is_ok() {
-                    validation.push(r);
-                } else {
-                    train.push(r);
-                }
-            }
-            (train, validation)
-        }
-        Validation::File(path) => {
-            let val = read_set(path, config.format, config.skip_bad_records)?;
-            report.files.extend(val.files);
-            report.skipped.extend(val.skipped);
-            (set.records, val.records)
-        }
-    };
+    let (train_records, validation_records) = split_set(set.records, config, &mut report)?;
     let template = template_for(train_records.iter().chain(&validation_records), config, tokenizer, family_id)?;
     if let Some(t) = &template {
         report.template = Some(t.name.clone());

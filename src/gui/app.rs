@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use super::data_view::DataView;
 use super::export_view::ExportView;
+use super::handoff_view::HandoffView;
 use super::i18n::{tr, tr_message, trf, Lang};
 use super::memory_view::MemoryView;
 use super::run_view::{RunState, RunView};
@@ -67,6 +68,20 @@ fn write_settings(path: &Path, settings: &Settings) -> Result<(), String> {
     }
     let text = toml::to_string_pretty(settings).map_err(|e| e.to_string())?;
     crate::weights::write_atomic(path, text.as_bytes()).map_err(|e| e.to_string())
+}
+
+/// Adds a run folder (e.g. the result of a job handed to another tool) to the Runs tab of the
+/// settings at `path`, for the app's next start; a folder already listed is left where it is.
+pub fn add_run_to_settings(path: &Path, dir: &Path) -> Result<(), String> {
+    let (mut settings, problem) = load_settings(path);
+    if let Some((_, message)) = problem {
+        return Err(message);
+    }
+    let dir = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
+    if !settings.runs.contains(&dir) {
+        settings.runs.push(dir);
+    }
+    write_settings(path, &settings)
 }
 
 /// The machine as the header shows it.
@@ -149,6 +164,8 @@ pub struct StudioApp {
     pub data_view: DataView,
     pub memory_view: MemoryView,
     pub try_view: TryView,
+    /// Writing the run as a LLaMA-Factory or axolotl job.
+    pub handoff: HandoffView,
     /// A save path that replaces the save dialog (tests, scripted use).
     pub export_target: Option<PathBuf>,
     pub status: Option<(bool, String)>,
@@ -203,6 +220,7 @@ impl StudioApp {
             data_view: DataView::default(),
             memory_view: MemoryView::new(gpus),
             try_view: TryView::default(),
+            handoff: HandoffView::default(),
             export_target: None,
             status,
             family_choice: 0,
@@ -474,10 +492,28 @@ impl StudioApp {
                 .memory_view
                 .clear(tr(lang, "The estimate comes once the model is local (or pick a size from the table).")),
         }
-        egui::CollapsingHeader::new(tr(lang, "Memory"))
+        let offer = egui::CollapsingHeader::new(tr(lang, "Memory"))
             .id_salt("Memory")
             .default_open(true)
-            .show(ui, |ui| self.memory_view.ui(ui, lang));
+            .show(ui, |ui| self.memory_view.ui(ui, lang))
+            .body_returned
+            .unwrap_or(false);
+        if offer {
+            self.handoff.open = true;
+        }
+        if self.handoff.open {
+            let config = self.settings.config.clone();
+            let mut header = egui::CollapsingHeader::new(tr(lang, "Hand off to several GPUs")).id_salt("Handoff");
+            if offer {
+                header = header.open(Some(true));
+            }
+            header.default_open(true).show(ui, |ui| {
+                self.handoff.ui(ui, lang, &config);
+                if ui.small_button(tr(lang, "Close")).clicked() {
+                    self.handoff.open = false;
+                }
+            });
+        }
     }
 
     fn model_panel(&mut self, ui: &mut egui::Ui) {
@@ -857,6 +893,17 @@ impl StudioApp {
                 }
             }
         });
+        if ui
+            .button(tr(lang, "Hand off to LLaMA-Factory or axolotl…"))
+            .on_hover_text(tr(
+                lang,
+                "For a run that outgrows this machine: write it as a multi-GPU job for another trainer, and open its \
+                 result in the Runs tab.",
+            ))
+            .clicked()
+        {
+            self.handoff.open = true;
+        }
     }
 
     fn central(&mut self, ui: &mut egui::Ui) {
@@ -977,6 +1024,18 @@ impl StudioApp {
         if self.records_loading() {
             ui.ctx().request_repaint_after(std::time::Duration::from_millis(50));
         }
+        if ui
+            .button(tr(lang, "Add a finished run…"))
+            .on_hover_text(tr(
+                lang,
+                "A run folder of qlora-studio, or the output folder of a job handed to LLaMA-Factory or axolotl.",
+            ))
+            .clicked()
+        {
+            if let Some(p) = rfd::FileDialog::new().pick_folder() {
+                self.add_run_folder(&p);
+            }
+        }
         let records = self.records.clone();
         if records.is_empty() {
             if self.records_loading() {
@@ -1003,6 +1062,9 @@ impl StudioApp {
                         }
                     }
                     ui.strong(last_component(&r.dir.display().to_string())).on_hover_text(r.dir.display().to_string());
+                    if let Some(tool) = r.imported {
+                        ui.label(trf(lang, "trained by {}", &[&tool]));
+                    }
                     ui.label(last_component(&r.config.model.source)).on_hover_text(&r.config.model.source);
                     let c = &r.config;
                     let mode = if c.model.mode == Mode::Qlora { "QLoRA" } else { "LoRA" };
@@ -1032,7 +1094,7 @@ impl StudioApp {
                     if ui.button(tr(lang, "Reopen")).clicked() {
                         reopen = Some(r.clone());
                     }
-                    let unfinished = r.state.step < r.state.total_steps;
+                    let unfinished = r.imported.is_none() && r.state.step < r.state.total_steps;
                     if ui.add_enabled(unfinished, egui::Button::new(tr(lang, "Resume from last checkpoint"))).clicked()
                     {
                         resume = Some((r.checkpoint.clone(), r.config.clone()));
@@ -1090,12 +1152,38 @@ impl StudioApp {
         }
     }
 
+    /// Lists a finished run in the Runs tab: a run folder of ours, or the result of a job handed
+    /// to another tool (its output folder, or the job folder holding output/).
+    pub fn add_run_folder(&mut self, dir: &Path) {
+        let ours = checkpoint::latest(dir).is_some();
+        if !ours && !crate::handoff::import::is_result(dir) {
+            self.status = Some((
+                true,
+                format!(
+                    "{}: not a run folder: no checkpoint of qlora-studio and no PEFT adapter with a trainer state or log \
+                     of LLaMA-Factory or axolotl",
+                    dir.display()
+                ),
+            ));
+            return;
+        }
+        let dir = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
+        if !self.settings.runs.contains(&dir) {
+            self.settings.runs.push(dir);
+        }
+        self.tab = Tab::Runs;
+    }
+
     /// Model folders, GGUF files and datasets dropped onto the window.
     fn take_dropped_files(&mut self, ctx: &egui::Context) {
         let dropped: Vec<PathBuf> = ctx.input(|i| {
             i.raw.dropped_files.iter().map(|f| f.path().to_path_buf()).filter(|p| !p.as_os_str().is_empty()).collect()
         });
         for path in dropped {
+            if path.is_dir() && crate::handoff::import::is_result(&path) {
+                self.add_run_folder(&path);
+                continue;
+            }
             let is_model = path.join("config.json").is_file() || path.extension().is_some_and(|e| e == "gguf");
             if is_model {
                 self.settings.config.model.source = path.display().to_string();
@@ -1110,18 +1198,31 @@ impl StudioApp {
 #[derive(Clone)]
 pub struct RunRecord {
     pub dir: PathBuf,
+    /// The newest checkpoint, or the adapter of a run trained by another tool.
     pub checkpoint: PathBuf,
     pub config: RunConfig,
     pub state: checkpoint::TrainerState,
+    /// The tool that trained it, for a run handed off and brought back (it cannot be resumed here).
+    pub imported: Option<&'static str>,
 }
 
 impl RunRecord {
     /// What a run's card shows, from its newest checkpoint's config and trainer state (not its
     /// adapter or optimizer state). Slow on a big history: call it off the UI thread.
     pub fn read(dir: &Path) -> Option<Self> {
-        let ck = checkpoint::latest(dir)?;
+        let Some(ck) = checkpoint::latest(dir) else {
+            // the result of a job handed to LLaMA-Factory or axolotl
+            let r = crate::handoff::read_result(dir).ok()?;
+            return Some(Self {
+                dir: dir.to_path_buf(),
+                checkpoint: r.adapter,
+                config: r.config,
+                state: r.state,
+                imported: Some(r.tool),
+            });
+        };
         let (config, state) = checkpoint::read_summary(&ck).ok()?;
-        Some(Self { dir: dir.to_path_buf(), checkpoint: ck, config, state })
+        Some(Self { dir: dir.to_path_buf(), checkpoint: ck, config, state, imported: None })
     }
 }
 

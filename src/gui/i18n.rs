@@ -398,6 +398,42 @@ pub const ZH: &[(&str, &str)] = &[
     // the Runs tab's cards
     ("{} r={} α={} · lr {} · batch {}×{}", "{} r={} α={} · 学习率 {} · 批 {}×{}"),
     ("free on {}", "{} 的空闲显存"),
+    // handing a run to another trainer (gui/handoff_view.rs, the Memory panel's offer, the Runs tab)
+    ("Hand off to LLaMA-Factory or axolotl…", "交给 LLaMA-Factory 或 axolotl 训练…"),
+    (
+        "For a run that outgrows this machine: write it as a multi-GPU job for another trainer, and open its result in the Runs tab.",
+        "本机放不下的运行：写成另一个训练工具的多 GPU 任务，其结果可在“历史运行”中打开。",
+    ),
+    ("Hand off to several GPUs", "交给多 GPU 训练"),
+    ("Close", "关闭"),
+    (
+        "Writes this run as a job for LLaMA-Factory or axolotl on several GPUs: the data, the config, DeepSpeed and a launch script. Its result opens in the Runs tab.",
+        "把本次运行写成 LLaMA-Factory 或 axolotl 的多 GPU 任务：数据、配置、DeepSpeed 和启动脚本。其结果可在“历史运行”中打开。",
+    ),
+    ("Trainer", "训练工具"),
+    ("GPUs per node", "每节点 GPU 数"),
+    ("Nodes", "节点数"),
+    ("Memory per GPU (GiB)", "每块 GPU 显存（GiB）"),
+    ("Job folder", "任务文件夹"),
+    ("beside the output folder", "放在输出文件夹旁"),
+    ("copy a local model into the job", "把本地模型复制进任务"),
+    ("Write the {} job", "写出 {} 任务"),
+    ("Job written", "任务已写出"),
+    ("trained by {}", "由 {} 训练"),
+    ("Add a finished run…", "添加已完成的运行…"),
+    (
+        "A run folder of qlora-studio, or the output folder of a job handed to LLaMA-Factory or axolotl.",
+        "qlora-studio 的运行文件夹，或交给 LLaMA-Factory / axolotl 的任务的输出文件夹。",
+    ),
+    (
+        "{}: not a run folder: no checkpoint of qlora-studio and no PEFT adapter with a trainer state or log of LLaMA-Factory or axolotl",
+        "{}：不是运行文件夹：既没有 qlora-studio 的检查点，也没有带 LLaMA-Factory 或 axolotl 训练状态/日志的 PEFT 适配器",
+    ),
+    ("On several GPUs (DeepSpeed ZeRO, per-GPU estimate)", "多 GPU 时（DeepSpeed ZeRO，每块 GPU 的估算）"),
+    ("{} cards: {} × under {} (up to {} each)", "{} 的卡：{} 块，使用 {}（每块最多 {}）"),
+    ("{} cards: more than 64", "{} 的卡：超过 64 块"),
+    ("ZeRO buckets", "ZeRO 通信缓冲"),
+    ("ZeRO-3 gathered weights", "ZeRO-3 聚合的权重"),
 ];
 
 #[cfg(test)]

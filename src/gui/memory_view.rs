@@ -7,7 +7,7 @@ use eframe::egui;
 use super::app::human_bytes;
 use super::i18n::{tr, tr_message, trf, Lang};
 use crate::data::DataReport;
-use crate::memory::{self, fit, Estimate, EstimateInput};
+use crate::memory::{self, fit, Estimate, EstimateInput, Zero};
 use crate::train::RunConfig;
 
 const AVAILABLE_RAM: &str = "available RAM";
@@ -23,6 +23,49 @@ pub struct MemoryView {
     /// The memory the run must fit in, and what it is.
     pub budget: Option<(u64, String)>,
     gpus: Vec<memory::GpuInfo>,
+    /// When the run fits no device here: for cards of common sizes, how many of them it needs
+    /// under DeepSpeed ZeRO (the per-GPU estimate), for handing it to a multi-GPU trainer.
+    pub cards: Vec<CardsNeeded>,
+}
+
+/// GPU cards of one size and how many of them (and which ZeRO stage) the run needs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CardsNeeded {
+    pub card: u64,
+    /// The fewest GPUs of the powers of two up to 64, with the stage and its per-GPU peak (the
+    /// band's top); None when even 64 are not enough.
+    pub needs: Option<(usize, Zero, u64)>,
+}
+
+/// Card sizes the offer lists: 24 GiB (RTX 3090/4090), 48 GiB (A6000, L40S), 80 GiB (A100, H100).
+const CARD_SIZES: [u64; 3] = [24 << 30, 48 << 30, 80 << 30];
+
+/// The run as it trains on a GPU elsewhere: bf16 with "auto", gradient checkpointing unless it
+/// is off, no process of ours around it.
+fn on_gpus(config: &RunConfig, input: &EstimateInput) -> EstimateInput {
+    let mut c = config.clone();
+    c.model.device = "cuda".into();
+    let mut gpu = input.clone();
+    gpu.device = memory::DeviceKind::Cuda;
+    gpu.dtype = c.model.compute_dtype();
+    gpu.checkpointing = config.train.gradient_checkpointing != crate::train::Checkpointing::Off;
+    gpu.process_bytes = 0;
+    gpu
+}
+
+/// For each card size, the fewest GPUs (1, 2, 4, … 64) whose per-GPU estimate fits, ZeRO-2 before
+/// ZeRO-3 at the same count.
+pub fn cards_needed(input: &EstimateInput) -> Vec<CardsNeeded> {
+    let counts: Vec<usize> = (0..7).map(|i| 1usize << i).collect();
+    let peaks: Vec<(usize, Zero, u64)> = counts
+        .iter()
+        .flat_map(|&n| [Zero::Two, Zero::Three].map(move |z| (n, z)))
+        .filter_map(|(n, z)| memory::estimate_per_gpu(input, n, z).ok().map(|e| (n, z, e.high)))
+        .collect();
+    CARD_SIZES
+        .iter()
+        .map(|&card| CardsNeeded { card, needs: peaks.iter().find(|(_, _, high)| *high <= card).copied() })
+        .collect()
 }
 
 impl MemoryView {
@@ -36,6 +79,7 @@ impl MemoryView {
             largest_batch: None,
             budget: None,
             gpus,
+            cards: Vec::new(),
         }
     }
 
@@ -71,12 +115,16 @@ impl MemoryView {
                     ),
                     None => (Vec::new(), None, None),
                 };
+                let fits_here = self.budget.as_ref().is_none_or(|(b, _)| est.fits(*b))
+                    || self.gpus.iter().any(|g| est.fits(g.total));
+                self.cards = if fits_here { Vec::new() } else { cards_needed(&on_gpus(config, &input)) };
                 self.estimate = Some(Ok(est));
                 self.input = Some(input);
             }
             Err(e) => {
                 self.estimate = Some(Err(e.to_string()));
                 self.input = None;
+                self.cards.clear();
             }
         }
     }
@@ -90,14 +138,15 @@ impl MemoryView {
         self.estimate = Some(Err(why.to_string()));
     }
 
-    pub fn ui(&self, ui: &mut egui::Ui, lang: Lang) {
+    /// Draws the panel; true when the user takes the offer to hand the run to several GPUs.
+    pub fn ui(&self, ui: &mut egui::Ui, lang: Lang) -> bool {
         let est = match &self.estimate {
             Some(Ok(e)) => e,
             Some(Err(e)) => {
                 ui.colored_label(ui.visuals().error_fg_color, tr_message(lang, e));
-                return;
+                return false;
             }
-            None => return,
+            None => return false,
         };
         ui.label(format!(
             "{}: {} ({} {} – {})",
@@ -144,7 +193,7 @@ impl MemoryView {
         });
         let Some((budget, what)) = &self.budget else {
             ui.weak(tr(lang, "No device memory to compare with was found."));
-            return;
+            return false;
         };
         let fits = est.fits(*budget);
         let (text, color) = if fits {
@@ -168,6 +217,27 @@ impl MemoryView {
                 ui.label(format!("{mark} {change} → {}", human_bytes(s.estimate.mid)));
             }
         }
+        self.offer_ui(ui, lang)
+    }
+
+    /// When the run fits no device here: the GPUs it needs under ZeRO, and the handoff button.
+    fn offer_ui(&self, ui: &mut egui::Ui, lang: Lang) -> bool {
+        if self.cards.is_empty() {
+            return false;
+        }
+        ui.label(egui::RichText::new(tr(lang, "On several GPUs (DeepSpeed ZeRO, per-GPU estimate)")).strong());
+        for c in &self.cards {
+            let card = human_bytes(c.card);
+            ui.label(match c.needs {
+                Some((n, zero, peak)) => trf(
+                    lang,
+                    "{} cards: {} × under {} (up to {} each)",
+                    &[&card, &n, &zero.label(), &human_bytes(peak)],
+                ),
+                None => trf(lang, "{} cards: more than 64", &[&card]),
+            });
+        }
+        ui.button(tr(lang, "Hand off to LLaMA-Factory or axolotl…")).clicked()
     }
 }
 

@@ -6,6 +6,7 @@ pub mod checkpoint_field;
 pub mod data_view;
 pub mod export_view;
 pub mod fonts;
+pub mod handoff_view;
 pub mod i18n;
 pub mod memory_view;
 pub mod run_view;

@@ -13,27 +13,37 @@ use crate::error::{Error, Result};
 use crate::model::spec::ModelSpec;
 use crate::weights::SafetensorsFile;
 
+// PEFT writes `null` for settings left at their default (PEFT 0.20: `fan_in_fan_out`), so every
+// optional key takes null as its default.
 #[derive(Debug, Deserialize)]
 struct AdapterConfig {
     #[serde(default)]
     peft_type: Option<String>,
     r: usize,
     lora_alpha: f64,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     lora_dropout: f32,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     use_rslora: bool,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     use_dora: bool,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     fan_in_fan_out: bool,
     target_modules: serde_json::Value,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     rank_pattern: BTreeMap<String, serde_json::Value>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     alpha_pattern: BTreeMap<String, serde_json::Value>,
     #[serde(default)]
     base_model_name_or_path: Option<String>,
+}
+
+fn null_as_default<'de, D, T>(d: D) -> std::result::Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Default + Deserialize<'de>,
+{
+    Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
 }
 
 /// An adapter read from disk: its settings and the A/B tensors by module path.

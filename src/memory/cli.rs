@@ -45,6 +45,41 @@ pub struct EstimateArgs {
     /// List the model presets and exit.
     #[arg(long)]
     pub list: bool,
+    /// Also the peak on each of N GPUs when the run trains data-parallel under DeepSpeed
+    /// ZeRO-2 and ZeRO-3 (as `handoff` hands it to LLaMA-Factory or axolotl), in the GPU's terms.
+    #[arg(long)]
+    pub gpus: Option<usize>,
+}
+
+/// The per-GPU estimate on `gpus` GPUs under ZeRO-2 and ZeRO-3, term by term.
+pub fn per_gpu_report(input: &EstimateInput, gpus: usize) -> Result<String> {
+    use super::estimate::{estimate_per_gpu, Zero};
+    let mut gpu = input.clone();
+    gpu.device = DeviceKind::Cuda;
+    gpu.process_bytes = 0;
+    let z2 = estimate_per_gpu(&gpu, gpus, Zero::Two)?;
+    let z3 = estimate_per_gpu(&gpu, gpus, Zero::Three)?;
+    let mut out = String::new();
+    let _ = writeln!(out, "\nper GPU on {gpus} GPUs (DeepSpeed, data-parallel, micro-batch {} each):", input.batch);
+    let _ = writeln!(out, "{:<36} {:>12} {:>12}", "", "ZeRO-2", "ZeRO-3");
+    let mut names: Vec<&str> = z2.terms.iter().map(|t| t.name).collect();
+    for t in &z3.terms {
+        if !names.contains(&t.name) {
+            names.push(t.name);
+        }
+    }
+    for name in names {
+        let _ = writeln!(out, "{name:<36} {:>12} {:>12}", gib(z2.term(name)), gib(z3.term(name)));
+    }
+    let _ = writeln!(out, "{:<36} {:>12} {:>12}", "peak (mid)", gib(z2.mid), gib(z3.mid));
+    let _ = writeln!(
+        out,
+        "{:<36} {:>12} {:>12}",
+        "band",
+        format!("{}–{}", gib(z2.low).trim_end_matches(" GiB"), gib(z2.high)),
+        format!("{}–{}", gib(z3.low).trim_end_matches(" GiB"), gib(z3.high))
+    );
+    Ok(out)
 }
 
 /// Parse a memory size: a number with an optional unit B, KiB, MiB, GiB, TiB, KB, MB, GB, TB.
@@ -146,7 +181,11 @@ pub fn estimate_command(args: &EstimateArgs) -> Result<String> {
         "auto" => budget.0.is_some_and(|b| estimate(&input).is_ok_and(|e| !e.fits(b))),
         other => return Err(Error::Invalid(format!("--checkpointing {other:?}: use off, on or auto"))),
     };
-    estimate_report(&input, &args.model, &args.device, &budget)
+    let mut out = estimate_report(&input, &args.model, &args.device, &budget)?;
+    if let Some(n) = args.gpus {
+        out.push_str(&per_gpu_report(&input, n)?);
+    }
+    Ok(out)
 }
 
 /// The memory a run on `device` must fit in, and where the figure comes from: `memory` when

@@ -572,3 +572,90 @@ pub fn dtype_name(d: DType) -> &'static str {
         _ => "other",
     }
 }
+
+/// DeepSpeed's ZeRO stage of a job handed to a multi-GPU trainer (`handoff`): stage 2 shards
+/// the gradients and the optimizer state across the GPUs, stage 3 the parameters too.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum Zero {
+    Two,
+    Three,
+}
+
+impl Zero {
+    pub fn label(self) -> &'static str {
+        match self {
+            Zero::Two => "ZeRO-2",
+            Zero::Three => "ZeRO-3",
+        }
+    }
+}
+
+/// Elements in one of DeepSpeed's reduce / all-gather buckets (the `5e8` of the ZeRO configs a
+/// handoff writes), held in the 2-byte compute dtype.
+pub const ZERO_BUCKET: f64 = 5e8;
+
+/// The peak on each of `gpus` GPUs (all nodes together) when the run trains data-parallel under
+/// DeepSpeed ZeRO `stage`, `input` being one GPU's share (its micro-batch). From the one-GPU
+/// estimate, with the terms of docs/memory-model.md sharded as ZeRO shards them:
+/// - ZeRO-2: each GPU keeps the whole model and the LoRA weights (4 B a parameter), but only
+///   its 1/N of their gradients and AdamW state (12 B a parameter); the gradient reduction and
+///   the all-gather of updated weights go through two buckets of up to 5·10⁸ elements (bounded
+///   by the trainable parameters);
+/// - ZeRO-3: the frozen weights (NF4 or dense), the embeddings and the LoRA weights are split
+///   N ways too, and each layer's weights are gathered whole while it runs: the current and the
+///   prefetched layer, or the embedding matrix, whichever is larger.
+///
+/// Activations, logits and the backward's working set are per GPU and do not shrink. This is the
+/// arithmetic of sharding applied to our one-GPU model of the step, not a measurement of
+/// DeepSpeed: a band to plan cards with.
+pub fn estimate_per_gpu(input: &EstimateInput, gpus: usize, stage: Zero) -> Result<Estimate> {
+    if gpus == 0 {
+        return Err(Error::Invalid("the per-GPU estimate needs at least one GPU".into()));
+    }
+    let mut one = input.clone();
+    one.device = DeviceKind::Cuda;
+    let mut e = estimate(&one)?;
+    let n = gpus as f64;
+    let trainable = e.trainable_params as f64;
+    let old_mid = e.mid as f64;
+    let frozen = input_term(&e, "frozen linears");
+    let unquantized = input_term(&e, "embeddings, lm_head, norms");
+    let mut replace = |name: &str, bytes: f64, detail: String| {
+        if let Some(t) = e.terms.iter_mut().find(|t| t.name == name) {
+            t.bytes = bytes as u64;
+            t.detail = detail;
+        }
+    };
+    let (s, e_weight) = (&one.spec, one.dtype.size_in_bytes() as f64);
+    let extra: (&'static str, f64, String) = match stage {
+        Zero::Two => {
+            replace(
+                "LoRA + grads + AdamW",
+                trainable * (4.0 + 12.0 / n),
+                format!("4 B/param + 12 B/param ÷ {gpus} GPUs"),
+            );
+            let buckets = 2.0 * ZERO_BUCKET.min(trainable) * 2.0;
+            ("ZeRO buckets", buckets, "reduce + all-gather, ≤ 5e8 elements each".into())
+        }
+        Zero::Three => {
+            replace("frozen linears", frozen / n, format!("÷ {gpus} GPUs"));
+            replace("embeddings, lm_head, norms", unquantized / n, format!("÷ {gpus} GPUs"));
+            replace("LoRA + grads + AdamW", trainable * 16.0 / n, format!("16 B/param ÷ {gpus} GPUs"));
+            let layer = frozen / s.layers.max(1) as f64;
+            let embedding = (s.vocab * s.hidden) as f64 * e_weight;
+            let gathered = (2.0 * layer).max(embedding);
+            ("ZeRO-3 gathered weights", gathered, "current + prefetched layer, or the embedding".into())
+        }
+    };
+    e.terms.push(Term { name: extra.0, bytes: extra.1 as u64, detail: extra.2 });
+    let new_mid: f64 = e.terms.iter().map(|t| t.bytes as f64).sum();
+    let delta = new_mid - old_mid;
+    e.mid = new_mid as u64;
+    e.low = (e.low as f64 + delta).max(0.0) as u64;
+    e.high = (e.high as f64 + delta).max(0.0) as u64;
+    Ok(e)
+}
+
+fn input_term(e: &Estimate, name: &str) -> f64 {
+    e.term(name) as f64
+}
