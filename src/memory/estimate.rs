@@ -245,26 +245,27 @@ pub fn estimate(input: &EstimateInput) -> Result<Estimate> {
     // again in the backward, not kept], x·Aᵀ, ·Bᵀ, ·scale and the sum with the base output
     // On the CPU in f32 the LoRA linear is one op (lora/fused.rs) that keeps only its output,
     // counted as the base output.
-    // DoRA (lora/mod.rs forward_dora): without dropout on the CPU, the one-node LoRA linear
-    // rescaled, keeping its output (and with a bias, that less the bias and the product);
-    // elsewhere composite ops that keep the base output, x·Aᵀ·Bᵀ, its scaled copy, the base
-    // less its bias (when it has one), both products with the magnitude scale and their sum,
-    // with dropout also the base of the dropped input.
+    // DoRA (lora/mod.rs forward_dora): on the CPU the one-node LoRA linear with the magnitude's
+    // scale inside keeps only its output; with dropout also the dropped input, x − h, the base of
+    // that and the sum. Elsewhere composite ops keep the input with A's rows appended and the
+    // base of it, x·Aᵀ·Bᵀ and its scaled copy, the base less its bias (when it has one), both
+    // products with the magnitude scale, their sum and the output; with dropout also the dropped
+    // input and the base of the undropped one.
     let lora_out = |l: &PlannedLinear| -> f64 {
         let (out, inp) = (l.out_features as f64, l.in_features as f64);
+        let bias = if l.bias { 1.0 } else { 0.0 };
         match (fused, input.dora, input.dropout > 0.0) {
-            (true, false, _) => return 0.0,
-            (true, true, false) => return tok * out * e * if l.bias { 3.0 } else { 1.0 },
+            (true, false, _) | (true, true, false) => return 0.0,
+            (true, true, true) => return tok * (2.0 * inp + (2.0 + bias) * out) * e,
             _ => {}
         }
-        let out_tensors = match (input.dora, l.bias) {
-            (false, _) => 3.0,
-            (true, false) => 6.0,
-            (true, true) => 7.0,
-        };
-        let mut bytes = tok * r * e + out_tensors * tok * out * e;
+        if input.dora {
+            let dropped = if input.dropout > 0.0 { 1.0 } else { 0.0 };
+            return tok * ((1.0 + dropped) * inp + r + (6.0 + bias + dropped) * out) * e;
+        }
+        let mut bytes = tok * r * e + 3.0 * tok * out * e;
         if input.dropout > 0.0 {
-            bytes += tok * inp * e + if input.dora { tok * out * e } else { 0.0 };
+            bytes += tok * inp * e;
         }
         bytes
     };
