@@ -299,18 +299,6 @@ fn a_refused_run_can_be_started_anyway() {
     assert!(harness.query_by_label("Start anyway").is_none(), "no offer once the run started");
 }
 
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        if e.path().is_dir() {
-            copy_dir(&e.path(), &to.join(e.file_name()));
-        } else {
-            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
-        }
-    }
-}
-
 /// A run handed to LLaMA-Factory and brought back (its output folder: a PEFT adapter and
 /// trainer_state.json / trainer_log.jsonl) is a card of the Runs tab like ours: its steps, its
 /// loss curve to compare, Export; not resumable here.
@@ -319,7 +307,7 @@ fn a_run_trained_by_llamafactory_opens_in_the_runs_tab() {
     let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let tmp = tempfile::tempdir().unwrap();
     let job = tmp.path().join("llamafactory");
-    copy_dir(&repo.join("tests/data/handoff/returned/llamafactory"), &job);
+    common::copy_dir(&repo.join("tests/data/handoff/returned/llamafactory"), &job);
     let config = job.join("qlora-studio-run.toml");
     let text = std::fs::read_to_string(&config).unwrap().replace("../../../../../", &format!("{}/", repo.display()));
     std::fs::write(&config, text).unwrap();

@@ -4,6 +4,8 @@
 //! (tests/data/handoff/returned: LLaMA-Factory 0.9.5 and axolotl 0.19.0 on the demo model, from
 //! scripts/check-handoff.sh) read back as runs whose adapter evaluates.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 
 use qlora_studio::data::DataConfig;
@@ -196,23 +198,11 @@ fn what_the_other_tool_cannot_take_is_a_clear_error() {
 fn returned(tool: &str) -> (tempfile::TempDir, PathBuf) {
     let tmp = tempfile::tempdir().unwrap();
     let job = tmp.path().join(tool);
-    copy_dir(&data(&format!("returned/{tool}")), &job);
+    common::copy_dir(&data(&format!("returned/{tool}")), &job);
     let config = job.join(handoff::RUN_CONFIG_FILE);
     let text = std::fs::read_to_string(&config).unwrap().replace("../../../../../", &format!("{}/", repo().display()));
     std::fs::write(&config, text).unwrap();
     (tmp, job)
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        if e.path().is_dir() {
-            copy_dir(&e.path(), &to.join(e.file_name()));
-        } else {
-            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
-        }
-    }
 }
 
 /// The adapter a result brings back loads onto the base model and evaluates to a finite loss.

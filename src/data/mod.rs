@@ -468,23 +468,12 @@ fn split_set(records: Vec<Record>, config: &DataConfig, report: &mut DataReport)
 /// `family_id` is the model's row of the architecture table, which picks the template when the
 /// model has none of its own.
 pub fn prepare(config: &DataConfig, tokenizer: &ModelTokenizer, family_id: Option<&str>) -> Result<PreparedData> {
-    config.validate()?;
-    let set = read_set(&config.path, config.format, config.skip_bad_records)?;
-    let mut report = DataReport {
-        format: format_summary(&set.files),
-        files: set.files,
-        skipped: set.skipped,
-        records: set.records.len(),
-        ..Default::default()
-    };
-    let (train_records, validation_records) = split_set(set.records, config, &mut report)?;
+    let SplitRecords { train: train_records, validation: validation_records, mut report } = read_split(config)?;
     let template = template_for(train_records.iter().chain(&validation_records), config, tokenizer, family_id)?;
     if let Some(t) = &template {
         report.template = Some(t.name.clone());
         report.template_check = Some(check_template(t, tokenizer, family_id));
     }
-    report.train_records = train_records.len();
-    report.validation_records = validation_records.len();
 
     let mut lengths = Vec::new();
     let train = encode_all(&train_records, template.as_ref(), tokenizer, config, &mut report, &mut lengths)?;

@@ -189,3 +189,16 @@ pub fn test_device() -> candle_core::Device {
         Ok(other) => panic!("QLS_TEST_DEVICE={other}: use cpu or cuda"),
     }
 }
+
+/// A copy of the folder `from` (and everything under it) at `to`.
+pub fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        if e.path().is_dir() {
+            copy_dir(&e.path(), &to.join(e.file_name()));
+        } else {
+            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+        }
+    }
+}
