@@ -809,7 +809,7 @@ fn merged_gguf_models_import_back_with_the_merged_models_logits() {
             let arch = if name == "qwen2" { "qwen2" } else { "llama" };
             assert_eq!(gguf.string("general.architecture"), arch);
             assert_eq!(gguf.string("tokenizer.ggml.model"), "gpt2");
-            assert_eq!(gguf.string("tokenizer.ggml.pre"), "gpt2", "the byte-level regex, named as llama.cpp names it");
+            assert_eq!(gguf.string("tokenizer.ggml.pre"), "gpt-2", "the byte-level regex, named as llama.cpp names it");
             let imported = tmp.path().join(format!("imported-{}", quant.label()));
             std::fs::create_dir_all(&imported).unwrap();
             qlora_studio::hub::gguf::convert(&out, &imported).unwrap_or_else(|e| panic!("{name} {quant:?}: {e}"));

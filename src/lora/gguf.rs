@@ -282,8 +282,9 @@ fn write_value(w: &mut impl Write, v: &Value) -> std::io::Result<()> {
         Value::Bool(x) => w.write_all(&[u8::from(*x)]),
         Value::String(s) => write_str(w, s),
         Value::Array(items) => {
-            // an empty array still needs an element type; llama.cpp reads any
-            w.write_all(&items.first().map_or(4, value_type).to_le_bytes())?;
+            // an empty array still needs an element type, and llama.cpp checks it: the only one
+            // we may write empty is a tokenizer's merges, an array of strings
+            w.write_all(&items.first().map_or(8, value_type).to_le_bytes())?;
             w.write_all(&(items.len() as u64).to_le_bytes())?;
             items.iter().try_for_each(|i| write_value(w, i))
         }
@@ -510,6 +511,14 @@ mod tests {
         // _reverse_hf_permute divides instead
         assert_eq!(k_permute_heads("baichuan", 32, 8), 4);
         assert_eq!(k_permute_heads("xverse", 32, 32), 32);
+    }
+
+    #[test]
+    fn an_empty_array_is_written_as_strings() {
+        // llama.cpp refuses a tokenizer whose merges are not an array of strings, even empty
+        let mut bytes = Vec::new();
+        write_value(&mut bytes, &Value::Array(Vec::new())).unwrap();
+        assert_eq!(bytes, [8u32.to_le_bytes(), [0; 4]].concat().into_iter().chain([0; 4]).collect::<Vec<u8>>());
     }
 
     #[test]

@@ -569,7 +569,7 @@ fn pre_tokenizer_name(tokenizer: &tokenizers::Tokenizer, json: &Json, path: &Pat
     match split.as_deref() {
         Some(r) if r == crate::hub::tokenizer::REGEX_LLAMA3 => Ok("llama-bpe".into()),
         Some(r) if r == crate::hub::tokenizer::REGEX_QWEN2 => Ok("qwen2".into()),
-        None if pre["type"].as_str() == Some("ByteLevel") && text.contains("\"use_regex\":true") => Ok("gpt2".into()),
+        None if pre["type"].as_str() == Some("ByteLevel") && text.contains("\"use_regex\":true") => Ok("gpt-2".into()),
         _ => Err(Error::Invalid(format!(
             "{}: llama.cpp does not know this tokenizer's pre-tokenizer (hash {hash}); its converter would refuse \
              it too; export a merged model (safetensors) instead",
