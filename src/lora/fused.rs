@@ -8,10 +8,11 @@
 //! [tokens, r] product and the dropout mask are computed again in the backward.
 //!
 //! With DoRA the op also applies the magnitude's per-output scale g = m/‖W + s·B·A‖:
-//! y = g ⊙ (base(x) − bias + s·(drop(x)·Aᵀ)·Bᵀ) + bias (no dropout: PEFT's DoRA term with
-//! dropout needs base(drop(x)), which the composite path computes). g comes in as a last column
-//! of B, so its gradient flows to m through the graph; in the backward the unscaled output is
-//! (y − bias)/g, read off the op's own output, so nothing more is kept.
+//! y = g ⊙ (base(x) − bias + s·x·Aᵀ·Bᵀ) + bias, without dropout of its own (with dropout,
+//! `LoraLinear::forward_dora` gives it the dropped input and adds the base of what dropout
+//! removed). g comes in as a last column of B, so its gradient flows to m through the graph; in
+//! the backward the unscaled output is (y − bias)/g, read off the op's own output, so nothing
+//! more is kept.
 //!
 //! Other devices and dtypes take the composite path in `LoraLinear::forward`, which the tests
 //! check this op against (and the parity tests check both against PEFT).
@@ -48,9 +49,12 @@ fn split_scale(b_ext: &[f32], out_f: usize, r: usize) -> (Vec<f32>, Vec<f32>) {
 }
 
 impl FusedLora {
-    /// The base linear's bias as a host vector, if it has one.
-    fn bias(&self) -> Res<Option<Vec<f32>>> {
-        self.base.bias().map(|b| b.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()).transpose()
+    /// The base linear's bias as a host vector of `out_f` values (zeros without one).
+    fn bias(&self, out_f: usize) -> Res<Vec<f32>> {
+        match self.base.bias() {
+            Some(b) => b.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>(),
+            None => Ok(vec![0.0; out_f]),
+        }
     }
 
     /// drop(x) when dropout is on (a fresh copy), else None (x itself is used).
@@ -104,11 +108,10 @@ impl CustomOp3 for FusedLora {
         matmul_into(&mut y, 1.0, Mat::new(&u, rows, r), Mat::new(b, out_f, r).t(), self.scale);
         if let Some(g) = &scale_g {
             // y = g ⊙ (y − bias) + bias
-            let bias = self.bias()?;
+            let bias = self.bias(out_f)?;
             y.par_chunks_mut(out_f).for_each(|row| {
                 for (j, v) in row.iter_mut().enumerate() {
-                    let c = bias.as_ref().map_or(0.0, |b| b[j]);
-                    *v = g[j] * (*v - c) + c;
+                    *v = g[j] * (*v - bias[j]) + bias[j];
                 }
             });
         }
@@ -134,7 +137,7 @@ impl CustomOp3 for FusedLora {
                 let b_ext = b.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
                 let (b_own, scale) = split_scale(&b_ext, out_f, r);
                 let (gy, yv) = (g.flatten_all()?.to_vec1::<f32>()?, y.contiguous()?.flatten_all()?.to_vec1::<f32>()?);
-                let bias = self.bias()?;
+                let bias = self.bias(out_f)?;
                 let mut gz = gy.clone();
                 gz.par_chunks_mut(out_f).for_each(|row| row.iter_mut().zip(&scale).for_each(|(v, s)| *v *= s));
                 // partial sums over fixed blocks of rows, added in order: the same bits every run
@@ -147,8 +150,7 @@ impl CustomOp3 for FusedLora {
                         let mut acc = vec![0f32; out_f];
                         for (gr, yr) in gb.chunks_exact(out_f).zip(yb.chunks_exact(out_f)) {
                             for j in 0..out_f {
-                                let c = bias.as_ref().map_or(0.0, |b| b[j]);
-                                acc[j] += gr[j] * (yr[j] - c) / scale[j];
+                                acc[j] += gr[j] * (yr[j] - bias[j]) / scale[j];
                             }
                         }
                         acc

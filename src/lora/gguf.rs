@@ -343,20 +343,16 @@ pub(crate) struct TensorEntry {
 }
 
 /// GGUF v3: header, metadata, tensor infos (offsets from the planned sizes), then tensor i as
-/// `produce(i)` makes it, padded to 32 bytes; written to a temporary name and renamed, so a large
-/// model is never in memory whole.
+/// `produce(i)` makes it, padded to 32 bytes; streamed through `write_via_temp`, so a large model
+/// is never in memory whole.
 pub(crate) fn write_gguf_file(
     out: &Path,
     metadata: &[(String, Value)],
     tensors: &[TensorEntry],
     mut produce: impl FnMut(usize) -> Result<QTensor>,
 ) -> Result<()> {
-    check_output_path(out)?;
-    let name = out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let tmp = out.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
-    let result = (|| -> Result<()> {
-        let io = |e| Error::io(&tmp, e);
-        let mut w = BufWriter::new(File::create(&tmp).map_err(io)?);
+    write_via_temp(out, |w, tmp| {
+        let io = |e| Error::io(tmp, e);
         let mut header = Vec::new();
         header.extend(0x4655_4747u32.to_le_bytes());
         header.extend(3u32.to_le_bytes());
@@ -400,29 +396,31 @@ pub(crate) fn write_gguf_file(
             w.write_all(&data).map_err(io)?;
             w.write_all(&vec![0u8; (padded(data.len() as u64) - data.len() as u64) as usize]).map_err(io)?;
         }
-        let f = w.into_inner().map_err(|e| Error::io(&tmp, e.into_error()))?;
-        f.sync_all().map_err(io)
-    })();
-    if let Err(e) = result {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(e);
-    }
-    std::fs::rename(&tmp, out).map_err(|e| Error::io(out, e))
+        Ok(())
+    })
 }
 
 /// Write `bytes` to `path` through a temporary file and a rename.
 pub(crate) fn write_file_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
+    write_via_temp(path, |w, tmp| w.write_all(bytes).map_err(|e| Error::io(tmp, e)))
+}
+
+/// Check `path` (`check_output_path`), let `fill` write the file under a hidden temporary name
+/// beside it, sync it and rename it into place; on any error the temporary file is removed and
+/// whatever was at `path` stays.
+fn write_via_temp(path: &Path, fill: impl FnOnce(&mut BufWriter<File>, &Path) -> Result<()>) -> Result<()> {
     check_output_path(path)?;
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let tmp = path.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
-    let write = || -> std::io::Result<()> {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()
-    };
-    if let Err(e) = write() {
+    let result = (|| -> Result<()> {
+        let mut w = BufWriter::new(File::create(&tmp).map_err(|e| Error::io(&tmp, e))?);
+        fill(&mut w, &tmp)?;
+        let f = w.into_inner().map_err(|e| Error::io(&tmp, e.into_error()))?;
+        f.sync_all().map_err(|e| Error::io(&tmp, e))
+    })();
+    if let Err(e) = result {
         let _ = std::fs::remove_file(&tmp);
-        return Err(Error::io(&tmp, e));
+        return Err(e);
     }
     std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
 }

@@ -446,7 +446,10 @@ fn tokenizer_from_gguf(gguf: &Path) -> Result<Vec<(String, Value)>> {
 
 /// Special token ids and flags from tokenizer_config.json and config.json, as the converter's
 /// SpecialVocab finds them.
-fn special_ids(dir: &Path, config: &Json, id_of: &dyn Fn(&str) -> Option<u32>) -> Vec<(String, Value)> {
+fn special_ids(dir: &Path, config: &Json, tokens: &[String]) -> Vec<(String, Value)> {
+    let index: std::collections::HashMap<&str, u32> =
+        tokens.iter().enumerate().map(|(i, t)| (t.as_str(), i as u32)).collect();
+    let id_of = |t: &str| index.get(t).copied();
     let tc = read_json(&dir.join("tokenizer_config.json")).unwrap_or(Json::Null);
     let mut kvs = Vec::new();
     for (name, key) in
@@ -472,6 +475,14 @@ fn special_ids(dir: &Path, config: &Json, id_of: &dyn Fn(&str) -> Option<u32>) -
     kvs
 }
 
+/// tokenizer.json's added tokens: id, text, and llama.cpp's type (special ones are control tokens).
+fn added_tokens(json: &Json) -> impl Iterator<Item = (usize, String, i32)> + '_ {
+    json["added_tokens"].as_array().into_iter().flatten().filter_map(|added| {
+        let kind = if added["special"].as_bool().unwrap_or(false) { CONTROL } else { USER_DEFINED };
+        Some((added["id"].as_u64()? as usize, added["content"].as_str()?.to_string(), kind))
+    })
+}
+
 fn strings(items: Vec<String>) -> Value {
     Value::Array(items.into_iter().map(Value::String).collect())
 }
@@ -485,7 +496,8 @@ fn tokenizer_from_json(dir: &Path, config: &Json, rows: usize) -> Result<Vec<(St
     let path = dir.join("tokenizer.json");
     let json = read_json(&path)?;
     let model = &json["model"];
-    let byte_level = json.to_string().contains("\"ByteLevel\"");
+    // ByteLevel in the pre-tokenizer or decoder (alone or in a Sequence); not the whole vocabulary
+    let byte_level = [&json["pre_tokenizer"], &json["decoder"]].iter().any(|v| v.to_string().contains("\"ByteLevel\""));
     if model["type"].as_str() != Some("BPE") || !byte_level {
         if dir.join("tokenizer.model").is_file() {
             return tokenizer_from_sentencepiece(dir, config, rows);
@@ -503,10 +515,8 @@ fn tokenizer_from_json(dir: &Path, config: &Json, rows: usize) -> Result<Vec<(St
             by_id.insert(id as u32, (token.clone(), NORMAL));
         }
     }
-    for added in json["added_tokens"].as_array().into_iter().flatten() {
-        let (Some(id), Some(content)) = (added["id"].as_u64(), added["content"].as_str()) else { continue };
-        let kind = if added["special"].as_bool().unwrap_or(false) { CONTROL } else { USER_DEFINED };
-        by_id.insert(id as u32, (content.to_string(), kind));
+    for (id, content, kind) in added_tokens(&json) {
+        by_id.insert(id as u32, (content, kind));
     }
     let rows = rows.max(by_id.keys().next_back().map_or(0, |&i| i as usize + 1));
     let (mut tokens, mut types) = (Vec::with_capacity(rows), Vec::with_capacity(rows));
@@ -528,15 +538,13 @@ fn tokenizer_from_json(dir: &Path, config: &Json, rows: usize) -> Result<Vec<(St
     let tokenizer = tokenizers::Tokenizer::from_file(&path)
         .map_err(|e| Error::Invalid(format!("{}: cannot be read ({e})", path.display())))?;
     let pre = pre_tokenizer_name(&tokenizer, &json, &path)?;
-    let index: std::collections::HashMap<&str, u32> =
-        tokens.iter().enumerate().map(|(i, t)| (t.as_str(), i as u32)).collect();
     let mut kvs = vec![
         ("tokenizer.ggml.model".to_string(), Value::String("gpt2".into())),
         ("tokenizer.ggml.pre".to_string(), Value::String(pre)),
         ("tokenizer.ggml.token_type".to_string(), ints(&types)),
         ("tokenizer.ggml.merges".to_string(), strings(merges)),
     ];
-    kvs.extend(special_ids(dir, config, &|t| index.get(t).copied()));
+    kvs.extend(special_ids(dir, config, &tokens));
     kvs.push(("tokenizer.ggml.tokens".to_string(), strings(tokens)));
     Ok(kvs)
 }
@@ -587,16 +595,13 @@ fn tokenizer_from_sentencepiece(dir: &Path, config: &Json, rows: usize) -> Resul
     let mut types: Vec<i32> = pieces.kinds;
     // added tokens beyond the model's pieces (tokenizer.json), as the converter adds them
     if let Ok(json) = read_json(&dir.join("tokenizer.json")) {
-        for added in json["added_tokens"].as_array().into_iter().flatten() {
-            let (Some(id), Some(content)) = (added["id"].as_u64(), added["content"].as_str()) else { continue };
-            let kind = if added["special"].as_bool().unwrap_or(false) { CONTROL } else { USER_DEFINED };
-            let id = id as usize;
+        for (id, content, kind) in added_tokens(&json) {
             while tokens.len() <= id {
                 tokens.push(format!("[PAD{}]", tokens.len()));
                 scores.push(-1000.0);
                 types.push(UNUSED);
             }
-            tokens[id] = content.to_string();
+            tokens[id] = content;
             types[id] = kind;
         }
     }
@@ -605,15 +610,13 @@ fn tokenizer_from_sentencepiece(dir: &Path, config: &Json, rows: usize) -> Resul
         scores.push(-1000.0);
         types.push(UNUSED);
     }
-    let index: std::collections::HashMap<&str, u32> =
-        tokens.iter().enumerate().map(|(i, t)| (t.as_str(), i as u32)).collect();
     let mut kvs = vec![
         ("tokenizer.ggml.model".to_string(), Value::String("llama".into())),
         ("tokenizer.ggml.pre".to_string(), Value::String("default".into())),
         ("tokenizer.ggml.scores".to_string(), Value::Array(scores.into_iter().map(Value::F32).collect())),
         ("tokenizer.ggml.token_type".to_string(), ints(&types)),
     ];
-    let mut ids = special_ids(dir, config, &|t| index.get(t).copied());
+    let mut ids = special_ids(dir, config, &tokens);
     for (key, id) in [("unknown_token_id", pieces.unk), ("bos_token_id", pieces.bos), ("eos_token_id", pieces.eos)] {
         let key = format!("tokenizer.ggml.{key}");
         if let (false, Some(id)) = (ids.iter().any(|(k, _)| *k == key), id) {
