@@ -375,7 +375,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let data = DataConfig { path: data, max_length, ..Default::default() };
             let report = evaluate_dataset(&model, adapter.as_deref(), &data, mode, &device)?;
             println!(
-                "mean loss {:.4} over {} examples (perplexity {:.2})",
+                "mean loss {:.6} over {} examples (perplexity {:.3})",
                 report.loss,
                 report.examples,
                 report.loss.exp()

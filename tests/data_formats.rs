@@ -532,6 +532,63 @@ fn named_templates_render_each_familys_published_format() {
     assert_eq!(render("phi", &two_turns(None)[..1], true), "Instruct: U1\nOutput:");
 }
 
+/// An Ollama Modelfile TEMPLATE rendered as Ollama renders one turn: `{{ if .X }}`, `{{ else }}`,
+/// `{{ end }}` and the fields; the text before `{{ .Response }}` is the prompt.
+fn ollama_prompt(template: &str, system: &str, prompt: &str) -> String {
+    let value = |field: &str| match field {
+        ".System" => system,
+        ".Prompt" => prompt,
+        ".Response" => "\u{0}",
+        other => panic!("{other} in an Ollama template"),
+    };
+    // each open `if`: whether its condition held, and whether we are past its `else`
+    let mut open: Vec<(bool, bool)> = Vec::new();
+    let active = |open: &[(bool, bool)]| open.iter().all(|&(cond, in_else)| cond != in_else);
+    let (mut out, mut rest) = (String::new(), template);
+    while let Some(start) = rest.find("{{") {
+        let end = start + rest[start..].find("}}").unwrap();
+        if active(&open) {
+            out.push_str(&rest[..start]);
+        }
+        match rest[start + 2..end].trim() {
+            "else" => open.last_mut().unwrap().1 = true,
+            "end" => {
+                open.pop().unwrap();
+            }
+            action => match action.strip_prefix("if ") {
+                Some(field) => open.push((!value(field.trim()).is_empty(), false)),
+                None if active(&open) => out.push_str(value(action)),
+                None => {}
+            },
+        }
+        rest = &rest[end + 2..];
+    }
+    if active(&open) {
+        out.push_str(rest);
+    }
+    out.split('\u{0}').next().unwrap().to_string()
+}
+
+/// Every named template's Ollama TEMPLATE prompts a model exactly as training did: for one user
+/// turn, with and without a system message, the text before the reply is what the Jinja template
+/// renders with the generation prompt (without the BOS, which llama.cpp adds itself).
+#[test]
+fn ollama_templates_prompt_as_training_did() {
+    let tok = ModelTokenizer::from_dir(base_model_dir(None).path()).unwrap();
+    let bos = tok.bos_token.clone().unwrap_or_default();
+    for t in named_templates() {
+        let ollama = t.ollama.as_deref().unwrap_or_else(|| panic!("{} has no Ollama template", t.name));
+        for system in [None, Some("Be brief.")] {
+            let mut messages: Vec<Message> = system.map(|s| Message::new(Role::System, s)).into_iter().collect();
+            messages.push(Message::new(Role::User, "What is the capital of Mirethay?"));
+            let jinja = ChatTemplate::named(&t.name).unwrap().render(&messages, true, &tok).unwrap();
+            let jinja = jinja.strip_prefix(bos.as_str()).unwrap_or(&jinja);
+            let go = ollama_prompt(ollama, system.unwrap_or(""), "What is the capital of Mirethay?");
+            assert_eq!(go, jinja, "{} (system: {system:?})", t.name);
+        }
+    }
+}
+
 #[test]
 fn every_named_template_separates_replies_from_prompts() {
     let tok = ModelTokenizer::from_dir(base_model_dir(None).path()).unwrap();

@@ -754,7 +754,9 @@ fn fixture_with_tokenizer(tmp: &Path, name: &str) -> PathBuf {
     let base = tmp.join(format!("base-{name}"));
     std::fs::create_dir_all(&base).unwrap();
     for file in ["config.json", "model.safetensors", "generation_config.json"] {
-        std::fs::copy(model_dir(name).join(file), base.join(file)).unwrap();
+        if model_dir(name).join(file).is_file() {
+            std::fs::copy(model_dir(name).join(file), base.join(file)).unwrap();
+        }
     }
     let mut tokens = byte_symbols();
     tokens.extend((256..fx.vocab).map(|i| format!("<extra_{i}>")));
@@ -872,12 +874,13 @@ fn q4_k_m_tensor_types_follow_llama_quantize() {
     assert_eq!(gguf.content.metadata["general.file_type"].to_u32().unwrap(), 15, "llama.cpp's MOSTLY_Q4_K_M");
 }
 
-/// Families llama.cpp cannot load, and those whose GGUF layout is not written yet, are refused
-/// before anything is merged or written, naming the family.
+/// A model whose graph llama.cpp would compute differently is refused before anything is merged
+/// or written, naming the family: llama.cpp applies RoPE to Baichuan at 32 layers only and ALiBi
+/// at 40 only, and the fixtures have 2.
 #[test]
-fn merged_gguf_is_refused_for_families_it_cannot_write() {
+fn merged_gguf_is_refused_for_models_llama_cpp_would_run_differently() {
     use qlora_studio::lora::gguf_model::GgufQuant;
-    for name in ["bloom", "chatglm3", "baichuan_7b"] {
+    for (name, layers) in [("baichuan_7b", "32"), ("baichuan2_13b", "40")] {
         let tmp = tempfile::tempdir().unwrap();
         let out = tmp.path().join("m.gguf");
         let req = request(
@@ -889,7 +892,205 @@ fn merged_gguf_is_refused_for_families_it_cannot_write() {
         let e = export(&req).unwrap_err().to_string();
         let spec = qlora_studio::lora::export::spec_of(&model_dir(name)).unwrap();
         assert!(e.contains(&spec.family_name()) && e.contains("merged model (safetensors)"), "{name}: {e}");
+        assert!(e.contains(&format!("{layers} layers")), "{name}: the message says which depth llama.cpp needs: {e}");
         assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 0, "{name}: nothing may be written");
+    }
+}
+
+/// A copy of `dir`'s model made `layers` deep by repeating its layers (layer i is layer i mod n).
+fn deepen(dir: &Path, layers: usize) {
+    let config_path = dir.join("config.json");
+    let mut config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
+    let n = config["num_hidden_layers"].as_u64().unwrap() as usize;
+    config["num_hidden_layers"] = layers.into();
+    std::fs::write(&config_path, config.to_string()).unwrap();
+    let file = SafetensorsFile::open(dir.join("model.safetensors")).unwrap();
+    let mut out = std::collections::HashMap::new();
+    for key in file.keys() {
+        let t = file.tensor(&key, &Device::Cpu).unwrap();
+        match key.strip_prefix("model.layers.").and_then(|rest| rest.split_once('.')) {
+            Some((i, rest)) => {
+                for j in (i.parse::<usize>().unwrap()..layers).step_by(n) {
+                    out.insert(format!("model.layers.{j}.{rest}"), t.clone());
+                }
+            }
+            None => {
+                out.insert(key, t);
+            }
+        }
+    }
+    drop(file);
+    candle_core::safetensors::save(&out, dir.join("model.safetensors")).unwrap();
+}
+
+/// The tensors llama.cpp's loader creates for each architecture (src/models/{arch}.cpp,
+/// `load_arch_tensors`): global ones, then each layer's (`.weight` and, where it may have one,
+/// `.bias`). A name outside these fails to load ("wrong number of tensors").
+fn llama_cpp_tensors(arch: &str) -> (Vec<&'static str>, Vec<&'static str>) {
+    let llama =
+        vec!["attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up", "ffn_down"];
+    match arch {
+        "llama" => {
+            let mut layer = llama;
+            layer.extend(["ffn_gate_inp", "ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"]);
+            (vec!["token_embd", "output_norm", "output"], layer)
+        }
+        "qwen2" | "xverse" | "baichuan" => (vec!["token_embd", "output_norm", "output"], llama),
+        "qwen" => (
+            vec!["token_embd", "output_norm", "output"],
+            vec!["attn_norm", "attn_qkv", "attn_output", "ffn_norm", "ffn_gate", "ffn_up", "ffn_down"],
+        ),
+        "falcon" => (
+            vec!["token_embd", "output_norm", "output"],
+            vec!["attn_norm", "attn_norm_2", "attn_qkv", "attn_output", "ffn_up", "ffn_down"],
+        ),
+        "bloom" => (
+            vec!["token_embd", "token_embd_norm", "output_norm", "output"],
+            vec!["attn_norm", "attn_qkv", "attn_output", "ffn_norm", "ffn_up", "ffn_down"],
+        ),
+        "phi2" => (
+            vec!["token_embd", "output_norm", "output"],
+            vec!["attn_norm", "attn_qkv", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_up", "ffn_down"],
+        ),
+        "chatglm" => (
+            vec!["token_embd", "output_norm", "output"],
+            vec!["attn_norm", "attn_qkv", "attn_output", "ffn_norm", "ffn_up", "ffn_down"],
+        ),
+        other => panic!("no tensor list for {other}"),
+    }
+}
+
+/// Every family's merged GGUF holds what llama.cpp's loader for its architecture asks for: only
+/// the tensor names it creates, the hyper-parameters it reads (its norm's epsilon key among
+/// them), and every weight of the merged checkpoint once (the same total energy, so nothing is
+/// dropped or doubled). llama.cpp itself runs these files in scripts/llama-cpp-check/fixtures.sh.
+#[test]
+fn merged_gguf_of_every_family_is_what_llama_cpp_loads() {
+    use qlora_studio::lora::gguf_model::GgufQuant;
+    for name in DENSE_FIXTURES {
+        let tmp = tempfile::tempdir().unwrap();
+        let base = fixture_with_tokenizer(tmp.path(), name);
+        // llama.cpp runs Baichuan with RoPE at 32 layers and ALiBi at 40 only
+        match *name {
+            "baichuan_7b" | "baichuan2_7b" => deepen(&base, 32),
+            "baichuan_13b" | "baichuan2_13b" => deepen(&base, 40),
+            _ => {}
+        }
+        let spec = qlora_studio::lora::export::spec_of(&base).unwrap();
+        let arch = spec.gguf_arch.clone().unwrap();
+        let out = tmp.path().join("m.gguf");
+        let req = request(&model_dir(name).join("adapter"), ExportFormat::GgufModel(GgufQuant::F16), Some(&base), &out);
+        export(&req).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let gguf = Gguf::read(&out);
+        assert_eq!(gguf.string("general.architecture"), arch, "{name}");
+        let (global, layer) = llama_cpp_tensors(&arch);
+        for t in gguf.names() {
+            let (stem, part) = t.rsplit_once('.').unwrap();
+            let known = match stem.strip_prefix("blk.") {
+                Some(rest) => {
+                    let (i, tensor) = rest.split_once('.').unwrap();
+                    i.parse::<usize>().unwrap() < spec.layers && layer.contains(&tensor)
+                }
+                None => global.contains(&stem),
+            };
+            assert!(known && (part == "weight" || part == "bias"), "{name}: llama.cpp's {arch} has no tensor {t}");
+        }
+        let eps = if matches!(arch.as_str(), "falcon" | "bloom" | "phi2") {
+            "attention.layer_norm_epsilon"
+        } else {
+            "attention.layer_norm_rms_epsilon"
+        };
+        for key in
+            ["context_length", "embedding_length", "block_count", "feed_forward_length", "attention.head_count", eps]
+        {
+            assert!(gguf.content.metadata.contains_key(&format!("{arch}.{key}")), "{name}: no {arch}.{key}");
+        }
+        // every weight once: the sum of squares of the file is the merged checkpoint's
+        let merged = tmp.path().join("merged");
+        write_merged_model(&adapter(name), &base, &merged, &MergeOptions::default(), &ExportInfo::default()).unwrap();
+        let ckpt = SafetensorsFile::open(merged.join("model.safetensors")).unwrap();
+        let energy =
+            |t: &Tensor| t.to_dtype(DType::F64).unwrap().sqr().unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap();
+        let want: f64 = ckpt
+            .keys()
+            .iter()
+            .filter(|k| !(k.ends_with("inv_freq") || spec.normalized_lm_head && k.starts_with("lm_head")))
+            .map(|k| energy(&ckpt.tensor(k, &Device::Cpu).unwrap()))
+            .sum();
+        let got: f64 = gguf
+            .names()
+            .iter()
+            .filter(|t| !(spec.normalized_lm_head && t.starts_with("output.")))
+            .map(|t| energy(&gguf.tensor(t)))
+            .sum();
+        assert!((got - want).abs() <= 1e-3 * want, "{name}: the file's weights hold {got}, the checkpoint's {want}");
+    }
+}
+
+/// The row transforms of the fused projections, checked against the merged checkpoint with the
+/// converters' own index arithmetic: Falcon's and BLOOM's per-group [q…; k; v] rows become
+/// [Q; K; V] (falcon.py's view(n_kv, n_head/n_kv + 2, hd, …), bloom.py's reshape(n_head, 3, hd, …)),
+/// Baichuan's W_pack is cut in three with q and k permuted as LLaMA's, and Baichuan2's NormHead
+/// is applied to the output rows, which llama.cpp does not do.
+#[test]
+fn merged_gguf_reorders_fused_qkv_and_normalizes_baichuan2_head() {
+    use qlora_studio::lora::gguf_model::GgufQuant;
+    for name in ["falcon_40b_style", "bloom", "baichuan2_7b"] {
+        let tmp = tempfile::tempdir().unwrap();
+        let base = fixture_with_tokenizer(tmp.path(), name);
+        if name == "baichuan2_7b" {
+            deepen(&base, 32);
+        }
+        let spec = qlora_studio::lora::export::spec_of(&base).unwrap();
+        let merged = tmp.path().join("merged");
+        write_merged_model(&adapter(name), &base, &merged, &MergeOptions::default(), &ExportInfo::default()).unwrap();
+        let out = tmp.path().join("m.gguf");
+        export(&request(&model_dir(name).join("adapter"), ExportFormat::GgufModel(GgufQuant::F16), Some(&base), &out))
+            .unwrap();
+        let gguf = Gguf::read(&out);
+        let ckpt = SafetensorsFile::open(merged.join("model.safetensors")).unwrap();
+        let hf = |key: &str| ckpt.tensor(key, &Device::Cpu).unwrap().to_dtype(DType::F32).unwrap();
+        let (nh, nkv, hd) = (spec.heads, spec.kv_heads, spec.head_dim);
+        let close = |got: &Tensor, want: &Tensor, what: &str| {
+            assert_eq!(got.dims(), want.dims(), "{name} {what}: shape");
+            let d = max_abs_diff(got, want);
+            assert!(d <= 1e-3, "{name} {what}: off by {d}");
+        };
+        let heads = |w: &Tensor, blocks: &[usize]| {
+            Tensor::cat(&blocks.iter().map(|&b| w.narrow(0, b * hd, hd).unwrap()).collect::<Vec<_>>(), 0).unwrap()
+        };
+        let layer = spec.layers - 1;
+        match name {
+            "falcon_40b_style" | "bloom" => {
+                let key = format!("transformer.h.{layer}.self_attention.query_key_value");
+                // group g holds head blocks g·(per+2) … : per query heads, then k, then v
+                let per = nh / nkv;
+                let q: Vec<usize> = (0..nkv).flat_map(|g| (0..per).map(move |j| g * (per + 2) + j)).collect();
+                let k: Vec<usize> = (0..nkv).map(|g| g * (per + 2) + per).collect();
+                let v: Vec<usize> = (0..nkv).map(|g| g * (per + 2) + per + 1).collect();
+                let order: Vec<usize> = q.into_iter().chain(k).chain(v).collect();
+                close(
+                    &gguf.tensor(&format!("blk.{layer}.attn_qkv.weight")),
+                    &heads(&hf(&format!("{key}.weight")), &order),
+                    "attn_qkv",
+                );
+                if name == "bloom" {
+                    let bias = hf(&format!("{key}.bias")).unsqueeze(1).unwrap();
+                    let got = gguf.tensor(&format!("blk.{layer}.attn_qkv.bias")).unsqueeze(1).unwrap();
+                    close(&got, &heads(&bias, &order), "attn_qkv bias");
+                }
+            }
+            _ => {
+                let w = hf(&format!("model.layers.{layer}.self_attn.W_pack.weight"));
+                let third = |i: usize| w.narrow(0, i * nh * hd, nh * hd).unwrap();
+                close(&gguf.tensor(&format!("blk.{layer}.attn_q.weight")), &llama_permute(&third(0), nh), "attn_q");
+                close(&gguf.tensor(&format!("blk.{layer}.attn_k.weight")), &llama_permute(&third(1), nh), "attn_k");
+                close(&gguf.tensor(&format!("blk.{layer}.attn_v.weight")), &third(2), "attn_v");
+                let head = hf("lm_head.weight");
+                let norms = head.sqr().unwrap().sum_keepdim(1).unwrap().sqrt().unwrap();
+                close(&gguf.tensor("output.weight"), &head.broadcast_div(&norms).unwrap(), "output (NormHead)");
+            }
+        }
     }
 }
 

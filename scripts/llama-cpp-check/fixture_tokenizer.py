@@ -6,9 +6,10 @@ from tokenizers import Tokenizer, models, pre_tokenizers, decoders
 fx = sys.argv[1]; out = sys.argv[2]
 os.makedirs(out, exist_ok=True)
 for f in ["config.json", "model.safetensors", "generation_config.json"]:
-    shutil.copy(os.path.join(fx, f), out)
+    if os.path.exists(os.path.join(fx, f)):
+        shutil.copy(os.path.join(fx, f), out)
 cfg = json.load(open(os.path.join(fx, "config.json")))
-vocab_n = cfg.get("vocab_size")
+vocab_n = cfg.get("padded_vocab_size") or cfg.get("vocab_size")
 bs = list(range(33, 127)) + list(range(161, 173)) + list(range(174, 256))
 cs = bs[:]; n = 0
 for b in range(256):

@@ -19,7 +19,7 @@ use candle_core::{Device, Tensor};
 use super::peft::PeftAdapter;
 use crate::arch::SplitKind;
 use crate::error::{Error, Result};
-use crate::model::spec::{MlpKind, ModelSpec, Role};
+use crate::model::spec::{MlpKind, ModelSpec, PlannedLinear, Role};
 
 /// The tensor type of the LoRA tensors in a GGUF adapter.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -97,13 +97,86 @@ pub fn llama_permutation(rows: usize, n_heads: usize) -> Result<Vec<usize>> {
     Ok(order)
 }
 
-fn transformed_rows(b: &Tensor, rows: &[usize], transform: RowTransform) -> Result<Tensor> {
-    let order: Vec<u32> = match transform {
-        RowTransform::None => rows.iter().map(|&r| r as u32).collect(),
-        RowTransform::Permute(n) => llama_permutation(rows.len(), n)?.into_iter().map(|i| rows[i] as u32).collect(),
-    };
-    let idx = Tensor::new(order.as_slice(), b.device())?;
-    Ok(b.index_select(&idx, 0)?)
+/// Where one linear module of a decoder layer goes in llama.cpp's layout of the base model,
+/// after the row transforms its converter applies: the GGUF adapter (on B) and the merged
+/// GGUF model (on the weight and its bias) both follow it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum LinearPlace {
+    /// llama.cpp tensors (names without `.weight`), each made of these output rows of the
+    /// module, in this order: q/k permuted, a fused projection reordered or split.
+    Rows(Vec<(String, Vec<usize>)>),
+    /// Expert `index` of the layer's stacked tensor `name` (Mixtral).
+    Expert { name: String, index: usize },
+    /// The MoE router (`ffn_gate_inp`).
+    Router(String),
+}
+
+/// `rows` in the order the transform gives them.
+fn transform(rows: Vec<usize>, transform: RowTransform) -> Result<Vec<usize>> {
+    Ok(match transform {
+        RowTransform::None => rows,
+        RowTransform::Permute(n) => llama_permutation(rows.len(), n)?.into_iter().map(|i| rows[i]).collect(),
+    })
+}
+
+/// The place of `planned` (in layer `layer`) in llama.cpp's `arch` layout of `spec`.
+pub fn linear_place(spec: &ModelSpec, arch: &str, layer: usize, planned: &PlannedLinear) -> Result<LinearPlace> {
+    let permutes = matches!(arch, "llama" | "xverse" | "baichuan");
+    let (nh, nkv, hd) = (spec.heads, spec.kv_heads, spec.head_dim);
+    let q_transform = if permutes { RowTransform::Permute(nh) } else { RowTransform::None };
+    let k_transform = if permutes { RowTransform::Permute(k_permute_heads(arch, nh, nkv)) } else { RowTransform::None };
+    let blk = format!("blk.{layer}");
+    let all: Vec<usize> = (0..planned.out_features).collect();
+    let one = |name: &str, rows: Vec<usize>| Ok(LinearPlace::Rows(vec![(format!("{blk}.{name}"), rows)]));
+    match planned.role {
+        Role::Q => one("attn_q", transform(all, q_transform)?),
+        Role::K => one("attn_k", transform(all, k_transform)?),
+        Role::V => one("attn_v", all),
+        Role::Qkv => match (arch, planned.split) {
+            // W_pack becomes three tensors; the q and k thirds permuted
+            ("baichuan", Some(SplitKind::QkvContiguous)) => {
+                let parts = SplitKind::QkvContiguous.qkv_rows(nh, nkv, hd)?;
+                Ok(LinearPlace::Rows(vec![
+                    (format!("{blk}.attn_q"), transform(parts.q, q_transform)?),
+                    (format!("{blk}.attn_k"), transform(parts.k, k_transform)?),
+                    (format!("{blk}.attn_v"), parts.v),
+                ]))
+            }
+            // per-group [q…; k; v] (BLOOM per head) reordered to [Q; K; V]
+            ("bloom" | "falcon", Some(SplitKind::QkvGrouped)) => {
+                let parts = SplitKind::QkvGrouped.qkv_rows(nh, nkv, hd)?;
+                one("attn_qkv", parts.q.into_iter().chain(parts.k).chain(parts.v).collect())
+            }
+            ("qwen" | "phi2" | "chatglm", Some(SplitKind::QkvContiguous)) => one("attn_qkv", all),
+            (arch, split) => Err(Error::Invalid(format!(
+                "GGUF export: no llama.cpp layout for the fused projection {} ({arch}, {split:?})",
+                spec.linear_path(layer, planned)
+            ))),
+        },
+        Role::O => one("attn_output", all),
+        // ChatGLM's [gate; up] stays fused in llama.cpp
+        Role::GateUp | Role::Up => one("ffn_up", all),
+        Role::Gate => one("ffn_gate", all),
+        Role::Down => one("ffn_down", all),
+        Role::Router => Ok(LinearPlace::Router(format!("{blk}.ffn_gate_inp"))),
+        Role::ExpertGate | Role::ExpertUp | Role::ExpertDown => {
+            let name = match planned.role {
+                Role::ExpertGate => "ffn_gate_exps",
+                Role::ExpertUp => "ffn_up_exps",
+                _ => "ffn_down_exps",
+            };
+            Ok(LinearPlace::Expert { name: format!("{blk}.{name}"), index: planned.expert.unwrap_or(0) })
+        }
+    }
+}
+
+/// `rows` of `t`, in order (`t` itself when they are all of them in order).
+pub fn select_rows(t: &Tensor, rows: &[usize]) -> Result<Tensor> {
+    if rows.len() == t.dim(0)? && rows.iter().enumerate().all(|(i, &r)| i == r) {
+        return Ok(t.clone());
+    }
+    let order: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
+    Ok(t.index_select(&Tensor::new(order.as_slice(), t.device())?, 0)?)
 }
 
 fn values(t: &Tensor) -> Result<Vec<f32>> {
@@ -114,8 +187,6 @@ fn values(t: &Tensor) -> Result<Vec<f32>> {
 /// module of the layer plan.
 pub fn gguf_tensors(adapter: &PeftAdapter, spec: &ModelSpec) -> Result<Vec<GgufTensor>> {
     let arch = llama_cpp_arch(spec)?;
-    let permutes = matches!(arch, "llama" | "xverse" | "baichuan");
-    let (nh, nkv, hd) = (spec.heads, spec.kv_heads, spec.head_dim);
     let mut out = Vec::new();
     let mut push = |name: String, a: &Tensor, b: Tensor| -> Result<()> {
         out.push(GgufTensor { name: format!("{name}.weight.lora_a"), dims: a.dims().to_vec(), values: values(a)? });
@@ -128,70 +199,25 @@ pub fn gguf_tensors(adapter: &PeftAdapter, spec: &ModelSpec) -> Result<Vec<GgufT
         _ => 0,
     };
     for layer in 0..spec.layers {
-        let blk = format!("blk.{layer}");
-        let mut experts: BTreeMap<&'static str, Vec<(usize, &Tensor, &Tensor)>> = BTreeMap::new();
+        let mut experts: BTreeMap<String, Vec<(usize, &Tensor, &Tensor)>> = BTreeMap::new();
         for planned in &spec.linears {
             let path = spec.linear_path(layer, planned);
             let Some((a, b)) = adapter.pairs.get(&path) else { continue };
             used += 1;
-            let rows: Vec<usize> = (0..b.dim(0)?).collect();
-            match planned.role {
-                Role::Q => {
-                    let t = if permutes { RowTransform::Permute(nh) } else { RowTransform::None };
-                    push(format!("{blk}.attn_q"), a, transformed_rows(b, &rows, t)?)?;
+            match linear_place(spec, arch, layer, planned)? {
+                // a split projection becomes one pair per part, all with the same A
+                LinearPlace::Rows(parts) => {
+                    for (name, rows) in parts {
+                        push(name, a, select_rows(b, &rows)?)?;
+                    }
                 }
-                Role::K => {
-                    let t = if permutes {
-                        RowTransform::Permute(k_permute_heads(arch, nh, nkv))
-                    } else {
-                        RowTransform::None
-                    };
-                    push(format!("{blk}.attn_k"), a, transformed_rows(b, &rows, t)?)?;
-                }
-                Role::V => push(format!("{blk}.attn_v"), a, b.clone())?,
-                Role::Qkv => match (arch, planned.split) {
-                    // W_pack becomes three pairs sharing A; q and k thirds permuted
-                    ("baichuan", _) => {
-                        let parts = SplitKind::QkvContiguous.qkv_rows(nh, nkv, hd)?;
-                        let kh = k_permute_heads(arch, nh, nkv);
-                        push(format!("{blk}.attn_q"), a, transformed_rows(b, &parts.q, RowTransform::Permute(nh))?)?;
-                        push(format!("{blk}.attn_k"), a, transformed_rows(b, &parts.k, RowTransform::Permute(kh))?)?;
-                        push(format!("{blk}.attn_v"), a, transformed_rows(b, &parts.v, RowTransform::None)?)?;
-                    }
-                    // per-group [q…; k; v] (BLOOM per head) reordered to [Q; K; V]
-                    ("bloom" | "falcon", Some(SplitKind::QkvGrouped)) => {
-                        let parts = SplitKind::QkvGrouped.qkv_rows(nh, nkv, hd)?;
-                        let order: Vec<usize> = parts.q.iter().chain(&parts.k).chain(&parts.v).copied().collect();
-                        push(format!("{blk}.attn_qkv"), a, transformed_rows(b, &order, RowTransform::None)?)?;
-                    }
-                    ("qwen" | "phi2" | "chatglm", Some(SplitKind::QkvContiguous)) => {
-                        push(format!("{blk}.attn_qkv"), a, b.clone())?;
-                    }
-                    (arch, split) => {
-                        return Err(Error::Invalid(format!(
-                            "GGUF export: no llama.cpp mapping for the fused projection {path} ({arch}, {split:?})"
-                        )))
-                    }
-                },
-                Role::O => push(format!("{blk}.attn_output"), a, b.clone())?,
-                // ChatGLM's [gate; up] stays fused in llama.cpp
-                Role::GateUp | Role::Up => push(format!("{blk}.ffn_up"), a, b.clone())?,
-                Role::Gate => push(format!("{blk}.ffn_gate"), a, b.clone())?,
-                Role::Down => push(format!("{blk}.ffn_down"), a, b.clone())?,
-                Role::Router => {
+                LinearPlace::Router(_) => {
                     return Err(Error::Invalid(format!(
                         "GGUF export: LoRA on the MoE router ({path}) cannot be expressed in a llama.cpp adapter; \
                          train without the router among the targets, or export a PEFT adapter or a merged model"
                     )));
                 }
-                role @ (Role::ExpertGate | Role::ExpertUp | Role::ExpertDown) => {
-                    let name = match role {
-                        Role::ExpertGate => "ffn_gate_exps",
-                        Role::ExpertUp => "ffn_up_exps",
-                        _ => "ffn_down_exps",
-                    };
-                    experts.entry(name).or_default().push((planned.expert.unwrap_or(0), a, b));
-                }
+                LinearPlace::Expert { name, index } => experts.entry(name).or_default().push((index, a, b)),
             }
         }
         // llama.cpp holds all experts of a layer in one 3-D tensor; their LoRAs stack the same way
@@ -206,7 +232,7 @@ pub fn gguf_tensors(adapter: &PeftAdapter, spec: &ModelSpec) -> Result<Vec<GgufT
             }
             let a = Tensor::stack(&parts.iter().map(|p| p.1).collect::<Vec<_>>(), 0)?;
             let b = Tensor::stack(&parts.iter().map(|p| p.2).collect::<Vec<_>>(), 0)?;
-            push(format!("{blk}.{name}"), &a, b)?;
+            push(name, &a, b)?;
         }
     }
     if used != adapter.pairs.len() {

@@ -5,8 +5,10 @@
 //! (src/llama-quant.cpp). Tensors are read, quantized and written one at a time, so a large
 //! model never sits in memory whole.
 //!
-//! Written for llama.cpp's `llama` architecture (LLaMA, LLaMA-2, Mistral, Mixtral, Yi, InternLM)
-//! and `qwen2`; other families are refused with the way out.
+//! Written for every architecture of ours llama.cpp loads: `llama` (LLaMA, LLaMA-2, Mistral,
+//! Mixtral, Yi, InternLM), `qwen2`, `qwen`, `falcon`, `bloom` (BLOOM, BLOOMZ), `phi2` (Phi-1.5/2),
+//! `chatglm` (ChatGLM3), `baichuan` (Baichuan, Baichuan2) and `xverse`. A model whose graph
+//! llama.cpp would compute differently (see `graph_mismatch`) is refused with the way out.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -18,7 +20,7 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 use serde_json::Value as Json;
 
-use super::gguf::{llama_permutation, write_gguf_file, TensorEntry};
+use super::gguf::{linear_place, select_rows, write_gguf_file, LinearPlace, TensorEntry};
 use crate::error::{Error, Result};
 use crate::model::spec::{Activation, MlpKind, ModelSpec, NormKind, Position, Role};
 
@@ -61,12 +63,14 @@ impl GgufQuant {
     }
 }
 
-/// What llama-quantize's type choice looks at in a tensor.
+/// What llama-quantize's type choice looks at in a tensor (its `tensor_get_category`, by name).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Category {
     TokenEmbd,
     Output,
+    /// attn_v, and a fused attn_qkv, which llama-quantize treats alike.
     AttnV,
+    AttnK,
     AttnOutput,
     FfnDown,
     /// MoE router: llama.cpp keeps it in f32.
@@ -77,14 +81,39 @@ enum Category {
     Vector,
 }
 
+impl Category {
+    /// The category of the GGUF tensor `name` of `dims` dimensions; `tied`: the token embedding
+    /// is also the output matrix, and is quantized as the output.
+    fn of(name: &str, dims: usize, tied: bool) -> Self {
+        match name {
+            _ if dims == 1 => Category::Vector,
+            "output.weight" => Category::Output,
+            "token_embd.weight" if tied => Category::Output,
+            "token_embd.weight" => Category::TokenEmbd,
+            _ if name.ends_with("ffn_gate_inp.weight") => Category::Router,
+            _ if name.ends_with("attn_qkv.weight") || name.ends_with("attn_v.weight") => Category::AttnV,
+            _ if name.ends_with("attn_k.weight") => Category::AttnK,
+            _ if name.ends_with("attn_output.weight") => Category::AttnOutput,
+            _ if name.contains("ffn_down") => Category::FfnDown,
+            _ => Category::Weight,
+        }
+    }
+}
+
 /// One tensor of the output file.
 struct Planned {
     entry: TensorEntry,
     /// The Hugging Face tensors it is made of (several: experts stacked on a new first axis).
     sources: Vec<String>,
-    /// llama.cpp's q/k row permutation over this many heads.
-    permute: Option<usize>,
+    /// The rows of each source it takes, in order (q/k permuted, a fused qkv reordered or
+    /// split); all of them when `None`.
+    rows: Option<Vec<usize>>,
+    /// Scale each row to unit L2 norm: Baichuan2's NormHead, which llama.cpp does not apply.
+    unit_rows: bool,
 }
+
+/// The llama.cpp architectures this export writes.
+const ARCHS: [&str; 9] = ["llama", "qwen2", "falcon", "bloom", "qwen", "phi2", "chatglm", "baichuan", "xverse"];
 
 /// llama.cpp's architecture for a merged GGUF of `spec`, or why it cannot be written.
 pub fn model_arch(spec: &ModelSpec) -> Result<&'static str> {
@@ -95,38 +124,87 @@ pub fn model_arch(spec: &ModelSpec) -> Result<&'static str> {
              (safetensors) or a PEFT adapter instead"
         ))
     })?;
-    let arch = match arch {
-        "llama" => "llama",
-        "qwen2" => "qwen2",
-        other => {
-            return Err(Error::Invalid(format!(
-                "a merged GGUF of the {family} family (llama.cpp's {other:?} architecture) is not written yet: only \
-                 the llama and qwen2 architectures are (LLaMA, LLaMA-2, Mistral, Mixtral, Yi, Qwen2); export a merged \
-                 model (safetensors) and convert it with llama.cpp's convert_hf_to_gguf.py"
-            )))
-        }
-    };
-    let unsupported = |what: &str| {
+    let arch = ARCHS.into_iter().find(|a| *a == arch).ok_or_else(|| {
         Error::Invalid(format!(
-            "a merged GGUF of this {family} model: {what}, which llama.cpp's {arch} architecture does not have; \
-             export a merged model (safetensors) instead"
+            "a merged GGUF of the {family} family (llama.cpp's {arch:?} architecture) is not written yet; export a \
+             merged model (safetensors) and convert it with llama.cpp's convert_hf_to_gguf.py"
         ))
-    };
-    if !matches!(spec.norm, NormKind::Rms) {
-        return Err(unsupported("it uses LayerNorm"));
-    }
-    match spec.position {
-        Position::Rope { rotary_dim, interleaved: false, .. } if rotary_dim == spec.head_dim => {}
-        _ => return Err(unsupported("its position encoding is not full rotate-half RoPE")),
-    }
-    if spec.parallel_residual || spec.normalized_lm_head || spec.weights.embed_norm.is_some() || spec.lm_head_bias {
-        return Err(unsupported("its block or output head differs from LLaMA's"));
-    }
-    let silu_gated = matches!(spec.mlp, MlpKind::Gated(Activation::Silu) | MlpKind::Moe { act: Activation::Silu, .. });
-    if !silu_gated || spec.linears.iter().any(|l| matches!(l.role, Role::Qkv | Role::GateUp)) {
-        return Err(unsupported("its MLP is not SiLU-gated, or it has fused projections"));
+    })?;
+    if let Some(what) = graph_mismatch(spec, arch) {
+        return Err(Error::Invalid(format!(
+            "a merged GGUF of this {family} model: {what}, which llama.cpp's {arch} architecture does not compute; \
+             export a merged model (safetensors) instead"
+        )));
     }
     Ok(arch)
+}
+
+/// Where `spec` differs from what llama.cpp's graph for `arch` computes (src/models/{arch}.cpp),
+/// so that its GGUF would load but answer differently.
+fn graph_mismatch(spec: &ModelSpec, arch: &str) -> Option<&'static str> {
+    let rms = matches!(spec.norm, NormKind::Rms);
+    // llama.cpp's NORM rope rotates interleaved pairs: the converters of the llama-like archs
+    // permute q/k rows from the rotate-half layout, ChatGLM is interleaved already; NEOX is
+    // rotate-half; `Some(false)`: rotate-half over whole heads
+    let rope = match spec.position {
+        Position::Rope { rotary_dim, interleaved, .. } => Some((rotary_dim, interleaved)),
+        Position::Alibi => None,
+    };
+    let full_half_rope = rope == Some((spec.head_dim, false));
+    let (gelu, silu_gated, fused_qkv, fused_gate_up) = (
+        matches!(spec.mlp, MlpKind::Plain(Activation::GeluErf | Activation::GeluTanh)),
+        matches!(spec.mlp, MlpKind::Gated(Activation::Silu) | MlpKind::Moe { act: Activation::Silu, .. }),
+        spec.linears.iter().any(|l| l.role == Role::Qkv),
+        spec.linears.iter().any(|l| l.role == Role::GateUp),
+    );
+    let plain_head = !spec.lm_head_bias && spec.weights.embed_norm.is_none();
+    let llama_like_block = rms && !spec.parallel_residual && plain_head && !fused_gate_up;
+    match arch {
+        "llama" | "qwen2" | "xverse" if !llama_like_block || !silu_gated || fused_qkv => {
+            Some("its block differs from LLaMA's (norm, residual, fused projections or MLP)")
+        }
+        "llama" | "qwen2" | "xverse" if !full_half_rope => Some("its position encoding is not full rotate-half RoPE"),
+        "falcon" if rms || !spec.parallel_residual || !plain_head || !gelu => {
+            Some("its block is not Falcon's parallel LayerNorm block with a GELU MLP")
+        }
+        "falcon" if spec.qkv_bias || spec.o_bias || spec.mlp_bias => Some("its linear layers have biases"),
+        "falcon" if !full_half_rope => Some("its position encoding is not full rotate-half RoPE"),
+        "bloom" if rms || spec.parallel_residual || spec.weights.embed_norm.is_none() || spec.lm_head_bias => {
+            Some("its block is not BLOOM's")
+        }
+        "bloom" if rope.is_some() => Some("it does not use ALiBi"),
+        "qwen" if !llama_like_block || !silu_gated || spec.o_bias || spec.heads != spec.kv_heads => {
+            Some("its block differs from Qwen's")
+        }
+        "qwen" if !full_half_rope || spec.head_dim * spec.heads != spec.hidden => {
+            Some("its rotary embedding does not cover whole heads")
+        }
+        "phi2" if rms || !spec.parallel_residual || !gelu || spec.weights.embed_norm.is_some() => {
+            Some("its block is not Phi's parallel LayerNorm block")
+        }
+        "phi2" if !matches!(rope, Some((_, false))) => Some("its position encoding is not rotate-half RoPE"),
+        "chatglm" if !rms || spec.parallel_residual || !plain_head || !fused_gate_up => {
+            Some("its block differs from ChatGLM's")
+        }
+        "chatglm" if spec.o_bias || spec.mlp_bias => Some("its output or MLP projections have biases"),
+        "chatglm" if rope != Some((spec.head_dim / 2, true)) => {
+            Some("its rotary embedding is not ChatGLM's (interleaved, half of each head)")
+        }
+        "baichuan" if !llama_like_block || !silu_gated || spec.qkv_bias || spec.o_bias || spec.mlp_bias => {
+            Some("its block differs from Baichuan's")
+        }
+        // llama.cpp knows the position encoding by the depth alone: RoPE at 32 layers (7B),
+        // ALiBi at 40 (13B), none at any other
+        "baichuan" if rope.is_some() && spec.layers != 32 => {
+            Some("it uses RoPE but has not 32 layers (llama.cpp applies RoPE to Baichuan's 32-layer 7B models only)")
+        }
+        "baichuan" if rope.is_none() && spec.layers != 40 => {
+            Some("it uses ALiBi but has not 40 layers (llama.cpp applies ALiBi to Baichuan's 40-layer 13B models only)")
+        }
+        "baichuan" if rope.is_some() && !full_half_rope => Some("its position encoding is not full rotate-half RoPE"),
+        _ if spec.normalized_lm_head && arch != "baichuan" => Some("its output head is normalized"),
+        _ => None,
+    }
 }
 
 /// llama-quantize's "more bits" layers of Q4_K_M: the first and last eighth and every third
@@ -135,28 +213,36 @@ fn use_more_bits(i: usize, n: usize) -> bool {
     i < n / 8 || i >= 7 * n / 8 || (i as isize - (n / 8) as isize).rem_euclid(3) == 2
 }
 
-/// The tensor type llama.cpp's converter (F16, Q8_0) or llama-quantize (Q4_K_M) gives a tensor.
-fn tensor_type(
+/// What llama-quantize's choice of a tensor's type depends on besides the tensor.
+#[derive(Debug, Clone, Copy)]
+struct QuantContext {
     quant: GgufQuant,
-    category: Category,
-    layer: usize,
     layers: usize,
-    cols: usize,
     experts: usize,
-) -> GgmlDType {
+    /// llama-quantize has rules of its own for Falcon.
+    falcon: bool,
+}
+
+/// The tensor type llama.cpp's converter (F16, Q8_0) or llama-quantize (Q4_K_M) gives a tensor
+/// (src/llama-quant.cpp, `llama_tensor_get_type_impl`).
+fn tensor_type(ctx: QuantContext, category: Category, layer: usize, cols: usize) -> GgmlDType {
     use GgmlDType as T;
     if matches!(category, Category::Vector | Category::Router) {
         return T::F32;
     }
-    let target = match quant {
+    let (layers, eight_experts) = (ctx.layers, ctx.experts == 8);
+    let target = match ctx.quant {
         GgufQuant::F16 => return T::F16,
         GgufQuant::Q8_0 => T::Q8_0,
         GgufQuant::Q4KM => match category {
-            Category::Output if !cols.is_multiple_of(256) => T::Q8_0,
+            Category::Output if ctx.falcon || !cols.is_multiple_of(256) => T::Q8_0,
             Category::Output => T::Q6K,
-            Category::AttnV if experts == 8 => T::Q8_0,
-            Category::AttnV | Category::FfnDown if use_more_bits(layer, layers) => T::Q6K,
-            Category::AttnOutput if experts == 8 => T::Q5K,
+            Category::AttnV | Category::AttnK if eight_experts => T::Q8_0,
+            Category::AttnV if use_more_bits(layer, layers) => T::Q6K,
+            Category::FfnDown if ctx.falcon && layer < layers / 16 => T::Q6K,
+            Category::FfnDown if ctx.falcon && use_more_bits(layer, layers) => T::Q5K,
+            Category::FfnDown if !ctx.falcon && use_more_bits(layer, layers) => T::Q6K,
+            Category::AttnOutput if eight_experts && !ctx.falcon => T::Q5K,
             _ => T::Q4K,
         },
     };
@@ -174,8 +260,8 @@ fn tensor_type(
     }
 }
 
-/// The output tensors, named and typed as llama.cpp names them for `spec`, from the keys of
-/// the merged checkpoint.
+/// The output tensors, named, laid out and typed as llama.cpp's converter does for `arch`, from
+/// the keys of the merged checkpoint.
 fn plan_tensors(
     spec: &ModelSpec,
     shapes: &BTreeMap<String, Vec<usize>>,
@@ -187,95 +273,101 @@ fn plan_tensors(
         MlpKind::Moe { experts, .. } => experts,
         _ => 0,
     };
+    let ctx = QuantContext { quant, layers: spec.layers, experts, falcon: arch == "falcon" };
     let shape_of = |key: &str| -> Result<Vec<usize>> {
         shapes.get(key).cloned().ok_or_else(|| Error::bad_entry(dir, key, "missing from the merged checkpoint"))
     };
-    let permutes = arch == "llama";
+    let has = |key: &str| shapes.contains_key(key);
     let w = &spec.weights;
+    let tied = !has(&format!("{}.weight", w.lm_head));
+    if tied && spec.normalized_lm_head {
+        return Err(Error::Invalid(
+            "a merged GGUF of a model whose normalized output head is tied to its embedding: llama.cpp has no \
+             such head; export a merged model (safetensors) instead"
+                .into(),
+        ));
+    }
     let mut plan = Vec::new();
     let mut used = std::collections::BTreeSet::new();
-    let mut add = |name: String, sources: Vec<String>, permute: Option<usize>, category: Category, layer: usize| {
+    let mut add = |name: String, sources: Vec<String>, rows: Option<Vec<usize>>, layer: usize| {
         let mut shape = shape_of(&sources[0])?;
+        if let Some(rows) = &rows {
+            shape[0] = rows.len();
+        }
         if sources.len() > 1 {
             shape.insert(0, sources.len());
         }
-        let category = if shape.len() == 1 { Category::Vector } else { category };
+        let category = Category::of(&name, shape.len(), tied);
         let cols = *shape.last().unwrap_or(&1);
-        let ggml = tensor_type(quant, category, layer, spec.layers, cols, experts);
+        let ggml = tensor_type(ctx, category, layer, cols);
+        let unit_rows = spec.normalized_lm_head && name == "output.weight";
         used.extend(sources.iter().cloned());
-        plan.push(Planned { entry: TensorEntry { name, shape, ggml }, sources, permute });
+        plan.push(Planned { entry: TensorEntry { name, shape, ggml }, sources, rows, unit_rows });
         Ok::<(), Error>(())
     };
-    let has = |key: &str| shapes.contains_key(key);
-    let tied = !has(&format!("{}.weight", w.lm_head));
-    add(
-        "token_embd.weight".into(),
-        vec![format!("{}.weight", w.embed)],
-        None,
-        if tied { Category::Output } else { Category::TokenEmbd },
-        0,
-    )?;
-    for layer in 0..spec.layers {
-        let prefix = spec.layer_prefix.replace("{i}", &layer.to_string());
-        let blk = format!("blk.{layer}");
-        add(
-            format!("{blk}.attn_norm.weight"),
-            vec![format!("{prefix}.{}.weight", w.attn_norm)],
-            None,
-            Category::Vector,
-            layer,
-        )?;
-        if let Some(norm) = &w.mlp_norm {
-            add(
-                format!("{blk}.ffn_norm.weight"),
-                vec![format!("{prefix}.{norm}.weight")],
-                None,
-                Category::Vector,
-                layer,
-            )?;
+    // a norm: its weight, and its bias where it has one (LayerNorm)
+    let add_norm = |add: &mut dyn FnMut(String, Vec<String>, Option<Vec<usize>>, usize) -> Result<()>,
+                    name: &str,
+                    hf: &str,
+                    layer: usize| {
+        for part in ["weight", "bias"] {
+            let key = format!("{hf}.{part}");
+            if part == "weight" || has(&key) {
+                add(format!("{name}.{part}"), vec![key], None, layer)?;
+            }
         }
-        let mut stacked: BTreeMap<&str, Vec<(usize, String)>> = BTreeMap::new();
+        Ok::<(), Error>(())
+    };
+    add("token_embd.weight".into(), vec![format!("{}.weight", w.embed)], None, 0)?;
+    if let Some(norm) = &w.embed_norm {
+        add_norm(&mut add, "token_embd_norm", norm, 0)?;
+    }
+    for layer in 0..spec.layers {
+        let prefix = spec.layer_prefix(layer);
+        let blk = format!("blk.{layer}");
+        // Falcon-40B's two norms: ln_mlp feeds the MLP and is llama.cpp's attn_norm, ln_attn
+        // feeds attention and is attn_norm_2
+        let (attn_norm, mlp_norm) = match (arch, &w.mlp_norm) {
+            ("falcon", Some(_)) => ("attn_norm_2", "attn_norm"),
+            _ => ("attn_norm", "ffn_norm"),
+        };
+        add_norm(&mut add, &format!("{blk}.{attn_norm}"), &format!("{prefix}.{}", w.attn_norm), layer)?;
+        if let Some(norm) = &w.mlp_norm {
+            add_norm(&mut add, &format!("{blk}.{mlp_norm}"), &format!("{prefix}.{norm}"), layer)?;
+        }
+        let mut stacked: BTreeMap<String, Vec<(usize, String)>> = BTreeMap::new();
         for planned in &spec.linears {
             let path = spec.linear_path(layer, planned);
-            let (name, permute, category) = match planned.role {
-                Role::Q => ("attn_q", permutes.then_some(spec.heads), Category::Weight),
-                Role::K => ("attn_k", permutes.then_some(spec.kv_heads), Category::Weight),
-                Role::V => ("attn_v", None, Category::AttnV),
-                Role::O => ("attn_output", None, Category::AttnOutput),
-                Role::Gate => ("ffn_gate", None, Category::Weight),
-                Role::Up => ("ffn_up", None, Category::Weight),
-                Role::Down => ("ffn_down", None, Category::FfnDown),
-                Role::Router => ("ffn_gate_inp", None, Category::Router),
-                Role::ExpertGate | Role::ExpertUp | Role::ExpertDown => {
-                    let name = match planned.role {
-                        Role::ExpertGate => "ffn_gate_exps",
-                        Role::ExpertUp => "ffn_up_exps",
-                        _ => "ffn_down_exps",
-                    };
-                    stacked.entry(name).or_default().push((planned.expert.unwrap_or(0), path));
+            let parts = match linear_place(spec, arch, layer, planned)? {
+                LinearPlace::Rows(parts) => parts,
+                LinearPlace::Router(name) => vec![(name, (0..planned.out_features).collect())],
+                LinearPlace::Expert { name, index } => {
+                    stacked.entry(name).or_default().push((index, format!("{path}.weight")));
                     continue;
                 }
-                Role::Qkv | Role::GateUp => unreachable!("refused by model_arch"),
             };
-            add(format!("{blk}.{name}.weight"), vec![format!("{path}.weight")], permute, category, layer)?;
-            if has(&format!("{path}.bias")) {
-                add(format!("{blk}.{name}.bias"), vec![format!("{path}.bias")], permute, Category::Vector, layer)?;
+            for (name, rows) in parts {
+                add(format!("{name}.weight"), vec![format!("{path}.weight")], Some(rows.clone()), layer)?;
+                if has(&format!("{path}.bias")) {
+                    add(format!("{name}.bias"), vec![format!("{path}.bias")], Some(rows), layer)?;
+                }
             }
         }
         for (name, mut parts) in stacked {
             parts.sort_by_key(|p| p.0);
-            let category = if name == "ffn_down_exps" { Category::FfnDown } else { Category::Weight };
-            let sources = parts.into_iter().map(|(_, path)| format!("{path}.weight")).collect();
-            add(format!("{blk}.{name}.weight"), sources, None, category, layer)?;
+            add(format!("{name}.weight"), parts.into_iter().map(|p| p.1).collect(), None, layer)?;
         }
     }
-    add("output_norm.weight".into(), vec![format!("{}.weight", w.final_norm)], None, Category::Vector, 0)?;
+    add_norm(&mut add, "output_norm", &w.final_norm, 0)?;
     if !tied {
-        add("output.weight".into(), vec![format!("{}.weight", w.lm_head)], None, Category::Output, 0)?;
+        add("output.weight".into(), vec![format!("{}.weight", w.lm_head)], None, 0)?;
+        if has(&format!("{}.bias", w.lm_head)) {
+            add("output.bias".into(), vec![format!("{}.bias", w.lm_head)], None, 0)?;
+        }
     }
     // anything else in the checkpoint would be silently lost: only RoPE's cached inverse
     // frequencies are recomputed by llama.cpp
-    if let Some(stray) = shapes.keys().find(|k| !used.contains(*k) && !k.ends_with("rotary_emb.inv_freq")) {
+    if let Some(stray) = shapes.keys().find(|k| !used.contains(*k) && !k.ends_with("inv_freq")) {
         return Err(Error::bad_entry(dir, stray, "this tensor has no place in llama.cpp's layout of the model"));
     }
     Ok(plan)
@@ -312,7 +404,12 @@ pub fn write_gguf_model(
     let vocab_rows =
         plan.iter().find(|p| p.entry.name == "token_embd.weight").map(|p| p.entry.shape[0]).unwrap_or(spec.vocab);
     let mut metadata = model_metadata(spec, arch, quant, &config, info);
-    metadata.extend(tokenizer_metadata(merged, &config, vocab_rows, info.chat_template.as_deref())?);
+    metadata.extend(tokenizer_metadata(merged, arch, &config, vocab_rows, info.chat_template.as_deref())?);
+    // Phi's and ChatGLM's converters say no BOS goes before a prompt, whatever the tokenizer says
+    if matches!(arch, "phi2" | "chatglm") {
+        metadata.retain(|(k, _)| k != "tokenizer.ggml.add_bos_token");
+        metadata.push(("tokenizer.ggml.add_bos_token".into(), Value::Bool(false)));
+    }
 
     let device = Device::Cpu;
     let produce = |i: usize| -> Result<QTensor> {
@@ -320,14 +417,13 @@ pub fn write_gguf_model(
         let mut parts = Vec::with_capacity(p.sources.len());
         for key in &p.sources {
             let (values, shape) = ckpt.file_of(key)?.f32_values(key)?;
-            let t = Tensor::from_vec(values, shape.as_slice(), &device)?;
-            let t = match p.permute {
-                Some(heads) => {
-                    let order: Vec<u32> = llama_permutation(t.dim(0)?, heads)?.into_iter().map(|i| i as u32).collect();
-                    t.index_select(&Tensor::new(order.as_slice(), &device)?, 0)?
-                }
-                None => t,
-            };
+            let mut t = Tensor::from_vec(values, shape.as_slice(), &device)?;
+            if let Some(rows) = &p.rows {
+                t = select_rows(&t, rows)?;
+            }
+            if p.unit_rows {
+                t = t.broadcast_div(&t.sqr()?.sum_keepdim(1)?.sqrt()?.clamp(1e-12f32, f32::MAX)?)?;
+            }
             ckpt.file_of(key)?.release(key);
             parts.push(t);
         }
@@ -348,11 +444,15 @@ fn model_metadata(
 ) -> Vec<(String, Value)> {
     let key = |k: &str| format!("{arch}.{k}");
     let u32v = |n: usize| Value::U32(n as u32);
-    let context = config.get("max_position_embeddings").and_then(Json::as_u64).unwrap_or(2048) as usize;
-    let theta = match spec.position {
-        Position::Rope { theta, .. } => theta,
-        Position::Alibi => 10_000.0,
-    };
+    let context = ["max_position_embeddings", "n_positions", "seq_length", "model_max_length"]
+        .iter()
+        .find_map(|k| config.get(*k).and_then(Json::as_u64))
+        .unwrap_or(2048) as usize;
+    // llama.cpp's llama graph attends to every position: within the sliding window (Mistral
+    // v0.1's) that is the model's attention, so the window is the context it answers right in
+    let context = spec.sliding_window.map_or(context, |window| context.min(window));
+    // Qwen's config and llama.cpp count both MLP branches together
+    let feed_forward = if arch == "qwen" { 2 * spec.intermediate } else { spec.intermediate };
     let mut kvs = vec![
         ("general.architecture".to_string(), Value::String(arch.into())),
         ("general.type".to_string(), Value::String("model".into())),
@@ -362,13 +462,18 @@ fn model_metadata(
         (key("context_length"), u32v(context)),
         (key("embedding_length"), u32v(spec.hidden)),
         (key("block_count"), u32v(spec.layers)),
-        (key("feed_forward_length"), u32v(spec.intermediate)),
+        (key("feed_forward_length"), u32v(feed_forward)),
         (key("attention.head_count"), u32v(spec.heads)),
         (key("attention.head_count_kv"), u32v(spec.kv_heads)),
-        (key("rope.freq_base"), Value::F32(theta as f32)),
-        (key("rope.dimension_count"), u32v(spec.head_dim)),
-        (key("attention.layer_norm_rms_epsilon"), Value::F32(spec.norm_eps as f32)),
     ];
+    kvs.push(match spec.norm {
+        NormKind::Rms => (key("attention.layer_norm_rms_epsilon"), Value::F32(spec.norm_eps as f32)),
+        NormKind::Layer => (key("attention.layer_norm_epsilon"), Value::F32(spec.norm_eps as f32)),
+    });
+    if let Position::Rope { theta, rotary_dim, .. } = spec.position {
+        kvs.push((key("rope.freq_base"), Value::F32(theta as f32)));
+        kvs.push((key("rope.dimension_count"), u32v(rotary_dim)));
+    }
     if spec.head_dim * spec.heads != spec.hidden {
         kvs.push((key("attention.key_length"), u32v(spec.head_dim)));
         kvs.push((key("attention.value_length"), u32v(spec.head_dim)));
@@ -376,6 +481,12 @@ fn model_metadata(
     if let MlpKind::Moe { experts, top_k, .. } = spec.mlp {
         kvs.push((key("expert_count"), u32v(experts)));
         kvs.push((key("expert_used_count"), u32v(top_k)));
+    }
+    // what the converters record of the q/k/v transform they applied
+    match arch {
+        "falcon" => kvs.push((key("tensor_data_layout"), Value::String("jploski".into()))),
+        "baichuan" | "xverse" => kvs.push((key("tensor_data_layout"), Value::String("Meta AI original pth".into()))),
+        _ => {}
     }
     if let Some(name) = &info.name {
         kvs.push(("general.name".to_string(), Value::String(name.clone())));
@@ -395,6 +506,7 @@ const NORMAL: i32 = 1;
 const CONTROL: i32 = 3;
 const USER_DEFINED: i32 = 4;
 const UNUSED: i32 = 5;
+const BYTE: i32 = 6;
 
 /// The `tokenizer.*` metadata for the model in `dir`, with `rows` tokens (the embedding's rows;
 /// missing ids are padded as `[PAD{id}]` like the converter does):
@@ -403,14 +515,19 @@ const UNUSED: i32 = 5;
 /// - tokenizer.model (SentencePiece BPE): `llama`, with the piece scores.
 fn tokenizer_metadata(
     dir: &Path,
+    arch: &str,
     config: &Json,
     rows: usize,
     chat_template: Option<&str>,
 ) -> Result<Vec<(String, Value)>> {
     let mut kvs: Vec<(String, Value)> = match config.get("qls_imported_from").and_then(Json::as_str).map(Path::new) {
         Some(gguf) if gguf.is_file() => tokenizer_from_gguf(gguf)?,
-        _ if dir.join("tokenizer.json").is_file() => tokenizer_from_json(dir, config, rows)?,
-        _ if dir.join("tokenizer.model").is_file() => tokenizer_from_sentencepiece(dir, config, rows)?,
+        // ChatGLM3's converter builds its vocabulary from tokenizer.model, whatever else is there
+        _ if arch == "chatglm" && dir.join("tokenizer.model").is_file() => {
+            tokenizer_from_sentencepiece(dir, arch, config, rows)?
+        }
+        _ if dir.join("tokenizer.json").is_file() => tokenizer_from_json(dir, arch, config, rows)?,
+        _ if dir.join("tokenizer.model").is_file() => tokenizer_from_sentencepiece(dir, arch, config, rows)?,
         _ => {
             return Err(Error::Invalid(format!(
                 "{}: no tokenizer.json or tokenizer.model, so the GGUF would have no tokenizer; put the base model's \
@@ -491,22 +608,30 @@ fn ints(items: &[i32]) -> Value {
     Value::Array(items.iter().map(|&i| Value::I32(i)).collect())
 }
 
-/// A byte-level BPE tokenizer.json (`gpt2` in llama.cpp).
-fn tokenizer_from_json(dir: &Path, config: &Json, rows: usize) -> Result<Vec<(String, Value)>> {
+/// A byte-level BPE tokenizer.json (`gpt2` in llama.cpp), or a SentencePiece-style one.
+fn tokenizer_from_json(dir: &Path, arch: &str, config: &Json, rows: usize) -> Result<Vec<(String, Value)>> {
     let path = dir.join("tokenizer.json");
     let json = read_json(&path)?;
     let model = &json["model"];
     // ByteLevel in the pre-tokenizer or decoder (alone or in a Sequence); not the whole vocabulary
     let byte_level = [&json["pre_tokenizer"], &json["decoder"]].iter().any(|v| v.to_string().contains("\"ByteLevel\""));
-    if model["type"].as_str() != Some("BPE") || !byte_level {
+    let is_bpe = model["type"].as_str() == Some("BPE");
+    if !is_bpe || !byte_level {
         if dir.join("tokenizer.model").is_file() {
-            return tokenizer_from_sentencepiece(dir, config, rows);
+            return tokenizer_from_sentencepiece(dir, arch, config, rows);
+        }
+        let metaspace = model["byte_fallback"].as_bool().unwrap_or(false)
+            || [&json["pre_tokenizer"], &json["normalizer"], &json["decoder"]]
+                .iter()
+                .any(|v| v.to_string().contains('\u{2581}'));
+        if is_bpe && metaspace {
+            return tokenizer_from_sentencepiece_json(dir, config, rows, &json);
         }
         return Err(Error::bad_entry(
             &path,
             "model.type",
-            "only byte-level BPE tokenizers (or a SentencePiece tokenizer.model) can be written to GGUF; export a \
-             merged model (safetensors) instead",
+            "only BPE tokenizers (byte-level or SentencePiece-style) or a SentencePiece tokenizer.model can be \
+             written to GGUF; export a merged model (safetensors) instead",
         ));
     }
     let mut by_id: BTreeMap<u32, (String, i32)> = BTreeMap::new();
@@ -525,16 +650,7 @@ fn tokenizer_from_json(dir: &Path, config: &Json, rows: usize) -> Result<Vec<(St
         tokens.push(t);
         types.push(k);
     }
-    let merges: Vec<String> = model["merges"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|m| match m {
-            Json::String(s) => Some(s.clone()),
-            Json::Array(pair) => Some(format!("{} {}", pair.first()?.as_str()?, pair.get(1)?.as_str()?)),
-            _ => None,
-        })
-        .collect();
+    let merges = merges(model);
     let tokenizer = tokenizers::Tokenizer::from_file(&path)
         .map_err(|e| Error::Invalid(format!("{}: cannot be read ({e})", path.display())))?;
     let pre = pre_tokenizer_name(&tokenizer, &json, &path)?;
@@ -545,6 +661,91 @@ fn tokenizer_from_json(dir: &Path, config: &Json, rows: usize) -> Result<Vec<(St
         ("tokenizer.ggml.merges".to_string(), strings(merges)),
     ];
     kvs.extend(special_ids(dir, config, &tokens));
+    kvs.push(("tokenizer.ggml.tokens".to_string(), strings(tokens)));
+    Ok(kvs)
+}
+
+/// tokenizer.json's merges as "a b" strings (both of the forms tokenizers writes).
+fn merges(model: &Json) -> Vec<String> {
+    model["merges"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|m| match m {
+            Json::String(s) => Some(s.clone()),
+            Json::Array(pair) => Some(format!("{} {}", pair.first()?.as_str()?, pair.get(1)?.as_str()?)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// A SentencePiece-style BPE tokenizer.json ("▁" for spaces, byte fallback) without its
+/// tokenizer.model, as XVERSE and many LLaMA-2 and Mistral fine-tunes ship it: `llama`, laid out
+/// as the converter's LlamaHfVocab lays it out (`<0xXX>` pieces as bytes, added tokens as
+/// control or user-defined), except for the scores: the converter gives every piece -1000, and
+/// llama.cpp's SentencePiece tokenizer, which merges the best-scored pair first, then merges
+/// left to right; here a piece scores minus the rank of the merge that makes it, so llama.cpp
+/// merges in the tokenizer's BPE order.
+fn tokenizer_from_sentencepiece_json(
+    dir: &Path,
+    config: &Json,
+    rows: usize,
+    json: &Json,
+) -> Result<Vec<(String, Value)>> {
+    let model = &json["model"];
+    let mut by_id: BTreeMap<u32, (String, i32, f32)> = BTreeMap::new();
+    let mut id_of = std::collections::HashMap::new();
+    for (token, id) in model["vocab"].as_object().into_iter().flatten() {
+        if let Some(id) = id.as_u64() {
+            let is_byte = token.len() == 6 && token.starts_with("<0x") && token.ends_with('>');
+            by_id.insert(id as u32, (token.clone(), if is_byte { BYTE } else { NORMAL }, 0.0));
+            id_of.insert(token.clone(), id as u32);
+        }
+    }
+    for (rank, merge) in merges(model).iter().enumerate() {
+        let Some((a, b)) = merge.split_once(' ') else { continue };
+        if let Some(entry) = id_of.get(&format!("{a}{b}")).and_then(|id| by_id.get_mut(id)) {
+            if entry.2 == 0.0 {
+                entry.2 = -(rank as f32) - 1.0;
+            }
+        }
+    }
+    for (id, content, kind) in added_tokens(json) {
+        by_id.insert(id as u32, (content, kind, -1000.0));
+    }
+    let unk = model["unk_token"].as_str().and_then(|t| id_of.get(t)).copied();
+    if let Some(entry) = unk.and_then(|id| by_id.get_mut(&id)) {
+        entry.1 = 2; // UNKNOWN
+    }
+    let rows = rows.max(by_id.keys().next_back().map_or(0, |&i| i as usize + 1));
+    let (mut tokens, mut types, mut scores) =
+        (Vec::with_capacity(rows), Vec::with_capacity(rows), Vec::with_capacity(rows));
+    for i in 0..rows {
+        let (t, k, s) = by_id.remove(&(i as u32)).unwrap_or_else(|| (format!("[PAD{i}]"), UNUSED, -1000.0));
+        tokens.push(t);
+        types.push(k);
+        scores.push(Value::F32(s));
+    }
+    // a normalizer or pre-tokenizer that puts "▁" before the text
+    let add_space_prefix = [&json["normalizer"], &json["pre_tokenizer"]].iter().any(|v| {
+        let v = v.to_string();
+        v.contains("\"Prepend\"")
+            || v.contains("\"prepend_scheme\":\"always\"")
+            || v.contains("\"prepend_scheme\":\"first\"")
+            || v.contains("\"add_prefix_space\":true")
+    });
+    let mut kvs = vec![
+        ("tokenizer.ggml.model".to_string(), Value::String("llama".into())),
+        ("tokenizer.ggml.pre".to_string(), Value::String("default".into())),
+        ("tokenizer.ggml.scores".to_string(), Value::Array(scores)),
+        ("tokenizer.ggml.token_type".to_string(), ints(&types)),
+        ("tokenizer.ggml.add_space_prefix".to_string(), Value::Bool(add_space_prefix)),
+    ];
+    let mut ids = special_ids(dir, config, &tokens);
+    if let (false, Some(id)) = (ids.iter().any(|(k, _)| k == "tokenizer.ggml.unknown_token_id"), unk) {
+        ids.push(("tokenizer.ggml.unknown_token_id".into(), Value::U32(id)));
+    }
+    kvs.extend(ids);
     kvs.push(("tokenizer.ggml.tokens".to_string(), strings(tokens)));
     Ok(kvs)
 }
@@ -587,12 +788,36 @@ fn pre_tokenizer_name(tokenizer: &tokenizers::Tokenizer, json: &Json, path: &Pat
 }
 
 /// A SentencePiece tokenizer.model (`llama` in llama.cpp).
-fn tokenizer_from_sentencepiece(dir: &Path, config: &Json, rows: usize) -> Result<Vec<(String, Value)>> {
+/// ChatGLM3's special tokens, which its tokenizer (tokenization_chatglm.py) numbers from the end
+/// of its SentencePiece pieces on, in this order.
+const CHATGLM3_SPECIAL: [&str; 9] =
+    ["[MASK]", "[gMASK]", "[sMASK]", "sop", "eop", "<|system|>", "<|user|>", "<|assistant|>", "<|observation|>"];
+
+fn tokenizer_from_sentencepiece(dir: &Path, arch: &str, config: &Json, rows: usize) -> Result<Vec<(String, Value)>> {
     let path = dir.join("tokenizer.model");
     let pieces = crate::hub::sentencepiece::pieces(&path)?;
     let mut tokens: Vec<String> = pieces.tokens;
     let mut scores = pieces.scores;
     let mut types: Vec<i32> = pieces.kinds;
+    let mut pre = "default";
+    // ChatGLM3 as the converter's set_vocab_chatglm3 writes it: the first three pieces renamed,
+    // the special tokens after the pieces as control tokens, the rest padding scored 0
+    if arch == "chatglm" {
+        pre = "chatglm-spm";
+        for (i, name) in ["<unk>", "<bos>", "<eos>"].into_iter().enumerate().take(tokens.len()) {
+            tokens[i] = name.to_string();
+        }
+        for name in CHATGLM3_SPECIAL {
+            tokens.push(name.to_string());
+            scores.push(0.0);
+            types.push(CONTROL);
+        }
+        while tokens.len() < rows {
+            tokens.push(format!("[PAD{}]", tokens.len()));
+            scores.push(0.0);
+            types.push(UNUSED);
+        }
+    }
     // added tokens beyond the model's pieces (tokenizer.json), as the converter adds them
     if let Ok(json) = read_json(&dir.join("tokenizer.json")) {
         for (id, content, kind) in added_tokens(&json) {
@@ -612,7 +837,7 @@ fn tokenizer_from_sentencepiece(dir: &Path, config: &Json, rows: usize) -> Resul
     }
     let mut kvs = vec![
         ("tokenizer.ggml.model".to_string(), Value::String("llama".into())),
-        ("tokenizer.ggml.pre".to_string(), Value::String("default".into())),
+        ("tokenizer.ggml.pre".to_string(), Value::String(pre.into())),
         ("tokenizer.ggml.scores".to_string(), Value::Array(scores.into_iter().map(Value::F32).collect())),
         ("tokenizer.ggml.token_type".to_string(), ints(&types)),
     ];
@@ -640,7 +865,8 @@ mod tests {
         // 32 layers: the first and last four, and every third between
         let more: Vec<usize> = (0..32).filter(|&i| use_more_bits(i, 32)).collect();
         assert_eq!(more, vec![0, 1, 2, 3, 6, 9, 12, 15, 18, 21, 24, 27, 28, 29, 30, 31]);
-        let t = |c, layer, cols| tensor_type(GgufQuant::Q4KM, c, layer, 32, cols, 0);
+        let ctx = |quant, layers, experts, falcon| QuantContext { quant, layers, experts, falcon };
+        let t = |c, layer, cols| tensor_type(ctx(GgufQuant::Q4KM, 32, 0, false), c, layer, cols);
         assert_eq!(t(Category::FfnDown, 0, 4096), GgmlDType::Q6K);
         assert_eq!(t(Category::FfnDown, 4, 11008), GgmlDType::Q4K);
         assert_eq!(t(Category::AttnV, 6, 4096), GgmlDType::Q6K);
@@ -650,10 +876,29 @@ mod tests {
         assert_eq!(t(Category::Weight, 4, 576), GgmlDType::Q5_0);
         assert_eq!(t(Category::Output, 0, 576), GgmlDType::Q8_0);
         assert_eq!(t(Category::Vector, 0, 576), GgmlDType::F32);
-        // Mixtral's eight experts: attn_v in Q8_0
-        assert_eq!(tensor_type(GgufQuant::Q4KM, Category::AttnV, 4, 32, 4096, 8), GgmlDType::Q8_0);
-        assert_eq!(tensor_type(GgufQuant::Q8_0, Category::Weight, 0, 2, 48, 0), GgmlDType::F16);
-        assert_eq!(tensor_type(GgufQuant::F16, Category::Router, 0, 2, 64, 8), GgmlDType::F32);
+        // Mixtral's eight experts: attn_v and attn_k in Q8_0, attn_output in Q5_K
+        let mixtral = |c| tensor_type(ctx(GgufQuant::Q4KM, 32, 8, false), c, 4, 4096);
+        assert_eq!(mixtral(Category::AttnV), GgmlDType::Q8_0);
+        assert_eq!(mixtral(Category::AttnK), GgmlDType::Q8_0);
+        assert_eq!(mixtral(Category::AttnOutput), GgmlDType::Q5K);
+        // Falcon: the output in Q8_0; ffn_down Q6_K in the first sixteenth, Q5_K on more-bits layers
+        let falcon = |c, layer| tensor_type(ctx(GgufQuant::Q4KM, 32, 0, true), c, layer, 4544 / 64 * 256);
+        assert_eq!(falcon(Category::Output, 0), GgmlDType::Q8_0);
+        assert_eq!(falcon(Category::FfnDown, 1), GgmlDType::Q6K);
+        assert_eq!(falcon(Category::FfnDown, 3), GgmlDType::Q5K);
+        assert_eq!(falcon(Category::FfnDown, 4), GgmlDType::Q4K);
+        assert_eq!(tensor_type(ctx(GgufQuant::Q8_0, 2, 0, false), Category::Weight, 0, 48), GgmlDType::F16);
+        assert_eq!(tensor_type(ctx(GgufQuant::F16, 2, 8, false), Category::Router, 0, 64), GgmlDType::F32);
+    }
+
+    #[test]
+    fn categories_are_llama_quantizes_by_name() {
+        assert_eq!(Category::of("blk.3.attn_qkv.weight", 2, false), Category::AttnV);
+        assert_eq!(Category::of("blk.3.attn_qkv.bias", 1, false), Category::Vector);
+        assert_eq!(Category::of("token_embd.weight", 2, true), Category::Output);
+        assert_eq!(Category::of("token_embd.weight", 2, false), Category::TokenEmbd);
+        assert_eq!(Category::of("blk.0.ffn_down_exps.weight", 3, false), Category::FfnDown);
+        assert_eq!(Category::of("blk.0.ffn_gate_inp.weight", 2, false), Category::Router);
     }
 
     #[test]
