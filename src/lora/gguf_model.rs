@@ -221,6 +221,9 @@ struct QuantContext {
     experts: usize,
     /// llama-quantize has rules of its own for Falcon.
     falcon: bool,
+    /// llama.cpp's LLM_TYPE_70B (a llama of 80 layers with grouped KV heads): attn_v, 8× smaller
+    /// than attn_q there, gets Q5_K where it would get Q4_K.
+    llama_70b: bool,
 }
 
 /// The tensor type llama.cpp's converter (F16, Q8_0) or llama-quantize (Q4_K_M) gives a tensor
@@ -239,6 +242,7 @@ fn tensor_type(ctx: QuantContext, category: Category, layer: usize, cols: usize)
             Category::Output => T::Q6K,
             Category::AttnV | Category::AttnK if eight_experts => T::Q8_0,
             Category::AttnV if use_more_bits(layer, layers) => T::Q6K,
+            Category::AttnV if ctx.llama_70b => T::Q5K,
             Category::FfnDown if ctx.falcon && layer < layers / 16 => T::Q6K,
             Category::FfnDown if ctx.falcon && use_more_bits(layer, layers) => T::Q5K,
             Category::FfnDown if !ctx.falcon && use_more_bits(layer, layers) => T::Q6K,
@@ -273,7 +277,8 @@ fn plan_tensors(
         MlpKind::Moe { experts, .. } => experts,
         _ => 0,
     };
-    let ctx = QuantContext { quant, layers: spec.layers, experts, falcon: arch == "falcon" };
+    let llama_70b = arch == "llama" && experts == 0 && spec.layers == 80 && spec.heads != spec.kv_heads;
+    let ctx = QuantContext { quant, layers: spec.layers, experts, falcon: arch == "falcon", llama_70b };
     let shape_of = |key: &str| -> Result<Vec<usize>> {
         shapes.get(key).cloned().ok_or_else(|| Error::bad_entry(dir, key, "missing from the merged checkpoint"))
     };
@@ -428,10 +433,26 @@ pub fn write_gguf_model(
             parts.push(t);
         }
         let t = if parts.len() == 1 { parts.remove(0) } else { Tensor::stack(&parts, 0)? };
-        Ok(QTensor::quantize(&t, p.entry.ggml)?)
+        quantize(&t, p.entry.ggml)
     };
     let entries: Vec<TensorEntry> = plan.iter().map(|p| p.entry.clone()).collect();
     write_gguf_file(out, &metadata, &entries, produce)
+}
+
+/// `t` in `ggml`: the k-quants as ggml itself quantizes them (quant::k_quants, byte for byte
+/// llama-quantize's), the rest through candle (Q8_0 and Q5_0 match ggml's within float
+/// rounding of the input).
+fn quantize(t: &Tensor, ggml: GgmlDType) -> Result<QTensor> {
+    use crate::quant::k_quants;
+    let k_quant: fn(&[f32]) -> Vec<u8> = match ggml {
+        GgmlDType::Q4K => k_quants::quantize_q4_k,
+        GgmlDType::Q5K => k_quants::quantize_q5_k,
+        GgmlDType::Q6K => k_quants::quantize_q6_k,
+        _ => return Ok(QTensor::quantize(t, ggml)?),
+    };
+    let values = t.flatten_all()?.to_vec1::<f32>()?;
+    let bytes = k_quant(&values);
+    Ok(candle_core::quantized::ggml_file::qtensor_from_ggml(ggml, &bytes, t.dims().to_vec(), t.device())?)
 }
 
 /// The architecture's hyper-parameters as convert_hf_to_gguf.py writes them.
@@ -865,7 +886,7 @@ mod tests {
         // 32 layers: the first and last four, and every third between
         let more: Vec<usize> = (0..32).filter(|&i| use_more_bits(i, 32)).collect();
         assert_eq!(more, vec![0, 1, 2, 3, 6, 9, 12, 15, 18, 21, 24, 27, 28, 29, 30, 31]);
-        let ctx = |quant, layers, experts, falcon| QuantContext { quant, layers, experts, falcon };
+        let ctx = |quant, layers, experts, falcon| QuantContext { quant, layers, experts, falcon, llama_70b: false };
         let t = |c, layer, cols| tensor_type(ctx(GgufQuant::Q4KM, 32, 0, false), c, layer, cols);
         assert_eq!(t(Category::FfnDown, 0, 4096), GgmlDType::Q6K);
         assert_eq!(t(Category::FfnDown, 4, 11008), GgmlDType::Q4K);
@@ -887,6 +908,10 @@ mod tests {
         assert_eq!(falcon(Category::FfnDown, 1), GgmlDType::Q6K);
         assert_eq!(falcon(Category::FfnDown, 3), GgmlDType::Q5K);
         assert_eq!(falcon(Category::FfnDown, 4), GgmlDType::Q4K);
+        // a 70B llama: attn_v in Q5_K off the more-bits layers
+        let seventy = QuantContext { llama_70b: true, ..ctx(GgufQuant::Q4KM, 80, 0, false) };
+        assert_eq!(tensor_type(seventy, Category::AttnV, 11, 8192), GgmlDType::Q5K);
+        assert_eq!(tensor_type(seventy, Category::AttnV, 12, 8192), GgmlDType::Q6K);
         assert_eq!(tensor_type(ctx(GgufQuant::Q8_0, 2, 0, false), Category::Weight, 0, 48), GgmlDType::F16);
         assert_eq!(tensor_type(ctx(GgufQuant::F16, 2, 8, false), Category::Router, 0, 64), GgmlDType::F32);
     }

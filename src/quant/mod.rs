@@ -4,6 +4,7 @@
 pub mod bf16_matmul;
 pub mod bnb;
 pub mod frozen_linear;
+pub mod k_quants;
 pub mod nf4;
 pub mod nf4_device;
 
