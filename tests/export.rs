@@ -874,6 +874,18 @@ fn q4_k_m_tensor_types_follow_llama_quantize() {
     assert_eq!(gguf.content.metadata["general.file_type"].to_u32().unwrap(), 15, "llama.cpp's MOSTLY_Q4_K_M");
 }
 
+/// Fixture `name`'s adapter merged onto `base` as safetensors (in `tmp`/merged) and exported onto
+/// it as an F16 GGUF: the merged checkpoint's folder and the file.
+fn merged_and_f16_gguf(tmp: &Path, name: &str, base: &Path) -> (PathBuf, Gguf) {
+    use qlora_studio::lora::gguf_model::GgufQuant;
+    let merged = tmp.join("merged");
+    write_merged_model(&adapter(name), base, &merged, &MergeOptions::default(), &ExportInfo::default()).unwrap();
+    let out = tmp.join("m.gguf");
+    export(&request(&model_dir(name).join("adapter"), ExportFormat::GgufModel(GgufQuant::F16), Some(base), &out))
+        .unwrap_or_else(|e| panic!("{name}: {e}"));
+    (merged, Gguf::read(&out))
+}
+
 /// A model whose graph llama.cpp would compute differently is refused before anything is merged
 /// or written, naming the family: llama.cpp applies RoPE to Baichuan at 32 layers only and ALiBi
 /// at 40 only, and the fixtures have 2.
@@ -966,7 +978,6 @@ fn llama_cpp_tensors(arch: &str) -> (Vec<&'static str>, Vec<&'static str>) {
 /// dropped or doubled). llama.cpp itself runs these files in scripts/llama-cpp-check/fixtures.sh.
 #[test]
 fn merged_gguf_of_every_family_is_what_llama_cpp_loads() {
-    use qlora_studio::lora::gguf_model::GgufQuant;
     for name in DENSE_FIXTURES {
         let tmp = tempfile::tempdir().unwrap();
         let base = fixture_with_tokenizer(tmp.path(), name);
@@ -978,10 +989,7 @@ fn merged_gguf_of_every_family_is_what_llama_cpp_loads() {
         }
         let spec = qlora_studio::lora::export::spec_of(&base).unwrap();
         let arch = spec.gguf_arch.clone().unwrap();
-        let out = tmp.path().join("m.gguf");
-        let req = request(&model_dir(name).join("adapter"), ExportFormat::GgufModel(GgufQuant::F16), Some(&base), &out);
-        export(&req).unwrap_or_else(|e| panic!("{name}: {e}"));
-        let gguf = Gguf::read(&out);
+        let (merged, gguf) = merged_and_f16_gguf(tmp.path(), name, &base);
         assert_eq!(gguf.string("general.architecture"), arch, "{name}");
         let (global, layer) = llama_cpp_tensors(&arch);
         for t in gguf.names() {
@@ -1006,8 +1014,6 @@ fn merged_gguf_of_every_family_is_what_llama_cpp_loads() {
             assert!(gguf.content.metadata.contains_key(&format!("{arch}.{key}")), "{name}: no {arch}.{key}");
         }
         // every weight once: the sum of squares of the file is the merged checkpoint's
-        let merged = tmp.path().join("merged");
-        write_merged_model(&adapter(name), &base, &merged, &MergeOptions::default(), &ExportInfo::default()).unwrap();
         let ckpt = SafetensorsFile::open(merged.join("model.safetensors")).unwrap();
         let energy =
             |t: &Tensor| t.to_dtype(DType::F64).unwrap().sqr().unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap();
@@ -1034,7 +1040,6 @@ fn merged_gguf_of_every_family_is_what_llama_cpp_loads() {
 /// is applied to the output rows, which llama.cpp does not do.
 #[test]
 fn merged_gguf_reorders_fused_qkv_and_normalizes_baichuan2_head() {
-    use qlora_studio::lora::gguf_model::GgufQuant;
     for name in ["falcon_40b_style", "bloom", "baichuan2_7b"] {
         let tmp = tempfile::tempdir().unwrap();
         let base = fixture_with_tokenizer(tmp.path(), name);
@@ -1042,12 +1047,7 @@ fn merged_gguf_reorders_fused_qkv_and_normalizes_baichuan2_head() {
             deepen(&base, 32);
         }
         let spec = qlora_studio::lora::export::spec_of(&base).unwrap();
-        let merged = tmp.path().join("merged");
-        write_merged_model(&adapter(name), &base, &merged, &MergeOptions::default(), &ExportInfo::default()).unwrap();
-        let out = tmp.path().join("m.gguf");
-        export(&request(&model_dir(name).join("adapter"), ExportFormat::GgufModel(GgufQuant::F16), Some(&base), &out))
-            .unwrap();
-        let gguf = Gguf::read(&out);
+        let (merged, gguf) = merged_and_f16_gguf(tmp.path(), name, &base);
         let ckpt = SafetensorsFile::open(merged.join("model.safetensors")).unwrap();
         let hf = |key: &str| ckpt.tensor(key, &Device::Cpu).unwrap().to_dtype(DType::F32).unwrap();
         let (nh, nkv, hd) = (spec.heads, spec.kv_heads, spec.head_dim);
@@ -1099,17 +1099,11 @@ fn merged_gguf_reorders_fused_qkv_and_normalizes_baichuan2_head() {
 /// f32, and the expert counts in the metadata; values as the merged checkpoint's.
 #[test]
 fn merged_gguf_of_mixtral_stacks_the_experts() {
-    use qlora_studio::lora::gguf_model::GgufQuant;
     let name = "mixtral";
     let fx = common::fixture_model(name);
     let tmp = tempfile::tempdir().unwrap();
     let base = fixture_with_tokenizer(tmp.path(), name);
-    let merged = tmp.path().join("merged");
-    write_merged_model(&adapter(name), &base, &merged, &MergeOptions::default(), &ExportInfo::default()).unwrap();
-    let out = tmp.path().join("m.gguf");
-    export(&request(&model_dir(name).join("adapter"), ExportFormat::GgufModel(GgufQuant::F16), Some(&base), &out))
-        .unwrap();
-    let gguf = Gguf::read(&out);
+    let (merged, gguf) = merged_and_f16_gguf(tmp.path(), name, &base);
     let experts = fx.config["num_local_experts"].as_u64().unwrap() as usize;
     assert_eq!(gguf.content.metadata["llama.expert_count"].to_u32().unwrap() as usize, experts);
     assert_eq!(

@@ -13,8 +13,11 @@ and answers each prompt greedily with
   - llama-completion with `--lora` on the exported adapter, over the NF4-dequantized base written
     as an F16 GGUF (the base the adapter was trained on), and over the original Q4_1 base GGUF (not
     the weights it was trained on: agreement, not identity),
-  - llama-completion on llama-quantize's own Q8_0 of our F16 (what llama.cpp's tools make from it),
-then prints, per variant, how many answers are the same text as ours.
+  - llama-completion on llama-quantize's own Q8_0 and Q4_K_M of our F16 (what llama.cpp's tools
+    make from it; compare_quant.py also compares our Q4_K_M with llama-quantize's tensor by tensor),
+then prints, per variant, how many answers are the same text as ours; and, for the merged F16 file,
+how many of llama.cpp's answers are the same text as qlora-studio's on that same file (imported),
+which tells a difference of the file from one of rounding the merged weights to f16.
 
 The prompt llama.cpp gets is the GGUF's own tokenizer.chat_template (read back from the exported
 file) rendered with jinja2 for one user turn, so the template in the file is checked too.
@@ -81,7 +84,8 @@ def llama_answer(llama_bin, model, prompt, max_tokens, lora=None):
 
 
 def ours_answer(qls, base, checkpoint, question, max_tokens):
-    out = run([qls, "generate", "--model", base, "--adapter", checkpoint, "--chat", "--prompt", question,
+    adapter = ["--adapter", checkpoint] if checkpoint else []
+    out = run([qls, "generate", "--model", base, *adapter, "--chat", "--prompt", question,
                "--max-tokens", str(max_tokens), "--temperature", "0"]).stdout
     return out.strip()
 
@@ -128,6 +132,12 @@ def main():
     requant = os.path.join(args.out, "llama-quantize-q8_0.gguf")
     run([os.path.join(args.llama_bin, "llama-quantize"), files["f16"], requant, "Q8_0"])
     log("llama-quantize made Q8_0 from our F16")
+    requant_q4 = os.path.join(args.out, "llama-quantize-q4_k_m.gguf")
+    run([os.path.join(args.llama_bin, "llama-quantize"), files["f16"], requant_q4, "Q4_K_M"])
+    compare = os.path.join(os.path.dirname(os.path.abspath(__file__)), "compare_quant.py")
+    for line in subprocess.run([sys.executable, compare, files["q4_k_m"], requant_q4, files["f16"]], check=True,
+                               capture_output=True, text=True).stdout.splitlines():
+        log(f"our Q4_K_M against llama-quantize's: {line}")
     for path in [files["q4_k_m"]]:
         reader = gguf.GGUFReader(path)
         kinds = {}
@@ -142,6 +152,7 @@ def main():
         "merged Q8_0": lambda p: llama_answer(args.llama_bin, files["q8_0"], p, args.max_tokens),
         "merged Q4_K_M": lambda p: llama_answer(args.llama_bin, files["q4_k_m"], p, args.max_tokens),
         "llama-quantize Q8_0 of our F16": lambda p: llama_answer(args.llama_bin, requant, p, args.max_tokens),
+        "llama-quantize Q4_K_M of our F16": lambda p: llama_answer(args.llama_bin, requant_q4, p, args.max_tokens),
         "NF4 base (F16) + --lora adapter": lambda p: llama_answer(args.llama_bin, nf4_base, p, args.max_tokens, adapter),
         "Q4_1 base GGUF + --lora adapter": lambda p: llama_answer(args.llama_bin, args.base, p, args.max_tokens, adapter),
     }
@@ -158,6 +169,10 @@ def main():
         rows.append(row)
         diffs = [k for k in variants if row[k] != ours]
         log(f"[{i + 1}/{len(questions)}] {q!r} -> {ours!r}" + (f"  (differs: {', '.join(diffs)})" if diffs else ""))
+    same_file = 0
+    for row in rows:
+        row["qlora-studio on merged F16"] = ours_answer(args.bin, files["f16"], None, row["question"], args.max_tokens)
+        same_file += row["qlora-studio on merged F16"] == row["merged F16"]
     with open(os.path.join(args.out, "answers.jsonl"), "w") as f:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
@@ -165,6 +180,7 @@ def main():
           "answers the same text as qlora-studio's (base + adapter):")
     for name in variants:
         print(f"  {name:36s} {same[name]:3d} / {len(questions)}")
+    print(f"  llama.cpp on merged F16 against qlora-studio on the same file: {same_file} / {len(questions)}")
     for row in rows:
         for name in variants:
             if row[name] != row["qlora-studio"]:

@@ -180,9 +180,10 @@ fn scale_min(j: usize, q: &[u8]) -> (u8, u8) {
     }
 }
 
-/// One Q4_K/Q5_K super-block's levels (0..=nmax per value) with its packed scales: the shared
-/// part of `quantize_row_q4_K_ref` and `quantize_row_q5_K_ref`.
-fn asymmetric_block(x: &[f32], nmax: i32, rmin: f32, nstep: i32, scales_out: &mut [u8]) -> (f16, f16, [u8; QK_K]) {
+/// One Q4_K/Q5_K super-block's levels (0..=nmax per value), its header (d, dmin and the packed
+/// scales, 16 bytes) written: the shared part of `quantize_row_q4_K_ref` and `_q5_K_ref`.
+fn asymmetric_block(x: &[f32], nmax: i32, rmin: f32, nstep: i32, header: &mut [u8]) -> [u8; QK_K] {
+    let (dm, scales_out) = header[..16].split_at_mut(4);
     let mut l = [0u8; QK_K];
     let (mut scales, mut mins) = ([0.0f32; 8], [0.0f32; 8]);
     let mut weights = [0.0f32; 32];
@@ -205,12 +206,14 @@ fn asymmetric_block(x: &[f32], nmax: i32, rmin: f32, nstep: i32, scales_out: &mu
         if d == 0.0 {
             continue;
         }
-        let dm = dmin.to_f32() * m as f32;
+        let m = dmin.to_f32() * m as f32;
         for ii in 0..32 {
-            l[32 * j + ii] = nearest_int((x[32 * j + ii] + dm) / d).clamp(0, nmax) as u8;
+            l[32 * j + ii] = nearest_int((x[32 * j + ii] + m) / d).clamp(0, nmax) as u8;
         }
     }
-    (d, dmin, l)
+    dm[0..2].copy_from_slice(&d.to_le_bytes());
+    dm[2..4].copy_from_slice(&dmin.to_le_bytes());
+    l
 }
 
 /// Bytes per super-block of each type.
@@ -222,9 +225,7 @@ pub const Q6K_BYTES: usize = 210;
 pub fn quantize_q4_k(x: &[f32]) -> Vec<u8> {
     let mut out = vec![0u8; x.len() / QK_K * Q4K_BYTES];
     out.par_chunks_exact_mut(Q4K_BYTES).zip(x.par_chunks_exact(QK_K)).for_each(|(y, x)| {
-        let (d, dmin, l) = asymmetric_block(x, 15, -1.0, 20, &mut y[4..16]);
-        y[0..2].copy_from_slice(&d.to_le_bytes());
-        y[2..4].copy_from_slice(&dmin.to_le_bytes());
+        let l = asymmetric_block(x, 15, -1.0, 20, y);
         let q = &mut y[16..];
         for (c, j) in (0..QK_K).step_by(64).enumerate() {
             for i in 0..32 {
@@ -239,9 +240,7 @@ pub fn quantize_q4_k(x: &[f32]) -> Vec<u8> {
 pub fn quantize_q5_k(x: &[f32]) -> Vec<u8> {
     let mut out = vec![0u8; x.len() / QK_K * Q5K_BYTES];
     out.par_chunks_exact_mut(Q5K_BYTES).zip(x.par_chunks_exact(QK_K)).for_each(|(y, x)| {
-        let (d, dmin, l) = asymmetric_block(x, 31, -0.5, 15, &mut y[4..16]);
-        y[0..2].copy_from_slice(&d.to_le_bytes());
-        y[2..4].copy_from_slice(&dmin.to_le_bytes());
+        let l = asymmetric_block(x, 31, -0.5, 15, y);
         let (qh, ql) = y[16..].split_at_mut(32);
         let (mut m1, mut m2) = (1u8, 2u8);
         for (c, n) in (0..QK_K).step_by(64).enumerate() {
