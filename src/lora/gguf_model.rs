@@ -651,8 +651,8 @@ fn tokenizer_from_json(dir: &Path, arch: &str, config: &Json, rows: usize) -> Re
         return Err(Error::bad_entry(
             &path,
             "model.type",
-            "only BPE tokenizers (byte-level or SentencePiece-style) or a SentencePiece tokenizer.model can be \
-             written to GGUF; export a merged model (safetensors) instead",
+            "only a byte-level BPE or a SentencePiece-style BPE tokenizer.json, or a SentencePiece tokenizer.model, \
+             can be written to GGUF; export a merged model (safetensors) instead",
         ));
     }
     let mut by_id: BTreeMap<u32, (String, i32)> = BTreeMap::new();
