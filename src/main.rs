@@ -283,7 +283,13 @@ enum BenchCommand {
 fn main() -> std::process::ExitCode {
     qlora_studio::memory::record_startup_rss();
     qlora_studio::model::ops::configure_cpu_thread_pools();
-    match run(Cli::parse()) {
+    let cli = Cli::parse();
+    // the window trains in a child process (`train-worker`), which keeps its memory; the
+    // window itself hands freed memory back
+    if !matches!(cli.command, None | Some(Command::Gui)) {
+        memory::keep_freed_memory_for_reuse();
+    }
+    match run(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
