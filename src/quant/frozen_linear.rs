@@ -347,7 +347,9 @@ fn with_dequantized<R>(
     let scratch = SCRATCH.with(|s| s.borrow_mut().take());
     let storage = match (scratch, dtype) {
         (Some(CpuStorage::F32(mut v)), DType::F32) => {
-            fill(&mut v, q, |x| x);
+            v.truncate(q.numel());
+            v.resize(q.numel(), 0.0);
+            q.dequantize_f32_into(&mut v);
             CpuStorage::F32(v)
         }
         (Some(CpuStorage::BF16(mut v)), DType::BF16) => {

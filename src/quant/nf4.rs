@@ -222,8 +222,21 @@ impl Nf4Tensor {
     /// Dequantize to f32 (§4, §5.4).
     pub fn dequantize_f32(&self) -> Vec<f32> {
         let mut out = vec![0f32; self.numel()];
-        self.dequantize_into(&mut out, |v| v);
+        self.dequantize_f32_into(&mut out);
         out
+    }
+
+    /// `dequantize_f32` into `out`: sixteen codes at a time where the CPU has AVX-512 (the same
+    /// bits: the same f32 products), else element by element. A QLoRA step in f32 dequantizes
+    /// every frozen weight in its forward and again in its backward.
+    pub fn dequantize_f32_into(&self, out: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if self.blocksize.is_multiple_of(32) && std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: AVX-512F checked above; a full block reads bs / 2 bytes.
+            self.for_each_block(out, |bytes, scale, block| unsafe { dequant_block_f32(bytes, scale, block) });
+            return;
+        }
+        self.dequantize_into(out, |v| v);
     }
 
     /// Dequantize to bf16, the f32 product rounded once to nearest even.
@@ -319,6 +332,36 @@ unsafe fn dequant_block_bf16(bytes: &[u8], scale: f32, block: &mut [bf16]) {
         let byte = bytes[e / 2];
         let code = if e % 2 == 0 { byte >> 4 } else { byte & 15 };
         *out = bf16::from_f32(NF4_CODE[code as usize] * scale);
+    }
+}
+
+/// One block of codes to f32: a full block 32 codes at a time (the high nibble first, as the
+/// even element), a short last block by element.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn dequant_block_f32(bytes: &[u8], scale: f32, block: &mut [f32]) {
+    use std::arch::x86_64::{
+        _mm512_and_si512, _mm512_cvtepu8_epi32, _mm512_loadu_ps, _mm512_mul_ps, _mm512_permutex2var_ps,
+        _mm512_permutexvar_ps, _mm512_set1_epi32, _mm512_set1_ps, _mm512_setr_epi32, _mm512_srli_epi32,
+        _mm512_storeu_ps, _mm_loadu_si128,
+    };
+    let table = _mm512_loadu_ps(NF4_CODE.as_ptr());
+    let scale_v = _mm512_set1_ps(scale);
+    // even i and odd i interleaved: element 2j of a half is even[j], 2j + 1 is odd[j]
+    let first = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+    let second = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+    let full = block.len() / 32;
+    for i in 0..full {
+        let codes = _mm512_cvtepu8_epi32(_mm_loadu_si128(bytes.as_ptr().add(16 * i) as *const _));
+        let even = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(codes, 4), table), scale_v);
+        let odd = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_and_si512(codes, _mm512_set1_epi32(15)), table), scale_v);
+        _mm512_storeu_ps(block.as_mut_ptr().add(32 * i), _mm512_permutex2var_ps(even, first, odd));
+        _mm512_storeu_ps(block.as_mut_ptr().add(32 * i + 16), _mm512_permutex2var_ps(even, second, odd));
+    }
+    for (e, out) in block.iter_mut().enumerate().skip(full * 32) {
+        let byte = bytes[e / 2];
+        let code = if e % 2 == 0 { byte >> 4 } else { byte & 15 };
+        *out = NF4_CODE[code as usize] * scale;
     }
 }
 
@@ -490,6 +533,18 @@ mod tests {
         assert_eq!(q.absmax, Absmax::Plain(vec![0.5, 0.0]));
         assert!(q.packed[32..].iter().all(|&b| b == 0x77));
         assert!(q.dequantize_f32()[64..].iter().all(|&v| v == 0.0));
+    }
+
+    #[test]
+    fn vectorized_f32_dequantization_gives_the_scalar_bits() {
+        let values: Vec<f32> = (0..64 * 7 + 5).map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.013).collect();
+        for double_quant in [false, true] {
+            let q = quantize(&values, &[values.len()], FloatType::F32, 64, double_quant).unwrap();
+            let mut scalar = vec![0f32; q.numel()];
+            q.dequantize_into(&mut scalar, |v| v);
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&q.dequantize_f32()), bits(&scalar));
+        }
     }
 
     #[test]
