@@ -524,6 +524,7 @@ fn read_json(path: &Path) -> Result<Json> {
 
 // llama.cpp's token types
 const NORMAL: i32 = 1;
+const UNKNOWN: i32 = 2;
 const CONTROL: i32 = 3;
 const USER_DEFINED: i32 = 4;
 const UNUSED: i32 = 5;
@@ -736,7 +737,7 @@ fn tokenizer_from_sentencepiece_json(
     }
     let unk = model["unk_token"].as_str().and_then(|t| id_of.get(t)).copied();
     if let Some(entry) = unk.and_then(|id| by_id.get_mut(&id)) {
-        entry.1 = 2; // UNKNOWN
+        entry.1 = UNKNOWN;
     }
     let rows = rows.max(by_id.keys().next_back().map_or(0, |&i| i as usize + 1));
     let (mut tokens, mut types, mut scores) =
@@ -808,23 +809,23 @@ fn pre_tokenizer_name(tokenizer: &tokenizers::Tokenizer, json: &Json, path: &Pat
     }
 }
 
-/// A SentencePiece tokenizer.model (`llama` in llama.cpp).
 /// ChatGLM3's special tokens, which its tokenizer (tokenization_chatglm.py) numbers from the end
 /// of its SentencePiece pieces on, in this order.
 const CHATGLM3_SPECIAL: [&str; 9] =
     ["[MASK]", "[gMASK]", "[sMASK]", "sop", "eop", "<|system|>", "<|user|>", "<|assistant|>", "<|observation|>"];
 
+/// A SentencePiece tokenizer.model (`llama` in llama.cpp).
 fn tokenizer_from_sentencepiece(dir: &Path, arch: &str, config: &Json, rows: usize) -> Result<Vec<(String, Value)>> {
     let path = dir.join("tokenizer.model");
     let pieces = crate::hub::sentencepiece::pieces(&path)?;
     let mut tokens: Vec<String> = pieces.tokens;
     let mut scores = pieces.scores;
     let mut types: Vec<i32> = pieces.kinds;
-    let mut pre = "default";
+    let (mut pre, mut pad_score) = ("default", -1000.0);
     // ChatGLM3 as the converter's set_vocab_chatglm3 writes it: the first three pieces renamed,
-    // the special tokens after the pieces as control tokens, the rest padding scored 0
+    // the special tokens after the pieces as control tokens, the padding scored 0
     if arch == "chatglm" {
-        pre = "chatglm-spm";
+        (pre, pad_score) = ("chatglm-spm", 0.0);
         for (i, name) in ["<unk>", "<bos>", "<eos>"].into_iter().enumerate().take(tokens.len()) {
             tokens[i] = name.to_string();
         }
@@ -833,29 +834,24 @@ fn tokenizer_from_sentencepiece(dir: &Path, arch: &str, config: &Json, rows: usi
             scores.push(0.0);
             types.push(CONTROL);
         }
-        while tokens.len() < rows {
+    }
+    // ids missing up to `end` become `[PAD{id}]`, unused, as the converter pads them
+    let mut pad_to = |end: usize, tokens: &mut Vec<String>, types: &mut Vec<i32>| {
+        while tokens.len() < end {
             tokens.push(format!("[PAD{}]", tokens.len()));
-            scores.push(0.0);
+            scores.push(pad_score);
             types.push(UNUSED);
         }
-    }
+    };
     // added tokens beyond the model's pieces (tokenizer.json), as the converter adds them
     if let Ok(json) = read_json(&dir.join("tokenizer.json")) {
         for (id, content, kind) in added_tokens(&json) {
-            while tokens.len() <= id {
-                tokens.push(format!("[PAD{}]", tokens.len()));
-                scores.push(-1000.0);
-                types.push(UNUSED);
-            }
+            pad_to(id + 1, &mut tokens, &mut types);
             tokens[id] = content;
             types[id] = kind;
         }
     }
-    while tokens.len() < rows {
-        tokens.push(format!("[PAD{}]", tokens.len()));
-        scores.push(-1000.0);
-        types.push(UNUSED);
-    }
+    pad_to(rows, &mut tokens, &mut types);
     let mut kvs = vec![
         ("tokenizer.ggml.model".to_string(), Value::String("llama".into())),
         ("tokenizer.ggml.pre".to_string(), Value::String(pre.into())),
