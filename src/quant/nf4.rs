@@ -306,63 +306,68 @@ impl Nf4Tensor {
     }
 }
 
+/// Sixteen bytes of codes (32 values) as f32: the high nibbles (the even elements) and the low
+/// nibbles (the odd ones), each looked up in the code table and scaled.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn decode_32(bytes: *const u8, scale: f32) -> (std::arch::x86_64::__m512, std::arch::x86_64::__m512) {
+    use std::arch::x86_64::{
+        _mm512_and_si512, _mm512_cvtepu8_epi32, _mm512_loadu_ps, _mm512_mul_ps, _mm512_permutexvar_ps,
+        _mm512_set1_epi32, _mm512_set1_ps, _mm512_srli_epi32, _mm_loadu_si128,
+    };
+    let table = _mm512_loadu_ps(NF4_CODE.as_ptr());
+    let scale = _mm512_set1_ps(scale);
+    let codes = _mm512_cvtepu8_epi32(_mm_loadu_si128(bytes as *const _));
+    let even = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(codes, 4), table), scale);
+    let odd = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_and_si512(codes, _mm512_set1_epi32(15)), table), scale);
+    (even, odd)
+}
+
+/// The elements of a block past its last full 32, element by element.
+fn dequant_tail<T>(bytes: &[u8], scale: f32, block: &mut [T], from: usize, convert: impl Fn(f32) -> T) {
+    for (e, out) in block.iter_mut().enumerate().skip(from) {
+        let byte = bytes[e / 2];
+        let code = if e % 2 == 0 { byte >> 4 } else { byte & 15 };
+        *out = convert(NF4_CODE[code as usize] * scale);
+    }
+}
+
 /// One block of codes to bf16: a full block 32 codes at a time, a short last block by element.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bf16")]
 unsafe fn dequant_block_bf16(bytes: &[u8], scale: f32, block: &mut [bf16]) {
     use std::arch::x86_64::{
-        __m256bh, __m256i, _mm512_and_si512, _mm512_cvtepu16_epi32, _mm512_cvtepu8_epi32, _mm512_cvtneps_pbh,
-        _mm512_loadu_ps, _mm512_mul_ps, _mm512_or_si512, _mm512_permutexvar_ps, _mm512_set1_epi32, _mm512_set1_ps,
-        _mm512_slli_epi32, _mm512_srli_epi32, _mm512_storeu_si512, _mm_loadu_si128,
+        __m256bh, __m256i, _mm512_cvtepu16_epi32, _mm512_cvtneps_pbh, _mm512_or_si512, _mm512_slli_epi32,
+        _mm512_storeu_si512,
     };
-    let table = _mm512_loadu_ps(NF4_CODE.as_ptr());
-    let scale_v = _mm512_set1_ps(scale);
     let full = block.len() / 32;
     for i in 0..full {
-        let codes = _mm512_cvtepu8_epi32(_mm_loadu_si128(bytes.as_ptr().add(16 * i) as *const _));
-        // the even element is the high nibble
-        let even = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(codes, 4), table), scale_v);
-        let odd = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_and_si512(codes, _mm512_set1_epi32(15)), table), scale_v);
+        let (even, odd) = decode_32(bytes.as_ptr().add(16 * i), scale);
         let even16 = _mm512_cvtepu16_epi32(std::mem::transmute::<__m256bh, __m256i>(_mm512_cvtneps_pbh(even)));
         let odd16 = _mm512_cvtepu16_epi32(std::mem::transmute::<__m256bh, __m256i>(_mm512_cvtneps_pbh(odd)));
         let pairs = _mm512_or_si512(even16, _mm512_slli_epi32(odd16, 16));
         _mm512_storeu_si512(block.as_mut_ptr().add(32 * i) as *mut _, pairs);
     }
-    for (e, out) in block.iter_mut().enumerate().skip(full * 32) {
-        let byte = bytes[e / 2];
-        let code = if e % 2 == 0 { byte >> 4 } else { byte & 15 };
-        *out = bf16::from_f32(NF4_CODE[code as usize] * scale);
-    }
+    dequant_tail(bytes, scale, block, full * 32, bf16::from_f32);
 }
 
-/// One block of codes to f32: a full block 32 codes at a time (the high nibble first, as the
-/// even element), a short last block by element.
+/// One block of codes to f32: a full block 32 codes at a time, even and odd elements
+/// interleaved back, a short last block by element.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn dequant_block_f32(bytes: &[u8], scale: f32, block: &mut [f32]) {
-    use std::arch::x86_64::{
-        _mm512_and_si512, _mm512_cvtepu8_epi32, _mm512_loadu_ps, _mm512_mul_ps, _mm512_permutex2var_ps,
-        _mm512_permutexvar_ps, _mm512_set1_epi32, _mm512_set1_ps, _mm512_setr_epi32, _mm512_srli_epi32,
-        _mm512_storeu_ps, _mm_loadu_si128,
-    };
-    let table = _mm512_loadu_ps(NF4_CODE.as_ptr());
-    let scale_v = _mm512_set1_ps(scale);
-    // even i and odd i interleaved: element 2j of a half is even[j], 2j + 1 is odd[j]
+    use std::arch::x86_64::{_mm512_permutex2var_ps, _mm512_setr_epi32, _mm512_storeu_ps};
+    // element 2j of a half is even[j], 2j + 1 is odd[j]
     let first = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
     let second = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
     let full = block.len() / 32;
     for i in 0..full {
-        let codes = _mm512_cvtepu8_epi32(_mm_loadu_si128(bytes.as_ptr().add(16 * i) as *const _));
-        let even = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(codes, 4), table), scale_v);
-        let odd = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_and_si512(codes, _mm512_set1_epi32(15)), table), scale_v);
+        let (even, odd) = decode_32(bytes.as_ptr().add(16 * i), scale);
         _mm512_storeu_ps(block.as_mut_ptr().add(32 * i), _mm512_permutex2var_ps(even, first, odd));
         _mm512_storeu_ps(block.as_mut_ptr().add(32 * i + 16), _mm512_permutex2var_ps(even, second, odd));
     }
-    for (e, out) in block.iter_mut().enumerate().skip(full * 32) {
-        let byte = bytes[e / 2];
-        let code = if e % 2 == 0 { byte >> 4 } else { byte & 15 };
-        *out = NF4_CODE[code as usize] * scale;
-    }
+    dequant_tail(bytes, scale, block, full * 32, |v| v);
 }
 
 /// Quantization thresholds m_i = (c_i + c_{i+1}) / 2 computed in f32 (§2).
