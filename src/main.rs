@@ -284,8 +284,8 @@ fn main() -> std::process::ExitCode {
     qlora_studio::memory::record_startup_rss();
     qlora_studio::model::ops::configure_cpu_thread_pools();
     let cli = Cli::parse();
-    // the window trains in a child process (`train-worker`), which keeps its memory; the
-    // window itself hands freed memory back
+    // every command but the window keeps freed memory until it exits; the window's runs train
+    // in a `train-worker` child, so the long-lived window still hands freed memory back
     if !matches!(cli.command, None | Some(Command::Gui)) {
         memory::keep_freed_memory_for_reuse();
     }

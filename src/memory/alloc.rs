@@ -77,7 +77,8 @@ unsafe impl GlobalAlloc for CountingAllocator {
 /// a page fault and the kernel's zeroing for every page of every large tensor, each step (a
 /// tenth of a CPU step at sequence 1024). With blocks up to glibc's largest threshold (32 MiB)
 /// kept in the heap, the step reuses the same memory; the peak RSS is the same, since the peak
-/// of live tensors is what sets it. For processes that train; a no-op off glibc.
+/// of live tensors is what sets it. For processes that end when their work does (not the
+/// long-lived window); a no-op off glibc.
 pub fn keep_freed_memory_for_reuse() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only sets allocator parameters; called before the training threads start.
