@@ -10,7 +10,10 @@
 
 use candle_core::{CpuStorage, CudaStorage, CustomOp3, DType, Layout, Shape, Tensor};
 
+use rayon::prelude::*;
+
 use super::ops::{self, ScoreMask};
+use crate::quant::bf16_matmul::{self, Lhs, Rhs};
 use crate::stash::Stash;
 
 type Res<T> = candle_core::Result<T>;
@@ -36,9 +39,12 @@ pub fn query_chunk(b: usize, heads: usize, queries: usize, keys: usize) -> usize
 }
 
 /// softmax(q·kᵀ/√d + mask)·v for q [b, heads, t, d], k and v [b, kv_heads, offset + t, d];
-/// returns [b, heads, t, d]. Scores and softmax are computed in f32.
-pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &AttentionMask) -> Res<Tensor> {
-    let plan = Plan::new(q, k, mask)?;
+/// returns [b, heads, t, d]. Scores and softmax are computed in f32. With `bf16_operands` (a
+/// CPU run in bf16, f32 activations) the matmuls round their operands to bf16 and sum in f32,
+/// as the frozen linears do and as torch's autocast runs attention's matmuls.
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &AttentionMask, bf16_operands: bool) -> Res<Tensor> {
+    let mut plan = Plan::new(q, k, mask)?;
+    plan.bf16_operands = bf16_operands && q.device().is_cpu() && q.dtype() == DType::F32;
     let out = plan.forward(&q.detach(), &k.detach(), &v.detach())?;
     if !(q.track_op() || k.track_op() || v.track_op()) {
         return Ok(out);
@@ -57,6 +63,8 @@ struct Plan {
     chunk: usize,
     scale: f64,
     mask: AttentionMask,
+    /// The matmuls take bf16 operands (`bf16_matmul`); f32 CPU tensors only.
+    bf16_operands: bool,
 }
 
 /// One chunk: queries `start..start + len`, seeing keys `lo..hi`.
@@ -81,7 +89,8 @@ impl Plan {
             );
         }
         let chunk = query_chunk(b, heads, t, keys);
-        Ok(Plan { b, heads, kv_heads, t, d, chunk, scale: 1.0 / (d as f64).sqrt(), mask: mask.clone() })
+        let scale = 1.0 / (d as f64).sqrt();
+        Ok(Plan { b, heads, kv_heads, t, d, chunk, scale, mask: mask.clone(), bf16_operands: false })
     }
 
     fn group(&self) -> usize {
@@ -118,7 +127,13 @@ impl Plan {
     /// The chunk's f32 probabilities [b, kv_heads, group·len, hi − lo].
     fn probs(&self, q: &Tensor, k: &Tensor, c: &Chunk) -> Res<Tensor> {
         let keys = c.hi - c.lo;
-        let scores = q.matmul(&k.t()?)?.reshape((self.b, self.kv_heads, self.group(), c.len, keys))?;
+        let scores = self.matmul((q, Operand::Plain), (k, Operand::Transposed))?.reshape((
+            self.b,
+            self.kv_heads,
+            self.group(),
+            c.len,
+            keys,
+        ))?;
         let mask = ScoreMask {
             scale: self.scale,
             query_start: self.mask.offset + c.start,
@@ -134,7 +149,7 @@ impl Plan {
         let mut outs = Vec::new();
         for c in self.chunks() {
             let p = self.probs(&self.grouped(q, &c)?, &self.keys(k, &c)?, &c)?.to_dtype(q.dtype())?;
-            outs.push(self.ungrouped(&p.matmul(&self.keys(v, &c)?)?, &c)?);
+            outs.push(self.ungrouped(&self.matmul((&p, Operand::Plain), (&self.keys(v, &c)?, Operand::Plain))?, &c)?);
         }
         Tensor::cat(&outs, 2)
     }
@@ -152,14 +167,57 @@ impl Plan {
             let (qc, kc, vc) = (self.grouped(q, &c)?, self.keys(k, &c)?, self.keys(v, &c)?);
             let go = self.grouped(&grad, &c)?;
             let p = self.probs(&qc, &kc, &c)?;
-            let dp = go.matmul(&vc.t()?)?.to_dtype(DType::F32)?;
+            let dp = self.matmul((&go, Operand::Plain), (&vc, Operand::Transposed))?.to_dtype(DType::F32)?;
             let ds = ops::softmax_backward(&p, &dp)?.to_dtype(dtype)?;
             drop(dp);
-            dqs.push(self.ungrouped(&(ds.matmul(&kc)? * self.scale)?, &c)?);
-            accumulate(&dk, &(ds.t()?.matmul(&qc)? * self.scale)?, c.lo)?;
-            accumulate(&dv, &p.to_dtype(dtype)?.t()?.matmul(&go)?, c.lo)?;
+            dqs.push(self.ungrouped(&(self.matmul((&ds, Operand::Plain), (&kc, Operand::Plain))? * self.scale)?, &c)?);
+            accumulate(&dk, &(self.matmul((&ds, Operand::Transposed), (&qc, Operand::Plain))? * self.scale)?, c.lo)?;
+            accumulate(&dv, &self.matmul((&p.to_dtype(dtype)?, Operand::Transposed), (&go, Operand::Plain))?, c.lo)?;
         }
         Ok((Tensor::cat(&dqs, 2)?, dk.to_dtype(dtype)?, dv.to_dtype(dtype)?))
+    }
+}
+
+/// How `Plan::matmul` reads its right-hand operand.
+#[derive(Clone, Copy, PartialEq)]
+enum Operand {
+    Plain,
+    Transposed,
+}
+
+impl Plan {
+    /// x · y batched over the leading dimensions, each operand given as it is (`Plain`) or as
+    /// its transpose (`Transposed`: the tensor holds xᵀ).
+    fn matmul(&self, (x, x_op): (&Tensor, Operand), (y, y_op): (&Tensor, Operand)) -> Res<Tensor> {
+        let as_is = |t: &Tensor, op| if op == Operand::Transposed { t.t() } else { Ok(t.clone()) };
+        if !self.bf16_operands {
+            return as_is(x, x_op)?.matmul(&as_is(y, y_op)?);
+        }
+        let last2 = |t: &Tensor, op| -> Res<(usize, usize)> {
+            let (r, c) = (t.dim(candle_core::D::Minus2)?, t.dim(candle_core::D::Minus1)?);
+            Ok(if op == Operand::Transposed { (c, r) } else { (r, c) })
+        };
+        let ((m, k), (_, n)) = (last2(x, x_op)?, last2(y, y_op)?);
+        let batches = x.elem_count() / (m * k);
+        let (x, y) = (x.contiguous()?, y.contiguous()?);
+        let ((x_storage, xl), (y_storage, yl)) = (x.storage_and_layout(), y.storage_and_layout());
+        let (candle_core::Storage::Cpu(x_s), candle_core::Storage::Cpu(y_s)) = (&*x_storage, &*y_storage) else {
+            candle_core::bail!("attention: bf16 operands need CPU tensors");
+        };
+        let (xs, ys) = (ops::slice(x_s, xl)?, ops::slice(y_s, yl)?);
+        let mut out = vec![0f32; batches * m * n];
+        // the batches (KV heads) in parallel as well: attention's n (keys or head_dim) gives
+        // the kernel only a few column panels to share out
+        out.par_chunks_mut(m * n).enumerate().for_each(|(i, out)| {
+            let (xs, ys) = (&xs[i * m * k..][..m * k], &ys[i * k * n..][..k * n]);
+            let lhs = if x_op == Operand::Transposed { Lhs::Columns(xs) } else { Lhs::Rows(xs) };
+            let rhs = if y_op == Operand::Transposed { Rhs::TransposedF32(ys) } else { Rhs::PlainF32(ys) };
+            bf16_matmul::matmul_into(out, lhs, m, k, rhs, n);
+        });
+        let mut shape = x.dims().to_vec();
+        let rank = shape.len();
+        (shape[rank - 2], shape[rank - 1]) = (m, n);
+        Tensor::from_vec(out, shape, &candle_core::Device::Cpu)
     }
 }
 
@@ -257,6 +315,23 @@ mod tests {
     /// Outputs and the gradients of q, k and v equal eager attention's, with chunks set by hand
     /// far smaller than the sequence.
     fn check(heads: usize, kv_heads: usize, t: usize, offset: usize, window: Option<usize>, alibi: bool, chunk: usize) {
+        check_with(heads, kv_heads, t, offset, window, alibi, chunk, false)
+    }
+
+    /// With `bf16_operands` the tolerance is bf16's: every matmul operand rounded to 8 bits of
+    /// mantissa (relative 2⁻⁹) over sums of up to a few dozen unit-sized products.
+    #[allow(clippy::too_many_arguments)]
+    fn check_with(
+        heads: usize,
+        kv_heads: usize,
+        t: usize,
+        offset: usize,
+        window: Option<usize>,
+        alibi: bool,
+        chunk: usize,
+        bf16_operands: bool,
+    ) {
+        let (tol_out, tol_grad) = if bf16_operands { (2e-2, 5e-2) } else { (1e-5, 1e-4) };
         let (b, d) = (2, 8);
         let q = Var::from_tensor(&rand(&[b, heads, t, d], 1)).unwrap();
         let k = Var::from_tensor(&rand(&[b, kv_heads, offset + t, d], 2)).unwrap();
@@ -265,18 +340,28 @@ mod tests {
         let mask = AttentionMask { offset, window, alibi: slopes };
         let mut plan = Plan::new(q.as_tensor(), k.as_tensor(), &mask).unwrap();
         plan.chunk = chunk;
+        plan.bf16_operands = bf16_operands;
         let out = plan.forward(q.as_tensor(), k.as_tensor(), v.as_tensor()).unwrap();
         let y =
             q.as_tensor().apply_op3(k.as_tensor(), v.as_tensor(), AttentionOp { plan, out: Stash::new(out) }).unwrap();
         let want = attention_eager(q.as_tensor(), k.as_tensor(), v.as_tensor(), &mask).unwrap();
-        assert!(max_diff(&y, &want) < 1e-5, "forward differs by {}", max_diff(&y, &want));
+        assert!(max_diff(&y, &want) < tol_out, "forward differs by {}", max_diff(&y, &want));
+        // the rounding must show: the bf16 path really ran
+        assert_eq!(bf16_operands, max_diff(&y, &want) > 1e-4, "forward differs by {}", max_diff(&y, &want));
         let up = rand(y.dims(), 9);
         let g = (&y * &up).unwrap().sum_all().unwrap().backward().unwrap();
         let gw = (&want * &up).unwrap().sum_all().unwrap().backward().unwrap();
         for (name, var) in [("q", &q), ("k", &k), ("v", &v)] {
             let (a, e) = (g.get(var.as_tensor()).unwrap(), gw.get(var.as_tensor()).unwrap());
-            assert!(max_diff(a, e) < 1e-4, "{name}: gradient differs by {}", max_diff(a, e));
+            assert!(max_diff(a, e) < tol_grad, "{name}: gradient differs by {}", max_diff(a, e));
         }
+    }
+
+    #[test]
+    fn bf16_operands_match_eager_to_bf16_rounding() {
+        check_with(4, 2, 13, 0, None, false, 5, true);
+        check_with(6, 2, 5, 4, Some(6), true, 2, true);
+        check_with(2, 2, 70, 0, None, false, 64, true);
     }
 
     #[test]

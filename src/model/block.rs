@@ -149,6 +149,8 @@ pub struct Block {
     qkv: Qkv,
     o: LoraLinear,
     mlp: Mlp,
+    /// Attention's matmuls take bf16 operands, as the frozen linears do (a CPU run in bf16).
+    bf16_operands: bool,
 }
 
 fn load_linear(
@@ -247,6 +249,7 @@ impl Block {
             qkv,
             o,
             mlp,
+            bf16_operands: base.bf16_operands_on_cpu(device),
         };
         // trainable tensors, checkpoints and exporters list the linears in plan order
         let planned: Vec<String> = spec.linears.iter().map(|l| spec.linear_path(i, l)).collect();
@@ -362,7 +365,7 @@ impl Block {
                 (k, v)
             }
         };
-        let out = attention(&q, &k, &v, &pos.mask)?.transpose(1, 2)?.reshape((b, t, nh * hd))?;
+        let out = attention(&q, &k, &v, &pos.mask, self.bf16_operands)?.transpose(1, 2)?.reshape((b, t, nh * hd))?;
         Ok(self.o.forward(&out, train)?)
     }
 

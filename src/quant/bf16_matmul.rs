@@ -98,34 +98,70 @@ pub fn pays_on_this_cpu() -> bool {
     })
 }
 
+/// The left-hand operand A [m, k] of C = A · B, in f32.
+#[derive(Clone, Copy)]
+pub enum Lhs<'a> {
+    /// A row-major [m, k].
+    Rows(&'a [f32]),
+    /// A = Sᵀ for S [k, m] row-major (attention's backward multiplies transposed scores).
+    Columns(&'a [f32]),
+}
+
+impl Lhs<'_> {
+    fn data(&self) -> &[f32] {
+        match self {
+            Lhs::Rows(a) | Lhs::Columns(a) => a,
+        }
+    }
+
+    /// Element (i, kk) of A.
+    fn at(&self, i: usize, kk: usize, m: usize, k: usize) -> f32 {
+        match self {
+            Lhs::Rows(a) => a[i * k + kk],
+            Lhs::Columns(a) => a[kk * m + i],
+        }
+    }
+}
+
 /// C [m, n] = round_bf16(A) [m, k] · round_bf16(B) [k, n], summed in f32.
 pub fn matmul(a: &[f32], m: usize, k: usize, b: Rhs, n: usize) -> Vec<f32> {
-    assert_eq!(a.len(), m * k, "A must be [m, k]");
+    let mut c = vec![0f32; m * n];
+    matmul_into(&mut c, Lhs::Rows(a), m, k, b, n);
+    c
+}
+
+/// `matmul` into C [m, n] (every element overwritten), for either layout of A.
+pub fn matmul_into(c: &mut [f32], a: Lhs, m: usize, k: usize, b: Rhs, n: usize) {
+    assert_eq!(a.data().len(), m * k, "A must hold m · k elements");
     assert_eq!(b.len(), k * n, "B must hold k · n elements");
+    assert_eq!(c.len(), m * n, "C must be [m, n]");
     if m == 0 || n == 0 {
-        return Vec::new();
+        return;
     }
     #[cfg(target_arch = "x86_64")]
     if has_bf16_dot() {
         // SAFETY: the CPU has AVX-512F and AVX512-BF16 (checked just above).
-        return unsafe { avx512::matmul(a, m, k, b, n) };
+        return unsafe { avx512::matmul_into(c, a, m, k, b, n) };
     }
-    matmul_reference(a, m, k, b, n)
+    matmul_reference_into(c, a, m, k, b, n)
 }
 
 /// The same product through the f32 gemm on the bf16-rounded operands: the fallback for CPUs
 /// without AVX512-BF16, and the twin the kernel is tested against.
-pub fn matmul_reference(a: &[f32], m: usize, k: usize, b: Rhs, n: usize) -> Vec<f32> {
-    let a: Vec<f32> = a.iter().map(|&v| bf16::from_f32(v).to_f32()).collect();
+pub fn matmul_reference_into(c: &mut [f32], a: Lhs, m: usize, k: usize, b: Rhs, n: usize) {
+    let mut a16 = vec![0f32; m * k];
+    a16.par_chunks_mut(k).enumerate().for_each(|(i, row)| {
+        for (kk, v) in row.iter_mut().enumerate() {
+            *v = bf16::from_f32(a.at(i, kk, m, k)).to_f32();
+        }
+    });
     let mut bt = vec![0f32; k * n];
     bt.par_chunks_mut(n).enumerate().for_each(|(kk, row)| {
         for (j, v) in row.iter_mut().enumerate() {
             *v = bf16::from_bits(b.at(kk, j, k, n)).to_f32();
         }
     });
-    let mut c = vec![0f32; m * n];
-    f32_matmul_into(&mut c, 0.0, Mat::new(&a, m, k), Mat::new(&bt, k, n), 1.0);
-    c
+    f32_matmul_into(c, 0.0, Mat::new(&a16, m, k), Mat::new(&bt, k, n), 1.0);
 }
 
 /// A row-major f32 matrix (data, rows, cols) for `f32_matmul_into`, read as it is or transposed.
@@ -212,6 +248,16 @@ fn pack_panel(b: Rhs, k: usize, n: usize, j0: usize, out: &mut [u32]) {
                 row[0].to_bits() as u32 | (row[1].to_bits() as u32) << 16
             })
         }
+        #[cfg(target_arch = "x86_64")]
+        Rhs::TransposedF32(w) if has_bf16_dot() => {
+            // SAFETY: AVX-512F and AVX512-BF16 checked; W holds n rows of k.
+            unsafe { avx512::gather_panel_f32(w, k, n, j0, out) }
+        }
+        #[cfg(target_arch = "x86_64")]
+        Rhs::PlainF32(w) if has_bf16_dot() => {
+            // SAFETY: AVX-512F and AVX512-BF16 checked; W holds k rows of n.
+            unsafe { avx512::pack_plain_f32(w, k, n, j0, out) }
+        }
         Rhs::TransposedF32(w) if k.is_multiple_of(2) => transpose_pairs(out, kp, n - j0, |jj, p| {
             let row = &w[(j0 + jj) * k + 2 * p..];
             bf16::from_f32(row[0]).to_bits() as u32 | (bf16::from_f32(row[1]).to_bits() as u32) << 16
@@ -261,7 +307,7 @@ fn transpose_pairs(out: &mut [u32], kp: usize, valid: usize, pair: impl Fn(usize
 
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
-    use super::{pack_panel, Rhs, MR, NR};
+    use super::{pack_panel, Lhs, Rhs, MR, NR};
     use rayon::prelude::*;
     use std::arch::x86_64::*;
 
@@ -280,16 +326,30 @@ mod avx512 {
     }
 
     #[target_feature(enable = "avx512f,avx512bf16")]
-    pub(super) unsafe fn matmul(a: &[f32], m: usize, k: usize, b: Rhs, n: usize) -> Vec<f32> {
+    pub(super) unsafe fn matmul_into(c: &mut [f32], a: Lhs, m: usize, k: usize, b: Rhs, n: usize) {
         let kp = k.div_ceil(2);
-        // A rounded to bf16, each row kp pairs (an odd k padded with zero), m padded to MR rows.
+        // A rounded to bf16 pairs (an odd k padded with zero), m padded to MR rows: as rows of
+        // kp pairs, or for A = Sᵀ as kp runs of m_padded pairs, each from two rows of S.
         let m_padded = m.div_ceil(MR) * MR;
         let mut a16 = vec![0u32; m_padded * kp];
-        a16.par_chunks_mut(kp).zip(a.par_chunks(k)).for_each(|(dst, src)| {
-            // SAFETY: this function runs only where the features are present.
-            unsafe { round_row(src, dst) }
-        });
-        let mut c = vec![0f32; m * n];
+        // (row stride, pair stride) of a16
+        let strides = match a {
+            Lhs::Rows(a) => {
+                a16.par_chunks_mut(kp).zip(a.par_chunks(k)).for_each(|(dst, src)| {
+                    // SAFETY: this function runs only where the features are present.
+                    unsafe { round_row(src, dst) }
+                });
+                (kp, 1)
+            }
+            Lhs::Columns(s) => {
+                a16.par_chunks_mut(m_padded).enumerate().for_each(|(p, dst)| {
+                    let odd = (2 * p + 1 < k).then(|| &s[(2 * p + 1) * m..][..m]);
+                    // SAFETY: as above.
+                    unsafe { interleave_rows(&s[2 * p * m..][..m], odd, dst) }
+                });
+                (1, m_padded)
+            }
+        };
         let out = SharedOut(c.as_mut_ptr());
         let panels = n.div_ceil(NR);
         (0..panels).into_par_iter().for_each_init(
@@ -303,12 +363,12 @@ mod avx512 {
                     // SAFETY: a16 holds m_padded rows of kp pairs, `packed` kp × NR pairs, and the
                     // block written ([i0, i0 + rows) × [j0, j0 + cols)) lies inside C.
                     unsafe {
-                        kernel(kp, a16.as_ptr().add(i0 * kp), packed.as_ptr(), out.at(i0 * n + j0), n, rows, cols)
+                        let a_block = a16.as_ptr().add(i0 * strides.0);
+                        kernel(kp, a_block, strides, packed.as_ptr(), out.at(i0 * n + j0), n, rows, cols)
                     };
                 }
             },
         );
-        c
     }
 
     /// A full panel of B = Wᵀ from bf16 rows: for each pair index, three 16-lane gathers of that
@@ -333,6 +393,92 @@ mod avx512 {
         }
     }
 
+    /// 16 f32 rounded to bf16 (to nearest even, as `round_row`), each in the low half of a lane.
+    #[inline(always)]
+    unsafe fn bf16_lanes(x: __m512) -> __m512i {
+        _mm512_cvtepu16_epi32(std::mem::transmute::<__m256bh, __m256i>(_mm512_cvtneps_pbh(x)))
+    }
+
+    /// Lanes below `valid` (of 16) set.
+    fn lane_mask(valid: usize) -> __mmask16 {
+        if valid >= 16 {
+            0xffff
+        } else {
+            ((1u32 << valid) - 1) as __mmask16
+        }
+    }
+
+    /// A panel of B = W [k, n] in f32 (columns j0..j0 + NR, zero past n; a zero pair past an odd
+    /// k): two rows' 16-column runs rounded and interleaved per store.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub(super) unsafe fn pack_plain_f32(w: &[f32], k: usize, n: usize, j0: usize, out: &mut [u32]) {
+        assert!(w.len() >= k * n && j0 < n && out.len() >= k.div_ceil(2) * NR);
+        let cols = NR.min(n - j0);
+        for p in 0..k.div_ceil(2) {
+            for g in 0..NR / 16 {
+                let c0 = g * 16;
+                let mask = lane_mask(cols.saturating_sub(c0));
+                // masked lanes are not read, so the address may lie past the row's end
+                let row = |r: usize| _mm512_maskz_loadu_ps(mask, w.as_ptr().wrapping_add(r * n + j0 + c0));
+                let even = bf16_lanes(row(2 * p));
+                let odd = if 2 * p + 1 < k { bf16_lanes(row(2 * p + 1)) } else { _mm512_setzero_si512() };
+                let pairs = _mm512_or_si512(even, _mm512_slli_epi32::<16>(odd));
+                _mm512_storeu_si512(out.as_mut_ptr().add(p * NR + c0) as *mut _, pairs);
+            }
+        }
+    }
+
+    /// A panel of B = Wᵀ from W [n, k] in f32: for each pair, 16-row gathers of its two
+    /// elements, rounded and interleaved (rows past n and a pair past an odd k are zero).
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub(super) unsafe fn gather_panel_f32(w: &[f32], k: usize, n: usize, j0: usize, out: &mut [u32]) {
+        assert!(w.len() >= k * n && j0 < n && out.len() >= k.div_ceil(2) * NR);
+        assert!(k * 16 <= i32::MAX as usize, "row offsets fit i32");
+        let cols = NR.min(n - j0);
+        let offsets = _mm512_mullo_epi32(
+            _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+            _mm512_set1_epi32(k as i32),
+        );
+        for g in 0..NR / 16 {
+            let mask = lane_mask(cols.saturating_sub(g * 16));
+            let rows = w.as_ptr().wrapping_add((j0 + g * 16) * k);
+            let column = |c: usize| {
+                bf16_lanes(_mm512_mask_i32gather_ps::<4>(
+                    _mm512_setzero_ps(),
+                    mask,
+                    offsets,
+                    rows.wrapping_add(c) as *const _,
+                ))
+            };
+            for p in 0..k.div_ceil(2) {
+                let even = column(2 * p);
+                let odd = if 2 * p + 1 < k { column(2 * p + 1) } else { _mm512_setzero_si512() };
+                let pairs = _mm512_or_si512(even, _mm512_slli_epi32::<16>(odd));
+                _mm512_storeu_si512(out.as_mut_ptr().add(p * NR + g * 16) as *mut _, pairs);
+            }
+        }
+    }
+
+    /// dst[i] = the bf16 pair (even[i], odd[i]) (odd zero when absent); dst may run longer.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    unsafe fn interleave_rows(even: &[f32], odd: Option<&[f32]>, dst: &mut [u32]) {
+        let m = even.len();
+        assert!(dst.len() >= m && odd.is_none_or(|o| o.len() == m));
+        for i0 in (0..m).step_by(16) {
+            let mask = lane_mask(m - i0);
+            let lo = bf16_lanes(_mm512_maskz_loadu_ps(mask, even.as_ptr().add(i0)));
+            let hi = match odd {
+                Some(o) => bf16_lanes(_mm512_maskz_loadu_ps(mask, o.as_ptr().add(i0))),
+                None => _mm512_setzero_si512(),
+            };
+            _mm512_mask_storeu_epi32(
+                dst.as_mut_ptr().add(i0) as *mut _,
+                mask,
+                _mm512_or_si512(lo, _mm512_slli_epi32::<16>(hi)),
+            );
+        }
+    }
+
     /// One row of A rounded to bf16 pairs (round to nearest even, as `vcvtne2ps2bf16` does).
     #[target_feature(enable = "avx512f,avx512bf16")]
     unsafe fn round_row(src: &[f32], dst: &mut [u32]) {
@@ -353,10 +499,20 @@ mod avx512 {
         }
     }
 
-    /// C[rows, cols] = A-block · B-panel over kp pairs: A-block is MR rows of kp pairs at stride
-    /// kp, the panel kp × NR pairs; C has row stride ldc.
+    /// C[rows, cols] = A-block · B-panel over kp pairs: A-block is MR rows of kp pairs, pair
+    /// (r, p) at r · row stride + p · pair stride; the panel kp × NR pairs; C has row stride ldc.
     #[target_feature(enable = "avx512f,avx512bf16")]
-    unsafe fn kernel(kp: usize, a: *const u32, b: *const u32, c: *mut f32, ldc: usize, rows: usize, cols: usize) {
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn kernel(
+        kp: usize,
+        a: *const u32,
+        (a_rs, a_ps): (usize, usize),
+        b: *const u32,
+        c: *mut f32,
+        ldc: usize,
+        rows: usize,
+        cols: usize,
+    ) {
         let mut acc = [[_mm512_setzero_ps(); 3]; MR];
         for p in 0..kp {
             let bp = b.add(p * NR);
@@ -364,7 +520,7 @@ mod avx512 {
             let b1: __m512bh = std::mem::transmute(_mm512_loadu_si512(bp.add(16) as *const _));
             let b2: __m512bh = std::mem::transmute(_mm512_loadu_si512(bp.add(32) as *const _));
             for (r, acc) in acc.iter_mut().enumerate() {
-                let ar: __m512bh = std::mem::transmute(_mm512_set1_epi32(*a.add(r * kp + p) as i32));
+                let ar: __m512bh = std::mem::transmute(_mm512_set1_epi32(*a.add(r * a_rs + p * a_ps) as i32));
                 acc[0] = _mm512_dpbf16_ps(acc[0], ar, b0);
                 acc[1] = _mm512_dpbf16_ps(acc[1], ar, b1);
                 acc[2] = _mm512_dpbf16_ps(acc[2], ar, b2);
@@ -417,8 +573,23 @@ mod tests {
         let w16: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
         for rhs in [Rhs::TransposedF32(&w), Rhs::TransposedBf16(&w16), Rhs::PlainF32(&w), Rhs::PlainBf16(&w16)] {
             let want = exact(&a, m, k, rhs, n);
-            for (name, got) in [("kernel", matmul(&a, m, k, rhs, n)), ("reference", matmul_reference(&a, m, k, rhs, n))]
-            {
+            // A as it is and as the transpose of S = Aᵀ [k, m]
+            let s: Vec<f32> = (0..k * m).map(|x| a[(x % m) * k + x / m]).collect();
+            let run = |lhs: Lhs, reference: bool| {
+                let mut c = vec![f32::NAN; m * n];
+                if reference {
+                    matmul_reference_into(&mut c, lhs, m, k, rhs, n);
+                } else {
+                    matmul_into(&mut c, lhs, m, k, rhs, n);
+                }
+                c
+            };
+            for (name, got) in [
+                ("kernel", matmul(&a, m, k, rhs, n)),
+                ("kernel, A transposed", run(Lhs::Columns(&s), false)),
+                ("reference", run(Lhs::Rows(&a), true)),
+                ("reference, A transposed", run(Lhs::Columns(&s), true)),
+            ] {
                 assert_eq!(got.len(), m * n);
                 for (i, (&g, &e)) in got.iter().zip(&want).enumerate() {
                     // f32 sums of k products of size ~1: error ~ k · 2⁻²⁴ · |terms|
