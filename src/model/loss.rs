@@ -41,10 +41,11 @@ pub fn causal_lm_loss(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
 }
 
 /// Bytes of f32 logits one chunk of the chunked loss may hold. Each chunk reads the whole
-/// output layer twice (forward, and again in the backward), so chunks of a few hundred
-/// positions keep that cheap on the CPU (SmolLM2: 341 positions, +2–5% tokens/s at 256 tokens
-/// against 16 MiB chunks, for about 100 MiB more at the peak).
-pub const LOSS_CHUNK_BYTES: usize = 64 << 20;
+/// output layer twice (forward, and again in the backward), so bigger chunks make that cheaper
+/// on the CPU; kept under glibc's 32 MiB mmap ceiling so that a chunk's buffers are reused
+/// from the heap instead of mapped and zeroed afresh (`memory::keep_freed_memory_for_reuse`).
+/// SmolLM2: 160 positions; a few % more tokens/s at 256 tokens than 16 MiB chunks, +44 MiB.
+pub const LOSS_CHUNK_BYTES: usize = 30 << 20;
 
 /// Positions per chunk of the chunked loss for a vocabulary of `vocab`.
 pub fn loss_chunk_rows(vocab: usize) -> usize {
