@@ -534,12 +534,13 @@ mod avx512 {
                 _mm512_storeu_ps(row.add(32), acc[2]);
             }
         } else {
-            let mut tmp = [0f32; NR];
+            // a last partial panel (attention's head_dim and key counts): masked stores
+            let masks = [lane_mask(cols), lane_mask(cols.saturating_sub(16)), lane_mask(cols.saturating_sub(32))];
             for (r, acc) in acc.iter().enumerate().take(rows) {
-                _mm512_storeu_ps(tmp.as_mut_ptr(), acc[0]);
-                _mm512_storeu_ps(tmp.as_mut_ptr().add(16), acc[1]);
-                _mm512_storeu_ps(tmp.as_mut_ptr().add(32), acc[2]);
-                std::ptr::copy_nonoverlapping(tmp.as_ptr(), c.add(r * ldc), cols);
+                let row = c.add(r * ldc);
+                for (g, (&v, &mask)) in acc.iter().zip(&masks).enumerate() {
+                    _mm512_mask_storeu_ps(row.wrapping_add(16 * g), mask, v);
+                }
             }
         }
     }
