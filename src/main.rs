@@ -289,14 +289,13 @@ fn main() -> std::process::ExitCode {
     if !matches!(cli.command, None | Some(Command::Gui)) {
         memory::keep_freed_memory_for_reuse();
     }
-    let result = if matches!(cli.command, None | Some(Command::Gui)) {
-        run(cli)
+    // commands whose work runs on this thread run it on a rayon worker (see `on_compute_pool`);
+    // `train` computes on its trainer thread, which does the same
+    let result = if matches!(cli.command, Some(Command::Eval { .. } | Command::Generate { .. } | Command::Bench { .. }))
+    {
+        qlora_studio::model::ops::on_compute_pool(|| run(cli))
     } else {
-        // The command runs on a rayon worker, not beside the pool: each of a step's thousands
-        // of parallel ops is then split by the worker itself instead of being handed over with
-        // a futex wake-up while this thread sleeps (4× fewer context switches, +8% tokens/s in
-        // `bench step`). The window stays on the main thread, as the GUI toolkit needs.
-        rayon::join(|| run(cli), || ()).0
+        run(cli)
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -35,7 +35,7 @@ pub fn spawn(
         .spawn(move || {
             let events = event_tx.clone();
             let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                run(config, resume_from.as_deref(), &event_tx, &command_rx)
+                crate::model::ops::on_compute_pool(|| run(config, resume_from.as_deref(), &event_tx, &command_rx))
             }));
             let message = match outcome {
                 Ok(Ok(())) => return,
