@@ -205,31 +205,14 @@ impl Plan {
             candle_core::bail!("attention: bf16 operands need CPU tensors");
         };
         let (xs, ys) = (ops::slice(x_s, xl)?, ops::slice(y_s, yl)?);
-        // The kernel computes whole panels of columns: where n (head_dim 64) fills its panels
-        // worse than m does, Cᵀ = yᵀ·xᵀ is computed and transposed back instead.
-        let fill = |cols: usize| cols as f64 / bf16_matmul::padded_columns(cols) as f64;
-        let flip = fill(n) < fill(m);
         let mut out = vec![0f32; batches * m * n];
         // the batches (KV heads) in parallel as well: attention's n (keys or head_dim) gives
         // the kernel only a few column panels to share out
         out.par_chunks_mut(m * n).enumerate().for_each(|(i, out)| {
             let (xs, ys) = (&xs[i * m * k..][..m * k], &ys[i * k * n..][..k * n]);
-            let (x_t, y_t) = (x_op == Operand::Transposed, y_op == Operand::Transposed);
-            if !flip {
-                let lhs = if x_t { Lhs::Columns(xs) } else { Lhs::Rows(xs) };
-                let rhs = if y_t { Rhs::TransposedF32(ys) } else { Rhs::PlainF32(ys) };
-                bf16_matmul::matmul_into(out, lhs, m, k, rhs, n);
-            } else {
-                let lhs = if y_t { Lhs::Rows(ys) } else { Lhs::Columns(ys) };
-                let rhs = if x_t { Rhs::PlainF32(xs) } else { Rhs::TransposedF32(xs) };
-                let mut out_t = vec![0f32; n * m];
-                bf16_matmul::matmul_into(&mut out_t, lhs, n, k, rhs, m);
-                for (j, col) in out_t.chunks(m).enumerate() {
-                    for (row, &v) in out.chunks_mut(n).zip(col) {
-                        row[j] = v;
-                    }
-                }
-            }
+            let lhs = if x_op == Operand::Transposed { Lhs::Columns(xs) } else { Lhs::Rows(xs) };
+            let rhs = if y_op == Operand::Transposed { Rhs::TransposedF32(ys) } else { Rhs::PlainF32(ys) };
+            bf16_matmul::matmul_into(out, lhs, m, k, rhs, n);
         });
         let mut shape = x.dims().to_vec();
         let rank = shape.len();

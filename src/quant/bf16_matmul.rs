@@ -20,11 +20,6 @@ const MR: usize = 8;
 /// Columns of B per panel: three 16-lane registers (8 × 3 accumulators + 3 B + 1 A of 32).
 const NR: usize = 48;
 
-/// Columns the kernel computes for a product n columns wide (whole panels of `NR`).
-pub fn padded_columns(n: usize) -> usize {
-    n.div_ceil(NR) * NR
-}
-
 /// The right-hand operand of C = A · B, described by a frozen weight W.
 #[derive(Clone, Copy)]
 pub enum Rhs<'a> {
