@@ -156,8 +156,10 @@ pub fn nf4_bytes(n: usize, double_quant: bool) -> u64 {
     (packed + scales) as u64
 }
 
-/// Bytes the CPU runtime allocates once per process (gemm packing buffers, thread pool).
-pub const CPU_RUNTIME: f64 = 3.0 * 1024.0 * 1024.0;
+/// Bytes the CPU runtime allocates once per process (gemm packing buffers, thread pool): about
+/// 1 MiB of packing buffers per thread that multiplies, on 2 cores the two rayon workers (the
+/// computing thread is one of them, `model::ops::on_compute_pool`).
+pub const CPU_RUNTIME: f64 = 2.0 * 1024.0 * 1024.0;
 
 const GIB: f64 = 1024.0 * 1024.0 * 1024.0;
 
