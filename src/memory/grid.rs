@@ -65,6 +65,12 @@ pub fn measure(point: &GridPoint) -> Result<Measured> {
 /// As `measure`, with the peak counted from `baseline` live bytes instead of from the bytes
 /// live before the model is built.
 pub fn measure_from(point: &GridPoint, baseline: Option<usize>) -> Result<Measured> {
+    // on a rayon worker, as `train` computes: the threads that hold matmul packing buffers are
+    // then the ones of a real run (`estimate::CPU_RUNTIME`)
+    crate::model::ops::on_compute_pool(|| measure_here(point, baseline))
+}
+
+fn measure_here(point: &GridPoint, baseline: Option<usize>) -> Result<Measured> {
     if !alloc::counting_installed() {
         return Err(Error::Invalid(
             "the memory grid needs memory::CountingAllocator installed as the global allocator".into(),
