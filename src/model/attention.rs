@@ -176,16 +176,7 @@ impl Plan {
         }
         Ok((Tensor::cat(&dqs, 2)?, dk.to_dtype(dtype)?, dv.to_dtype(dtype)?))
     }
-}
 
-/// How `Plan::matmul` reads its right-hand operand.
-#[derive(Clone, Copy, PartialEq)]
-enum Operand {
-    Plain,
-    Transposed,
-}
-
-impl Plan {
     /// x · y batched over the leading dimensions, each operand given as it is (`Plain`) or as
     /// its transpose (`Transposed`: the tensor holds xᵀ).
     fn matmul(&self, (x, x_op): (&Tensor, Operand), (y, y_op): (&Tensor, Operand)) -> Res<Tensor> {
@@ -219,6 +210,13 @@ impl Plan {
         (shape[rank - 2], shape[rank - 1]) = (m, n);
         Tensor::from_vec(out, shape, &candle_core::Device::Cpu)
     }
+}
+
+/// How `Plan::matmul` reads each of its operands: as the tensor holds it, or transposed.
+#[derive(Clone, Copy, PartialEq)]
+enum Operand {
+    Plain,
+    Transposed,
 }
 
 /// acc[:, :, lo..lo + n] += part, in place (acc is a fresh f32 buffer outside any graph).

@@ -305,9 +305,23 @@ fn transpose_pairs(out: &mut [u32], kp: usize, valid: usize, pair: impl Fn(usize
     }
 }
 
+/// 16 bf16 pairs (even[i], odd[i]) from two 16-lane f32 vectors, each rounded to nearest even
+/// as `vcvtne2ps2bf16` rounds (a zero vector gives zero halves: the padding pair). For callers
+/// compiled with AVX-512F and AVX512-BF16.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub(crate) unsafe fn bf16_pairs(
+    even: std::arch::x86_64::__m512,
+    odd: std::arch::x86_64::__m512,
+) -> std::arch::x86_64::__m512i {
+    use std::arch::x86_64::*;
+    let lanes = |x| _mm512_cvtepu16_epi32(std::mem::transmute::<__m256bh, __m256i>(_mm512_cvtneps_pbh(x)));
+    _mm512_or_si512(lanes(even), _mm512_slli_epi32::<16>(lanes(odd)))
+}
+
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
-    use super::{pack_panel, Lhs, Rhs, MR, NR};
+    use super::{bf16_pairs, pack_panel, Lhs, Rhs, MR, NR};
     use rayon::prelude::*;
     use std::arch::x86_64::*;
 
@@ -393,12 +407,6 @@ mod avx512 {
         }
     }
 
-    /// 16 f32 rounded to bf16 (to nearest even, as `round_row`), each in the low half of a lane.
-    #[inline(always)]
-    unsafe fn bf16_lanes(x: __m512) -> __m512i {
-        _mm512_cvtepu16_epi32(std::mem::transmute::<__m256bh, __m256i>(_mm512_cvtneps_pbh(x)))
-    }
-
     /// Lanes below `valid` (of 16) set.
     fn lane_mask(valid: usize) -> __mmask16 {
         if valid >= 16 {
@@ -420,10 +428,8 @@ mod avx512 {
                 let mask = lane_mask(cols.saturating_sub(c0));
                 // masked lanes are not read, so the address may lie past the row's end
                 let row = |r: usize| _mm512_maskz_loadu_ps(mask, w.as_ptr().wrapping_add(r * n + j0 + c0));
-                let even = bf16_lanes(row(2 * p));
-                let odd = if 2 * p + 1 < k { bf16_lanes(row(2 * p + 1)) } else { _mm512_setzero_si512() };
-                let pairs = _mm512_or_si512(even, _mm512_slli_epi32::<16>(odd));
-                _mm512_storeu_si512(out.as_mut_ptr().add(p * NR + c0) as *mut _, pairs);
+                let odd = if 2 * p + 1 < k { row(2 * p + 1) } else { _mm512_setzero_ps() };
+                _mm512_storeu_si512(out.as_mut_ptr().add(p * NR + c0) as *mut _, bf16_pairs(row(2 * p), odd));
             }
         }
     }
@@ -443,18 +449,11 @@ mod avx512 {
             let mask = lane_mask(cols.saturating_sub(g * 16));
             let rows = w.as_ptr().wrapping_add((j0 + g * 16) * k);
             let column = |c: usize| {
-                bf16_lanes(_mm512_mask_i32gather_ps::<4>(
-                    _mm512_setzero_ps(),
-                    mask,
-                    offsets,
-                    rows.wrapping_add(c) as *const _,
-                ))
+                _mm512_mask_i32gather_ps::<4>(_mm512_setzero_ps(), mask, offsets, rows.wrapping_add(c) as *const _)
             };
             for p in 0..k.div_ceil(2) {
-                let even = column(2 * p);
-                let odd = if 2 * p + 1 < k { column(2 * p + 1) } else { _mm512_setzero_si512() };
-                let pairs = _mm512_or_si512(even, _mm512_slli_epi32::<16>(odd));
-                _mm512_storeu_si512(out.as_mut_ptr().add(p * NR + g * 16) as *mut _, pairs);
+                let odd = if 2 * p + 1 < k { column(2 * p + 1) } else { _mm512_setzero_ps() };
+                _mm512_storeu_si512(out.as_mut_ptr().add(p * NR + g * 16) as *mut _, bf16_pairs(column(2 * p), odd));
             }
         }
     }
@@ -466,16 +465,9 @@ mod avx512 {
         assert!(dst.len() >= m && odd.is_none_or(|o| o.len() == m));
         for i0 in (0..m).step_by(16) {
             let mask = lane_mask(m - i0);
-            let lo = bf16_lanes(_mm512_maskz_loadu_ps(mask, even.as_ptr().add(i0)));
-            let hi = match odd {
-                Some(o) => bf16_lanes(_mm512_maskz_loadu_ps(mask, o.as_ptr().add(i0))),
-                None => _mm512_setzero_si512(),
-            };
-            _mm512_mask_storeu_epi32(
-                dst.as_mut_ptr().add(i0) as *mut _,
-                mask,
-                _mm512_or_si512(lo, _mm512_slli_epi32::<16>(hi)),
-            );
+            let lo = _mm512_maskz_loadu_ps(mask, even.as_ptr().add(i0));
+            let hi = odd.map_or(_mm512_setzero_ps(), |o| _mm512_maskz_loadu_ps(mask, o.as_ptr().add(i0)));
+            _mm512_mask_storeu_epi32(dst.as_mut_ptr().add(i0) as *mut _, mask, bf16_pairs(lo, hi));
         }
     }
 

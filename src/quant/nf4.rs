@@ -337,16 +337,11 @@ fn dequant_tail<T>(bytes: &[u8], scale: f32, block: &mut [T], from: usize, conve
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bf16")]
 unsafe fn dequant_block_bf16(bytes: &[u8], scale: f32, block: &mut [bf16]) {
-    use std::arch::x86_64::{
-        __m256bh, __m256i, _mm512_cvtepu16_epi32, _mm512_cvtneps_pbh, _mm512_or_si512, _mm512_slli_epi32,
-        _mm512_storeu_si512,
-    };
+    use std::arch::x86_64::_mm512_storeu_si512;
     let full = block.len() / 32;
     for i in 0..full {
         let (even, odd) = decode_32(bytes.as_ptr().add(16 * i), scale);
-        let even16 = _mm512_cvtepu16_epi32(std::mem::transmute::<__m256bh, __m256i>(_mm512_cvtneps_pbh(even)));
-        let odd16 = _mm512_cvtepu16_epi32(std::mem::transmute::<__m256bh, __m256i>(_mm512_cvtneps_pbh(odd)));
-        let pairs = _mm512_or_si512(even16, _mm512_slli_epi32(odd16, 16));
+        let pairs = crate::quant::bf16_matmul::bf16_pairs(even, odd);
         _mm512_storeu_si512(block.as_mut_ptr().add(32 * i) as *mut _, pairs);
     }
     dequant_tail(bytes, scale, block, full * 32, bf16::from_f32);
