@@ -165,6 +165,9 @@ pub struct MatmulBenchRow {
     pub bf16_gflop_s: f64,
     /// bf16 / f32 throughput; the kernel is chosen by default where this is well above 1.
     pub speedup: f64,
+    /// The backward's input gradient dY [m, n] · W [n, k] on the bf16 kernel (the other
+    /// packing of the same weight).
+    pub bf16_input_grad_gflop_s: f64,
     /// Whether this CPU runs the AVX512-BF16 kernel (else "bf16" is the f32 gemm on rounded operands).
     pub bf16_dot: bool,
 }
@@ -180,6 +183,9 @@ pub fn matmul_row(m: usize, k: usize, n: usize, iters: usize) -> Result<MatmulBe
     let a = weights(m * k, 1);
     let w = weights(n * k, 2);
     let w16: Vec<half::bf16> = w.iter().map(|&v| half::bf16::from_f32(v)).collect();
+    // packed once, as a CPU run in bf16 holds its frozen weights
+    let packed = bf16_matmul::PackedWeight::pack(Rhs::TransposedBf16(&w16), n, k);
+    let dy = weights(m * n, 3);
     let (at, wt) = (Tensor::from_vec(a.clone(), (m, k), &Device::Cpu)?, Tensor::from_vec(w, (n, k), &Device::Cpu)?);
     let (t_f32, t_bf16) = interleaved_medians(
         iters,
@@ -188,7 +194,15 @@ pub fn matmul_row(m: usize, k: usize, n: usize, iters: usize) -> Result<MatmulBe
             Ok(())
         },
         || {
-            std::hint::black_box(bf16_matmul::matmul(&a, m, k, Rhs::TransposedBf16(&w16), n));
+            std::hint::black_box(bf16_matmul::matmul(&a, m, k, Rhs::TransposedPacked(&packed), n));
+            Ok(())
+        },
+    )?;
+    let (_, t_grad) = interleaved_medians(
+        iters,
+        || Ok(()),
+        || {
+            std::hint::black_box(bf16_matmul::matmul(&dy, m, n, Rhs::PlainPacked(&packed), k));
             Ok(())
         },
     )?;
@@ -200,6 +214,7 @@ pub fn matmul_row(m: usize, k: usize, n: usize, iters: usize) -> Result<MatmulBe
         f32_gflop_s: flop / t_f32 / 1e9,
         bf16_gflop_s: flop / t_bf16 / 1e9,
         speedup: t_f32 / t_bf16,
+        bf16_input_grad_gflop_s: flop / t_grad / 1e9,
         bf16_dot: bf16_matmul::has_bf16_dot(),
     })
 }

@@ -278,6 +278,13 @@ fn check_bf16_operands(name: &str, base: BaseWeights) {
     let (ids, labels) = (r("input_ids"), r("labels"));
     let mut model = Model::load(&dir, base, &dev).unwrap_or_else(|e| panic!("{name}: {e}"));
     assert!(model.linears().all(|l| l.base.operands() == qlora_studio::quant::frozen_linear::Operands::Bf16OnCpu));
+    if qlora_studio::quant::bf16_matmul::has_bf16_dot() && matches!(base, BaseWeights::Dense(_)) {
+        // dense weights are held packed for the kernel (and a tied table serves the lookup)
+        let packed = |l: &qlora_studio::lora::LoraLinear| {
+            matches!(l.base.weight(), qlora_studio::quant::FrozenWeight::Bf16Panels(_))
+        };
+        assert!(model.linears().all(packed), "{name}: dense weights not packed for the bf16 kernel");
+    }
     model.load_adapter(&dir.join("adapter")).unwrap();
     let logits = model.forward(&ids, false).unwrap();
     assert_eq!(logits.dtype(), DType::F32);

@@ -196,15 +196,18 @@ impl Plan {
             candle_core::bail!("attention: bf16 operands need CPU tensors");
         };
         let (xs, ys) = (ops::slice(x_s, xl)?, ops::slice(y_s, yl)?);
-        let mut out = vec![0f32; batches * m * n];
+        // never zero-filled: each batch's product writes all of its m · n elements
+        let mut out = Vec::with_capacity(batches * m * n);
         // the batches (KV heads) in parallel as well: attention's n (keys or head_dim) gives
         // the kernel only a few column panels to share out
-        out.par_chunks_mut(m * n).enumerate().for_each(|(i, out)| {
+        out.spare_capacity_mut()[..batches * m * n].par_chunks_mut(m * n).enumerate().for_each(|(i, out)| {
             let (xs, ys) = (&xs[i * m * k..][..m * k], &ys[i * k * n..][..k * n]);
             let lhs = if x_op == Operand::Transposed { Lhs::Columns(xs) } else { Lhs::Rows(xs) };
             let rhs = if y_op == Operand::Transposed { Rhs::TransposedF32(ys) } else { Rhs::PlainF32(ys) };
-            bf16_matmul::matmul_into(out, lhs, m, k, rhs, n);
+            bf16_matmul::matmul_into_uninit(out, lhs, m, k, rhs, n);
         });
+        // SAFETY: the batches' products initialized every element.
+        unsafe { out.set_len(batches * m * n) };
         let mut shape = x.dims().to_vec();
         let rank = shape.len();
         (shape[rank - 2], shape[rank - 1]) = (m, n);

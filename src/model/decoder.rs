@@ -64,7 +64,9 @@ impl BaseWeights {
 
 pub struct Model {
     pub spec: ModelSpec,
-    embed: Tensor,
+    /// The embedding table; None when it is the output layer's packed weight (tied embeddings
+    /// in a CPU run in bf16), whose rows then serve the lookup.
+    embed: Option<Tensor>,
     embed_norm: Option<Norm>,
     pub blocks: Vec<Block>,
     final_norm: Norm,
@@ -123,6 +125,12 @@ impl Model {
             lm_weight
         };
         let lm_head = base.frozen_linear(device, FrozenLinear::new(FrozenWeight::Dense(lm_weight), lm_bias)?);
+        // a tied table packed for the bf16 kernel is held once, in the packed form
+        let tied = (spec.tie_embeddings || !source.contains(&lm_head_key)) && !spec.normalized_lm_head;
+        let embed = match lm_head.weight() {
+            FrozenWeight::Bf16Panels(_) if tied => None,
+            _ => Some(embed),
+        };
         Ok(Self {
             spec,
             embed,
@@ -256,7 +264,15 @@ impl Model {
     fn hidden(&self, input_ids: &Tensor, train: bool, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
         let (b, t) = input_ids.dims2()?;
         let ids = input_ids.to_dtype(DType::U32)?.flatten_all()?;
-        let mut h = self.embed.index_select(&ids, 0)?.reshape((b, t, self.spec.hidden))?.to_dtype(self.dtype)?;
+        let rows = match (&self.embed, self.lm_head.weight()) {
+            (Some(table), _) => table.index_select(&ids, 0)?,
+            (None, FrozenWeight::Bf16Panels(w)) => {
+                let rows = w.rows_f32(&ids.to_vec1::<u32>()?).map_err(Error::Invalid)?;
+                Tensor::from_vec(rows, (b * t, self.spec.hidden), &self.device)?
+            }
+            (None, _) => unreachable!("the embedding table is dropped only for a packed output layer"),
+        };
+        let mut h = rows.reshape((b, t, self.spec.hidden))?.to_dtype(self.dtype)?;
         if let Some(n) = &self.embed_norm {
             h = n.forward(&h)?;
         }

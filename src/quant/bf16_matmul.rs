@@ -12,6 +12,8 @@
 //! panel of `NR` columns as [k/2][NR] pairs, the layout `vdpbf16ps` multiplies against a
 //! broadcast pair of A. Each rayon task packs its own panel and runs every row block over it.
 
+use std::mem::MaybeUninit;
+
 use half::bf16;
 use rayon::prelude::*;
 
@@ -31,6 +33,10 @@ pub enum Rhs<'a> {
     PlainF32(&'a [f32]),
     /// B = W [k, n] row-major in bf16.
     PlainBf16(&'a [bf16]),
+    /// B = Wᵀ with W [n, k] packed once (`PackedWeight`): the panels are read as they are.
+    TransposedPacked(&'a PackedWeight),
+    /// B = W [k, n] packed once: its panels are regathered from the packed form per call.
+    PlainPacked(&'a PackedWeight),
 }
 
 impl Rhs<'_> {
@@ -38,6 +44,7 @@ impl Rhs<'_> {
         match self {
             Rhs::TransposedF32(w) | Rhs::PlainF32(w) => w.len(),
             Rhs::TransposedBf16(w) | Rhs::PlainBf16(w) => w.len(),
+            Rhs::TransposedPacked(w) | Rhs::PlainPacked(w) => w.rows * w.cols,
         }
     }
 
@@ -52,7 +59,84 @@ impl Rhs<'_> {
             Rhs::TransposedBf16(w) => w[j * k + kk].to_bits(),
             Rhs::PlainF32(w) => bf16::from_f32(w[kk * n + j]).to_bits(),
             Rhs::PlainBf16(w) => w[kk * n + j].to_bits(),
+            Rhs::TransposedPacked(w) => w.get(j, kk).to_bits(),
+            Rhs::PlainPacked(w) => w.get(kk, j).to_bits(),
         }
+    }
+}
+
+/// A frozen weight W [rows, cols] packed once into the panels the kernel multiplies in the
+/// forward (B = Wᵀ): panel b holds W's rows [NR·b, NR·b + NR) as [cols/2][NR] bf16 pairs (low
+/// half: the even column), zero past the last row and past an odd column count.
+///
+/// It replaces the dense bf16 weight, so it costs no memory beyond padding: the forward reads
+/// its panels as they are (no per-call gather of 48 rows a whole row apart, which streamed the
+/// output layer from memory at half the kernel's rate), and the backward (B = W) regathers its
+/// panels from this form out of tiles that sit in L1 (`avx512::gather_packed_plain`).
+pub struct PackedWeight {
+    rows: usize,
+    cols: usize,
+    pairs: Vec<u32>,
+}
+
+impl std::fmt::Debug for PackedWeight {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PackedWeight [{}, {}] (bf16 panels)", self.rows, self.cols)
+    }
+}
+
+impl PackedWeight {
+    /// Packs W [rows, cols] row-major; f32 values are rounded to nearest even.
+    pub fn pack(w: Rhs, rows: usize, cols: usize) -> Self {
+        assert!(
+            matches!(w, Rhs::TransposedBf16(_) | Rhs::TransposedF32(_)) && w.len() == rows * cols,
+            "PackedWeight::pack takes W [rows, cols] as a transposed right-hand side"
+        );
+        let panel_len = cols.div_ceil(2) * NR;
+        let mut pairs = vec![0u32; rows.div_ceil(NR) * panel_len];
+        pairs.par_chunks_mut(panel_len).enumerate().for_each(|(b, out)| pack_panel(w, cols, rows, b * NR, out));
+        Self { rows, cols, pairs }
+    }
+
+    /// (rows, cols) of W
+    pub fn dims(&self) -> (usize, usize) {
+        (self.rows, self.cols)
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        self.pairs.len() * 4
+    }
+
+    /// W[r, c]
+    pub fn get(&self, r: usize, c: usize) -> bf16 {
+        let pair = self.panel(r / NR)[c / 2 * NR + r % NR];
+        bf16::from_bits((pair >> (16 * (c % 2))) as u16)
+    }
+
+    /// Rows `ids` of W in f32 (an embedding lookup when W is a tied embedding table).
+    pub fn rows_f32(&self, ids: &[u32]) -> Result<Vec<f32>, String> {
+        if let Some(&bad) = ids.iter().find(|&&r| r as usize >= self.rows) {
+            return Err(format!("token id {bad} is outside the vocabulary of {} entries", self.rows));
+        }
+        Ok(ids.iter().flat_map(|&r| (0..self.cols).map(move |c| self.get(r as usize, c).to_f32())).collect())
+    }
+
+    /// W row-major.
+    pub fn to_bf16(&self) -> Vec<bf16> {
+        let mut w = vec![bf16::ZERO; self.rows * self.cols];
+        w.par_chunks_mut(self.cols.max(1)).enumerate().for_each(|(r, row)| {
+            for (c, v) in row.iter_mut().enumerate() {
+                *v = self.get(r, c);
+            }
+        });
+        w
+    }
+
+    /// Panel b: W's rows [NR·b, NR·b + NR) as [cols/2][NR] pairs.
+    fn panel(&self, b: usize) -> &[u32] {
+        let len = self.cols.div_ceil(2) * NR;
+        &self.pairs[b * len..][..len]
     }
 }
 
@@ -61,7 +145,10 @@ impl Rhs<'_> {
 pub fn has_bf16_dot() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512bf16")
+        // (every CPU with AVX512-BF16 has AVX512-BW, which the packed backward's shuffle uses)
+        std::is_x86_feature_detected!("avx512f")
+            && std::is_x86_feature_detected!("avx512bw")
+            && std::is_x86_feature_detected!("avx512bf16")
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -125,13 +212,24 @@ impl Lhs<'_> {
 
 /// C [m, n] = round_bf16(A) [m, k] · round_bf16(B) [k, n], summed in f32.
 pub fn matmul(a: &[f32], m: usize, k: usize, b: Rhs, n: usize) -> Vec<f32> {
-    let mut c = vec![0f32; m * n];
-    matmul_into(&mut c, Lhs::Rows(a), m, k, b, n);
+    // never zero-filled: the product writes every element once (a memset of C was ~1.5% of a
+    // bf16 training step)
+    let mut c = Vec::with_capacity(m * n);
+    matmul_into_uninit(&mut c.spare_capacity_mut()[..m * n], Lhs::Rows(a), m, k, b, n);
+    // SAFETY: matmul_into_uninit initialized all m · n elements.
+    unsafe { c.set_len(m * n) };
     c
 }
 
 /// `matmul` into C [m, n] (every element overwritten), for either layout of A.
 pub fn matmul_into(c: &mut [f32], a: Lhs, m: usize, k: usize, b: Rhs, n: usize) {
+    // SAFETY: MaybeUninit<f32> has f32's layout, and only f32 values are written through it.
+    let c = unsafe { &mut *(c as *mut [f32] as *mut [MaybeUninit<f32>]) };
+    matmul_into_uninit(c, a, m, k, b, n)
+}
+
+/// `matmul_into` on memory not yet initialized: every element of C is written.
+pub fn matmul_into_uninit(c: &mut [MaybeUninit<f32>], a: Lhs, m: usize, k: usize, b: Rhs, n: usize) {
     assert_eq!(a.data().len(), m * k, "A must hold m · k elements");
     assert_eq!(b.len(), k * n, "B must hold k · n elements");
     assert_eq!(c.len(), m * n, "C must be [m, n]");
@@ -140,9 +238,12 @@ pub fn matmul_into(c: &mut [f32], a: Lhs, m: usize, k: usize, b: Rhs, n: usize) 
     }
     #[cfg(target_arch = "x86_64")]
     if has_bf16_dot() {
-        // SAFETY: the CPU has AVX-512F and AVX512-BF16 (checked just above).
-        return unsafe { avx512::matmul_into(c, a, m, k, b, n) };
+        // SAFETY: the CPU has AVX-512F/BW and AVX512-BF16 (checked just above); C holds m · n.
+        return unsafe { avx512::matmul_into(c.as_mut_ptr() as *mut f32, a, m, k, b, n) };
     }
+    c.fill(MaybeUninit::new(0.0));
+    // SAFETY: every element was just initialized.
+    let c = unsafe { &mut *(c as *mut [MaybeUninit<f32>] as *mut [f32]) };
     matmul_reference_into(c, a, m, k, b, n)
 }
 
@@ -254,6 +355,12 @@ fn pack_panel(b: Rhs, k: usize, n: usize, j0: usize, out: &mut [u32]) {
             unsafe { avx512::gather_panel_f32(w, k, n, j0, out) }
         }
         #[cfg(target_arch = "x86_64")]
+        Rhs::PlainPacked(w) if has_bf16_dot() => {
+            // SAFETY: AVX-512F/BW checked; j0 lies inside W's columns (n = W's cols).
+            unsafe { avx512::gather_packed_plain(w, j0, out) }
+        }
+        Rhs::TransposedPacked(w) => out.copy_from_slice(w.panel(j0 / NR)),
+        #[cfg(target_arch = "x86_64")]
         Rhs::PlainF32(w) if has_bf16_dot() => {
             // SAFETY: AVX-512F and AVX512-BF16 checked; W holds k rows of n.
             unsafe { avx512::pack_plain_f32(w, k, n, j0, out) }
@@ -321,9 +428,10 @@ pub(crate) unsafe fn bf16_pairs(
 
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
-    use super::{bf16_pairs, pack_panel, Lhs, Rhs, MR, NR};
+    use super::{bf16_pairs, pack_panel, Lhs, PackedWeight, Rhs, MR, NR};
     use rayon::prelude::*;
     use std::arch::x86_64::*;
+    use std::mem::MaybeUninit;
 
     /// A raw pointer to C shared by the tasks: each writes a disjoint set of columns.
     #[derive(Clone, Copy)]
@@ -340,37 +448,50 @@ mod avx512 {
     }
 
     #[target_feature(enable = "avx512f,avx512bf16")]
-    pub(super) unsafe fn matmul_into(c: &mut [f32], a: Lhs, m: usize, k: usize, b: Rhs, n: usize) {
+    pub(super) unsafe fn matmul_into(c: *mut f32, a: Lhs, m: usize, k: usize, b: Rhs, n: usize) {
         let kp = k.div_ceil(2);
         // A rounded to bf16 pairs (an odd k padded with zero), m padded to MR rows: as rows of
-        // kp pairs, or for A = Sᵀ as kp runs of m_padded pairs, each from two rows of S.
+        // kp pairs, or for A = Sᵀ as kp runs of m_padded pairs, each from two rows of S. Every
+        // element is written (the padding with zeros), so the buffer is never zero-filled first.
         let m_padded = m.div_ceil(MR) * MR;
-        let mut a16 = vec![0u32; m_padded * kp];
+        let mut a16 = Vec::<u32>::with_capacity(m_padded * kp);
+        let spare = &mut a16.spare_capacity_mut()[..m_padded * kp];
         // (row stride, pair stride) of a16
         let strides = match a {
             Lhs::Rows(a) => {
-                a16.par_chunks_mut(kp).zip(a.par_chunks(k)).for_each(|(dst, src)| {
+                let (rows, padding) = spare.split_at_mut(m * kp);
+                padding.fill(MaybeUninit::new(0));
+                rows.par_chunks_mut(kp).zip(a.par_chunks(k)).for_each(|(dst, src)| {
                     // SAFETY: this function runs only where the features are present.
                     unsafe { round_row(src, dst) }
                 });
                 (kp, 1)
             }
             Lhs::Columns(s) => {
-                a16.par_chunks_mut(m_padded).enumerate().for_each(|(p, dst)| {
+                spare.par_chunks_mut(m_padded).enumerate().for_each(|(p, dst)| {
                     let odd = (2 * p + 1 < k).then(|| &s[(2 * p + 1) * m..][..m]);
+                    dst[m..].fill(MaybeUninit::new(0));
                     // SAFETY: as above.
                     unsafe { interleave_rows(&s[2 * p * m..][..m], odd, dst) }
                 });
                 (1, m_padded)
             }
         };
-        let out = SharedOut(c.as_mut_ptr());
+        // SAFETY: all m_padded · kp pairs were written just above.
+        a16.set_len(m_padded * kp);
+        let out = SharedOut(c);
         let panels = n.div_ceil(NR);
         (0..panels).into_par_iter().for_each_init(
-            || vec![0u32; kp * NR],
-            |packed, panel| {
+            || vec![0u32; if matches!(b, Rhs::TransposedPacked(_)) { 0 } else { kp * NR }],
+            |scratch, panel| {
                 let j0 = panel * NR;
-                pack_panel(b, k, n, j0, packed);
+                let packed: &[u32] = match b {
+                    Rhs::TransposedPacked(w) => w.panel(panel),
+                    _ => {
+                        pack_panel(b, k, n, j0, scratch);
+                        scratch
+                    }
+                };
                 let cols = NR.min(n - j0);
                 for i0 in (0..m).step_by(MR) {
                     let rows = MR.min(m - i0);
@@ -405,6 +526,67 @@ mod avx512 {
                 _mm512_storeu_si512(out.as_mut_ptr().add(p * NR + g * 16) as *mut _, v);
             }
         }
+    }
+
+    /// A panel of B = W (columns j0..j0 + NR: W's columns; pairs of W's rows) from W packed.
+    /// Rows 2q and 2q + 1 of W sit side by side in packed panel 2q / NR, so their elements in
+    /// columns 2p and 2p + 1 are one 8-byte word [W[2q,2p], W[2q,2p+1], W[2q+1,2p], W[2q+1,2p+1]]
+    /// at pair row p. Words for 8 q are contiguous per p: 8 × 8 tiles of words (p × q) are
+    /// loaded, transposed to q × p in registers and reordered within each word into the pairs
+    /// (W[2q,2p], W[2q+1,2p]) and (W[2q,2p+1], W[2q+1,2p+1]). Pair rows past W's columns read as
+    /// zero; the row past an odd row count is the packed form's zero padding.
+    #[target_feature(enable = "avx512f,avx512bw")]
+    pub(super) unsafe fn gather_packed_plain(w: &PackedWeight, j0: usize, out: &mut [u32]) {
+        let kq = w.rows.div_ceil(2);
+        let kp_w = w.cols.div_ceil(2);
+        assert!(j0.is_multiple_of(NR) && j0 < w.cols && out.len() >= kq * NR);
+        // per 8-byte word: 16-bit elements [a, b, c, d] → [a, c, b, d]
+        let swap = _mm512_broadcast_i32x4(_mm_setr_epi8(0, 1, 4, 5, 2, 3, 6, 7, 8, 9, 12, 13, 10, 11, 14, 15));
+        for q0 in (0..kq).step_by(8) {
+            let panel = w.panel(2 * q0 / NR);
+            let words = panel.as_ptr().add(2 * q0 % NR);
+            for s0 in (0..NR / 2).step_by(8) {
+                let p0 = j0 / 2 + s0;
+                let rows: [__m512i; 8] = std::array::from_fn(|r| {
+                    if p0 + r < kp_w {
+                        _mm512_loadu_si512(words.add((p0 + r) * NR) as *const _)
+                    } else {
+                        _mm512_setzero_si512()
+                    }
+                });
+                let columns = transpose_8x8_words(rows);
+                for (c, &column) in columns.iter().enumerate().take(kq - q0) {
+                    let pairs = _mm512_shuffle_epi8(column, swap);
+                    _mm512_storeu_si512(out.as_mut_ptr().add((q0 + c) * NR + 2 * s0) as *mut _, pairs);
+                }
+            }
+        }
+    }
+
+    /// The transpose of an 8 × 8 matrix of 64-bit words held as 8 rows.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn transpose_8x8_words(r: [__m512i; 8]) -> [__m512i; 8] {
+        // pairs of rows interleaved: t[2i] holds columns 0, 2, 4, 6 of rows 2i, 2i + 1; t[2i + 1] the odd ones
+        let t: [__m512i; 8] = std::array::from_fn(|x| {
+            let (i, odd) = (x / 2, x % 2 == 1);
+            if odd {
+                _mm512_unpackhi_epi64(r[2 * i], r[2 * i + 1])
+            } else {
+                _mm512_unpacklo_epi64(r[2 * i], r[2 * i + 1])
+            }
+        });
+        // 128-bit lanes: u[0..4] rows 0–3 of columns {0,4}, {1,5}, {2,6}, {3,7}; u[4..8] rows 4–7
+        let u = |a: __m512i, b: __m512i, high: bool| {
+            if high {
+                _mm512_shuffle_i64x2::<0xdd>(a, b)
+            } else {
+                _mm512_shuffle_i64x2::<0x88>(a, b)
+            }
+        };
+        let upper = [u(t[0], t[2], false), u(t[1], t[3], false), u(t[0], t[2], true), u(t[1], t[3], true)];
+        let lower = [u(t[4], t[6], false), u(t[5], t[7], false), u(t[4], t[6], true), u(t[5], t[7], true)];
+        std::array::from_fn(|c| u(upper[c % 4], lower[c % 4], c >= 4))
     }
 
     /// Lanes below `valid` (of 16) set.
@@ -460,7 +642,7 @@ mod avx512 {
 
     /// dst[i] = the bf16 pair (even[i], odd[i]) (odd zero when absent); dst may run longer.
     #[target_feature(enable = "avx512f,avx512bf16")]
-    unsafe fn interleave_rows(even: &[f32], odd: Option<&[f32]>, dst: &mut [u32]) {
+    unsafe fn interleave_rows(even: &[f32], odd: Option<&[f32]>, dst: &mut [MaybeUninit<u32>]) {
         let m = even.len();
         assert!(dst.len() >= m && odd.is_none_or(|o| o.len() == m));
         for i0 in (0..m).step_by(16) {
@@ -473,7 +655,7 @@ mod avx512 {
 
     /// One row of A rounded to bf16 pairs (round to nearest even, as `vcvtne2ps2bf16` does).
     #[target_feature(enable = "avx512f,avx512bf16")]
-    unsafe fn round_row(src: &[f32], dst: &mut [u32]) {
+    unsafe fn round_row(src: &[f32], dst: &mut [MaybeUninit<u32>]) {
         let mut chunks = src.chunks_exact(32);
         let mut p = 0;
         for chunk in &mut chunks {
@@ -487,7 +669,7 @@ mod avx512 {
         for (i, pair) in rest.chunks(2).enumerate() {
             let lo = half::bf16::from_f32(pair[0]).to_bits() as u32;
             let hi = pair.get(1).map_or(0, |&v| half::bf16::from_f32(v).to_bits() as u32);
-            dst[p + i] = lo | hi << 16;
+            dst[p + i] = MaybeUninit::new(lo | hi << 16);
         }
     }
 
@@ -564,7 +746,19 @@ mod tests {
         let a = values(m * k, 1);
         let w = values(k * n, 2);
         let w16: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
-        for rhs in [Rhs::TransposedF32(&w), Rhs::TransposedBf16(&w16), Rhs::PlainF32(&w), Rhs::PlainBf16(&w16)] {
+        // W [n, k] for the transposed forms, [k, n] for the plain ones
+        let packed_t = PackedWeight::pack(Rhs::TransposedBf16(&w16), n, k);
+        let packed_p = PackedWeight::pack(Rhs::TransposedF32(&w), k, n);
+        assert_eq!(packed_t.to_bf16(), w16, "packing loses nothing");
+        assert_eq!(packed_p.to_bf16(), w16);
+        for rhs in [
+            Rhs::TransposedF32(&w),
+            Rhs::TransposedBf16(&w16),
+            Rhs::PlainF32(&w),
+            Rhs::PlainBf16(&w16),
+            Rhs::TransposedPacked(&packed_t),
+            Rhs::PlainPacked(&packed_p),
+        ] {
             let want = exact(&a, m, k, rhs, n);
             // A as it is and as the transpose of S = Aᵀ [k, m]
             let s: Vec<f32> = (0..k * m).map(|x| a[(x % m) * k + x / m]).collect();

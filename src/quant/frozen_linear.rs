@@ -13,7 +13,7 @@ use candle_core::CudaStorage;
 use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Storage, Tensor};
 use half::{bf16, f16};
 
-use super::bf16_matmul::{self, Rhs};
+use super::bf16_matmul::{self, PackedWeight, Rhs};
 use super::nf4::Nf4Tensor;
 use super::nf4_device::Nf4OnDevice;
 use crate::error::{Error, Result};
@@ -28,6 +28,9 @@ pub enum FrozenWeight {
     Nf4(Arc<Nf4Tensor>),
     /// Packed NF4 uploaded once to the compute device (a GPU), dequantized there on every use.
     Nf4OnDevice(Arc<Nf4OnDevice>),
+    /// Dense bf16 packed once into the bf16 kernel's panels (a CPU run in bf16 on a CPU with
+    /// AVX512-BF16): the form its forward multiplies without a gather.
+    Bf16Panels(Arc<PackedWeight>),
 }
 
 impl FrozenWeight {
@@ -56,6 +59,7 @@ impl FrozenWeight {
             FrozenWeight::Dense(w) => (w.dims()[0], w.dims()[1]),
             FrozenWeight::Nf4(q) => (q.shape[0], q.shape[1]),
             FrozenWeight::Nf4OnDevice(q) => q.shape,
+            FrozenWeight::Bf16Panels(w) => w.dims(),
         }
     }
 
@@ -74,6 +78,9 @@ impl FrozenWeight {
                 Ok(t)
             }
             FrozenWeight::Nf4OnDevice(q) => q.dequantize(dtype)?.to_device(device),
+            FrozenWeight::Bf16Panels(w) => {
+                Tensor::from_vec(w.to_bf16(), w.dims(), &Device::Cpu)?.to_dtype(dtype)?.to_device(device)
+            }
         }
     }
 
@@ -83,6 +90,7 @@ impl FrozenWeight {
             FrozenWeight::Dense(w) => w.elem_count() * w.dtype().size_in_bytes(),
             FrozenWeight::Nf4(q) => q.storage_bytes(),
             FrozenWeight::Nf4OnDevice(q) => q.storage_bytes(),
+            FrozenWeight::Bf16Panels(w) => w.bytes(),
         }
     }
 
@@ -105,6 +113,40 @@ impl FrozenWeight {
             }
             FrozenWeight::Nf4(q) => with_dequantized(q, dtype, |w| f(w, &dense_layout)),
             FrozenWeight::Nf4OnDevice(q) => f(&q.dequantize_cpu(dtype)?, &dense_layout),
+            // (only a non-f32 input gets here: the bf16 kernel multiplies the panels directly)
+            FrozenWeight::Bf16Panels(_) => {
+                let w = self.to_dense(dtype, &Device::Cpu)?;
+                let (storage, _) = w.storage_and_layout();
+                let Storage::Cpu(ws) = &*storage else { unreachable!("unpacked on the CPU") };
+                f(ws, &dense_layout)
+            }
+        }
+    }
+
+    /// This weight packed into the bf16 kernel's panels when that pays: a dense CPU weight in
+    /// bf16 or f32 on a CPU that runs the kernel. The dense tensor is dropped if nothing else
+    /// holds it.
+    fn into_bf16_panels(self) -> Self {
+        let FrozenWeight::Dense(w) = &self else { return self };
+        if !w.device().is_cpu() || w.rank() != 2 || !bf16_matmul::has_bf16_dot() {
+            return self;
+        }
+        let (rows, cols) = (w.dims()[0], w.dims()[1]);
+        let packed = {
+            let (storage, layout) = w.storage_and_layout();
+            match (&*storage, layout.contiguous_offsets()) {
+                (Storage::Cpu(CpuStorage::BF16(v)), Some((a, b))) => {
+                    Some(PackedWeight::pack(Rhs::TransposedBf16(&v[a..b]), rows, cols))
+                }
+                (Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) => {
+                    Some(PackedWeight::pack(Rhs::TransposedF32(&v[a..b]), rows, cols))
+                }
+                _ => None,
+            }
+        };
+        match packed {
+            Some(packed) => FrozenWeight::Bf16Panels(Arc::new(packed)),
+            None => self,
         }
     }
 
@@ -143,6 +185,10 @@ impl FrozenWeight {
             }
             FrozenWeight::Nf4(q) => with_dequantized(q, DType::BF16, |w| run(w, all)),
             FrozenWeight::Nf4OnDevice(q) => run(&q.dequantize_cpu(DType::BF16)?, all),
+            FrozenWeight::Bf16Panels(w) => {
+                let rhs = if transposed { Rhs::TransposedPacked(w) } else { Rhs::PlainPacked(w) };
+                Ok(bf16_matmul::matmul(x, rows, k, rhs, n))
+            }
         }
     }
 
@@ -166,8 +212,8 @@ impl FrozenWeight {
                 f(ws, layout)
             }
             FrozenWeight::Nf4OnDevice(q) => f(&crate::cuda::dequantize_nf4(q, dtype, dev)?, &dense_layout),
-            // not what a loaded model holds (the loader uploads NF4 once), but correct
-            FrozenWeight::Nf4(_) => {
+            // not what a loaded model holds (the loader uploads NF4 once; panels are CPU-only)
+            FrozenWeight::Nf4(_) | FrozenWeight::Bf16Panels(_) => {
                 let w = self.to_dense(dtype, &Device::Cuda(dev.clone()))?;
                 let (storage, _) = w.storage_and_layout();
                 let Storage::Cuda(ws) = &*storage else { unreachable!("uploaded to CUDA") };
@@ -242,6 +288,7 @@ impl FrozenLinear {
     /// unaffected). The weight may be dense bf16 or f32, or NF4.
     pub fn with_bf16_operands(mut self) -> Self {
         self.operands = Operands::Bf16OnCpu;
+        self.weight = self.weight.into_bf16_panels();
         self
     }
 
