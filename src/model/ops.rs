@@ -6,6 +6,8 @@
 //! candle ops, which compute the same thing more slowly. Norm weights are frozen: their
 //! backward returns no gradient for them.
 
+use std::mem::MaybeUninit;
+
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor, D};
 use rayon::prelude::*;
@@ -54,6 +56,25 @@ fn exp_shifted_in_place(v: &mut [f32], shift: f32) -> f32 {
         *x = (*x - shift).exp();
         sum + *x
     })
+}
+
+/// y = softmax(x[j]·scale + slope·(key0 + j)) over one row of visible scores (j from 0). Every
+/// element of y is written (so y may be uninitialized).
+fn softmax_row(x: &[f32], y: &mut [MaybeUninit<f32>], scale: f32, slope: f32, key0: f32) {
+    assert_eq!(x.len(), y.len());
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx512f") {
+        // SAFETY: AVX-512F checked just above; x and y have the same length.
+        return unsafe { avx512_exp::softmax_row(x, y, scale, slope, key0) };
+    }
+    for (j, (y, &x)) in y.iter_mut().zip(x).enumerate() {
+        y.write(x * scale + slope * (key0 + j as f32));
+    }
+    // SAFETY: every element was written just above (MaybeUninit<f32> has f32's layout).
+    let y = unsafe { &mut *(y as *mut [MaybeUninit<f32>] as *mut [f32]) };
+    let max = y.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+    let sum = exp_shifted_in_place(y, max);
+    y.iter_mut().for_each(|v| *v /= sum);
 }
 
 /// σ(v[i]) = 1 / (1 + exp(−v[i])) into out.
@@ -113,6 +134,48 @@ mod avx512_exp {
             acc = _mm512_add_ps(acc, _mm512_maskz_mov_ps(mask, e));
         }
         _mm512_reduce_add_ps(acc)
+    }
+
+    /// `super::softmax_row` in three passes of 16 lanes: the scaled scores and their maximum,
+    /// exp and sum, the division. The same operations in the same order per element as the
+    /// scalar loop, so the same bits.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn softmax_row(
+        x: &[f32],
+        y: &mut [std::mem::MaybeUninit<f32>],
+        scale: f32,
+        slope: f32,
+        key0: f32,
+    ) {
+        let n = x.len();
+        let mask = |j: usize| -> __mmask16 {
+            let valid = n - j;
+            if valid >= 16 {
+                0xffff
+            } else {
+                (1u16 << valid) - 1
+            }
+        };
+        let out = y.as_mut_ptr() as *mut f32;
+        let (scale, slope) = (_mm512_set1_ps(scale), _mm512_set1_ps(slope));
+        let lanes = _mm512_setr_ps(0., 1., 2., 3., 4., 5., 6., 7., 8., 9., 10., 11., 12., 13., 14., 15.);
+        let mut max = _mm512_set1_ps(f32::NEG_INFINITY);
+        for j in (0..n).step_by(16) {
+            let m = mask(j);
+            let keys = _mm512_add_ps(_mm512_set1_ps(key0 + j as f32), lanes);
+            let v = _mm512_maskz_loadu_ps(m, x.as_ptr().add(j));
+            let v = _mm512_add_ps(_mm512_mul_ps(v, scale), _mm512_mul_ps(slope, keys));
+            _mm512_mask_storeu_ps(out.add(j), m, v);
+            max = _mm512_mask_max_ps(max, m, max, v);
+        }
+        // SAFETY: all n elements were written just above.
+        let y = std::slice::from_raw_parts_mut(out, n);
+        let sum = _mm512_set1_ps(exp_shifted_in_place(y, _mm512_reduce_max_ps(max)));
+        for j in (0..n).step_by(16) {
+            let m = mask(j);
+            let v = _mm512_maskz_loadu_ps(m, out.add(j));
+            _mm512_mask_storeu_ps(out.add(j), m, _mm512_div_ps(v, sum));
+        }
     }
 }
 
@@ -591,19 +654,19 @@ impl CustomOp1 for MaskedSoftmax {
         let x = slice(xs, xl)?;
         let n = *xl.dims().last().unwrap_or(&1);
         let scale = self.mask.scale as f32;
-        let mut y = vec![0f32; x.len()];
-        y.par_chunks_mut(n).zip(x.par_chunks(n)).enumerate().for_each(|(row, (y, x))| {
-            let (lo, hi) = self.mask.visible(self.mask.query_start + row % self.queries, n);
-            let slope = self.mask.slopes.as_ref().map_or(0.0, |s| s[(row / self.queries) % self.heads]);
-            let key0 = self.mask.key_start as f32;
-            let value = |j: usize| x[j] * scale + slope * (key0 + j as f32);
-            for (j, y) in y.iter_mut().enumerate().take(hi).skip(lo) {
-                *y = value(j);
-            }
-            let max = y[lo..hi].iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-            let sum = exp_shifted_in_place(&mut y[lo..hi], max);
-            y[lo..hi].iter_mut().for_each(|v| *v /= sum);
-        });
+        // never zero-filled first: each row writes its hidden keys' zeros and its softmax
+        let mut y = Vec::with_capacity(x.len());
+        y.spare_capacity_mut()[..x.len()].par_chunks_mut(n).zip(x.par_chunks(n)).enumerate().for_each(
+            |(row, (y, x))| {
+                let (lo, hi) = self.mask.visible(self.mask.query_start + row % self.queries, n);
+                let slope = self.mask.slopes.as_ref().map_or(0.0, |s| s[(row / self.queries) % self.heads]);
+                y[..lo].fill(MaybeUninit::new(0.0));
+                y[hi..].fill(MaybeUninit::new(0.0));
+                softmax_row(&x[lo..hi], &mut y[lo..hi], scale, slope, (self.mask.key_start + lo) as f32);
+            },
+        );
+        // SAFETY: every row wrote all of its n elements.
+        unsafe { y.set_len(x.len()) };
         Ok((CpuStorage::F32(y), xl.shape().clone()))
     }
 
