@@ -425,7 +425,7 @@ pub fn estimate(input: &EstimateInput) -> Result<Estimate> {
     // through three such tensors at a moment, beside the one being processed. Measured
     // alone on the CPU (SmolLM2's shapes, 2048 and 4096 tokens, examples in the grid):
     // - attention (model/attention.rs): one chunk's probabilities, their gradient and the
-    //   scores' gradient, plus about 6 query-sized and 7 key-sized f32 tensors per token (the
+    //   scores' gradient (a tile's, on each thread, for bf16 on the CPU), plus about 6 query-sized and 7 key-sized f32 tensors per token (the
     //   f32 key and value accumulators, the query gradient's chunks and their concatenation,
     //   the gradients handed back for q, k and v with their buffers and sums);
     // - a gated MLP: about 7 [T, f] tensors (the silu gate's incoming gradient, its two
@@ -433,7 +433,14 @@ pub fn estimate(input: &EstimateInput) -> Result<Estimate> {
     // Beside them run the gradients of the residual stream; the peak is in the first layer
     // (processed last), whose untracked input leaves gradients in the store.
     let chunk_queries = crate::model::attention::query_chunk(input.batch, s.heads, input.seq, input.seq) as f64;
-    let score_chunk = b * nh * chunk_queries * t * f4;
+    let score_chunk = match cpu_bf16 {
+        // tiles per KV head instead (model/attention/tiles.rs), one at a time per computing thread
+        true => {
+            let tile = (crate::model::attention::TILE_SCORE_BYTES as f64).min(nh / nkv * t * t * f4);
+            tile * (rayon::current_num_threads() as f64).min(b * nkv)
+        }
+        false => b * nh * chunk_queries * t * f4,
+    };
     let attention_backward = 3.0 * score_chunk + tok * (6.0 * q_out + 7.0 * kv_out) * f4;
     let mlp_backward = tok * f * e * if matches!(s.mlp, MlpKind::Plain(_)) { 5.0 } else { 7.0 };
     let layer_working = attention_backward.max(mlp_backward) + tok * (h + q_out) * e;

@@ -10,11 +10,11 @@
 
 use candle_core::{CpuStorage, CudaStorage, CustomOp3, DType, Layout, Shape, Tensor};
 
-use rayon::prelude::*;
-
 use super::ops::{self, ScoreMask};
-use crate::quant::bf16_matmul::{self, Lhs, Rhs};
 use crate::stash::Stash;
+
+mod tiles;
+pub use tiles::TILE_SCORE_BYTES;
 
 type Res<T> = candle_core::Result<T>;
 
@@ -43,9 +43,9 @@ pub fn query_chunk(b: usize, heads: usize, queries: usize, keys: usize) -> usize
 /// CPU run in bf16, f32 activations) the matmuls round their operands to bf16 and sum in f32,
 /// as the frozen linears do and as torch's autocast runs attention's matmuls.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &AttentionMask, bf16_operands: bool) -> Res<Tensor> {
-    let mut plan = Plan::new(q, k, mask)?;
-    plan.bf16_operands = bf16_operands && q.device().is_cpu() && q.dtype() == DType::F32;
-    let out = plan.forward(&q.detach(), &k.detach(), &v.detach())?;
+    let bf16_operands = bf16_operands && q.device().is_cpu() && q.dtype() == DType::F32;
+    let plan = Plan::new(q, k, mask, bf16_operands)?;
+    let out = plan.output(&q.detach(), &k.detach(), &v.detach())?;
     if !(q.track_op() || k.track_op() || v.track_op()) {
         return Ok(out);
     }
@@ -63,7 +63,8 @@ struct Plan {
     chunk: usize,
     scale: f64,
     mask: AttentionMask,
-    /// The matmuls take bf16 operands (`bf16_matmul`); f32 CPU tensors only.
+    /// The matmuls take bf16 operands (`bf16_matmul`); f32 CPU tensors only, computed in
+    /// cache-sized tiles (`tiles`), `chunk` queries per tile.
     bf16_operands: bool,
 }
 
@@ -76,7 +77,7 @@ struct Chunk {
 }
 
 impl Plan {
-    fn new(q: &Tensor, k: &Tensor, mask: &AttentionMask) -> Res<Self> {
+    fn new(q: &Tensor, k: &Tensor, mask: &AttentionMask, bf16_operands: bool) -> Res<Self> {
         let (b, heads, t, d) = q.dims4()?;
         let (kb, kv_heads, keys, kd) = k.dims4()?;
         if kb != b || kd != d || kv_heads == 0 || heads % kv_heads != 0 || keys != mask.offset + t {
@@ -88,9 +89,23 @@ impl Plan {
                 mask.alibi.as_ref().map_or(0, Vec::len)
             );
         }
-        let chunk = query_chunk(b, heads, t, keys);
+        let chunk = match bf16_operands {
+            true => tiles::tile_queries(heads / kv_heads, t, keys),
+            false => query_chunk(b, heads, t, keys),
+        };
         let scale = 1.0 / (d as f64).sqrt();
-        Ok(Plan { b, heads, kv_heads, t, d, chunk, scale, mask: mask.clone(), bf16_operands: false })
+        Ok(Plan { b, heads, kv_heads, t, d, chunk, scale, mask: mask.clone(), bf16_operands })
+    }
+
+    /// The output [b, heads, t, d], from untracked inputs: in tiles per KV head with bf16
+    /// operands, else in chunks of queries through candle's ops.
+    fn output(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Res<Tensor> {
+        if !self.bf16_operands {
+            return self.forward(q, k, v);
+        }
+        let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
+        let out = with_f32_slices(&[&q, &k, &v], |s| self.forward_tiles(s[0], s[1], s[2]))?;
+        Tensor::from_vec(out, q.shape(), q.device())
     }
 
     fn group(&self) -> usize {
@@ -181,38 +196,21 @@ impl Plan {
     /// its transpose (`Transposed`: the tensor holds xᵀ).
     fn matmul(&self, (x, x_op): (&Tensor, Operand), (y, y_op): (&Tensor, Operand)) -> Res<Tensor> {
         let as_is = |t: &Tensor, op| if op == Operand::Transposed { t.t() } else { Ok(t.clone()) };
-        if !self.bf16_operands {
-            return as_is(x, x_op)?.matmul(&as_is(y, y_op)?);
-        }
-        let last2 = |t: &Tensor, op| -> Res<(usize, usize)> {
-            let (r, c) = (t.dim(candle_core::D::Minus2)?, t.dim(candle_core::D::Minus1)?);
-            Ok(if op == Operand::Transposed { (c, r) } else { (r, c) })
-        };
-        let ((m, k), (_, n)) = (last2(x, x_op)?, last2(y, y_op)?);
-        let batches = x.elem_count() / (m * k);
-        let (x, y) = (x.contiguous()?, y.contiguous()?);
-        let ((x_storage, xl), (y_storage, yl)) = (x.storage_and_layout(), y.storage_and_layout());
-        let (candle_core::Storage::Cpu(x_s), candle_core::Storage::Cpu(y_s)) = (&*x_storage, &*y_storage) else {
-            candle_core::bail!("attention: bf16 operands need CPU tensors");
-        };
-        let (xs, ys) = (ops::slice(x_s, xl)?, ops::slice(y_s, yl)?);
-        // never zero-filled: each batch's product writes all of its m · n elements
-        let mut out = Vec::with_capacity(batches * m * n);
-        // the batches (KV heads) in parallel as well: attention's n (keys or head_dim) gives
-        // the kernel only a few column panels to share out
-        out.spare_capacity_mut()[..batches * m * n].par_chunks_mut(m * n).enumerate().for_each(|(i, out)| {
-            let (xs, ys) = (&xs[i * m * k..][..m * k], &ys[i * k * n..][..k * n]);
-            let lhs = if x_op == Operand::Transposed { Lhs::Columns(xs) } else { Lhs::Rows(xs) };
-            let rhs = if y_op == Operand::Transposed { Rhs::TransposedF32(ys) } else { Rhs::PlainF32(ys) };
-            bf16_matmul::matmul_into_uninit(out, lhs, m, k, rhs, n);
-        });
-        // SAFETY: the batches' products initialized every element.
-        unsafe { out.set_len(batches * m * n) };
-        let mut shape = x.dims().to_vec();
-        let rank = shape.len();
-        (shape[rank - 2], shape[rank - 1]) = (m, n);
-        Tensor::from_vec(out, shape, &candle_core::Device::Cpu)
+        as_is(x, x_op)?.matmul(&as_is(y, y_op)?)
     }
+}
+
+/// f(the f32 data of each contiguous CPU tensor).
+fn with_f32_slices<R>(tensors: &[&Tensor], f: impl FnOnce(&[&[f32]]) -> R) -> Res<R> {
+    let held: Vec<_> = tensors.iter().map(|t| t.storage_and_layout()).collect();
+    let slices = held
+        .iter()
+        .map(|(storage, layout)| match &**storage {
+            candle_core::Storage::Cpu(s) => ops::slice(s, layout),
+            _ => candle_core::bail!("attention: bf16 operands need CPU tensors"),
+        })
+        .collect::<Res<Vec<_>>>()?;
+    Ok(f(&slices))
 }
 
 /// How `Plan::matmul` reads each of its operands: as the tensor holds it, or transposed.
@@ -272,7 +270,19 @@ impl CustomOp3 for AttentionOp {
         _out: &Tensor,
         grad: &Tensor,
     ) -> Res<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (dq, dk, dv) = self.plan.backward(&q.detach(), &k.detach(), &v.detach(), &grad.detach())?;
+        let (q, k, v, grad) = (q.detach(), k.detach(), v.detach(), grad.detach());
+        if self.plan.bf16_operands {
+            let (q, k, v, grad) = (q.contiguous()?, k.contiguous()?, v.contiguous()?, grad.contiguous()?);
+            let [dq, dk, dv] =
+                with_f32_slices(&[&q, &k, &v, &grad], |s| self.plan.backward_tiles(s[0], s[1], s[2], s[3]))?;
+            let dev = q.device();
+            return Ok((
+                Some(Tensor::from_vec(dq, q.shape(), dev)?),
+                Some(Tensor::from_vec(dk, k.shape(), dev)?),
+                Some(Tensor::from_vec(dv, v.shape(), dev)?),
+            ));
+        }
+        let (dq, dk, dv) = self.plan.backward(&q, &k, &v, &grad)?;
         Ok((Some(dq), Some(dk), Some(dv)))
     }
 }
@@ -339,10 +349,9 @@ mod tests {
         let v = Var::from_tensor(&rand(&[b, kv_heads, offset + t, d], 3)).unwrap();
         let slopes = alibi.then(|| crate::model::block::alibi_slopes(heads));
         let mask = AttentionMask { offset, window, alibi: slopes };
-        let mut plan = Plan::new(q.as_tensor(), k.as_tensor(), &mask).unwrap();
+        let mut plan = Plan::new(q.as_tensor(), k.as_tensor(), &mask, bf16_operands).unwrap();
         plan.chunk = chunk;
-        plan.bf16_operands = bf16_operands;
-        let out = plan.forward(q.as_tensor(), k.as_tensor(), v.as_tensor()).unwrap();
+        let out = plan.output(q.as_tensor(), k.as_tensor(), v.as_tensor()).unwrap();
         let y =
             q.as_tensor().apply_op3(k.as_tensor(), v.as_tensor(), AttentionOp { plan, out: Stash::new(out) }).unwrap();
         let want = attention_eager(q.as_tensor(), k.as_tensor(), v.as_tensor(), &mask).unwrap();

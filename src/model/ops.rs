@@ -60,7 +60,7 @@ fn exp_shifted_in_place(v: &mut [f32], shift: f32) -> f32 {
 
 /// y = softmax(x[j]·scale + slope·(key0 + j)) over one row of visible scores (j from 0). Every
 /// element of y is written (so y may be uninitialized).
-fn softmax_row(x: &[f32], y: &mut [MaybeUninit<f32>], scale: f32, slope: f32, key0: f32) {
+pub(crate) fn softmax_row(x: &[f32], y: &mut [MaybeUninit<f32>], scale: f32, slope: f32, key0: f32) {
     assert_eq!(x.len(), y.len());
     #[cfg(target_arch = "x86_64")]
     if std::is_x86_feature_detected!("avx512f") {
@@ -75,6 +75,15 @@ fn softmax_row(x: &[f32], y: &mut [MaybeUninit<f32>], scale: f32, slope: f32, ke
     let max = y.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
     let sum = exp_shifted_in_place(y, max);
     y.iter_mut().for_each(|v| *v /= sum);
+}
+
+/// g ← y ⊙ (g − Σ g ⊙ y) over one row: a softmax's input gradient from its output y and the
+/// output's gradient g, in place (`SoftmaxBwd`'s row).
+pub(crate) fn softmax_backward_row(y: &[f32], g: &mut [f32]) {
+    let dot: f32 = y.iter().zip(g.iter()).map(|(y, g)| y * g).sum();
+    for (g, y) in g.iter_mut().zip(y) {
+        *g = y * (*g - dot);
+    }
 }
 
 /// σ(v[i]) = 1 / (1 + exp(−v[i])) into out.
@@ -428,10 +437,8 @@ impl CustomOp2 for SoftmaxBwd {
         let mut dx = vec![0f32; y.len()];
         dx.par_chunks_mut(rows).zip(y.par_chunks(rows)).zip(g.par_chunks(rows)).for_each(|((dx, y), g)| {
             for ((dx, y), g) in dx.chunks_mut(n).zip(y.chunks(n)).zip(g.chunks(n)) {
-                let dot: f32 = y.iter().zip(g).map(|(y, g)| y * g).sum();
-                for ((d, y), g) in dx.iter_mut().zip(y).zip(g) {
-                    *d = y * (g - dot);
-                }
+                dx.copy_from_slice(g);
+                softmax_backward_row(y, dx);
             }
         });
         Ok((CpuStorage::F32(dx), yl.shape().clone()))
@@ -602,7 +609,7 @@ pub struct ScoreMask {
 
 impl ScoreMask {
     /// The visible key columns [lo, hi) of the query at `query`, among `keys` columns.
-    fn visible(&self, query: usize, keys: usize) -> (usize, usize) {
+    pub(crate) fn visible(&self, query: usize, keys: usize) -> (usize, usize) {
         let hi = (query + 1).saturating_sub(self.key_start).min(keys);
         let lo = self.window.map_or(0, |w| (query + 1).saturating_sub(w).saturating_sub(self.key_start)).min(hi);
         (lo, hi)

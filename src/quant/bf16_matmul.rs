@@ -21,6 +21,10 @@ use rayon::prelude::*;
 const MR: usize = 8;
 /// Columns of B per panel: three 16-lane registers (8 × 3 accumulators + 3 B + 1 A of 32).
 const NR: usize = 48;
+/// The narrow geometry for a B only 64 columns wide (attention's head_dim: 48 + 16 would waste
+/// a third of the second panel): 12 rows × 32 columns (12 × 2 accumulators + 2 B + 1 A).
+const MR_NARROW: usize = 12;
+const NR_NARROW: usize = 32;
 
 /// The right-hand operand of C = A · B, described by a frozen weight W.
 #[derive(Clone, Copy)]
@@ -363,7 +367,7 @@ fn pack_panel(b: Rhs, k: usize, n: usize, j0: usize, out: &mut [u32]) {
         #[cfg(target_arch = "x86_64")]
         Rhs::PlainF32(w) if has_bf16_dot() => {
             // SAFETY: AVX-512F and AVX512-BF16 checked; W holds k rows of n.
-            unsafe { avx512::pack_plain_f32(w, k, n, j0, out) }
+            unsafe { avx512::pack_plain_f32::<{ NR / 16 }>(w, k, n, j0, out) }
         }
         Rhs::TransposedF32(w) if k.is_multiple_of(2) => transpose_pairs(out, kp, n - j0, |jj, p| {
             let row = &w[(j0 + jj) * k + 2 * p..];
@@ -428,7 +432,7 @@ pub(crate) unsafe fn bf16_pairs(
 
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
-    use super::{bf16_pairs, pack_panel, Lhs, PackedWeight, Rhs, MR, NR};
+    use super::{bf16_pairs, pack_panel, Lhs, PackedWeight, Rhs, MR, MR_NARROW, NR, NR_NARROW};
     use rayon::prelude::*;
     use std::arch::x86_64::*;
     use std::mem::MaybeUninit;
@@ -449,11 +453,25 @@ mod avx512 {
 
     #[target_feature(enable = "avx512f,avx512bf16")]
     pub(super) unsafe fn matmul_into(c: *mut f32, a: Lhs, m: usize, k: usize, b: Rhs, n: usize) {
+        // Narrow panels where they pad B less (a plain f32 B of 64 columns: 64 against 96). Only
+        // the plain f32 packer has the narrow form; the weights' packers all make 48 columns.
+        let narrow = matches!(b, Rhs::PlainF32(_)) && n.div_ceil(NR_NARROW) * NR_NARROW < n.div_ceil(NR) * NR;
+        if narrow {
+            multiply::<MR_NARROW, { NR_NARROW / 16 }>(c, a, m, k, b, n)
+        } else {
+            multiply::<MR, { NR / 16 }>(c, a, m, k, b, n)
+        }
+    }
+
+    /// C = A · B in blocks of R rows × panels of 16·G columns.
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    unsafe fn multiply<const R: usize, const G: usize>(c: *mut f32, a: Lhs, m: usize, k: usize, b: Rhs, n: usize) {
+        let width = 16 * G;
         let kp = k.div_ceil(2);
-        // A rounded to bf16 pairs (an odd k padded with zero), m padded to MR rows: as rows of
+        // A rounded to bf16 pairs (an odd k padded with zero), m padded to R rows: as rows of
         // kp pairs, or for A = Sᵀ as kp runs of m_padded pairs, each from two rows of S. Every
         // element is written (the padding with zeros), so the buffer is never zero-filled first.
-        let m_padded = m.div_ceil(MR) * MR;
+        let m_padded = m.div_ceil(R) * R;
         let mut a16 = Vec::<u32>::with_capacity(m_padded * kp);
         let spare = &mut a16.spare_capacity_mut()[..m_padded * kp];
         // (row stride, pair stride) of a16
@@ -480,26 +498,31 @@ mod avx512 {
         // SAFETY: all m_padded · kp pairs were written just above.
         a16.set_len(m_padded * kp);
         let out = SharedOut(c);
-        let panels = n.div_ceil(NR);
+        let panels = n.div_ceil(width);
         (0..panels).into_par_iter().for_each_init(
-            || vec![0u32; if matches!(b, Rhs::TransposedPacked(_)) { 0 } else { kp * NR }],
+            || vec![0u32; if matches!(b, Rhs::TransposedPacked(_)) { 0 } else { kp * width }],
             |scratch, panel| {
-                let j0 = panel * NR;
+                let j0 = panel * width;
                 let packed: &[u32] = match b {
                     Rhs::TransposedPacked(w) => w.panel(panel),
+                    // SAFETY: the features are present; W holds k rows of n.
+                    Rhs::PlainF32(w) if G != NR / 16 => unsafe {
+                        pack_plain_f32::<G>(w, k, n, j0, scratch);
+                        scratch
+                    },
                     _ => {
                         pack_panel(b, k, n, j0, scratch);
                         scratch
                     }
                 };
-                let cols = NR.min(n - j0);
-                for i0 in (0..m).step_by(MR) {
-                    let rows = MR.min(m - i0);
-                    // SAFETY: a16 holds m_padded rows of kp pairs, `packed` kp × NR pairs, and the
-                    // block written ([i0, i0 + rows) × [j0, j0 + cols)) lies inside C.
+                let cols = width.min(n - j0);
+                for i0 in (0..m).step_by(R) {
+                    let rows = R.min(m - i0);
+                    // SAFETY: a16 holds m_padded rows of kp pairs, `packed` kp × width pairs, and
+                    // the block written ([i0, i0 + rows) × [j0, j0 + cols)) lies inside C.
                     unsafe {
                         let a_block = a16.as_ptr().add(i0 * strides.0);
-                        kernel(kp, a_block, strides, packed.as_ptr(), out.at(i0 * n + j0), n, rows, cols)
+                        kernel::<R, G>(kp, a_block, strides, packed.as_ptr(), out.at(i0 * n + j0), n, rows, cols)
                     };
                 }
             },
@@ -601,17 +624,18 @@ mod avx512 {
     /// A panel of B = W [k, n] in f32 (columns j0..j0 + NR, zero past n; a zero pair past an odd
     /// k): two rows' 16-column runs rounded and interleaved per store.
     #[target_feature(enable = "avx512f,avx512bf16")]
-    pub(super) unsafe fn pack_plain_f32(w: &[f32], k: usize, n: usize, j0: usize, out: &mut [u32]) {
-        assert!(w.len() >= k * n && j0 < n && out.len() >= k.div_ceil(2) * NR);
-        let cols = NR.min(n - j0);
+    pub(super) unsafe fn pack_plain_f32<const G: usize>(w: &[f32], k: usize, n: usize, j0: usize, out: &mut [u32]) {
+        let width = 16 * G;
+        assert!(w.len() >= k * n && j0 < n && out.len() >= k.div_ceil(2) * width);
+        let cols = width.min(n - j0);
         for p in 0..k.div_ceil(2) {
-            for g in 0..NR / 16 {
+            for g in 0..G {
                 let c0 = g * 16;
                 let mask = lane_mask(cols.saturating_sub(c0));
                 // masked lanes are not read, so the address may lie past the row's end
                 let row = |r: usize| _mm512_maskz_loadu_ps(mask, w.as_ptr().wrapping_add(r * n + j0 + c0));
                 let odd = if 2 * p + 1 < k { row(2 * p + 1) } else { _mm512_setzero_ps() };
-                _mm512_storeu_si512(out.as_mut_ptr().add(p * NR + c0) as *mut _, bf16_pairs(row(2 * p), odd));
+                _mm512_storeu_si512(out.as_mut_ptr().add(p * width + c0) as *mut _, bf16_pairs(row(2 * p), odd));
             }
         }
     }
@@ -673,11 +697,11 @@ mod avx512 {
         }
     }
 
-    /// C[rows, cols] = A-block · B-panel over kp pairs: A-block is MR rows of kp pairs, pair
-    /// (r, p) at r · row stride + p · pair stride; the panel kp × NR pairs; C has row stride ldc.
+    /// C[rows, cols] = A-block · B-panel over kp pairs: A-block is R rows of kp pairs, pair
+    /// (r, p) at r · row stride + p · pair stride; the panel kp × 16·G pairs; C has row stride ldc.
     #[target_feature(enable = "avx512f,avx512bf16")]
     #[allow(clippy::too_many_arguments)]
-    unsafe fn kernel(
+    unsafe fn kernel<const R: usize, const G: usize>(
         kp: usize,
         a: *const u32,
         (a_rs, a_ps): (usize, usize),
@@ -687,29 +711,28 @@ mod avx512 {
         rows: usize,
         cols: usize,
     ) {
-        let mut acc = [[_mm512_setzero_ps(); 3]; MR];
+        let mut acc = [[_mm512_setzero_ps(); G]; R];
         for p in 0..kp {
-            let bp = b.add(p * NR);
-            let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(bp as *const _));
-            let b1: __m512bh = std::mem::transmute(_mm512_loadu_si512(bp.add(16) as *const _));
-            let b2: __m512bh = std::mem::transmute(_mm512_loadu_si512(bp.add(32) as *const _));
+            let bp = b.add(p * 16 * G);
+            let bv: [__m512bh; G] =
+                std::array::from_fn(|g| std::mem::transmute(_mm512_loadu_si512(bp.add(16 * g) as *const _)));
             for (r, acc) in acc.iter_mut().enumerate() {
                 let ar: __m512bh = std::mem::transmute(_mm512_set1_epi32(*a.add(r * a_rs + p * a_ps) as i32));
-                acc[0] = _mm512_dpbf16_ps(acc[0], ar, b0);
-                acc[1] = _mm512_dpbf16_ps(acc[1], ar, b1);
-                acc[2] = _mm512_dpbf16_ps(acc[2], ar, b2);
+                for (acc, &bv) in acc.iter_mut().zip(&bv) {
+                    *acc = _mm512_dpbf16_ps(*acc, ar, bv);
+                }
             }
         }
-        if cols == NR {
+        if cols == 16 * G {
             for (r, acc) in acc.iter().enumerate().take(rows) {
                 let row = c.add(r * ldc);
-                _mm512_storeu_ps(row, acc[0]);
-                _mm512_storeu_ps(row.add(16), acc[1]);
-                _mm512_storeu_ps(row.add(32), acc[2]);
+                for (g, &v) in acc.iter().enumerate() {
+                    _mm512_storeu_ps(row.add(16 * g), v);
+                }
             }
         } else {
             // a last partial panel (attention's head_dim and key counts): masked stores
-            let masks = [lane_mask(cols), lane_mask(cols.saturating_sub(16)), lane_mask(cols.saturating_sub(32))];
+            let masks: [__mmask16; G] = std::array::from_fn(|g| lane_mask(cols.saturating_sub(16 * g)));
             for (r, acc) in acc.iter().enumerate().take(rows) {
                 let row = c.add(r * ldc);
                 for (g, (&v, &mask)) in acc.iter().zip(&masks).enumerate() {
@@ -794,5 +817,7 @@ mod tests {
         check(13, 37, 50);
         check(1, 9, 7);
         check(9, 130, 49);
+        // attention's head_dim: two narrow panels for a plain f32 B, rows not a multiple of 12
+        check(25, 70, 64);
     }
 }
