@@ -172,10 +172,12 @@ pub struct MatmulBenchRow {
     pub bf16_dot: bool,
 }
 
-/// The shapes of a SmolLM2-135M step at 256 tokens (q/o, k/v, gate/up, down, the output layer)
-/// and LLaMA-7B's MLP at 512 tokens.
+/// The shapes of a SmolLM2-135M step at 256 tokens (q/o, k/v, gate/up, down, the output layer
+/// in the loss's chunks of 160 rows: `loss::loss_chunk_rows(49152)`) and LLaMA-7B's MLP at 512
+/// tokens. (The output layer over 256 rows at once, 48 MiB of logits, measured its page faults:
+/// a buffer over glibc's 32 MiB mmap ceiling is mapped afresh each call.)
 pub const MATMUL_SHAPES: [(usize, usize, usize); 6] =
-    [(256, 576, 576), (256, 576, 192), (256, 576, 1536), (256, 1536, 576), (256, 576, 49152), (512, 4096, 11008)];
+    [(256, 576, 576), (256, 576, 192), (256, 576, 1536), (256, 1536, 576), (160, 576, 49152), (512, 4096, 11008)];
 
 /// C [m, n] = A [m, k] · Wᵀ (W [n, k], the frozen linear's forward) in f32 and with bf16 operands.
 pub fn matmul_row(m: usize, k: usize, n: usize, iters: usize) -> Result<MatmulBenchRow> {

@@ -7,6 +7,9 @@
 //! Grouped-query attention folds each KV group's query heads into one matmul, so keys and
 //! values are never repeated; a chunk reads only the keys its queries can see (causal, sliding
 //! window), which also halves the work of causal attention.
+//!
+//! A CPU run in bf16 computes the same recipe in `tiles`: per KV head, in tiles of queries
+//! small enough that their scores stay in cache, with the matmuls on the bf16 kernel.
 
 use candle_core::{CpuStorage, CudaStorage, CustomOp3, DType, Layout, Shape, Tensor};
 
