@@ -145,13 +145,7 @@ impl Plan {
     /// The chunk's f32 probabilities [b, kv_heads, group·len, hi − lo].
     fn probs(&self, q: &Tensor, k: &Tensor, c: &Chunk) -> Res<Tensor> {
         let keys = c.hi - c.lo;
-        let scores = self.matmul((q, Operand::Plain), (k, Operand::Transposed))?.reshape((
-            self.b,
-            self.kv_heads,
-            self.group(),
-            c.len,
-            keys,
-        ))?;
+        let scores = q.matmul(&k.t()?)?.reshape((self.b, self.kv_heads, self.group(), c.len, keys))?;
         let mask = ScoreMask {
             scale: self.scale,
             query_start: self.mask.offset + c.start,
@@ -167,7 +161,7 @@ impl Plan {
         let mut outs = Vec::new();
         for c in self.chunks() {
             let p = self.probs(&self.grouped(q, &c)?, &self.keys(k, &c)?, &c)?.to_dtype(q.dtype())?;
-            outs.push(self.ungrouped(&self.matmul((&p, Operand::Plain), (&self.keys(v, &c)?, Operand::Plain))?, &c)?);
+            outs.push(self.ungrouped(&p.matmul(&self.keys(v, &c)?)?, &c)?);
         }
         Tensor::cat(&outs, 2)
     }
@@ -185,21 +179,14 @@ impl Plan {
             let (qc, kc, vc) = (self.grouped(q, &c)?, self.keys(k, &c)?, self.keys(v, &c)?);
             let go = self.grouped(&grad, &c)?;
             let p = self.probs(&qc, &kc, &c)?;
-            let dp = self.matmul((&go, Operand::Plain), (&vc, Operand::Transposed))?.to_dtype(DType::F32)?;
+            let dp = go.matmul(&vc.t()?)?.to_dtype(DType::F32)?;
             let ds = ops::softmax_backward(&p, &dp)?.to_dtype(dtype)?;
             drop(dp);
-            dqs.push(self.ungrouped(&(self.matmul((&ds, Operand::Plain), (&kc, Operand::Plain))? * self.scale)?, &c)?);
-            accumulate(&dk, &(self.matmul((&ds, Operand::Transposed), (&qc, Operand::Plain))? * self.scale)?, c.lo)?;
-            accumulate(&dv, &self.matmul((&p.to_dtype(dtype)?, Operand::Transposed), (&go, Operand::Plain))?, c.lo)?;
+            dqs.push(self.ungrouped(&(ds.matmul(&kc)? * self.scale)?, &c)?);
+            accumulate(&dk, &(ds.t()?.matmul(&qc)? * self.scale)?, c.lo)?;
+            accumulate(&dv, &p.to_dtype(dtype)?.t()?.matmul(&go)?, c.lo)?;
         }
         Ok((Tensor::cat(&dqs, 2)?, dk.to_dtype(dtype)?, dv.to_dtype(dtype)?))
-    }
-
-    /// x · y batched over the leading dimensions, each operand given as it is (`Plain`) or as
-    /// its transpose (`Transposed`: the tensor holds xᵀ).
-    fn matmul(&self, (x, x_op): (&Tensor, Operand), (y, y_op): (&Tensor, Operand)) -> Res<Tensor> {
-        let as_is = |t: &Tensor, op| if op == Operand::Transposed { t.t() } else { Ok(t.clone()) };
-        as_is(x, x_op)?.matmul(&as_is(y, y_op)?)
     }
 }
 
@@ -214,13 +201,6 @@ fn with_f32_slices<R>(tensors: &[&Tensor], f: impl FnOnce(&[&[f32]]) -> R) -> Re
         })
         .collect::<Res<Vec<_>>>()?;
     Ok(f(&slices))
-}
-
-/// How `Plan::matmul` reads each of its operands: as the tensor holds it, or transposed.
-#[derive(Clone, Copy, PartialEq)]
-enum Operand {
-    Plain,
-    Transposed,
 }
 
 /// acc[:, :, lo..lo + n] += part, in place (acc is a fresh f32 buffer outside any graph).

@@ -233,7 +233,7 @@ pub fn matmul_into(c: &mut [f32], a: Lhs, m: usize, k: usize, b: Rhs, n: usize) 
 }
 
 /// `matmul_into` on memory not yet initialized: every element of C is written.
-pub fn matmul_into_uninit(c: &mut [MaybeUninit<f32>], a: Lhs, m: usize, k: usize, b: Rhs, n: usize) {
+fn matmul_into_uninit(c: &mut [MaybeUninit<f32>], a: Lhs, m: usize, k: usize, b: Rhs, n: usize) {
     assert_eq!(a.data().len(), m * k, "A must hold m · k elements");
     assert_eq!(b.len(), k * n, "B must hold k · n elements");
     assert_eq!(c.len(), m * n, "C must be [m, n]");
@@ -362,12 +362,6 @@ fn pack_panel(b: Rhs, k: usize, n: usize, j0: usize, out: &mut [u32]) {
         Rhs::PlainPacked(w) if has_bf16_dot() => {
             // SAFETY: AVX-512F/BW checked; j0 lies inside W's columns (n = W's cols).
             unsafe { avx512::gather_packed_plain(w, j0, out) }
-        }
-        Rhs::TransposedPacked(w) => out.copy_from_slice(w.panel(j0 / NR)),
-        #[cfg(target_arch = "x86_64")]
-        Rhs::PlainF32(w) if has_bf16_dot() => {
-            // SAFETY: AVX-512F and AVX512-BF16 checked; W holds k rows of n.
-            unsafe { avx512::pack_plain_f32::<{ NR / 16 }>(w, k, n, j0, out) }
         }
         Rhs::TransposedF32(w) if k.is_multiple_of(2) => transpose_pairs(out, kp, n - j0, |jj, p| {
             let row = &w[(j0 + jj) * k + 2 * p..];
@@ -503,10 +497,12 @@ mod avx512 {
             || vec![0u32; if matches!(b, Rhs::TransposedPacked(_)) { 0 } else { kp * width }],
             |scratch, panel| {
                 let j0 = panel * width;
+                // panels 16·G wide: the weights' forms are all 48 (`pack_panel`); a plain f32 B
+                // takes either width
                 let packed: &[u32] = match b {
                     Rhs::TransposedPacked(w) => w.panel(panel),
                     // SAFETY: the features are present; W holds k rows of n.
-                    Rhs::PlainF32(w) if G != NR / 16 => unsafe {
+                    Rhs::PlainF32(w) => unsafe {
                         pack_plain_f32::<G>(w, k, n, j0, scratch);
                         scratch
                     },
